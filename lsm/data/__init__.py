@@ -1,0 +1,1 @@
+"""tfds/grain input pipelines, tokenizers and packing; knows nothing of models."""

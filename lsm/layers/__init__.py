@@ -1,0 +1,1 @@
+"""Flax modules: one file per mixer, plus norm, MLP and short convolution."""

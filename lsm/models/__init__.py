@@ -1,0 +1,1 @@
+"""Language models (hybrid stacks), classifier heads and decoding."""

@@ -1,0 +1,1 @@
+"""Pieces shared by the ops: input checks and time-axis chunking."""

@@ -1,0 +1,89 @@
+"""Public GLA op: input checks, gate broadcasting, dispatch on ``impl=``."""
+
+import jax.numpy as jnp
+
+from lsm.ops import _dispatch
+from lsm.ops.common import checks
+from lsm.ops.gla import chunked, reference
+
+_IMPLS = {"reference": reference.gla, "chunked": chunked.gla}
+_OP = "gla"
+
+
+def _gate(log_g, shape, op: str, name: str):
+  """None, [*lead] or [*lead, K] log gates -> float32 [*lead, K]."""
+  *lead, K = shape
+  if log_g is None:
+    return jnp.zeros(shape, jnp.float32)
+  checks.check_floating(op, name, log_g)
+  if jnp.ndim(log_g) == len(lead):
+    checks.check_shape(op, name, log_g, lead, "BTH"[:len(lead)] if len(lead) == 3
+                       else "BH")
+    log_g = log_g[..., None]
+  else:
+    checks.check_shape(op, name, log_g, shape, "BTHK" if len(lead) == 3 else "BHK")
+  return jnp.broadcast_to(log_g.astype(jnp.float32), shape)
+
+
+def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto"):
+  """Gated linear attention. Matches ``reference.gla``; the math is there.
+
+  Args:
+    q: [B, T, H, K] queries (float32, bfloat16 or float16).
+    k: [B, T, H, K] keys, q's dtype.
+    v: [B, T, H, V] values, q's dtype.
+    log_g: log forget gates, <= 0: [B, T, H, K] per channel, [B, T, H] one per
+      head (broadcast over K), or None for no decay. Any float dtype.
+    h0: optional [B, H, K, V] float32 initial state; zeros when None.
+    scale: query scale; K ** -0.5 when None.
+    chunk_size: chunk length C of the chunked impl: at most 16 or a multiple of
+      16. T need not be a multiple of it.
+    impl: "auto" | "reference" | "chunked".
+
+  Returns:
+    o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
+  """
+  checks.check_shape(_OP, "q", q, (None,) * 4, "BTHK")
+  B, T, H, K = q.shape
+  checks.check_floating(_OP, "q", q)
+  checks.check_shape(_OP, "k", k, (B, T, H, K), "BTHK")
+  checks.check_same_dtype(_OP, "k", k, "q", q)
+  checks.check_shape(_OP, "v", v, (B, T, H, None), "BTHV")
+  checks.check_same_dtype(_OP, "v", v, "q", q)
+  V = v.shape[-1]
+  log_g = _gate(log_g, (B, T, H, K), _OP, "log_g")
+  if h0 is None:
+    h0 = jnp.zeros((B, H, K, V), jnp.float32)
+  checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
+  checks.check_scale(_OP, scale)
+  checks.check_chunk_size(_OP, chunk_size)
+  name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
+  scale = K ** -0.5 if scale is None else float(scale)
+  return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale, chunk_size=chunk_size)
+
+
+def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):
+  """One decoding step of GLA, O(1) memory in T.
+
+  Args:
+    q_t: [B, H, K] query; k_t: [B, H, K] key; v_t: [B, H, V] value.
+    log_g_t: [B, H, K], [B, H] or None, as ``log_g`` in ``gla``.
+    h: [B, H, K, V] float32 state before the token.
+    scale: query scale; K ** -0.5 when None.
+
+  Returns:
+    o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
+  """
+  op = "gla_step"
+  checks.check_shape(op, "q_t", q_t, (None,) * 3, "BHK")
+  B, H, K = q_t.shape
+  checks.check_floating(op, "q_t", q_t)
+  checks.check_shape(op, "k_t", k_t, (B, H, K), "BHK")
+  checks.check_same_dtype(op, "k_t", k_t, "q_t", q_t)
+  checks.check_shape(op, "v_t", v_t, (B, H, None), "BHV")
+  checks.check_same_dtype(op, "v_t", v_t, "q_t", q_t)
+  checks.check_state(op, "h", h, (B, H, K, v_t.shape[-1]), "BHKV")
+  checks.check_scale(op, scale)
+  log_g_t = _gate(log_g_t, (B, H, K), op, "log_g_t")
+  scale = K ** -0.5 if scale is None else float(scale)
+  return reference.gla_step(q_t, k_t, v_t, log_g_t, h, scale=scale)

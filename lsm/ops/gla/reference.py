@@ -1,0 +1,60 @@
+r"""Gated linear attention (GLA): the definition.
+
+For each batch element and head, with a float32 state S_t in R^{K x V}:
+
+    S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t
+    o_t = scale * q_t S_t
+
+q_t, k_t and log_g_t are rows in R^K, v_t is a row in R^V, S_0 = h0 (zeros when
+absent) and scale defaults to K^{-1/2}. The output at t sees token t itself.
+log_g_t <= 0 is a per-channel log forget gate (GLA, Yang et al. 2023). The public
+``gla`` also accepts one gate per head, ``[B, T, H]`` (RetNet, Lightning Attention,
+Mamba2-style decay), and no gate (plain linear attention); both are broadcast to
+``[B, T, H, K]`` before any impl sees them, so every impl has one code path.
+
+This module is token-by-token ``lax.scan`` in float32 with ``precision=HIGHEST``
+matmuls, so no TF32 or bf16 pass leaks into the definition. It is the ground truth
+the fast impls are tested against, not a fast path.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
+  """One token of GLA.
+
+  Args:
+    q_t: [B, H, K] query.
+    k_t: [B, H, K] key.
+    v_t: [B, H, V] value.
+    log_g_t: [B, H, K] log forget gate.
+    h: [B, H, K, V] float32 state before the token.
+    scale: query scale.
+
+  Returns:
+    o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
+  """
+  f32 = jnp.float32
+  h = (jnp.exp(log_g_t.astype(f32))[..., None] * h
+       + k_t.astype(f32)[..., :, None] * v_t.astype(f32)[..., None, :])
+  o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(f32), h, precision=_HIGHEST)
+  return o_t.astype(q_t.dtype), h
+
+
+def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int | None = None):
+  """GLA over a sequence, token by token. Arguments as in ``lsm.ops.gla.gla``,
+  with ``log_g`` already [B, T, H, K] and ``h0`` a float32 array; chunk_size is
+  ignored."""
+  del chunk_size
+  f32 = jnp.float32
+  xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, log_g))
+
+  def body(h, x):
+    o_t, h = gla_step(*x, h, scale=scale)
+    return h, o_t
+
+  h_t, o = jax.lax.scan(body, h0, xs)
+  return jnp.moveaxis(o, 0, 1).astype(q.dtype), h_t

@@ -1,0 +1,1 @@
+"""Device mesh, logical axis names and rules, LASP-2 sequence parallelism."""

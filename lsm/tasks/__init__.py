@@ -1,0 +1,1 @@
+"""Synthetic task generators (state tracking, recall) and their metrics."""

@@ -1,0 +1,1 @@
+"""Train state, step, loop, optimiser, checkpointing, metrics and CLI."""
