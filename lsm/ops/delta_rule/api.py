@@ -1,0 +1,94 @@
+"""Public delta-rule op: input checks, dispatch on ``impl=``."""
+
+import jax.numpy as jnp
+
+from lsm.ops import _dispatch
+from lsm.ops.common import checks
+from lsm.ops.delta_rule import chunked, reference
+
+_IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule}
+_OP = "delta_rule"
+
+
+def _per_head(op, name, x, shape, letters, *, default=None):
+  """Checks a per-head scalar sequence ([B, T, H] or [B, H]) -> float32."""
+  if x is None:
+    return jnp.full(shape, default, jnp.float32)
+  checks.check_floating(op, name, x)
+  checks.check_shape(op, name, x, shape, letters)
+  return x.astype(jnp.float32)
+
+
+def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
+               impl="auto"):
+  """DeltaNet, or Gated DeltaNet with ``log_g``. Matches ``reference.delta_rule``;
+  the math is there.
+
+  Args:
+    q: [B, T, H, K] queries (float32, bfloat16 or float16).
+    k: [B, T, H, K] keys, q's dtype, expected L2-normalised over K.
+    v: [B, T, H, V] values, q's dtype.
+    beta: [B, T, H] write strengths in [0, 2] (beyond 1: negative eigenvalues).
+      Any float dtype.
+    log_g: optional [B, T, H] log decays <= 0 (Gated DeltaNet); None for none.
+    h0: optional [B, H, K, V] float32 initial state; zeros when None.
+    scale: query scale; K ** -0.5 when None.
+    chunk_size: chunk length C of the chunked impl: at most 16 or a multiple of
+      16. T need not be a multiple of it.
+    impl: "auto" | "reference" | "chunked".
+
+  Returns:
+    o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
+  """
+  checks.check_shape(_OP, "q", q, (None,) * 4, "BTHK")
+  B, T, H, K = q.shape
+  checks.check_floating(_OP, "q", q)
+  checks.check_shape(_OP, "k", k, (B, T, H, K), "BTHK")
+  checks.check_same_dtype(_OP, "k", k, "q", q)
+  checks.check_shape(_OP, "v", v, (B, T, H, None), "BTHV")
+  checks.check_same_dtype(_OP, "v", v, "q", q)
+  V = v.shape[-1]
+  if beta is None:
+    raise ValueError(f"{_OP}: beta is None; expected a [B, T, H] = {(B, T, H)} array")
+  beta = _per_head(_OP, "beta", beta, (B, T, H), "BTH")
+  log_g = _per_head(_OP, "log_g", log_g, (B, T, H), "BTH", default=0.0)
+  if h0 is None:
+    h0 = jnp.zeros((B, H, K, V), jnp.float32)
+  checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
+  checks.check_scale(_OP, scale)
+  checks.check_chunk_size(_OP, chunk_size)
+  name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
+  scale = K ** -0.5 if scale is None else float(scale)
+  return _IMPLS[name](q, k, v, beta, log_g, h0=h0, scale=scale,
+                      chunk_size=chunk_size)
+
+
+def delta_rule_step(q_t, k_t, v_t, beta_t, h, *, log_g_t=None, scale=None):
+  """One decoding step of the (gated) delta rule, O(1) memory in T.
+
+  Args:
+    q_t: [B, H, K] query; k_t: [B, H, K] key; v_t: [B, H, V] value.
+    beta_t: [B, H] write strength.
+    h: [B, H, K, V] float32 state before the token.
+    log_g_t: optional [B, H] log decay.
+    scale: query scale; K ** -0.5 when None.
+
+  Returns:
+    o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
+  """
+  op = "delta_rule_step"
+  checks.check_shape(op, "q_t", q_t, (None,) * 3, "BHK")
+  B, H, K = q_t.shape
+  checks.check_floating(op, "q_t", q_t)
+  checks.check_shape(op, "k_t", k_t, (B, H, K), "BHK")
+  checks.check_same_dtype(op, "k_t", k_t, "q_t", q_t)
+  checks.check_shape(op, "v_t", v_t, (B, H, None), "BHV")
+  checks.check_same_dtype(op, "v_t", v_t, "q_t", q_t)
+  checks.check_state(op, "h", h, (B, H, K, v_t.shape[-1]), "BHKV")
+  checks.check_scale(op, scale)
+  if beta_t is None:
+    raise ValueError(f"{op}: beta_t is None; expected a [B, H] = {(B, H)} array")
+  beta_t = _per_head(op, "beta_t", beta_t, (B, H), "BH")
+  log_g_t = _per_head(op, "log_g_t", log_g_t, (B, H), "BH", default=0.0)
+  scale = K ** -0.5 if scale is None else float(scale)
+  return reference.delta_rule_step(q_t, k_t, v_t, beta_t, log_g_t, h, scale=scale)
