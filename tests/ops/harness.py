@@ -1,0 +1,57 @@
+"""Comparison of a fast op against its float32 reference: outputs, final state and
+the gradient of every input, through ``jax.vjp`` with random cotangents on both
+outputs. Shared by the per-op test files."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tests import numerics
+
+
+@functools.cache
+def vjp_runner(op, impl: str, chunk_size: int, names: tuple[str, ...]):
+  """A jitted fn(primals, cotangents) -> (o, h_T, grads) for ``op`` with ``impl``.
+
+  ``op`` is called with every primal by keyword (``q=..., k=..., h0=...``).
+  Cached per (op, impl, chunk_size, names) so tests that share shapes share
+  compiles.
+  """
+
+  def run(primals, cotangents):
+    def f(*xs):
+      return op(**dict(zip(names, xs)), impl=impl, chunk_size=chunk_size)
+
+    (o, h_t), pullback = jax.vjp(f, *primals)
+    return o, h_t, pullback(cotangents)
+
+  return jax.jit(run)
+
+
+def cotangents(key, o_shape, o_dtype, h_shape):
+  k1, k2 = jax.random.split(key)
+  return (jax.random.normal(k1, o_shape, jnp.float32).astype(o_dtype),
+          jax.random.normal(k2, h_shape, jnp.float32))
+
+
+def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
+                            *, rtol: float) -> None:
+  """Runs ``op`` with ``impl`` on ``primals`` (which may be low precision) and the
+  reference on the same values upcast to float32, and compares everything."""
+  names = tuple(primals)
+  xs = tuple(primals.values())
+  f32 = tuple(x.astype(jnp.float32) for x in xs)
+  o_ref_shape = jax.eval_shape(
+      lambda *a: op(**dict(zip(names, a)), impl="reference"), *f32)
+  dt = cotangents(key, o_ref_shape[0].shape, xs[0].dtype, o_ref_shape[1].shape)
+  dt_f32 = tuple(x.astype(jnp.float32) for x in dt)
+  o, h_t, grads = vjp_runner(op, impl, chunk_size, names)(xs, dt)
+  o_e, h_e, grads_e = vjp_runner(op, "reference", chunk_size, names)(f32, dt_f32)
+  assert o.dtype == xs[0].dtype, f"output dtype {o.dtype} != input {xs[0].dtype}"
+  assert h_t.dtype == jnp.float32, f"final state dtype {h_t.dtype}"
+  for g, x, n in zip(grads, xs, names):
+    assert g.dtype == x.dtype, f"d{n} dtype {g.dtype} != {x.dtype}"
+  numerics.assert_trees_close(
+      (o, h_t, *grads), (o_e, h_e, *grads_e), rtol=rtol,
+      names=("o", "h_T", *(f"d{n}" for n in names)))

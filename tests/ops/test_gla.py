@@ -1,0 +1,175 @@
+"""GLA: every impl against the float32 reference, the recurrence's invariants,
+property tests and input checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from lsm.ops import _dispatch
+from lsm.ops.gla import gla, gla_step
+from tests import numerics
+from tests.ops import harness
+
+FAST_IMPLS = ["chunked"]
+
+# (B, T, H, K, V, chunk): awkward on purpose.
+SHAPES = {
+    "T63_KneV": (2, 63, 2, 16, 24, 16),  # T not a multiple of the chunk, K != V
+    "T1_H1": (1, 1, 1, 8, 8, 64),  # one token, one head
+    "TltC_H1": (2, 40, 1, 32, 16, 64),  # T shorter than one chunk
+    "subchunks": (1, 100, 2, 16, 16, 32),  # several chunks of two sub-chunks
+}
+
+
+def make_inputs(seed, B, T, H, K, V, *, gate="channel", dtype=jnp.float32,
+                log_g_value=None):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(ks[0], (B, T, H, K))
+  k = jax.random.normal(ks[1], (B, T, H, K))
+  v = jax.random.normal(ks[2], (B, T, H, V))
+  gate_shape = {"channel": (B, T, H, K), "head": (B, T, H)}.get(gate)
+  if gate_shape is None:
+    log_g = None
+  elif log_g_value is not None:
+    log_g = jnp.full(gate_shape, log_g_value)
+  else:
+    log_g = jax.nn.log_sigmoid(jax.random.normal(ks[3], gate_shape) + 2.0)
+  h0 = jax.random.normal(ks[4], (B, H, K, V))
+  out = dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype))
+  if log_g is not None:
+    out["log_g"] = log_g.astype(dtype)
+  out["h0"] = h0
+  return out
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("gate", ["channel", "head", "none"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_matches_reference_fp32(impl, gate, shape):
+  *dims, chunk = SHAPES[shape]
+  primals = make_inputs(0, *dims, gate=gate)
+  harness.check_against_reference(gla, impl, chunk, primals, jax.random.key(1),
+                                  rtol=numerics.tolerance(impl, jnp.float32))
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("gate", ["channel", "head"])
+@pytest.mark.parametrize("shape", ["T63_KneV", "subchunks"])
+def test_matches_reference_bf16(impl, gate, shape):
+  *dims, chunk = SHAPES[shape]
+  primals = make_inputs(0, *dims, gate=gate, dtype=jnp.bfloat16)
+  harness.check_against_reference(gla, impl, chunk, primals, jax.random.key(1),
+                                  rtol=numerics.tolerance(impl, jnp.bfloat16))
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
+def test_strong_decay(impl, log_g_value):
+  """log_g = -5 per step on every channel over T = 1024: the naive exp(+-cumsum)
+  split overflows here; -50 drives the in-chunk log-space path."""
+  primals = make_inputs(2, 1, 1024, 1, 16, 16, log_g_value=log_g_value)
+  harness.check_against_reference(gla, impl, 64, primals, jax.random.key(3),
+                                  rtol=numerics.tolerance(impl, jnp.float32))
+
+
+@functools.cache
+def _chunked(chunk_size):
+  return jax.jit(functools.partial(gla, impl="chunked", chunk_size=chunk_size))
+
+
+def test_split_sequence_equals_whole():
+  x = make_inputs(4, 2, 90, 2, 16, 8)
+  o, h = _chunked(32)(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"])
+  t = 37  # not a chunk boundary
+  first = {n: a[:, :t] for n, a in x.items() if n != "h0"}
+  rest = {n: a[:, t:] for n, a in x.items() if n != "h0"}
+  o1, h1 = _chunked(32)(**first, h0=x["h0"])
+  o2, h2 = _chunked(32)(**rest, h0=h1)
+  rtol = numerics.TOLERANCES[("invariant", "float32")]
+  numerics.assert_close(jnp.concatenate([o1, o2], axis=1), o, rtol=rtol, what="o")
+  numerics.assert_close(h2, h, rtol=rtol, what="h_T")
+
+
+def test_chunk_size_does_not_matter():
+  x = make_inputs(5, 1, 70, 2, 16, 8)
+  o, h = _chunked(64)(**x)
+  rtol = numerics.TOLERANCES[("invariant", "float32")]
+  for c in (8, 16, 32):
+    o_c, h_c = _chunked(c)(**x)
+    numerics.assert_close(o_c, o, rtol=rtol, what=f"o, chunk {c}")
+    numerics.assert_close(h_c, h, rtol=rtol, what=f"h_T, chunk {c}")
+
+
+@pytest.mark.parametrize("gate", ["channel", "head", "none"])
+def test_step_loop_equals_parallel(gate):
+  x = make_inputs(6, 2, 20, 2, 8, 12, gate=gate)
+  o, h = _chunked(16)(**x)
+  step = jax.jit(gla_step)
+  h_t = x["h0"]
+  outs = []
+  for t in range(20):
+    log_g_t = x["log_g"][:, t] if "log_g" in x else None
+    o_t, h_t = step(x["q"][:, t], x["k"][:, t], x["v"][:, t], log_g_t, h_t)
+    outs.append(o_t)
+  rtol = numerics.TOLERANCES[("invariant", "float32")]
+  numerics.assert_close(jnp.stack(outs, axis=1), o, rtol=rtol, what="o")
+  numerics.assert_close(h_t, h, rtol=rtol, what="h_T")
+
+
+def test_auto_picks_chunked_on_cpu_and_never_reference():
+  assert _dispatch.platform() == "cpu"
+  assert _dispatch.resolve_impl("auto", supported=("reference", "chunked"),
+                                op="gla") == "chunked"
+  x = make_inputs(7, 1, 20, 1, 8, 8)
+  o_auto, _ = gla(**x, impl="auto")
+  o_chunked, _ = _chunked(64)(**x)
+  np.testing.assert_array_equal(np.asarray(o_auto), np.asarray(o_chunked))
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(1, 80), K=st.sampled_from([4, 12]), V=st.sampled_from([4, 8]),
+       gate=st.sampled_from(["channel", "head", "none"]), seed=st.integers(0, 2**16))
+def test_property_chunked_matches_reference(T, K, V, gate, seed):
+  x = make_inputs(seed, 1, T, 2, K, V, gate=gate)
+  o_e, h_e = gla(**x, impl="reference")
+  o, h = _chunked(32)(**x)
+  rtol = numerics.tolerance("chunked", jnp.float32)
+  numerics.assert_close(o, o_e, rtol=rtol, what="o")
+  numerics.assert_close(h, h_e, rtol=rtol, what="h_T")
+
+
+def _zeros(*shape, dtype=jnp.float32):
+  return jnp.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(q=_zeros(2, 8, 2)), r"q has shape \(2, 8, 2\); expected \[B, T, H, K\]"),
+    (dict(k=_zeros(2, 7, 2, 4)), r"k has shape \(2, 7, 2, 4\); expected .* = \(2, 8, 2, 4\)"),
+    (dict(v=_zeros(2, 8, 3, 5)), r"v has shape \(2, 8, 3, 5\); expected .* = \(2, 8, 2, \?\)"),
+    (dict(v=_zeros(2, 8, 2, 5, dtype=jnp.bfloat16)), r"v has dtype bfloat16; expected float32"),
+    (dict(q=_zeros(2, 8, 2, 4, dtype=jnp.int32), k=_zeros(2, 8, 2, 4, dtype=jnp.int32)),
+     r"q has dtype int32; expected a floating dtype"),
+    (dict(log_g=_zeros(2, 8, 2, 3)), r"log_g has shape \(2, 8, 2, 3\)"),
+    (dict(log_g=_zeros(2, 8)), r"log_g has shape \(2, 8\)"),
+    (dict(h0=_zeros(2, 2, 5, 4)), r"h0 has shape \(2, 2, 5, 4\); expected \[B, H, K, V\] = \(2, 2, 4, 5\)"),
+    (dict(h0=_zeros(2, 2, 4, 5, dtype=jnp.bfloat16)), r"h0 has dtype bfloat16; expected float32"),
+    (dict(chunk_size=24), r"chunk_size=24; expected a positive int"),
+    (dict(chunk_size=0), r"chunk_size=0"),
+    (dict(impl="pallas_gpu"), r"impl='pallas_gpu' is not one of"),
+])
+def test_bad_input_names_the_argument(kwargs, match):
+  args = dict(q=_zeros(2, 8, 2, 4), k=_zeros(2, 8, 2, 4), v=_zeros(2, 8, 2, 5),
+              log_g=None)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    gla(**args)
+
+
+def test_step_bad_state_dtype():
+  with pytest.raises(ValueError, match=r"gla_step: h has dtype bfloat16"):
+    gla_step(_zeros(1, 2, 4), _zeros(1, 2, 4), _zeros(1, 2, 3), None,
+             _zeros(1, 2, 4, 3, dtype=jnp.bfloat16))
