@@ -1,0 +1,224 @@
+r"""Benchmark of the chunked vs reference impls of gla, delta_rule and ssm_scan.
+
+Run (from the repo root):
+PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
+
+Options: --T 512 2048 8192 --ops gla delta_rule ssm_scan --repeats N --markdown.
+
+For each op, sequence length T and impl ("chunked", "reference") it measures, in
+float32 on CPU at B=2, H=4, K=V=64:
+
+- fwd: wall time of the jitted op, returning (output, final state);
+- fwd+bwd: wall time of the jitted ``jax.grad`` of sum(output ** 2) with respect
+  to every input;
+- temp: ``memory_analysis().temp_size_in_bytes`` of the compiled fwd+bwd
+  function (XLA's temporary buffers, excluding arguments and outputs).
+
+Each function is lowered and compiled once per (op, impl, T) and the compiled
+executable is reused for the warm-up call, the timed calls and the memory
+analysis. Times are the median of the timed calls, each ended by
+``block_until_ready``. Inputs:
+
+- gla: q, k, v ~ N(0, 1); per-channel gates log_g = log_sigmoid(N(0, 1) + 2),
+  [B, T, H, K].
+- delta_rule: q, v ~ N(0, 1); k ~ N(0, 1) L2-normalised over K; beta ~ U[0, 1]
+  and log_g = log_sigmoid(N(0, 1) + 2), both [B, T, H].
+- ssm_scan: a ~ U[-1, 1] and b ~ N(0, 1), both [B, T, H, K].
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+# CPU benchmark by definition: pin the platform before any backend starts.
+jax.config.update("jax_platforms", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+
+from lsm.ops.delta_rule import delta_rule  # noqa: E402
+from lsm.ops.gla import gla  # noqa: E402
+from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
+
+B, H, K, V = 2, 4, 64, 64
+IMPLS = ("chunked", "reference")
+OPS = ("gla", "delta_rule", "ssm_scan")
+SEED = 0
+# With --repeats 0 (default) the number of timed calls is chosen from the warm-up
+# call's time so that each measurement takes about TIME_BUDGET_S, clipped to
+# [MIN_REPEATS, MAX_REPEATS]: e.g. 3 calls for a 2 s reference fwd+bwd.
+TIME_BUDGET_S = 3.0
+MIN_REPEATS = 3
+MAX_REPEATS = 20
+
+
+def make_inputs(op: str, T: int):
+  """Random float32 inputs of ``op`` at length T, as a tuple of arrays.
+
+  Args:
+    op: "gla" | "delta_rule" | "ssm_scan".
+    T: sequence length.
+
+  Returns:
+    The op's positional array arguments, all differentiated by the fwd+bwd
+    function: gla (q, k, v, log_g), delta_rule (q, k, v, beta, log_g),
+    ssm_scan (a, b).
+  """
+  keys = jax.random.split(jax.random.key(SEED), 5)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
+  if op == "gla":
+    q = normal(keys[0], (B, T, H, K))
+    k = normal(keys[1], (B, T, H, K))
+    v = normal(keys[2], (B, T, H, V))
+    log_g = jax.nn.log_sigmoid(normal(keys[3], (B, T, H, K)) + 2.0)
+    return q, k, v, log_g
+  if op == "delta_rule":
+    q = normal(keys[0], (B, T, H, K))
+    k = normal(keys[1], (B, T, H, K))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = normal(keys[2], (B, T, H, V))
+    beta = jax.random.uniform(keys[3], (B, T, H), jnp.float32)
+    log_g = jax.nn.log_sigmoid(normal(keys[4], (B, T, H)) + 2.0)
+    return q, k, v, beta, log_g
+  if op == "ssm_scan":
+    a = jax.random.uniform(keys[0], (B, T, H, K), jnp.float32, -1.0, 1.0)
+    b = normal(keys[1], (B, T, H, K))
+    return a, b
+  raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+def make_forward(op: str, impl: str):
+  """The op as a function of its array inputs, returning (output, final state)."""
+  if op == "gla":
+    return lambda q, k, v, log_g: gla(q, k, v, log_g, impl=impl)
+  if op == "delta_rule":
+    return lambda q, k, v, beta, log_g: delta_rule(q, k, v, beta, log_g=log_g,
+                                                   impl=impl)
+  if op == "ssm_scan":
+    return lambda a, b: ssm_scan(a, b, impl=impl)
+  raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+def make_forward_backward(op: str, impl: str, n_args: int):
+  """Gradients of sum(output ** 2) with respect to all ``n_args`` inputs."""
+  forward = make_forward(op, impl)
+
+  def loss(*args):
+    out, _ = forward(*args)
+    return jnp.sum(jnp.square(out))
+
+  return jax.grad(loss, argnums=tuple(range(n_args)))
+
+
+def time_compiled(compiled, args, repeats: int) -> float:
+  """Median wall time in ms of ``compiled(*args)`` after one warm-up call.
+
+  Args:
+    compiled: a compiled executable (``jax.jit(f).lower(*args).compile()``).
+    args: its arguments.
+    repeats: timed calls; 0 picks them from the warm-up time (see TIME_BUDGET_S).
+
+  Returns:
+    The median of the timed calls, in milliseconds.
+  """
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  warm = time.perf_counter() - start
+  if repeats <= 0:
+    repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, TIME_BUDGET_S / max(warm, 1e-6))))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def bench_one(op: str, impl: str, T: int, repeats: int) -> dict:
+  """Times fwd and fwd+bwd of one (op, impl, T), and the fwd+bwd temp memory.
+
+  Returns:
+    dict with fwd_ms, fwdbwd_ms and temp_mib (None if XLA reports no analysis).
+  """
+  args = make_inputs(op, T)
+  fwd = jax.jit(make_forward(op, impl)).lower(*args).compile()
+  fwdbwd = jax.jit(make_forward_backward(op, impl, len(args))).lower(*args).compile()
+  mem = fwdbwd.memory_analysis()
+  temp_mib = None if mem is None else mem.temp_size_in_bytes / 2**20
+  return dict(fwd_ms=time_compiled(fwd, args, repeats),
+              fwdbwd_ms=time_compiled(fwdbwd, args, repeats),
+              temp_mib=temp_mib)
+
+
+COLUMNS = ("op", "T", "fwd chunked (ms)", "fwd ref (ms)", "fwd speedup",
+           "fwd+bwd chunked (ms)", "fwd+bwd ref (ms)", "fwd+bwd speedup",
+           "temp chunked (MiB)", "temp ref (MiB)")
+
+
+def row_cells(op: str, T: int, res: dict) -> list[str]:
+  """One table row for (op, T) from the chunked and reference results."""
+  c, r = res["chunked"], res["reference"]
+  mib = lambda x: "n/a" if x is None else f"{x:.1f}"
+  return [op, str(T), f"{c['fwd_ms']:.1f}", f"{r['fwd_ms']:.1f}",
+          f"{r['fwd_ms'] / c['fwd_ms']:.1f}x", f"{c['fwdbwd_ms']:.1f}",
+          f"{r['fwdbwd_ms']:.1f}", f"{r['fwdbwd_ms'] / c['fwdbwd_ms']:.1f}x",
+          mib(c["temp_mib"]), mib(r["temp_mib"])]
+
+
+def format_table(rows: list[list[str]], markdown: bool) -> str:
+  """Rows as an aligned plain-text table or a Markdown table."""
+  if markdown:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+  widths = [max(len(col), *(len(row[i]) for row in rows))
+            for i, col in enumerate(COLUMNS)]
+  fmt = lambda cells: "  ".join(
+      cell.ljust(w) if i < 1 else cell.rjust(w)
+      for i, (cell, w) in enumerate(zip(cells, widths)))
+  return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])]
+                   + [fmt(row) for row in rows])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192],
+                      help="sequence lengths")
+  parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                      help="ops to benchmark")
+  parser.add_argument("--repeats", type=int, default=0,
+                      help="timed calls per measurement after one warm-up; 0 "
+                      f"(default) picks {MIN_REPEATS}-{MAX_REPEATS} from the "
+                      f"warm-up time (about {TIME_BUDGET_S:g} s each)")
+  parser.add_argument("--markdown", action="store_true",
+                      help="print a Markdown table (for BENCHMARKS.md)")
+  args = parser.parse_args()
+
+  device = jax.devices()[0]
+  now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+  header = [
+      f"jax {jax.__version__}, device {device.platform}:{device.device_kind} "
+      f"({os.cpu_count()} CPU cores visible, {platform.machine()}), {now}",
+      f"float32, B={B}, H={H}, K={K}, V={V}, chunk_size=64 (default); "
+      f"repeats={args.repeats or 'auto'}; speedup = reference / chunked",
+  ]
+  rows = []
+  for op in args.ops:
+    for T in args.T:
+      res = {impl: bench_one(op, impl, T, args.repeats) for impl in IMPLS}
+      # Progress on stderr, so that stdout is only the header and the table.
+      print(f"done {op} T={T}", file=sys.stderr, flush=True)
+      rows.append(row_cells(op, T, res))
+  print("\n".join(header))
+  print()
+  print(format_table(rows, args.markdown))
+
+
+if __name__ == "__main__":
+  main()
