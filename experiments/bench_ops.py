@@ -1,9 +1,9 @@
-r"""Benchmark of the chunked vs reference impls of gla, delta_rule and ssm_scan.
+r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 
-Run (from the repo root):
-PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
-
-Options: --T 512 2048 8192 --ops gla delta_rule ssm_scan --repeats N --markdown.
+Run from the repo root. Benchmarks the chunked vs reference impls of gla,
+delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
+into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan,
+--repeats N, --markdown.
 
 For each op, sequence length T and impl ("chunked", "reference") it measures, in
 float32 on CPU at B=2, H=4, K=V=64:
@@ -187,7 +187,8 @@ def format_table(rows: list[list[str]], markdown: bool) -> str:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+      description="Chunked vs reference timings and memory of the lsm ops on CPU.")
   parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192],
                       help="sequence lengths")
   parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
