@@ -4,10 +4,13 @@ The chunked delta rule needs (I + L)^{-1} for a strictly lower-triangular L per
 chunk (the UT transform). ``jax.lax.linalg.triangular_solve`` would do, but on
 jax 0.10.2 / 2-core CPUs the gradient of a batched triangular_solve deadlocks
 intermittently (see shared/DESIGN.md). Here the forward is forward substitution
-written with matmuls in a ``fori_loop`` and the backward is the closed form
+written with matmuls in a ``fori_loop`` (on 16 x 16 diagonal blocks, merged by
+doubling) and the backward is the closed form
 d(A^{-1}) = -A^{-1} dA A^{-1}, so no triangular_solve appears in either pass and
 no per-row residuals are stored.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +23,11 @@ def _strict_lower(x):
   return jnp.where(jnp.arange(n)[:, None] > jnp.arange(n)[None, :], x, 0.0)
 
 
-@jax.custom_vjp
-def unit_lower_inverse(l):
-  """(I + L)^{-1} for strictly lower-triangular L.
+BLOCK = 16  # diagonal blocks inverted by substitution before doubling
 
-  Args:
-    l: [..., n, n] float32; entries on and above the diagonal are ignored.
 
-  Returns:
-    [..., n, n] unit lower-triangular inverse.
-  """
-  l = _strict_lower(l)
+def _substitute(l):
+  """(I + L)^{-1} by forward substitution over rows; l strictly lower."""
   n = l.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(n, dtype=l.dtype), l.shape)
 
@@ -43,6 +40,51 @@ def unit_lower_inverse(l):
     return jax.lax.dynamic_update_index_in_dim(t, row, i, axis=-2)
 
   return jax.lax.fori_loop(1, n, body, eye)
+
+
+def _diagonal_blocks(x, size: int):
+  """[..., n, n] -> [..., n // size, size, size], the blocks on the diagonal."""
+  n = x.shape[-1]
+  nb = n // size
+  x = x.reshape(*x.shape[:-2], nb, size, nb, size)
+  x = jnp.diagonal(x, axis1=-4, axis2=-2)  # [..., size, size, nb]
+  return jnp.moveaxis(x, -1, -3)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(l):
+  """(I + L)^{-1} for strictly lower-triangular L.
+
+  For n = 16 * 2^j the 16 x 16 diagonal blocks are inverted by forward
+  substitution (16 sequential steps instead of n), then pairs of neighbouring
+  blocks are merged by doubling, [[A, 0], [C, D]]^{-1} = [[A^-1, 0],
+  [-D^-1 C A^-1, D^-1]]: log2(n / 16) rounds of two matmuls. Other n use plain
+  substitution.
+
+  Args:
+    l: [..., n, n] float32; entries on and above the diagonal are ignored.
+
+  Returns:
+    [..., n, n] unit lower-triangular inverse.
+  """
+  l = _strict_lower(l)
+  n = l.shape[-1]
+  nb = n // BLOCK
+  if n <= BLOCK or n % BLOCK or nb & (nb - 1):
+    return _substitute(l)
+  t = _substitute(_diagonal_blocks(l, BLOCK))  # [..., nb, 16, 16]
+  size = BLOCK
+  while size < n:
+    big = _diagonal_blocks(l, 2 * size)  # [..., n / 2size, 2size, 2size]
+    c = big[..., size:, :size]
+    t_a, t_d = t[..., 0::2, :, :], t[..., 1::2, :, :]
+    mm = functools.partial(jnp.matmul, precision=_HIGHEST)
+    t_c = -mm(mm(t_d, c), t_a)
+    top = jnp.concatenate([t_a, jnp.zeros_like(t_a)], axis=-1)
+    bottom = jnp.concatenate([t_c, t_d], axis=-1)
+    t = jnp.concatenate([top, bottom], axis=-2)
+    size *= 2
+  return t[..., 0, :, :]
 
 
 def _inverse_fwd(l):

@@ -11,21 +11,27 @@ The chunk-to-chunk state pass is a ``lax.scan`` over N (elementwise decay plus a
 precomputed [K, V] summary per chunk); everything else is batched matmuls.
 
 Numerics, strong decay. Splitting exp(b_t - b_s) as exp(b_t) * exp(-b_s) overflows
-float32 once |b| > 88, e.g. log_g = -5 per step after 18 tokens. Every exponent here
-is a difference that is <= 0: the inter-chunk terms use b_t and b_C - b_s; inside a
-chunk the attention matrix is built in sub-chunks of c = 16 tokens (secondary
-chunking, as flash-linear-attention does): a block below the diagonal uses the
-cumulative gate r_i just before its row block i as a pivot, q_t * exp(b_t - r_i)
-and k_s * exp(r_i - b_s), both exponents <= 0. A diagonal c x c block is a matmul
-pivoting on its first gate while its total decay is at most PIVOT_MAX_DECAY nats
-(exact there, and 4-5x faster on CPU), and otherwise is computed in log space,
-sum_k q_tk k_sk exp(b_tk - b_sk), exact for any decay (``_diag_blocks``). Masked
-exponents are replaced by 0 before ``exp`` so that neither values nor gradients
-see inf. Gradients come from autodiff, except the log-space block's own VJP.
+float32 once |b| > 88, e.g. log_g = -5 per step after 18 tokens. The inter-chunk
+terms only use exponents <= 0 (b_t, and b_C - b_s as a shifted reverse cumsum).
+Inside a chunk (``intra_chunk``) one of two exact forms runs, chosen per call:
+while no chunk decays by more than PIVOT_MAX_DECAY nats in any channel, a single
+pivot at the chunk's first token, q_t exp(b_t - b_1) and k_s exp(b_1 - b_s), makes
+the intra-chunk matrix one matmul (no overflow, rounding below 1.2e-6); otherwise
+secondary chunking as in flash-linear-attention: sub-chunks of c = 16 tokens,
+blocks below the diagonal pivoting on the gate sum just before their row block
+(all exponents <= 0), diagonal c x c blocks in log space, sum_k q_tk k_sk
+exp(b_tk - b_sk), exact for any decay. Masked exponents are replaced by 0 before
+``exp`` so that neither values nor gradients see inf. The diagonal t = s terms
+(weight exactly 1) are kept out of the gated products, and gate sums are cumsums
+of the gates rather than differences of cumsums, so d log_g has no cancelling
+O(1) terms when the decay is strong. Gradients come from autodiff, except the
+log-space block's own VJP.
 
 All arithmetic is float32 with HIGHEST-precision matmuls (no TF32 on GPU);
 outputs are cast back to q's dtype.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +39,8 @@ import jax.numpy as jnp
 from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-SUB_CHUNK = 16  # rows of a diagonal block (see _diag_blocks)
-PIVOT_MAX_DECAY = 20.0  # largest in-block decay (nats) for the matmul form
+SUB_CHUNK = 16  # sub-chunk length of the secondary-chunking form
+PIVOT_MAX_DECAY = 20.0  # largest chunk decay (nats) for the single-pivot form
 
 
 def _einsum(spec, *xs):
@@ -92,41 +98,34 @@ def _diag_blocks_bwd(res, da):
 _diag_blocks_log.defvjp(_diag_blocks_fwd, _diag_blocks_bwd)
 
 
-def _diag_blocks_pivot(q, k, z):
-  """The same strictly-lower A as one matmul, pivoting on the block's first token:
+def _strict_pivot(q, k, z):
+  """The same strictly-lower matrix as one matmul, pivoting on the first token:
   q scaled by exp(z_t) <= 1, k by exp(-z_s) >= 1. Exact while -z_last, the
-  block's decay, stays below PIVOT_MAX_DECAY (checked by the caller)."""
+  block's total decay, stays below PIVOT_MAX_DECAY (the caller checks)."""
   a = _einsum("...tk,...sk->...ts", q * jnp.exp(z), k * jnp.exp(-z))
   return jnp.where(_strict(q.shape[-2]), a, 0.0)
 
 
-def _diag_blocks(q, k, z):
-  """Diagonal c x c blocks of the intra-chunk matrix, diagonal included.
-
-  z is the cumulative gate within each block, counted from its first token (so
-  z_first = 0). The matmul form is used when every block's decay is small enough
-  for it to be exact, the log-space form otherwise (one choice per call): the
-  pivot's exponents reach the block decay D, exp(D) must not overflow, and the
-  weight exp(z_t) exp(-z_s) carries a relative rounding error of about D * 2**-24,
-  so D <= PIVOT_MAX_DECAY (20: error < 1.2e-6) keeps it inside the float32
-  tolerance. Typical learned gates (log-sigmoid / 16) sit far below that.
-  """
-  decay = jnp.max(-z[..., -1, :])
-  a = jax.lax.cond(decay <= PIVOT_MAX_DECAY, _diag_blocks_pivot, _diag_blocks_log,
-                   q, k, z)
-  return _with_diagonal(a, q, k)
+def _local_gate_sums(g):
+  """z_t = sum_{first < u <= t} g_u along axis -2, a cumsum with the first gate
+  dropped rather than a difference of cumsums, so its gradient has no cancelling
+  terms."""
+  return jnp.cumsum(g.at[..., 0, :].set(0.0), axis=-2)
 
 
-def intra_chunk(q, k, v, g, sub: int):
-  """sum_{s<=t in chunk} (q_t * exp(b_t - b_s)) . k_s v_s for every t.
+def _intra_pivot(q, k, v, g):
+  """Intra-chunk output with one pivot per chunk: two matmuls. Exact when the
+  chunk's decay is at most PIVOT_MAX_DECAY in every channel."""
+  a = _with_diagonal(_strict_pivot(q, k, _local_gate_sums(g)), q, k)
+  return _einsum("...ts,...sv->...tv", a, v)
 
-  Args:
-    q, k: [..., C, K] float32; v: [..., C, V] float32.
-    g: [..., C, K] float32 log gates.
-    sub: sub-chunk length c; C % c == 0.
 
-  Returns:
-    [..., C, V] float32.
+def _intra_secondary(q, k, v, g, sub: int):
+  """Intra-chunk output by secondary chunking: exact for any decay.
+
+  Row block i (c = sub tokens) against earlier blocks pivots on r_i, the gate sum
+  just before block i: q_t exp(b_t - r_i) and k_s exp(r_i - b_s), both exponents
+  <= 0. Diagonal c x c blocks are formed in log space (``_diag_blocks_log``).
   """
   *lead, C, K = q.shape
   V = v.shape[-1]
@@ -135,17 +134,11 @@ def intra_chunk(q, k, v, g, sub: int):
   ks = k.reshape(*lead, m, sub, K)
   vs = v.reshape(*lead, m, sub, V)
   gs = g.reshape(*lead, m, sub, K)
-
-  # Gate sums are formed from the gates themselves (cumsums with the first entry
-  # dropped), not as differences of cumsums, so their gradients carry no
-  # cancelling terms.
-  z = jnp.cumsum(gs.at[..., 0, :].set(0.0), axis=-2)  # [..., m, c, K]
-  a = _diag_blocks(qs, ks, z)  # [..., m, c, c]
-  o = _einsum("...mts,...msv->...mtv", a, vs)
+  a = _with_diagonal(_diag_blocks_log(qs, ks, _local_gate_sums(gs)), qs, ks)
+  o = _einsum("...mts,...msv->...mtv", a, vs)  # [..., m, c, V]
   if m == 1:
     return o.reshape(*lead, C, V)
 
-  # Blocks below the diagonal pivot on r_i, the gate sum just before row block i.
   b = jnp.cumsum(g, axis=-2)  # [..., C, K]
   bs = b.reshape(*lead, m, sub, K)
   r = jnp.concatenate([jnp.zeros_like(bs[..., :1, -1, :]), bs[..., :-1, -1, :]],
@@ -158,6 +151,30 @@ def intra_chunk(q, k, v, g, sub: int):
   a_off = jnp.where(before[:, None, :], a_off, 0.0)
   o = o + _einsum("...mts,...sv->...mtv", a_off, v)
   return o.reshape(*lead, C, V)
+
+
+def intra_chunk(q, k, v, g, sub: int):
+  """sum_{s<=t in chunk} (q_t * exp(b_t - b_s)) . k_s v_s for every t.
+
+  One choice per call: the single-pivot matmul form when every chunk's decay is
+  at most PIVOT_MAX_DECAY nats in every channel, secondary chunking otherwise.
+  Both are exact where used: the pivot's exponents reach the chunk decay D, so
+  exp(D) must not overflow, and its weights exp(z_t) exp(-z_s) carry a relative
+  rounding error of about D * 2**-24, so D <= 20 keeps them below 1.2e-6. Typical
+  learned gates (log-sigmoid / 16, about -0.05 per token) take the fast form;
+  log_g = -5 per token takes the exact one.
+
+  Args:
+    q, k: [..., C, K] float32; v: [..., C, V] float32.
+    g: [..., C, K] float32 log gates.
+    sub: sub-chunk length c for secondary chunking; C % c == 0.
+
+  Returns:
+    [..., C, V] float32.
+  """
+  decay = -jnp.min(jnp.sum(g[..., 1:, :], axis=-2))
+  return jax.lax.cond(decay <= PIVOT_MAX_DECAY, _intra_pivot,
+                      functools.partial(_intra_secondary, sub=sub), q, k, v, g)
 
 
 def chunk_states(k, v, g, h0):
