@@ -173,3 +173,22 @@ def test_step_bad_state_dtype():
   with pytest.raises(ValueError, match=r"gla_step: h has dtype bfloat16"):
     gla_step(_zeros(1, 2, 4), _zeros(1, 2, 4), _zeros(1, 2, 3), None,
              _zeros(1, 2, 4, 3, dtype=jnp.bfloat16))
+
+
+@pytest.mark.parametrize("chunk, sub", [(64, 16), (32, 16), (16, 16)])
+def test_intra_chunk_forms_agree(chunk, sub):
+  """Both intra-chunk forms (one pivot; secondary chunking) where both are exact:
+  mild gates. The op picks one per call, so compare them directly, with VJPs."""
+  from lsm.ops.gla import chunked
+  ks = jax.random.split(jax.random.key(chunk), 5)
+  shape = (2, 3, chunk, 12)
+  q, k, g_raw = (jax.random.normal(key, shape) for key in ks[:3])
+  v = jax.random.normal(ks[3], (2, 3, chunk, 8))
+  g = jax.nn.log_sigmoid(g_raw + 2.0)
+  ct = jax.random.normal(ks[4], (2, 3, chunk, 8))
+  o1, pull1 = jax.vjp(chunked._intra_pivot, q, k, v, g)
+  o2, pull2 = jax.vjp(functools.partial(chunked._intra_secondary, sub=sub),
+                      q, k, v, g)
+  rtol = numerics.TOLERANCES[("invariant", "float32")]
+  numerics.assert_trees_close((o1, *pull1(ct)), (o2, *pull2(ct)), rtol=rtol,
+                              names=("o", "dq", "dk", "dv", "dlog_g"))
