@@ -1,1 +1,18 @@
-"""Flax modules: one file per mixer, plus norm, MLP and short convolution."""
+"""Flax (nnx) modules: one file per sequence mixer, plus norm, MLP and short conv.
+
+Every mixer follows one protocol, so models can stack any of them and decode
+with any of them:
+
+  mixer = Mixer(d_model, n_heads=..., impl=..., <mixer options>, rngs=rngs)
+  y, _ = mixer(x)                         # x: [B, T, D] -> y: [B, T, D]; training
+  cache = mixer.init_cache(batch, max_len)  # empty-context cache (a dict of arrays)
+  y, cache = mixer(x, cache)              # parallel over T from ``cache``: prefill
+  y_t, cache = mixer.step(x_t, cache)     # x_t: [B, D], one token: decoding
+
+``__call__`` returns the updated cache when it was given one and None
+otherwise. Linear mixers' caches are O(1) in the context length (recurrent state,
+conv window); attention's is a KV buffer of ``max_len``. Mixers call the ops in
+lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
+Every parameter carries logical axis names (lsm.parallel.axes) as sharding
+metadata; the trainer maps them to mesh axes.
+"""

@@ -1,0 +1,55 @@
+"""Short causal depthwise convolution (the k=4 conv of Mamba, DeltaNet, GLA)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm.layers.sharding import param
+from lsm.parallel import axes
+
+
+class ShortConv(nnx.Module):
+  """y_t = act(sum_{i<W} w_i * x_{t-W+1+i} + bias), per channel, causal.
+
+  The cache is the last W-1 inputs, [B, W-1, C], so decoding costs O(W) per token.
+
+  Args:
+    channels: C.
+    width: kernel width W.
+    activation: applied after the convolution ("silu" or None).
+    axis_name: logical axis of the channel dim.
+  """
+
+  def __init__(self, channels: int, *, width: int = 4, activation: str | None = "silu",
+               axis_name: str = axes.HEADS, rngs: nnx.Rngs):
+    if width < 1:
+      raise ValueError(f"ShortConv: width={width}; expected a positive int")
+    self.width = width
+    self.activation = activation
+    bound = width ** -0.5
+    w = jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound)
+    self.kernel = param(w, None, axis_name)
+    self.bias = param(jnp.zeros((channels,), jnp.float32), axis_name)
+
+  def _act(self, y):
+    return jax.nn.silu(y) if self.activation == "silu" else y
+
+  def init_cache(self, batch: int, dtype=jnp.float32):
+    return jnp.zeros((batch, self.width - 1, self.kernel.value.shape[1]), dtype)
+
+  def __call__(self, x, cache=None):
+    """x: [B, T, C]; cache: optional [B, W-1, C] previous inputs (zeros = start).
+    Returns (y [B, T, C] in x.dtype, new cache or None)."""
+    T = x.shape[1]
+    past = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
+    xp = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
+    w = self.kernel.value.astype(jnp.float32)
+    y = sum(xp[:, i:i + T].astype(jnp.float32) * w[i] for i in range(self.width))
+    y = self._act(y + self.bias.value).astype(x.dtype)
+    new_cache = None if cache is None else xp[:, T:]
+    return y, new_cache
+
+  def step(self, x_t, cache):
+    """x_t: [B, C]; cache: [B, W-1, C]. Returns (y_t [B, C], cache)."""
+    y, cache = self(x_t[:, None], cache)
+    return y[:, 0], cache
