@@ -1,0 +1,221 @@
+"""Causal multi-head softmax attention with RoPE, for hybrid stacks.
+
+For each query head n, at position t (its kv head is n // G, G = n_heads /
+n_kv_heads, the grouping ``jax.nn.dot_product_attention`` uses):
+
+  y_t = sum_s softmax_s(q_t . k_s / sqrt(head_dim) over allowed s) v_s,
+  allowed s: s <= t, and t - window < s when ``window`` is set,
+
+where q and k carry rotary position embeddings (Su et al. 2021, rotate-half
+convention as in GPT-NeoX / Llama) at their absolute positions. Absolute positions
+are what make prefill and decoding from a cache agree with the parallel forward.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm.layers.sharding import sharded
+from lsm.parallel import axes
+
+
+def _rope(x, positions, base: float):
+  """Rotary embedding, rotate-half convention, computed in float32.
+
+  Args:
+    x: [B, T, H, K] queries or keys, K even.
+    positions: [T] int32 absolute positions.
+    base: the frequency base (10000 in the paper).
+
+  Returns:
+    [B, T, H, K] in x.dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, K/2]
+  cos = jnp.cos(angles)[None, :, None, :]  # [1, T, 1, K/2]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): x * cos + rotate_half(x) * sin.
+  y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return y.astype(x.dtype)
+
+
+def _concrete_int(x):
+  """int(x) when x is a concrete value, None when it is traced (under jit)."""
+  try:
+    return int(x)
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    return None
+
+
+class Attention(nnx.Module):
+  """Causal multi-head (optionally grouped-query, optionally sliding-window)
+  softmax attention with RoPE. Follows the mixer protocol of lsm.layers.
+
+  The cache is a KV buffer of ``max_len`` positions plus the number of positions
+  written so far. Parameters are float32; the output comes back in x.dtype.
+
+  Args:
+    d_model: input and output width D.
+    n_heads: number of query heads H.
+    n_kv_heads: number of key/value heads; must divide n_heads (grouped-query
+      attention, Ainslie et al. 2023). Defaults to n_heads.
+    head_dim: per-head width K, even (RoPE rotates pairs). Defaults to
+      d_model // n_heads, which must then divide exactly.
+    rope_base: RoPE frequency base.
+    window: sliding-window length W, or None for full causal attention. Token t
+      attends to positions t-W+1..t.
+    impl: accepted so every mixer takes the same constructor arguments (hybrid
+      stacks pass one config-wide impl such as "chunked" or "pallas_gpu") and
+      otherwise ignored: attention always calls
+      ``jax.nn.dot_product_attention(..., implementation=None)``, which is XLA
+      on CPU and, as of jax 0.10, on GPU too.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(self, d_model: int, *, n_heads: int, n_kv_heads: int | None = None,
+               head_dim: int | None = None, rope_base: float = 10000.0,
+               window: int | None = None, impl: str = "auto", rngs: nnx.Rngs):
+    if n_heads < 1:
+      raise ValueError(f"Attention: n_heads={n_heads}; expected a positive int")
+    if n_kv_heads is None:
+      n_kv_heads = n_heads
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+      raise ValueError(
+          f"Attention: n_kv_heads={n_kv_heads}; expected a positive divisor of "
+          f"n_heads={n_heads}")
+    if head_dim is None:
+      if d_model % n_heads:
+        raise ValueError(
+            f"Attention: d_model={d_model} is not divisible by n_heads={n_heads}; "
+            f"expected n_heads to divide d_model, or an explicit head_dim")
+      head_dim = d_model // n_heads
+    if head_dim < 2 or head_dim % 2:
+      raise ValueError(
+          f"Attention: head_dim={head_dim}; expected an even int >= 2 (RoPE "
+          f"rotates pairs of channels)")
+    if window is not None and window < 1:
+      raise ValueError(f"Attention: window={window}; expected None or an int >= 1")
+    if rope_base <= 0:
+      raise ValueError(f"Attention: rope_base={rope_base}; expected > 0")
+    self.n_heads = n_heads
+    self.n_kv_heads = n_kv_heads
+    self.head_dim = head_dim
+    self.rope_base = rope_base
+    self.window = window
+    self.impl = impl  # recorded only; see the class docstring
+
+    init = nnx.initializers.lecun_normal()
+
+    def linear(d_in, d_out, *kernel_axes):
+      return nnx.Linear(d_in, d_out, use_bias=False, rngs=rngs,
+                        kernel_init=sharded(init, *kernel_axes))
+
+    self.q_proj = linear(d_model, n_heads * head_dim, axes.EMBED, axes.HEADS)
+    self.k_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS)
+    self.v_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS)
+    self.o_proj = linear(n_heads * head_dim, d_model, axes.HEADS, axes.EMBED)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    """An empty KV cache.
+
+    Args:
+      batch: B.
+      max_len: S, the most positions the cache can hold (prompt plus decoded).
+      dtype: storage dtype of the keys and values.
+
+    Returns:
+      {"k": [B, S, n_kv_heads, K] dtype zeros, "v": the same,
+       "pos": int32 scalar, the number of positions written (0)}.
+    """
+    if max_len < 1:
+      raise ValueError(f"Attention.init_cache: max_len={max_len}; expected >= 1")
+    shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.zeros((), jnp.int32)}
+
+  def __call__(self, x, cache=None):
+    """Causal attention over x, or over the cache followed by x.
+
+    Without a cache, x holds positions 0..T-1. With one, x holds positions
+    pos..pos+T-1 (pos = cache["pos"]): its keys and values are written to the
+    buffer at [pos, pos+T) and the queries attend over buffer positions
+    0..pos+T-1 (within the window). Writing past the buffer raises a ValueError
+    when it is detectable outside jit (T > max_len, or a concrete pos with
+    pos + T > max_len). Under jit pos is traced and keeping pos + T <= max_len is
+    the caller's responsibility: ``dynamic_update_slice`` clamps the start
+    index, so an overflowing write would silently overwrite earlier positions.
+
+    Args:
+      x: [B, T, D] inputs.
+      cache: optional dict from ``init_cache`` (or a previous call).
+
+    Returns:
+      (y [B, T, D] in x.dtype, the updated cache with pos + T, or None when no
+      cache was given).
+    """
+    B, T, _ = x.shape
+    q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+    k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+
+    if cache is None:
+      positions = jnp.arange(T, dtype=jnp.int32)
+      q = _rope(q, positions, self.rope_base)
+      k = _rope(k, positions, self.rope_base)
+      # (W-1, 0): W-1 keys to the left of each query, none to the right.
+      local = None if self.window is None else (self.window - 1, 0)
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       local_window_size=local,
+                                       implementation=None)
+      new_cache = None
+    else:
+      max_len = cache["k"].shape[1]
+      if T > max_len:
+        raise ValueError(
+            f"Attention: writing T={T} positions into a cache of max_len={max_len}; "
+            f"expected T <= max_len")
+      pos = cache["pos"]
+      pos_now = _concrete_int(pos)
+      if pos_now is not None and pos_now + T > max_len:
+        raise ValueError(
+            f"Attention: cache pos={pos_now} plus T={T} exceeds max_len={max_len}; "
+            f"expected pos + T <= max_len")
+      positions = pos + jnp.arange(T, dtype=jnp.int32)  # [T]
+      q = _rope(q, positions, self.rope_base)
+      k = _rope(k, positions, self.rope_base)
+      start = (0, pos, 0, 0)
+      k_buf = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                           start)
+      v_buf = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                           start)
+      # Explicit [T, S] mask from positions: pos is traced under jit, so is_causal
+      # (which assumes queries and keys both start at 0) cannot express it. Keys
+      # at >= pos+T (unwritten or stale) fail key <= query for every query.
+      q_pos = positions[:, None]  # [T, 1]
+      k_pos = jnp.arange(max_len, dtype=jnp.int32)[None, :]  # [1, S]
+      mask = k_pos <= q_pos
+      if self.window is not None:
+        mask &= k_pos > q_pos - self.window
+      o = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype),
+                                       v_buf.astype(q.dtype),
+                                       mask=mask[None, None], implementation=None)
+      new_cache = {"k": k_buf, "v": v_buf, "pos": pos + T}
+
+    y = self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
+    return y.astype(x.dtype), new_cache
+
+  def step(self, x_t, cache):
+    """One decoding step.
+
+    Args:
+      x_t: [B, D] the input at position cache["pos"].
+      cache: dict from ``init_cache`` or a previous call.
+
+    Returns:
+      (y_t [B, D] in x_t.dtype, the cache advanced by one position).
+    """
+    y, cache = self(x_t[:, None], cache)
+    return y[:, 0], cache

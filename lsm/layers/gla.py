@@ -1,0 +1,99 @@
+"""Gated linear attention layer (Yang et al. 2023, "Gated Linear Attention
+Transformers with Hardware-Efficient Training"). The recurrence is
+lsm.ops.gla; this module only projects, gates and normalises."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm.layers.norm import RMSNorm
+from lsm.layers.sharding import sharded
+from lsm.ops.gla import gla, gla_step
+from lsm.parallel import axes
+
+
+def _check(name, value, ok, expected):
+  if not ok:
+    raise ValueError(f"GLA: {name}={value!r}; expected {expected}")
+
+
+class GLA(nnx.Module):
+  """GLA mixer: [B, T, D] -> [B, T, D] (protocol in lsm/layers/__init__.py).
+
+  q, k: D -> D * expand_k; v and the output gate: D -> D * expand_v, split into
+  n_heads heads. The forget gate is low rank, D -> gate_rank -> D * expand_k, and
+  log_g = log_sigmoid(gate) / gate_normalizer (the paper's temperature, 16), so
+  decays sit close to 1. Per-head RMSNorm of the op's output, times silu(output
+  gate), then the output projection.
+
+  Args:
+    d_model: width D.
+    n_heads: heads H; D * expand_k and D * expand_v must divide by H.
+    expand_k, expand_v: key and value widths relative to D (paper: 0.5, 1).
+    gate_rank: rank of the forget-gate projection (paper: 16).
+    gate_normalizer: temperature dividing log_sigmoid (paper: 16).
+    chunk_size: chunk length for the chunked op.
+    impl: op implementation ("auto", "chunked", "reference", ...).
+  """
+
+  def __init__(self, d_model: int, *, n_heads: int, expand_k: float = 0.5,
+               expand_v: float = 1.0, gate_rank: int = 16,
+               gate_normalizer: float = 16.0, chunk_size: int = 64,
+               impl: str = "auto", rngs: nnx.Rngs):
+    key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+    _check("n_heads", n_heads, n_heads >= 1 and key_dim % n_heads == 0
+           and value_dim % n_heads == 0,
+           f"a positive divisor of key width {key_dim} and value width {value_dim}")
+    _check("gate_rank", gate_rank, gate_rank >= 1, "a positive int")
+    _check("gate_normalizer", gate_normalizer, gate_normalizer > 0, "> 0")
+    self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
+    self.gate_normalizer = float(gate_normalizer)
+    self.chunk_size, self.impl = chunk_size, impl
+    init = nnx.initializers.lecun_normal()
+
+    def linear(i, o, ax_in, ax_out, bias=False):
+      return nnx.Linear(i, o, use_bias=bias, rngs=rngs,
+                        kernel_init=sharded(init, ax_in, ax_out),
+                        bias_init=sharded(nnx.initializers.zeros, ax_out))
+
+    self.q_proj = linear(d_model, key_dim, axes.EMBED, axes.HEADS)
+    self.k_proj = linear(d_model, key_dim, axes.EMBED, axes.HEADS)
+    self.v_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
+    self.g_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
+    self.gk_down = linear(d_model, gate_rank, axes.EMBED, None)
+    self.gk_up = linear(gate_rank, key_dim, None, axes.HEADS, bias=True)
+    self.norm = RMSNorm(value_dim // n_heads, axis_name=axes.STATE_V)
+    self.o_proj = linear(value_dim, d_model, axes.HEADS, axes.EMBED)
+
+  def _project(self, x):
+    """x: [..., D] -> q, k [..., H, K], v, gate [..., H, V], log_g [..., H, K]."""
+    H = self.n_heads
+    split = lambda y: y.reshape(*y.shape[:-1], H, y.shape[-1] // H)
+    log_g = jax.nn.log_sigmoid(self.gk_up(self.gk_down(x)).astype(jnp.float32))
+    log_g = log_g / self.gate_normalizer
+    return (split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+            split(self.g_proj(x)), split(log_g))
+
+  def _output(self, o, gate):
+    o = self.norm(o, gate)
+    return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    del max_len  # O(1) in the context length
+    H = self.n_heads
+    return {"h": jnp.zeros((batch, H, self.key_dim // H, self.value_dim // H),
+                           jnp.float32)}
+
+  def __call__(self, x, cache=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+    q, k, v, gate, log_g = self._project(x)
+    h0 = None if cache is None else cache["h"]
+    o, h_t = gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size, impl=self.impl)
+    y = self._output(o, gate)
+    return y, (None if cache is None else {"h": h_t})
+
+  def step(self, x_t, cache):
+    """x_t: [B, D] -> (y_t [B, D], cache)."""
+    q, k, v, gate, log_g = self._project(x_t)
+    o, h = gla_step(q, k, v, log_g, cache["h"])
+    return self._output(o, gate), {"h": h}
