@@ -16,3 +16,13 @@ lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
 Every parameter carries logical axis names (lsm.parallel.axes) as sharding
 metadata; the trainer maps them to mesh axes.
 """
+
+from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
+from lsm.layers.gla import GLA
+
+# Mixer name (as written in configs) -> class. An explicit dict, no registry.
+MIXERS = {
+    "gla": GLA,
+    "delta_net": DeltaNet,
+    "gated_delta_net": GatedDeltaNet,
+}

@@ -136,6 +136,20 @@ class Attention(nnx.Module):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
+  @staticmethod
+  def _check_room(cache, T: int):
+    """Raises before any compute if writing T positions must overflow the cache."""
+    max_len = cache["k"].shape[1]
+    if T > max_len:
+      raise ValueError(
+          f"Attention: writing T={T} positions into a cache of max_len={max_len}; "
+          f"expected T <= max_len")
+    pos = _concrete_int(cache["pos"])
+    if pos is not None and pos + T > max_len:
+      raise ValueError(
+          f"Attention: cache pos={pos} plus T={T} exceeds max_len={max_len}; "
+          f"expected pos + T <= max_len")
+
   def __call__(self, x, cache=None):
     """Causal attention over x, or over the cache followed by x.
 
@@ -157,6 +171,8 @@ class Attention(nnx.Module):
       cache was given).
     """
     B, T, _ = x.shape
+    if cache is not None:
+      self._check_room(cache, T)
     q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
     k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -173,16 +189,7 @@ class Attention(nnx.Module):
       new_cache = None
     else:
       max_len = cache["k"].shape[1]
-      if T > max_len:
-        raise ValueError(
-            f"Attention: writing T={T} positions into a cache of max_len={max_len}; "
-            f"expected T <= max_len")
       pos = cache["pos"]
-      pos_now = _concrete_int(pos)
-      if pos_now is not None and pos_now + T > max_len:
-        raise ValueError(
-            f"Attention: cache pos={pos_now} plus T={T} exceeds max_len={max_len}; "
-            f"expected pos + T <= max_len")
       positions = pos + jnp.arange(T, dtype=jnp.int32)  # [T]
       q = _rope(q, positions, self.rope_base)
       k = _rope(k, positions, self.rope_base)

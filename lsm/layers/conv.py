@@ -35,7 +35,7 @@ class ShortConv(nnx.Module):
     return jax.nn.silu(y) if self.activation == "silu" else y
 
   def init_cache(self, batch: int, dtype=jnp.float32):
-    return jnp.zeros((batch, self.width - 1, self.kernel.value.shape[1]), dtype)
+    return jnp.zeros((batch, self.width - 1, self.kernel[...].shape[1]), dtype)
 
   def __call__(self, x, cache=None):
     """x: [B, T, C]; cache: optional [B, W-1, C] previous inputs (zeros = start).
@@ -43,9 +43,9 @@ class ShortConv(nnx.Module):
     T = x.shape[1]
     past = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
     xp = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
-    w = self.kernel.value.astype(jnp.float32)
+    w = self.kernel[...].astype(jnp.float32)
     y = sum(xp[:, i:i + T].astype(jnp.float32) * w[i] for i in range(self.width))
-    y = self._act(y + self.bias.value).astype(x.dtype)
+    y = self._act(y + self.bias[...]).astype(x.dtype)
     new_cache = None if cache is None else xp[:, T:]
     return y, new_cache
 

@@ -115,8 +115,8 @@ class DeltaNet(nnx.Module):
     beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
     if not self.gated:
       return beta, None
-    a = self.a_proj(x).astype(jnp.float32) + self.dt_bias.value
-    log_g = -jnp.exp(self.A_log.value) * jax.nn.softplus(a)
+    a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+    log_g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
     return beta, log_g
 
   def decays(self, x):

@@ -28,7 +28,7 @@ class RMSNorm(nnx.Module):
     normalising (the output gate of GLA / Mamba2). Returns x's dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    y = y * self.scale.value
+    y = y * self.scale[...]
     if gate is not None:
       y = y * jax.nn.silu(gate.astype(jnp.float32))
     return y.astype(x.dtype)

@@ -1,0 +1,197 @@
+r"""Mamba-style selective SSM block (Gu & Dao 2023), with optional negative
+eigenvalues (Grazzi et al. 2024).
+
+With E = expand * d_model inner channels and N = state_size, per token t:
+
+    x_t, z_t = in_proj(u_t)                           [E], [E]
+    x_t      = silu(causal depthwise conv_W(x)_t)     (ShortConv)
+    dt_t     = softplus(x_t W_dt + dt_bias)           [E], W_dt of rank ceil(D/16)
+    B_t, C_t = x_t W_B, x_t W_C                       [N], [N]
+    a_t      = exp(dt_t A)            eigenvalue_range="positive", in [0, 1]
+             = 2 exp(dt_t A) - 1      eigenvalue_range="signed",   in [-1, 1]
+    h_t      = a_t * h_{t-1} + (dt_t x_t) B_t^T       [E, N], A = -exp(A_log) [E, N]
+    y_t      = out_proj((h_t C_t + D * x_t) * silu(z_t))
+
+b_t = dt_t B_t x_t is Mamba's simplified ZOH (Euler for B). The signed range maps
+Mamba's decay from [0, 1] onto [-1, 1] as Grazzi et al. do, which lets one layer
+flip the sign of its state (parity, modular counting). The recurrence runs
+through ``lsm.ops.ssm_scan`` over the [B, T, E, N] states (``ssm_scan_step``
+when decoding).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsm.layers.conv import ShortConv
+from lsm.layers.sharding import param
+from lsm.layers.ssm import check_impl
+from lsm.ops.ssm_scan import ssm_scan, ssm_scan_step
+from lsm.parallel import axes
+
+EIGENVALUE_RANGES = ("positive", "signed")
+
+
+class Mamba(nnx.Module):
+  """Selective SSM mixer: [B, T, D] -> [B, T, D] (module docstring has the math).
+
+  Args:
+    d_model: width D.
+    n_heads: accepted and ignored (uniform mixer constructor): every inner
+      channel has its own state.
+    state_size: N, state entries per inner channel.
+    expand: E = expand * d_model inner channels.
+    conv_width: width W of the short causal convolution.
+    eigenvalue_range: "positive" (a_t in [0, 1], Mamba) or "signed" (a_t in
+      [-1, 1]).
+    dt_min, dt_max: range of the log-uniform initial step size.
+    impl: the ``ssm_scan`` impl.
+  """
+
+  def __init__(self, d_model: int, *, n_heads: int | None = None,
+               state_size: int = 16, expand: int = 2, conv_width: int = 4,
+               eigenvalue_range: str = "positive", dt_min: float = 1e-3,
+               dt_max: float = 1e-1, impl: str = "auto", rngs: nnx.Rngs):
+    del n_heads  # one state per inner channel; accepted for a uniform constructor
+    name = "Mamba"
+    if eigenvalue_range not in EIGENVALUE_RANGES:
+      raise ValueError(f"{name}: eigenvalue_range={eigenvalue_range!r} is not one "
+                       f"of {sorted(EIGENVALUE_RANGES)}")
+    for arg, value in (("state_size", state_size), ("expand", expand),
+                       ("conv_width", conv_width)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {arg}={value!r}; expected a positive int")
+    if not 0 < dt_min <= dt_max:
+      raise ValueError(f"{name}: dt_min={dt_min!r}, dt_max={dt_max!r}; expected "
+                       "0 < dt_min <= dt_max")
+    check_impl(name, impl)
+    self.d_model = d_model
+    self.d_inner = e = expand * d_model
+    self.state_size = n = state_size
+    self.eigenvalue_range = eigenvalue_range
+    self.impl = impl
+    rank = math.ceil(d_model / 16)
+
+    f32 = jnp.float32
+    k_in, k_bc, k_down, k_up, k_dt, k_out = jax.random.split(rngs.params(), 6)
+    # x and z get their own axis rather than sharing one 2E axis: sharding a
+    # concatenated 2E axis would put x on some devices and z on others.
+    self.in_proj = param(jax.random.normal(k_in, (d_model, 2, e), f32)
+                         * d_model ** -0.5, axes.EMBED, None, axes.HEADS)
+    self.conv = ShortConv(e, width=conv_width, activation="silu",
+                          axis_name=axes.HEADS, rngs=rngs)
+    self.bc_proj = param(jax.random.normal(k_bc, (e, 2, n), f32) * e ** -0.5,
+                         axes.HEADS, None, axes.STATE_K)
+    # Low-rank W_dt = dt_down @ dt_up, as in Mamba (dt_rank = ceil(D / 16)).
+    self.dt_down = param(jax.random.normal(k_down, (e, rank), f32) * e ** -0.5,
+                         axes.HEADS, None)
+    self.dt_up = param(jax.random.uniform(k_up, (rank, e), f32, -rank ** -0.5,
+                                          rank ** -0.5), None, axes.HEADS)
+    # softplus(dt_bias) is log-uniform in [dt_min, dt_max] (Mamba's init):
+    # dt_bias = softplus^{-1}(dt) = dt + log(1 - exp(-dt)).
+    dt = jnp.exp(jax.random.uniform(k_dt, (e,), f32, math.log(dt_min),
+                                    math.log(dt_max)))
+    self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS)
+    # S4D-real: A_n = -(n + 1), the same for every channel.
+    a_log = np.log(np.arange(1, n + 1, dtype=np.float64))
+    self.a_log = param(jnp.broadcast_to(jnp.asarray(a_log, f32), (e, n)),
+                       axes.HEADS, axes.STATE_K)
+    self.d = param(jnp.ones((e,), f32), axes.HEADS)
+    self.out_proj = param(jax.random.normal(k_out, (e, d_model), f32) * e ** -0.5,
+                          axes.HEADS, axes.EMBED)
+
+  # -- pieces ------------------------------------------------------------------
+
+  def _gate_and_input(self, u, conv_cache):
+    """in_proj and the short conv.
+
+    Args:
+      u: [B, T, D], any float dtype.
+      conv_cache: optional [B, W-1, E] conv window.
+
+    Returns:
+      x: [B, T, E] conv output; z: [B, T, E] gate (both u.dtype); the conv cache
+      (None when none was given).
+    """
+    xz = jnp.einsum("btd,dke->btke", u, self.in_proj[...].astype(u.dtype))
+    x, conv_cache = self.conv(xz[:, :, 0], conv_cache)
+    return x, xz[:, :, 1], conv_cache
+
+  def _ssm_inputs(self, x):
+    """Decays, scan inputs and readout from the conv output x: [B, T, E].
+
+    Returns:
+      a: [B, T, E, N] float32 decays; b: [B, T, E, N] float32 inputs
+      dt * B_t * x; c: [B, T, N] float32 readout C_t.
+    """
+    x32 = x.astype(jnp.float32)
+    dt = jax.nn.softplus(x32 @ self.dt_down[...] @ self.dt_up[...]
+                         + self.dt_bias[...])  # [B, T, E]
+    bc = jnp.einsum("bte,ekn->btkn", x32, self.bc_proj[...])
+    a = jnp.exp(dt[..., None] * -jnp.exp(self.a_log[...]))  # in (0, 1]
+    if self.eigenvalue_range == "signed":
+      a = 2 * a - 1
+    b = (dt * x32)[..., None] * bc[:, :, None, 0]
+    return a, b, bc[:, :, 1]
+
+  def _output(self, h, c, x, z):
+    """h: [B, T, E, N] float32 states; c: [B, T, N]; x, z: [B, T, E].
+    Returns [B, T, D] in x.dtype."""
+    y = jnp.einsum("bten,btn->bte", h, c) + self.d[...] * x.astype(jnp.float32)
+    y = y * jax.nn.silu(z.astype(jnp.float32))
+    return (y @ self.out_proj[...]).astype(x.dtype)
+
+  def decays(self, u):
+    """The decays a_t the layer would apply to u (no cache): [B, T, D] ->
+    [B, T, E, N] float32, in [0, 1] ("positive") or [-1, 1] ("signed")."""
+    x, _, _ = self._gate_and_input(u, None)
+    return self._ssm_inputs(x)[0]
+
+  # -- protocol ----------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    """{"conv": [B, W-1, E] float32, "h": [B, E, N] float32}, zeros.
+
+    ``max_len`` is ignored: the cache is O(1) in the context length."""
+    del max_len
+    return {"conv": self.conv.init_cache(batch),
+            "h": jnp.zeros((batch, self.d_inner, self.state_size), jnp.float32)}
+
+  def __call__(self, u, cache=None):
+    """Parallel over T through ssm_scan, from ``cache`` when given.
+
+    Args:
+      u: [B, T, D] input, any float dtype.
+      cache: optional {"conv": [B, W-1, E], "h": [B, E, N] float32}.
+
+    Returns:
+      y: [B, T, D] in u.dtype; the updated cache when one was given, else None.
+    """
+    x, z, conv_cache = self._gate_and_input(
+        u, None if cache is None else cache["conv"])
+    a, b, c = self._ssm_inputs(x)
+    h, h_t = ssm_scan(a, b, h0=None if cache is None else cache["h"],
+                      impl=self.impl)
+    y = self._output(h, c, x, z)
+    return y, (None if cache is None else {"conv": conv_cache, "h": h_t})
+
+  def step(self, u_t, cache):
+    """One token through ShortConv.step and ssm_scan_step.
+
+    Args:
+      u_t: [B, D] input, any float dtype.
+      cache: {"conv": [B, W-1, E], "h": [B, E, N] float32}.
+
+    Returns:
+      y_t: [B, D] in u_t.dtype; the updated cache.
+    """
+    xz = jnp.einsum("bd,dke->bke", u_t, self.in_proj[...].astype(u_t.dtype))
+    x, conv_cache = self.conv.step(xz[:, 0], cache["conv"])
+    z = xz[:, 1]
+    a, b, c = self._ssm_inputs(x[:, None])
+    _, h = ssm_scan_step(a[:, 0], b[:, 0], cache["h"])
+    y = self._output(h[:, None], c, x[:, None], z[:, None])[:, 0]
+    return y, {"conv": conv_cache, "h": h}

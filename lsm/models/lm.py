@@ -1,0 +1,196 @@
+"""Language model: embedding, a stack of pre-norm (mixer + SwiGLU) blocks whose
+mixers follow a pattern, final RMSNorm, tied or untied output head.
+
+``LMConfig(**config.model)`` is the one place model options are read, so an
+unknown key raises. Mixers come from the explicit ``lsm.layers.MIXERS`` dict.
+"""
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm import layers
+from lsm.layers.mlp import SwiGLU
+from lsm.layers.norm import RMSNorm
+from lsm.layers.sharding import sharded
+from lsm.parallel import axes
+
+
+def default_mlp_hidden(d_model: int) -> int:
+  """SwiGLU width: 8/3 d rounded up to a multiple of 64 (LLaMA, GLA, DeltaNet)."""
+  return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Model options.
+
+  Attributes:
+    vocab_size: token vocabulary size.
+    d_model: width D.
+    n_layers: number of blocks.
+    n_heads: heads of every mixer that has heads.
+    mixer: the mixer of every layer when ``pattern`` is None.
+    pattern: mixer names for consecutive layers, repeated to fill ``n_layers``
+      (its length must divide n_layers), e.g. ("delta_net",) * 3 +
+      ("attention",) puts attention in every 4th layer.
+    mlp_hidden: SwiGLU width; None for ``default_mlp_hidden(d_model)``; 0 for no
+      MLP (mixer-only blocks).
+    tie_embeddings: share the embedding matrix with the output head.
+    impl: op implementation for every mixer ("auto", "chunked", "reference").
+    chunk_size: chunk length for the chunked ops.
+    mixer_kwargs: per-mixer-name options, e.g. {"delta_net": {"beta_scale": 2.0}}.
+    norm_eps: RMSNorm epsilon.
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  mixer: str = "gla"
+  pattern: Sequence[str] | None = None
+  mlp_hidden: int | None = None
+  tie_embeddings: bool = True
+  impl: str = "auto"
+  chunk_size: int = 64
+  mixer_kwargs: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    valid = sorted(layers.MIXERS)
+    for name in [self.mixer, *(self.pattern or ())]:
+      if name not in layers.MIXERS:
+        raise ValueError(f"LMConfig: unknown mixer {name!r}; expected one of {valid}")
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"LMConfig: {field}={value!r}; expected a positive int")
+    if self.pattern is not None:
+      pattern = tuple(self.pattern)
+      if not pattern or self.n_layers % len(pattern):
+        lengths = [n for n in range(1, self.n_layers + 1) if self.n_layers % n == 0]
+        raise ValueError(f"LMConfig: pattern has length {len(pattern)}; expected a "
+                         f"length dividing n_layers={self.n_layers}: one of {lengths}")
+      object.__setattr__(self, "pattern", pattern)
+    for name in self.mixer_kwargs:
+      if name not in layers.MIXERS:
+        raise ValueError(f"LMConfig: mixer_kwargs has unknown mixer {name!r}; "
+                         f"expected one of {valid}")
+    object.__setattr__(self, "mixer_kwargs",
+                       {k: dict(v) for k, v in self.mixer_kwargs.items()})
+
+  @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer name of each layer."""
+    if self.pattern is None:
+      return (self.mixer,) * self.n_layers
+    return tuple(self.pattern[i % len(self.pattern)] for i in range(self.n_layers))
+
+  @property
+  def mlp_width(self) -> int:
+    return default_mlp_hidden(self.d_model) if self.mlp_hidden is None else self.mlp_hidden
+
+
+class Block(nnx.Module):
+  """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs):
+    kwargs = dict(n_heads=cfg.n_heads, impl=cfg.impl, **cfg.mixer_kwargs.get(mixer, {}))
+    if "chunk_size" in _signature(layers.MIXERS[mixer]):
+      kwargs.setdefault("chunk_size", cfg.chunk_size)
+    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mixer = layers.MIXERS[mixer](cfg.d_model, **kwargs, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.mlp_width else None
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, rngs=rngs) if cfg.mlp_width else None
+
+  def _mlp(self, x):
+    return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+
+  def __call__(self, x, cache=None):
+    y, cache = self.mixer(self.mixer_norm(x), cache)
+    return self._mlp(x + y), cache
+
+  def step(self, x_t, cache):
+    y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+    return self._mlp(x_t + y), cache
+
+
+def _signature(cls) -> set[str]:
+  return set(inspect.signature(cls.__init__).parameters)
+
+
+class LanguageModel(nnx.Module):
+  """Decoder-only LM over any mixer stack.
+
+  ``model(tokens)`` -> float32 logits [B, T, vocab]; ``init_cache`` / ``step``
+  follow the mixer protocol (lsm/layers/__init__.py) for decoding.
+  """
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                           embedding_init=sharded(nnx.initializers.normal(0.02),
+                                                  axes.VOCAB, axes.EMBED))
+    self.blocks = nnx.List([Block(m, cfg, rngs=rngs) for m in cfg.layer_mixers])
+    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.head = None if cfg.tie_embeddings else nnx.Linear(
+        cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
+        kernel_init=sharded(nnx.initializers.lecun_normal(), axes.EMBED, axes.VOCAB))
+
+  def _logits(self, x):
+    x = self.norm(x)
+    if self.head is None:
+      return self.embed.attend(x).astype(jnp.float32)
+    return self.head(x).astype(jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int):
+    """One cache per layer; linear mixers' are O(1) in ``max_len``."""
+    return [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
+
+  def __call__(self, tokens, cache=None):
+    """tokens: int [B, T] -> (logits float32 [B, T, vocab], cache or None)."""
+    x = self.embed(tokens)
+    new_cache = None if cache is None else []
+    for i, blk in enumerate(self.blocks):
+      x, c = blk(x, None if cache is None else cache[i])
+      if cache is not None:
+        new_cache.append(c)
+    return self._logits(x), new_cache
+
+  def step(self, token, cache):
+    """token: int [B] -> (logits float32 [B, vocab], cache)."""
+    x = self.embed(token)
+    new_cache = []
+    for blk, c in zip(self.blocks, cache):
+      x, c = blk.step(x, c)
+      new_cache.append(c)
+    return self._logits(x), new_cache
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameter scalars (nnx.Param leaves)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(cfg: LMConfig, n_params: int, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), for MFU.
+
+  6 N for the weights (Kaplan et al. 2020; the embedding lookup is excluded, the
+  tied or untied head included), plus per attention layer 12 * D * T / 2 for
+  causal QK^T and AV (fwd + bwd), plus per linear-attention layer about
+  6 * 4 * D * d_state for its state update and readout, with d_state the
+  per-head state width, taken as D / n_heads. An estimate, stated as such.
+  """
+  table = cfg.vocab_size * cfg.d_model  # embedding; the head has the same size
+  non_embedding = n_params - table - (0 if cfg.tie_embeddings else table)
+  flops = 6.0 * (non_embedding + table)
+  for name in cfg.layer_mixers:
+    if name == "attention":
+      flops += 12.0 * cfg.d_model * seq_len / 2
+    else:
+      flops += 6.0 * 4 * cfg.d_model * (cfg.d_model // cfg.n_heads)
+  return flops
