@@ -17,6 +17,7 @@ Every parameter carries logical axis names (lsm.parallel.axes) as sharding
 metadata; the trainer maps them to mesh axes.
 """
 
+from lsm.layers.attention import Attention
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.gla import GLA
 
@@ -25,4 +26,5 @@ MIXERS = {
     "gla": GLA,
     "delta_net": DeltaNet,
     "gated_delta_net": GatedDeltaNet,
+    "attention": Attention,
 }

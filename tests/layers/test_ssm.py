@@ -27,9 +27,7 @@ def _layer(cls, **kw):
 
 
 def _forward(layer, x, cache=None):
-  """Jitted layer(x, cache) -> (y, cache)."""
-  graphdef, state = nnx.split(layer)
-  return jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, c))(state, x, cache)
+  return layer(x, cache)
 
 
 def _forward_with_mode(layer, mode, x):
@@ -39,12 +37,10 @@ def _forward_with_mode(layer, mode, x):
 
 def _prefill_then_decode(layer, x, prefix):
   """__call__ over x[:, :prefix] from an empty cache, then step per token."""
-  graphdef, state = nnx.split(layer)
-  step = jax.jit(lambda s, x_t, c: nnx.merge(graphdef, s).step(x_t, c))
   y, cache = _forward(layer, x[:, :prefix], layer.init_cache(x.shape[0], x.shape[1]))
   ys = [y]
   for t in range(prefix, x.shape[1]):
-    y_t, cache = step(state, x[:, t], cache)
+    y_t, cache = layer.step(x[:, t], cache)
     ys.append(y_t[:, None])
   return jnp.concatenate(ys, axis=1), cache
 
@@ -93,7 +89,7 @@ def test_conv_matches_recurrent_gradients(cls):
     def loss(p):
       return jnp.sum(w * nnx.merge(graphdef, p, rest)(x)[0])
 
-    return jax.jit(jax.grad(loss))(params)
+    return jax.grad(loss)(params)
 
   g_conv, g_rec = nnx.to_flat_state(grads("conv")), nnx.to_flat_state(grads("recurrent"))
   for (path, gc), (_, gr) in zip(g_conv, g_rec, strict=True):
@@ -114,7 +110,7 @@ def test_conv_matches_recurrent_long():
 def test_rotation_matches_float64():
   theta = jax.random.uniform(jax.random.key(7), (512,), jnp.float32, -np.pi, np.pi)
   steps = jnp.array([0, 1, 2, 63, 4095, 4096, 4097, 9999, 20000], jnp.int32)
-  got = jax.jit(ssm._rotation)(theta, steps)
+  got = ssm._rotation(theta, steps)
   want = np.exp(1j * np.float64(theta)[None] * np.float64(steps)[:, None])
   for part in (np.real, np.imag):
     numerics.assert_close(part(got), part(want), rtol=INVARIANT, what="e^{i theta t}")

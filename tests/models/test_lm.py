@@ -16,9 +16,10 @@ from lsm.models.lm import LanguageModel, LMConfig, count_params, default_mlp_hid
 from tests import numerics
 
 LINEAR = ("gla", "delta_net", "gated_delta_net")
+HYBRID = (*LINEAR, "attention")
 
 
-def tiny(impl="chunked", pattern=LINEAR, **kw):
+def tiny(impl="chunked", pattern=HYBRID, **kw):
   return LMConfig(vocab_size=61, d_model=32, n_layers=len(pattern), n_heads=4,
                   pattern=pattern, impl=impl, chunk_size=16,
                   mixer_kwargs={"delta_net": {"beta_scale": 2.0}}, **kw)
