@@ -20,11 +20,16 @@ metadata; the trainer maps them to mesh axes.
 from lsm.layers.attention import Attention
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.gla import GLA
+from lsm.layers.mamba import Mamba
+from lsm.layers.ssm import LSSL, S4D
 
 # Mixer name (as written in configs) -> class. An explicit dict, no registry.
 MIXERS = {
     "gla": GLA,
     "delta_net": DeltaNet,
     "gated_delta_net": GatedDeltaNet,
+    "lssl": LSSL,
+    "s4d": S4D,
+    "mamba": Mamba,
     "attention": Attention,
 }

@@ -117,8 +117,12 @@ class Mamba(nnx.Module):
       (None when none was given).
     """
     xz = jnp.einsum("btd,dke->btke", u, self.in_proj[...].astype(u.dtype))
-    x, conv_cache = self.conv(xz[:, :, 0], conv_cache)
-    return x, xz[:, :, 1], conv_cache
+    x, new_cache = self.conv(xz[:, :, 0], conv_cache)
+    if conv_cache is not None:
+      # ShortConv hands the window back in x's dtype; keep the cache's own, so
+      # a lax.scan over step has a carry of fixed dtype (bf16 x, f32 cache).
+      new_cache = new_cache.astype(conv_cache.dtype)
+    return x, xz[:, :, 1], new_cache
 
   def _ssm_inputs(self, x):
     """Decays, scan inputs and readout from the conv output x: [B, T, E].
@@ -190,6 +194,7 @@ class Mamba(nnx.Module):
     """
     xz = jnp.einsum("bd,dke->bke", u_t, self.in_proj[...].astype(u_t.dtype))
     x, conv_cache = self.conv.step(xz[:, 0], cache["conv"])
+    conv_cache = conv_cache.astype(cache["conv"].dtype)  # as in _gate_and_input
     z = xz[:, 1]
     a, b, c = self._ssm_inputs(x[:, None])
     _, h = ssm_scan_step(a[:, 0], b[:, 0], cache["h"])

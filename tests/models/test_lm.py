@@ -16,7 +16,7 @@ from lsm.models.lm import LanguageModel, LMConfig, count_params, default_mlp_hid
 from tests import numerics
 
 LINEAR = ("gla", "delta_net", "gated_delta_net")
-HYBRID = (*LINEAR, "attention")
+HYBRID = (*LINEAR, "s4d", "mamba", "attention")
 
 
 def tiny(impl="chunked", pattern=HYBRID, **kw):

@@ -1,0 +1,146 @@
+"""Mamba: decoding against the parallel forward, ssm_scan impls against each
+other, the decay ranges of both eigenvalue modes, finite gradients, sharding
+metadata and constructor errors.
+
+Compiles dominate the run time on CPU, so each test jits one function that
+computes everything it compares."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lsm.layers import mamba
+from lsm.layers.mamba import Mamba
+from tests import numerics
+
+B, T, D, N, W = 2, 13, 16, 8, 4
+E = 2 * D  # expand = 2
+PREFIX = 5  # tokens prefilled through __call__ before decoding with step
+INVARIANT = numerics.TOLERANCES[("invariant", "float32")]
+RANGES = mamba.EIGENVALUE_RANGES
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+  """The paths compared here contract in different orders; full float32
+  matmuls (no TF32 / bf16 passes on GPU and TPU) keep them within the table."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def _x(seed, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), (B, T, D), jnp.float32)
+
+
+def _layer(eigenvalue_range, **kw):
+  return Mamba(D, state_size=N, conv_width=W, eigenvalue_range=eigenvalue_range,
+               rngs=nnx.Rngs(0), **kw)
+
+
+def _jit_with(layer, fn):
+  """jit(fn(module, *args)) with the module's state as a traced argument, so the
+  function may set Python attributes (impl) on its own copy."""
+  graphdef, state = nnx.split(layer)
+  run = jax.jit(lambda s, *args: fn(nnx.merge(graphdef, s), *args))
+  return lambda *args: run(state, *args)
+
+
+def _parallel_and_decoded(m, x):
+  """The parallel forward, prefill + step-by-step decoding, and the caches after
+  decoding and after one prefill over all of x."""
+  y, _ = m(x)
+  y_pre, cache = m(x[:, :PREFIX], m.init_cache(x.shape[0], x.shape[1]))
+
+  def body(cache, x_t):
+    y_t, cache = m.step(x_t, cache)
+    return cache, y_t
+
+  cache, y_dec = jax.lax.scan(body, cache, jnp.moveaxis(x[:, PREFIX:], 1, 0))
+  y_dec = jnp.concatenate([y_pre, jnp.moveaxis(y_dec, 0, 1)], axis=1)
+  _, cache_all = m(x, m.init_cache(x.shape[0], x.shape[1]))
+  return y, y_dec, cache, cache_all
+
+
+@pytest.mark.parametrize("eigenvalue_range", RANGES)
+def test_decode_matches_parallel(eigenvalue_range):
+  layer = _layer(eigenvalue_range)
+  y, y_dec, cache, cache_all = _jit_with(layer, _parallel_and_decoded)(_x(1))
+  assert y.dtype == y_dec.dtype == jnp.float32
+  assert cache["conv"].shape == (B, W - 1, E)
+  assert cache["h"].shape == (B, E, N) and cache["h"].dtype == jnp.float32
+  numerics.assert_close(y_dec, y, rtol=INVARIANT, what="decode")
+  for name in ("conv", "h"):
+    numerics.assert_close(cache[name], cache_all[name], rtol=INVARIANT, what=name)
+
+
+@pytest.mark.parametrize("eigenvalue_range", RANGES)
+def test_impls_agree(eigenvalue_range):
+  layer = _layer(eigenvalue_range)
+
+  def both(m, x, cache):
+    out = []
+    for impl in ("reference", "chunked"):
+      m.impl = impl
+      y, c = m(x, cache)
+      out.append((y, c["h"]))
+    return out
+
+  cache = layer.init_cache(B, T)
+  cache["h"] = jax.random.normal(jax.random.key(3), (B, E, N))
+  cache["conv"] = jax.random.normal(jax.random.key(4), (B, W - 1, E))
+  (y_r, h_r), (y_c, h_c) = _jit_with(layer, both)(_x(2), cache)
+  rtol = numerics.tolerance("chunked", jnp.float32)
+  numerics.assert_close(y_c, y_r, rtol=rtol, what="y")
+  numerics.assert_close(h_c, h_r, rtol=rtol, what="h")
+
+
+@pytest.mark.parametrize("eigenvalue_range", RANGES)
+def test_decay_range_and_finite_gradients(eigenvalue_range):
+  layer = _layer(eigenvalue_range)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  w = jax.random.normal(jax.random.key(5), (B, T, D))
+
+  def decays_and_grads(params, x):
+    def loss(p):
+      return jnp.sum(w * nnx.merge(graphdef, p, rest)(x)[0])
+    return nnx.merge(graphdef, params, rest).decays(x), jax.grad(loss)(params)
+
+  # Inputs of scale 3 push some dt, hence some dt * |A|, past log 2, where the
+  # signed decay 2 exp(dt A) - 1 turns negative.
+  a, grads = jax.jit(decays_and_grads)(params, _x(6, scale=3.0))
+  assert a.shape == (B, T, E, N) and a.dtype == jnp.float32
+  if eigenvalue_range == "signed":
+    assert -1 <= a.min() < 0, float(a.min())
+    assert a.max() <= 1
+  else:
+    assert 0 <= a.min() and a.max() <= 1, (float(a.min()), float(a.max()))
+  flat = nnx.to_flat_state(grads)
+  assert len(flat) == len(nnx.to_flat_state(params))
+  for path, g in flat:
+    assert np.all(np.isfinite(g[...])), path
+    assert np.any(g[...] != 0), path  # every parameter reaches the output
+
+
+def test_every_param_has_sharding_metadata():
+  params = nnx.to_flat_state(nnx.state(_layer("positive"), nnx.Param))
+  assert params
+  for path, p in params:
+    names = p.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == p[...].ndim, (path, names)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(eigenvalue_range="negative"), ["eigenvalue_range", "positive", "signed"]),
+    (dict(state_size=0), ["state_size", "positive int"]),
+    (dict(expand=1.5), ["expand", "positive int"]),
+    (dict(conv_width=0), ["conv_width", "positive int"]),
+    (dict(impl="cuda"), ["impl", "chunked", "reference"]),
+    (dict(dt_min=0.0), ["dt_min", "dt_max"]),
+], ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_bad_args_raise(kw, words):
+  with pytest.raises(ValueError) as e:
+    Mamba(D, rngs=nnx.Rngs(0), **kw)
+  for w in ["Mamba", *words]:
+    assert w in str(e.value), (w, str(e.value))
