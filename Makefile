@@ -9,7 +9,8 @@ STAMP := $(VENV)/.lsm-installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lsm needs Python >= 3.11, found " + sys.version'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A venv left broken (e.g. Python without ensurepip) is rebuilt, not reused.
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || { echo "python -m venv failed: install your distribution's venv package (e.g. python3-venv)"; exit 1; }; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)

@@ -51,6 +51,9 @@ def _imports(path: pathlib.Path):
       else:
         name = node.module
       yield node.lineno, name
+      # ``from lsm import layers`` imports lsm.layers: check the full names too.
+      for alias in node.names:
+        yield node.lineno, f"{name}.{alias.name}"
 
 
 def _modules():
@@ -90,7 +93,7 @@ def test_checker_catches_a_violation(tmp_path, monkeypatch):
   fake = tmp_path / "lsm"
   (fake / "ops").mkdir(parents=True)
   bad = fake / "ops" / "bad.py"
-  bad.write_text("from lsm.layers import gla\nimport flax\n")
+  bad.write_text("from lsm import layers\nimport flax\n")
   monkeypatch.setattr(sys.modules[__name__], "LSM", fake)
   monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
   with pytest.raises(AssertionError, match="ops may import only"):

@@ -18,6 +18,10 @@ from flax import nnx
 from lsm.layers.sharding import sharded
 from lsm.parallel import axes
 
+# The op impl names a config may pass to every mixer of a hybrid stack; attention
+# accepts them (its own implementation is XLA's), and rejects anything else.
+KNOWN_IMPLS = ("auto", "reference", "chunked", "pallas_gpu", "pallas_tpu")
+
 
 def _rope(x, positions, base: float):
   """Rotary embedding, rotate-half convention, computed in float32.
@@ -105,6 +109,8 @@ class Attention(nnx.Module):
     self.head_dim = head_dim
     self.rope_base = rope_base
     self.window = window
+    if impl not in KNOWN_IMPLS:
+      raise ValueError(f"Attention: impl={impl!r} is not one of {sorted(KNOWN_IMPLS)}")
     self.impl = impl  # recorded only; see the class docstring
 
     init = nnx.initializers.lecun_normal()

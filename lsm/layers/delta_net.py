@@ -108,7 +108,8 @@ class DeltaNet(nnx.Module):
       qkv = outs
     else:
       qkv = [jax.nn.silu(y) for y in qkv]
-    q, k, v = (self._split(y) for y in qkv)
+    # float32 kernels promote bf16 activations; the op takes the activation dtype.
+    q, k, v = (self._split(y.astype(x.dtype)) for y in qkv)
     return _l2norm(q), _l2norm(k), v, new_cache
 
   def _gates(self, x):
@@ -128,7 +129,7 @@ class DeltaNet(nnx.Module):
   def _output(self, o, x):
     gate = None if self.g_proj is None else self._split(self.g_proj(x))
     o = self.norm(o, gate)
-    return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
+    return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim)).astype(x.dtype)
 
   def init_cache(self, batch: int, max_len: int | None = None):
     del max_len  # O(1) in the context length
@@ -147,7 +148,7 @@ class DeltaNet(nnx.Module):
     q, k, v, conv_cache = self._qkv(x, conv_cache, step=False)
     beta, log_g = self._gates(x)
     h0 = None if cache is None else cache["h"]
-    o, h_t = delta_rule(q, k, v, beta.astype(q.dtype), log_g=log_g, h0=h0,
+    o, h_t = delta_rule(q, k, v, beta, log_g=log_g, h0=h0,
                         chunk_size=self.chunk_size, impl=self.impl)
     y = self._output(o, x)
     if cache is None:
@@ -171,8 +172,9 @@ class DeltaNet(nnx.Module):
 class GatedDeltaNet(DeltaNet):
   """Gated DeltaNet: DeltaNet with a per-head Mamba2-style decay (gated=True)."""
 
-  def __init__(self, d_model: int, **kwargs):
-    kwargs.setdefault("gated", True)
-    if not kwargs["gated"]:
+  def __init__(self, d_model: int, *, n_heads: int, chunk_size: int = 64,
+               impl: str = "auto", gated: bool = True, **kwargs):
+    if not gated:
       raise ValueError("GatedDeltaNet: gated=False; use DeltaNet instead")
-    super().__init__(d_model, **kwargs)
+    super().__init__(d_model, n_heads=n_heads, chunk_size=chunk_size, impl=impl,
+                     gated=True, **kwargs)

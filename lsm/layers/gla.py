@@ -68,15 +68,16 @@ class GLA(nnx.Module):
   def _project(self, x):
     """x: [..., D] -> q, k [..., H, K], v, gate [..., H, V], log_g [..., H, K]."""
     H = self.n_heads
-    split = lambda y: y.reshape(*y.shape[:-1], H, y.shape[-1] // H)
+    # float32 kernels promote bf16 activations; the op takes the activation dtype.
+    split = lambda y: y.reshape(*y.shape[:-1], H, y.shape[-1] // H).astype(x.dtype)
     log_g = jax.nn.log_sigmoid(self.gk_up(self.gk_down(x)).astype(jnp.float32))
     log_g = log_g / self.gate_normalizer
     return (split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-            split(self.g_proj(x)), split(log_g))
+            split(self.g_proj(x)), log_g.reshape(*log_g.shape[:-1], H, -1))
 
   def _output(self, o, gate):
     o = self.norm(o, gate)
-    return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
+    return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim)).astype(o.dtype)
 
   def init_cache(self, batch: int, max_len: int | None = None):
     del max_len  # O(1) in the context length

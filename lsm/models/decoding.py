@@ -1,6 +1,8 @@
 """Sampling and ``generate``: prefill with the parallel path, then one token at a
 time through every mixer's ``step`` (O(1) memory per linear layer)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,8 +71,22 @@ def generate(model, prompt, *, max_new_tokens: int, key=None, temperature: float
     key = jax.random.key(0)
   B, P = prompt.shape
   graphdef, state = nnx.split(model)
-  sample = lambda k, logits: sample_logits(k, logits, temperature=temperature,
-                                           top_k=top_k, top_p=top_p)
+  run = _runner(graphdef, B, P, max_new_tokens, temperature, top_k, top_p)
+  return run(state, prompt, key)
+
+
+@functools.lru_cache(maxsize=32)
+def _runner(graphdef, B: int, P: int, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None):
+  """The jitted prefill + decode loop, built once per model structure, shapes
+  and sampling settings, so repeated ``generate`` calls do not recompile."""
+
+  def sample(k, logits):
+    if top_k is not None and top_k > logits.shape[-1]:
+      raise ValueError(f"generate: top_k={top_k}; expected at most the vocabulary "
+                       f"size {logits.shape[-1]}")
+    return sample_logits(k, logits, temperature=temperature, top_k=top_k,
+                         top_p=top_p)
 
   @jax.jit
   def run(state, prompt, key):
@@ -88,4 +104,4 @@ def generate(model, prompt, *, max_new_tokens: int, key=None, temperature: float
     (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
     return jnp.concatenate([prompt, toks.T, last[:, None]], axis=1)
 
-  return run(state, prompt, key)
+  return run

@@ -57,7 +57,10 @@ class LMConfig:
   tie_embeddings: bool = True
   impl: str = "auto"
   chunk_size: int = 64
-  mixer_kwargs: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+  # Left out of the hash (dicts are unhashable) so configs, and the nnx graph
+  # definitions that hold them, can be static jit arguments.
+  mixer_kwargs: Mapping[str, Mapping] = dataclasses.field(default_factory=dict,
+                                                          hash=False)
   norm_eps: float = 1e-6
 
   def __post_init__(self):
@@ -99,7 +102,8 @@ class Block(nnx.Module):
   """x + mixer(norm(x)), then x + mlp(norm(x))."""
 
   def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs):
-    kwargs = dict(n_heads=cfg.n_heads, impl=cfg.impl, **cfg.mixer_kwargs.get(mixer, {}))
+    kwargs = {"n_heads": cfg.n_heads, "impl": cfg.impl,
+              **cfg.mixer_kwargs.get(mixer, {})}
     if "chunk_size" in _signature(layers.MIXERS[mixer]):
       kwargs.setdefault("chunk_size", cfg.chunk_size)
     self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)

@@ -161,15 +161,6 @@ def test_window_locality_and_causality(window):
                                 np.asarray(yc2)[:, unaffected])
 
 
-def test_cache_layout():
-  layer = make_layer(0, n_heads=4, n_kv_heads=2, head_dim=6)
-  cache = layer.init_cache(3, 17, dtype=jnp.bfloat16)
-  assert cache["k"].shape == cache["v"].shape == (3, 17, 2, 6)
-  assert cache["k"].dtype == jnp.bfloat16
-  assert cache["pos"].shape == () and cache["pos"].dtype == jnp.int32
-  assert int(cache["pos"]) == 0
-
-
 def test_dtype_contract():
   layer = make_layer(0, n_heads=4)
   x = make_x(1, dtype=jnp.bfloat16)

@@ -22,14 +22,6 @@ INVARIANT = numerics.TOLERANCES[("invariant", "float32")]
 RANGES = mamba.EIGENVALUE_RANGES
 
 
-@pytest.fixture(autouse=True)
-def _full_precision_matmuls():
-  """The paths compared here contract in different orders; full float32
-  matmuls (no TF32 / bf16 passes on GPU and TPU) keep them within the table."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 def _x(seed, scale=1.0):
   return scale * jax.random.normal(jax.random.key(seed), (B, T, D), jnp.float32)
 

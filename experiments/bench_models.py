@@ -1,0 +1,347 @@
+r"""PYTHONPATH=. .venv/bin/python experiments/bench_models.py --markdown
+
+Run from the repo root. Benchmarks whole language models, one per mixer in
+``lsm.layers.MIXERS``, on CPU, and prints two tables (Markdown with --markdown,
+as pasted into BENCHMARKS.md). Options: --T 512 2048 8192, --mixers gla ...,
+--contexts 128 512 2048, --repeats N, --markdown.
+
+Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers, 4
+heads, SwiGLU MLPs, tied embeddings) with vocab_size=256 (byte level, the
+trainer's default tokenizer; the 32000-token head of configs/lm.py is too slow on
+CPU), impl="chunked" (ignored by attention), chunk_size 64, float32, every
+mixer's default options, parameters from ``nnx.Rngs(0)``.
+
+1. Training throughput. For each mixer and sequence length T, batch
+   B = 8192 // T (B * T = 8192 tokens per step): wall time of one jitted
+   forward + backward, ``jax.value_and_grad`` with respect to every nnx.Param of
+   the next-token cross entropy (``lsm.models.loss.cross_entropy`` with an
+   all-ones mask) of tokens [B, T + 1] (inputs [:, :-1], labels [:, 1:]). The
+   tokens are uniform over the vocabulary from a fixed key: the same batch for
+   every mixer at a given T. Reported: parameter count, compile time, ms/step,
+   tokens/s = B * T / step time, and ``memory_analysis().temp_size_in_bytes``
+   of the compiled step (XLA's temporary buffers, excluding arguments and
+   outputs).
+2. Decode latency. Batch 1; for each context length L the model prefills L
+   random tokens into ``model.init_cache(1, L + 16)`` (``model(tokens, cache)``,
+   jitted), then ``model.step`` on one token is jitted once per (mixer, L) with
+   the cache donated, so the attention KV buffer is updated in place as in a
+   decoding loop. Every timed call gets its own copy of the prefilled cache
+   (copied before the clock starts), so each one decodes position L. Reported:
+   prefill time, step ms/token, and the cache size in MiB.
+
+Functions are lowered and compiled once and the executable reused; times are
+the median of the timed calls after one warm-up call, each ended by
+``block_until_ready``. A training config whose step is predicted to take more
+than MAX_STEP_S (extrapolated linearly in T from the same mixer's shorter T,
+whose step time at fixed B * T is a + b * T), or whose compiled temp memory
+exceeds MAX_TEMP_GIB, is skipped with a note instead of run.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+# CPU benchmark by definition: pin the platform before any backend starts.
+jax.config.update("jax_platforms", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import common  # noqa: E402
+from lsm import layers  # noqa: E402
+from lsm.models.loss import cross_entropy  # noqa: E402
+from lsm.models.lm import LanguageModel, LMConfig, count_params  # noqa: E402
+
+SIZE = "20m"
+VOCAB_SIZE = 256  # byte level; see the module docstring
+IMPL = "chunked"
+TOKENS_PER_STEP = 8192  # B * T of every training step
+DECODE_SLACK = 16  # cache max_len = L + DECODE_SLACK
+SEED = 0
+# Training steps: with --repeats 0 (default) the number of timed calls comes from
+# the warm-up time, about TRAIN_BUDGET_S per config, clipped to
+# [TRAIN_MIN_REPEATS, TRAIN_MAX_REPEATS]. A step takes seconds on 2 cores, so
+# this is usually the minimum.
+TRAIN_BUDGET_S = 6.0
+TRAIN_MIN_REPEATS = 2
+TRAIN_MAX_REPEATS = 10
+# Decode steps take milliseconds: many timed calls, about DECODE_BUDGET_S each.
+DECODE_BUDGET_S = 2.0
+DECODE_MIN_REPEATS = 20
+DECODE_MAX_REPEATS = 200
+PREFILL_REPEATS = 3
+# Skip rules, so that no config hangs the run or exhausts the 24 GiB machine.
+MAX_STEP_S = 60.0
+MAX_TEMP_GIB = 16.0
+
+
+def build_model(mixer: str) -> LanguageModel:
+  """The SIZE preset LM with ``mixer`` in every layer (see module docstring)."""
+  cfg = LMConfig(vocab_size=VOCAB_SIZE, mixer=mixer, impl=IMPL,
+                 **common.check_size(SIZE))
+  return LanguageModel(cfg, rngs=nnx.Rngs(SEED))
+
+
+def n_repeats(repeats: int, warm_s: float, budget_s: float, lo: int, hi: int) -> int:
+  """``repeats`` if positive, else the number of calls that fit ``budget_s``."""
+  if repeats > 0:
+    return repeats
+  return int(min(hi, max(lo, budget_s / max(warm_s, 1e-6))))
+
+
+def median_ms(fn, repeats: int, budget_s: float, lo: int, hi: int,
+              prepare=None) -> float:
+  """Median wall time in ms of ``fn(*prepare())`` after one warm-up call.
+
+  Args:
+    fn: a compiled executable.
+    repeats: timed calls; 0 picks them from the warm-up time (see n_repeats).
+    budget_s, lo, hi: the n_repeats budget and clip range.
+    prepare: returns the arguments of one call; it runs (and its outputs are
+      made ready) before the clock starts. Needed when ``fn`` donates inputs.
+
+  Returns:
+    The median of the timed calls, in milliseconds.
+  """
+  def once():
+    args = jax.block_until_ready(prepare())
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+  warm = once()
+  times = [once() for _ in range(n_repeats(repeats, warm, budget_s, lo, hi))]
+  return 1e3 * statistics.median(times)
+
+
+# -- 1. training throughput ----------------------------------------------------
+
+
+def train_tokens(T: int):
+  """(inputs, labels): int32 [B, T] each, B = TOKENS_PER_STEP // T, fixed key."""
+  B = TOKENS_PER_STEP // T
+  tokens = jax.random.randint(jax.random.key(SEED), (B, T + 1), 0, VOCAB_SIZE,
+                              jnp.int32)
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+def make_train_step(graphdef):
+  """(params, rest, inputs, labels) -> (loss, grads w.r.t. params)."""
+  def loss_fn(params, rest, inputs, labels):
+    model = nnx.merge(graphdef, params, rest)
+    logits, _ = model(inputs)
+    loss, _ = cross_entropy(logits, labels, jnp.ones(labels.shape, jnp.float32))
+    return loss
+
+  return jax.value_and_grad(loss_fn)
+
+
+def predict_step_s(history: list[tuple[int, float]], T: int) -> float | None:
+  """Step time at T extrapolated from (T, seconds) of shorter T, same mixer.
+
+  At fixed B * T, a step costs about a + b * T (the T-independent per-token work
+  plus attention's quadratic term); with one point it is taken as b * T, an
+  upper bound.
+  """
+  if not history:
+    return None
+  if len(history) == 1:
+    (t0, s0), = history
+    return s0 * T / t0
+  (t0, s0), (t1, s1) = history[-2:]
+  slope = max(0.0, (s1 - s0) / (t1 - t0))
+  return s1 + slope * (T - t1)
+
+
+def bench_train(mixer: str, T: int, repeats: int,
+                history: list[tuple[int, float]]) -> dict:
+  """Times one training step of ``mixer`` at length T (or records a skip).
+
+  Returns:
+    dict with params, compile_s, step_ms, tok_s, temp_mib; or with skip (a
+    reason) instead of the timings.
+  """
+  model = build_model(mixer)
+  out = dict(params=count_params(model))
+  predicted = predict_step_s(history, T)
+  if predicted is not None and predicted > MAX_STEP_S:
+    out["skip"] = (f"predicted {predicted:.0f} s/step from shorter T, over the "
+                   f"{MAX_STEP_S:.0f} s limit")
+    return out
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  inputs, labels = train_tokens(T)
+  args = (params, rest, inputs, labels)
+  start = time.perf_counter()
+  compiled = jax.jit(make_train_step(graphdef)).lower(*args).compile()
+  out["compile_s"] = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  out["temp_mib"] = None if mem is None else mem.temp_size_in_bytes / 2**20
+  if out["temp_mib"] is not None and out["temp_mib"] > MAX_TEMP_GIB * 1024:
+    out["skip"] = (f"compiled temp memory {out['temp_mib'] / 1024:.1f} GiB, over "
+                   f"the {MAX_TEMP_GIB:.0f} GiB limit")
+    return out
+  out["step_ms"] = median_ms(compiled, repeats, TRAIN_BUDGET_S, TRAIN_MIN_REPEATS,
+                             TRAIN_MAX_REPEATS, prepare=lambda: args)
+  out["tok_s"] = TOKENS_PER_STEP / (out["step_ms"] / 1e3)
+  history.append((T, out["step_ms"] / 1e3))
+  return out
+
+
+TRAIN_COLUMNS = ("mixer", "T", "B", "params", "compile (s)", "ms/step", "tokens/s",
+                 "temp (MiB)")
+
+
+def train_row(mixer: str, T: int, res: dict) -> list[str]:
+  B = TOKENS_PER_STEP // T
+  head = [mixer, str(T), str(B), f"{res['params'] / 1e6:.2f}M"]
+  if "skip" in res:
+    return head + ["skipped"] * 4
+  mib = "n/a" if res["temp_mib"] is None else f"{res['temp_mib']:.0f}"
+  return head + [f"{res['compile_s']:.1f}", f"{res['step_ms']:.0f}",
+                 f"{res['tok_s']:.0f}", mib]
+
+
+# -- 2. decode latency ----------------------------------------------------------
+
+
+def cache_mib(cache) -> float:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20
+
+
+def bench_decode(mixer: str, L: int, repeats: int) -> dict:
+  """Prefill L tokens at batch 1, then time one ``model.step``.
+
+  Returns:
+    dict with prefill_ms, step_ms and cache_mib.
+  """
+  model = build_model(mixer)
+  graphdef, state = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(SEED + 1), (1, L), 0, VOCAB_SIZE,
+                              jnp.int32)
+  token = jnp.zeros((1,), jnp.int32)
+  empty = model.init_cache(1, L + DECODE_SLACK)
+
+  def prefill(state, tokens, cache):
+    return nnx.merge(graphdef, state)(tokens, cache)[1]
+
+  def step(state, token, cache):
+    return nnx.merge(graphdef, state).step(token, cache)
+
+  prefill_c = jax.jit(prefill).lower(state, tokens, empty).compile()
+  prefill_ms = median_ms(prefill_c, PREFILL_REPEATS, 0.0, 1, 1,
+                         prepare=lambda: (state, tokens, empty))
+  cache = jax.block_until_ready(prefill_c(state, tokens, empty))
+  # Donating the cache lets XLA update attention's KV buffer in place, as a
+  # decoding loop does; without it every step would also copy the buffer.
+  step_c = jax.jit(step, donate_argnums=2).lower(state, token, cache).compile()
+  fresh = lambda: (state, token, jax.tree.map(jnp.copy, cache))
+  step_ms = median_ms(step_c, repeats, DECODE_BUDGET_S, DECODE_MIN_REPEATS,
+                      DECODE_MAX_REPEATS, prepare=fresh)
+  return dict(prefill_ms=prefill_ms, step_ms=step_ms, cache_mib=cache_mib(cache))
+
+
+DECODE_COLUMNS = ("mixer", "L", "prefill (ms)", "step (ms/token)",
+                  "step / step at min L", "cache (MiB)")
+
+
+def decode_row(mixer: str, L: int, res: dict, first_ms: float) -> list[str]:
+  return [mixer, str(L), f"{res['prefill_ms']:.1f}", f"{res['step_ms']:.2f}",
+          f"{res['step_ms'] / first_ms:.2f}x", f"{res['cache_mib']:.2f}"]
+
+
+# -- output -----------------------------------------------------------------------
+
+
+def format_table(columns, rows: list[list[str]], markdown: bool) -> str:
+  """Rows as an aligned plain-text table or a Markdown table (first column left)."""
+  if markdown:
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+  widths = [max(len(col), *(len(row[i]) for row in rows))
+            for i, col in enumerate(columns)]
+  fmt = lambda cells: "  ".join(
+      cell.ljust(w) if i < 1 else cell.rjust(w)
+      for i, (cell, w) in enumerate(zip(cells, widths)))
+  return "\n".join([fmt(columns), fmt(["-" * w for w in widths])]
+                   + [fmt(row) for row in rows])
+
+
+def main():
+  parser = argparse.ArgumentParser(
+      description="Training throughput and decode latency of every mixer's LM "
+      "on CPU.")
+  parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192],
+                      help=f"training sequence lengths (B = {TOKENS_PER_STEP} // T)")
+  parser.add_argument("--mixers", nargs="+", choices=list(layers.MIXERS),
+                      default=list(layers.MIXERS), help="mixers to benchmark")
+  parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048],
+                      help="decode context lengths L")
+  parser.add_argument("--repeats", type=int, default=0,
+                      help="timed calls per measurement after one warm-up; 0 "
+                      f"(default): {TRAIN_MIN_REPEATS}-{TRAIN_MAX_REPEATS} per "
+                      f"training step (about {TRAIN_BUDGET_S:g} s), "
+                      f"{DECODE_MIN_REPEATS}-{DECODE_MAX_REPEATS} per decode step "
+                      f"(about {DECODE_BUDGET_S:g} s)")
+  parser.add_argument("--markdown", action="store_true",
+                      help="print Markdown tables (for BENCHMARKS.md)")
+  args = parser.parse_args()
+  for T in args.T:
+    if T < 1 or TOKENS_PER_STEP % T:
+      parser.error(f"--T {T}: expected a divisor of {TOKENS_PER_STEP}")
+
+  device = jax.devices()[0]
+  now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+  shape = common.check_size(SIZE)
+  print(f"jax {jax.__version__}, device {device.platform}:{device.device_kind} "
+        f"({os.cpu_count()} CPU cores visible, {platform.machine()}), {now}")
+  print(f"preset {SIZE} ({', '.join(f'{k}={v}' for k, v in shape.items())}), "
+        f"vocab_size={VOCAB_SIZE}, impl={IMPL}, float32; "
+        f"repeats={args.repeats or 'auto'}")
+
+  t0 = time.perf_counter()
+  rows, notes = [], []
+  for mixer in args.mixers:
+    history = []
+    for T in sorted(args.T):
+      res = bench_train(mixer, T, args.repeats, history)
+      if "skip" in res:
+        notes.append(f"skipped {mixer} T={T}: {res['skip']}")
+        print(notes[-1], file=sys.stderr, flush=True)
+      # Progress on stderr, so that stdout is only the headers and the tables.
+      print(f"train {mixer} T={T} done ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr, flush=True)
+      rows.append(train_row(mixer, T, res))
+  print()
+  print(f"1. Training step (fwd+bwd), B*T = {TOKENS_PER_STEP} tokens")
+  print()
+  print(format_table(TRAIN_COLUMNS, rows, args.markdown))
+  for note in notes:
+    print(f"\n{note}")
+
+  rows = []
+  for mixer in args.mixers:
+    first_ms = None
+    for L in sorted(args.contexts):
+      res = bench_decode(mixer, L, args.repeats)
+      first_ms = first_ms or res["step_ms"]
+      print(f"decode {mixer} L={L} done ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr, flush=True)
+      rows.append(decode_row(mixer, L, res, first_ms))
+  print()
+  print(f"2. Decode, batch 1: prefill L tokens, then model.step for one token "
+        f"(cache max_len L + {DECODE_SLACK})")
+  print()
+  print(format_table(DECODE_COLUMNS, rows, args.markdown))
+  print(f"\ntotal {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
