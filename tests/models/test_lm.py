@@ -124,8 +124,25 @@ def _delta(d, h, gated, conv=4):
   return n + (d * h + 2 * h if gated else 0)
 
 
+def _attention(d, h):
+  return 4 * d * d  # q, k, v, o; n_kv_heads = n_heads, head_dim = d / h
+
+
+def _ssm(d, h, n=64):
+  # Per channel: log dt, skip D; per (channel, complex mode), N / 2 modes: log -Re A,
+  # Im A, Re/Im B, Re/Im C; then the d x d output map.
+  return 2 * d + 6 * d * (n // 2) + d * d
+
+
+def _mamba(d, h, n=16, expand=2, width=4):
+  e, r = expand * d, -(-d // 16)
+  return (2 * d * e + (width + 1) * e + 2 * e * n + 2 * e * r + e + e * n + e
+          + e * d)  # in_proj, conv, B/C, low-rank dt, dt_bias, A, D, out_proj
+
+
 MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, h: _delta(d, h, False),
-               "gated_delta_net": lambda d, h: _delta(d, h, True)}
+               "gated_delta_net": lambda d, h: _delta(d, h, True),
+               "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba}
 
 
 def closed_form(cfg: LMConfig) -> int:
@@ -137,7 +154,7 @@ def closed_form(cfg: LMConfig) -> int:
 
 
 @pytest.mark.parametrize("size", sorted(common.SIZES))
-@pytest.mark.parametrize("mixer", LINEAR)
+@pytest.mark.parametrize("mixer", sorted(MIXER_COUNT))
 def test_preset_parameter_counts_match_closed_form(size, mixer):
   cfg = LMConfig(vocab_size=32000, mixer=mixer, **common.SIZES[size])
   model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
