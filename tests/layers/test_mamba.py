@@ -14,6 +14,7 @@ from flax import nnx
 from lsm.layers import mamba
 from lsm.layers.mamba import Mamba
 from tests import numerics
+from tests.layers import decoding
 
 B, T, D, N, W = 2, 13, 16, 8, 4
 E = 2 * D  # expand = 2
@@ -43,15 +44,7 @@ def _parallel_and_decoded(m, x):
   """The parallel forward, prefill + step-by-step decoding, and the caches after
   decoding and after one prefill over all of x."""
   y, _ = m(x)
-  y_pre, cache = m(x[:, :PREFIX], m.init_cache(x.shape[0], x.shape[1]))
-
-  def body(cache, x_t):
-    y_t, cache = m.step(x_t, cache)
-    return cache, y_t
-
-  cache, y_dec = jax.lax.scan(body, cache, jnp.moveaxis(x[:, PREFIX:], 1, 0))
-  y_dec = jnp.concatenate([y_pre, jnp.moveaxis(y_dec, 0, 1)], axis=1)
-  _, cache_all = m(x, m.init_cache(x.shape[0], x.shape[1]))
+  y_dec, cache, cache_all = decoding.prefill_then_decode(m, x, PREFIX)
   return y, y_dec, cache, cache_all
 
 

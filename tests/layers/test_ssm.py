@@ -14,6 +14,7 @@ from flax import nnx
 from lsm.layers import ssm
 from lsm.layers.ssm import LSSL, S4D
 from tests import numerics
+from tests.layers import decoding
 
 B, T, D, N = 2, 13, 16, 8
 PREFIX = 5  # tokens prefilled through __call__ before decoding with step
@@ -44,15 +45,7 @@ def _all_paths(m, x):
   y_conv, _ = m(x)
   m.mode = "recurrent"
   y_rec, _ = m(x)
-  y_pre, cache = m(x[:, :PREFIX], m.init_cache(x.shape[0], x.shape[1]))
-
-  def body(cache, x_t):
-    y_t, cache = m.step(x_t, cache)
-    return cache, y_t
-
-  cache, y_dec = jax.lax.scan(body, cache, jnp.moveaxis(x[:, PREFIX:], 1, 0))
-  y_dec = jnp.concatenate([y_pre, jnp.moveaxis(y_dec, 0, 1)], axis=1)
-  _, cache_all = m(x, m.init_cache(x.shape[0], x.shape[1]))
+  y_dec, cache, cache_all = decoding.prefill_then_decode(m, x, PREFIX)
   return y_conv, y_rec, y_dec, cache["h"], cache_all["h"]
 
 

@@ -48,6 +48,27 @@ def check_state(op: str, name: str, h, expected: Sequence[int | None],
                      "float32 (recurrent states are always float32)")
 
 
+def check_qkv(op: str, q, k, v, *, step: bool = False) -> tuple[int, ...]:
+  """Checks queries, keys and values of a matrix-state op.
+
+  Sequences: q, k [B, T, H, K] and v [B, T, H, V]; with ``step``, one token:
+  q_t, k_t [B, H, K] and v_t [B, H, V]. One floating dtype for all three.
+
+  Returns:
+    (B, T, H, K, V), or (B, H, K, V) with ``step``.
+  """
+  suffix, lead = ("_t", "BH") if step else ("", "BTH")
+  qn, kn, vn = (n + suffix for n in "qkv")
+  check_shape(op, qn, q, (None,) * (len(lead) + 1), lead + "K")
+  *dims, K = np.shape(q)
+  check_floating(op, qn, q)
+  check_shape(op, kn, k, (*dims, K), lead + "K")
+  check_same_dtype(op, kn, k, qn, q)
+  check_shape(op, vn, v, (*dims, None), lead + "V")
+  check_same_dtype(op, vn, v, qn, q)
+  return (*dims, K, np.shape(v)[-1])
+
+
 def check_chunk_size(op: str, chunk_size) -> None:
   """Chunked forms split a chunk into sub-chunks of 16 (see gla/chunked.py), so a
   chunk is either at most 16 long or a multiple of 16."""

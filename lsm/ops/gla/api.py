@@ -43,14 +43,7 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto")
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
   """
-  checks.check_shape(_OP, "q", q, (None,) * 4, "BTHK")
-  B, T, H, K = q.shape
-  checks.check_floating(_OP, "q", q)
-  checks.check_shape(_OP, "k", k, (B, T, H, K), "BTHK")
-  checks.check_same_dtype(_OP, "k", k, "q", q)
-  checks.check_shape(_OP, "v", v, (B, T, H, None), "BTHV")
-  checks.check_same_dtype(_OP, "v", v, "q", q)
-  V = v.shape[-1]
+  B, T, H, K, V = checks.check_qkv(_OP, q, k, v)
   log_g = _gate(log_g, (B, T, H, K), _OP, "log_g")
   if h0 is None:
     h0 = jnp.zeros((B, H, K, V), jnp.float32)
@@ -75,13 +68,7 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):
     o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
   """
   op = "gla_step"
-  checks.check_shape(op, "q_t", q_t, (None,) * 3, "BHK")
-  B, H, K = q_t.shape
-  checks.check_floating(op, "q_t", q_t)
-  checks.check_shape(op, "k_t", k_t, (B, H, K), "BHK")
-  checks.check_same_dtype(op, "k_t", k_t, "q_t", q_t)
-  checks.check_shape(op, "v_t", v_t, (B, H, None), "BHV")
-  checks.check_same_dtype(op, "v_t", v_t, "q_t", q_t)
+  B, H, K, _ = checks.check_qkv(op, q_t, k_t, v_t, step=True)
   checks.check_state(op, "h", h, (B, H, K, v_t.shape[-1]), "BHKV")
   checks.check_scale(op, scale)
   log_g_t = _gate(log_g_t, (B, H, K), op, "log_g_t")
