@@ -2,8 +2,9 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_models.py --markdown
 
 Run from the repo root. Benchmarks whole language models, one per mixer in
 ``lsm.layers.MIXERS``, on CPU, and prints two tables (Markdown with --markdown,
-as pasted into BENCHMARKS.md). Options: --T 512 2048 8192, --mixers gla ...,
---contexts 128 512 2048, --repeats N, --markdown.
+as pasted into BENCHMARKS.md). Options: --T 512 2048 8192, --tokens 8192,
+--mixers gla ..., --contexts 128 512 2048, --repeats N, --markdown; an empty
+--T or --contexts skips that part.
 
 Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers, 4
 heads, SwiGLU MLPs, tied embeddings) with vocab_size=256 (byte level, the
@@ -12,11 +13,11 @@ CPU), impl="chunked" (ignored by attention), chunk_size 64, float32, every
 mixer's default options, parameters from ``nnx.Rngs(0)``.
 
 1. Training throughput. For each mixer and sequence length T, batch
-   B = 8192 // T (B * T = 8192 tokens per step): wall time of one jitted
-   forward + backward, ``jax.value_and_grad`` with respect to every nnx.Param of
-   the next-token cross entropy (``lsm.models.loss.cross_entropy`` with an
-   all-ones mask) of tokens [B, T + 1] (inputs [:, :-1], labels [:, 1:]). The
-   tokens are uniform over the vocabulary from a fixed key: the same batch for
+   B = 8192 // T (B * T = 8192 tokens per step, or --tokens): wall time of one
+   jitted forward + backward, ``jax.value_and_grad`` with respect to every
+   nnx.Param of the next-token cross entropy (``lsm.models.loss.cross_entropy``
+   with an all-ones mask) of tokens [B, T + 1] (inputs [:, :-1], labels
+   [:, 1:]). The tokens are uniform over the vocabulary from a fixed key: the same batch for
    every mixer at a given T. Reported: parameter count, compile time, ms/step,
    tokens/s = B * T / step time, and ``memory_analysis().temp_size_in_bytes``
    of the compiled step (XLA's temporary buffers, excluding arguments and
@@ -32,9 +33,9 @@ mixer's default options, parameters from ``nnx.Rngs(0)``.
 Functions are lowered and compiled once and the executable reused; times are
 the median of the timed calls after one warm-up call, each ended by
 ``block_until_ready``. A training config whose step is predicted to take more
-than MAX_STEP_S (extrapolated linearly in T from the same mixer's shorter T,
-whose step time at fixed B * T is a + b * T), or whose compiled temp memory
-exceeds MAX_TEMP_GIB, is skipped with a note instead of run.
+than MAX_STEP_S (extrapolated linearly in T from the same mixer's two shorter
+T, as its step time at fixed B * T is about a + b * T), or whose compiled temp
+memory exceeds MAX_TEMP_GIB, is skipped with a note instead of run.
 """
 
 import argparse
@@ -61,7 +62,7 @@ from lsm.models.lm import LanguageModel, LMConfig, count_params  # noqa: E402
 SIZE = "20m"
 VOCAB_SIZE = 256  # byte level; see the module docstring
 IMPL = "chunked"
-TOKENS_PER_STEP = 8192  # B * T of every training step
+TOKENS_PER_STEP = 8192  # B * T of every training step, unless --tokens
 DECODE_SLACK = 16  # cache max_len = L + DECODE_SLACK
 SEED = 0
 # Training steps: with --repeats 0 (default) the number of timed calls comes from
@@ -123,9 +124,9 @@ def median_ms(fn, repeats: int, budget_s: float, lo: int, hi: int,
 # -- 1. training throughput ----------------------------------------------------
 
 
-def train_tokens(T: int):
-  """(inputs, labels): int32 [B, T] each, B = TOKENS_PER_STEP // T, fixed key."""
-  B = TOKENS_PER_STEP // T
+def train_tokens(T: int, n_tokens: int):
+  """(inputs, labels): int32 [B, T] each, B = n_tokens // T, fixed key."""
+  B = n_tokens // T
   tokens = jax.random.randint(jax.random.key(SEED), (B, T + 1), 0, VOCAB_SIZE,
                               jnp.int32)
   return tokens[:, :-1], tokens[:, 1:]
@@ -145,23 +146,21 @@ def make_train_step(graphdef):
 def predict_step_s(history: list[tuple[int, float]], T: int) -> float | None:
   """Step time at T extrapolated from (T, seconds) of shorter T, same mixer.
 
-  At fixed B * T, a step costs about a + b * T (the T-independent per-token work
-  plus attention's quadratic term); with one point it is taken as b * T, an
-  upper bound.
+  At fixed B * T, a step costs about a + b * T: the T-independent per-token work
+  plus attention's quadratic term. The line needs two shorter T, so there is no
+  prediction (None: run it) with fewer.
   """
-  if not history:
+  if len(history) < 2:
     return None
-  if len(history) == 1:
-    (t0, s0), = history
-    return s0 * T / t0
   (t0, s0), (t1, s1) = history[-2:]
   slope = max(0.0, (s1 - s0) / (t1 - t0))
   return s1 + slope * (T - t1)
 
 
-def bench_train(mixer: str, T: int, repeats: int,
+def bench_train(mixer: str, T: int, n_tokens: int, repeats: int,
                 history: list[tuple[int, float]]) -> dict:
-  """Times one training step of ``mixer`` at length T (or records a skip).
+  """Times one training step of ``mixer`` at length T, B = n_tokens // T (or
+  records a skip).
 
   Returns:
     dict with params, compile_s, step_ms, tok_s, temp_mib; or with skip (a
@@ -175,7 +174,7 @@ def bench_train(mixer: str, T: int, repeats: int,
                    f"{MAX_STEP_S:.0f} s limit")
     return out
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  inputs, labels = train_tokens(T)
+  inputs, labels = train_tokens(T, n_tokens)
   args = (params, rest, inputs, labels)
   start = time.perf_counter()
   compiled = jax.jit(make_train_step(graphdef)).lower(*args).compile()
@@ -188,7 +187,7 @@ def bench_train(mixer: str, T: int, repeats: int,
     return out
   out["step_ms"] = median_ms(compiled, repeats, TRAIN_BUDGET_S, TRAIN_MIN_REPEATS,
                              TRAIN_MAX_REPEATS, prepare=lambda: args)
-  out["tok_s"] = TOKENS_PER_STEP / (out["step_ms"] / 1e3)
+  out["tok_s"] = n_tokens / (out["step_ms"] / 1e3)
   history.append((T, out["step_ms"] / 1e3))
   return out
 
@@ -197,8 +196,8 @@ TRAIN_COLUMNS = ("mixer", "T", "B", "params", "compile (s)", "ms/step", "tokens/
                  "temp (MiB)")
 
 
-def train_row(mixer: str, T: int, res: dict) -> list[str]:
-  B = TOKENS_PER_STEP // T
+def train_row(mixer: str, T: int, n_tokens: int, res: dict) -> list[str]:
+  B = n_tokens // T
   head = [mixer, str(T), str(B), f"{res['params'] / 1e6:.2f}M"]
   if "skip" in res:
     return head + ["skipped"] * 4
@@ -278,12 +277,15 @@ def main():
   parser = argparse.ArgumentParser(
       description="Training throughput and decode latency of every mixer's LM "
       "on CPU.")
-  parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192],
-                      help=f"training sequence lengths (B = {TOKENS_PER_STEP} // T)")
+  parser.add_argument("--T", type=int, nargs="*", default=[512, 2048, 8192],
+                      help="training sequence lengths (B = tokens // T); none "
+                      "skips part 1")
+  parser.add_argument("--tokens", type=int, default=TOKENS_PER_STEP,
+                      help="B * T of every training step")
   parser.add_argument("--mixers", nargs="+", choices=list(layers.MIXERS),
                       default=list(layers.MIXERS), help="mixers to benchmark")
-  parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048],
-                      help="decode context lengths L")
+  parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 2048],
+                      help="decode context lengths L; none skips part 2")
   parser.add_argument("--repeats", type=int, default=0,
                       help="timed calls per measurement after one warm-up; 0 "
                       f"(default): {TRAIN_MIN_REPEATS}-{TRAIN_MAX_REPEATS} per "
@@ -294,8 +296,8 @@ def main():
                       help="print Markdown tables (for BENCHMARKS.md)")
   args = parser.parse_args()
   for T in args.T:
-    if T < 1 or TOKENS_PER_STEP % T:
-      parser.error(f"--T {T}: expected a divisor of {TOKENS_PER_STEP}")
+    if T < 1 or args.tokens % T:
+      parser.error(f"--T {T}: expected a divisor of --tokens {args.tokens}")
 
   device = jax.devices()[0]
   now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -307,41 +309,43 @@ def main():
         f"repeats={args.repeats or 'auto'}")
 
   t0 = time.perf_counter()
-  rows, notes = [], []
-  for mixer in args.mixers:
-    history = []
-    for T in sorted(args.T):
-      res = bench_train(mixer, T, args.repeats, history)
-      if "skip" in res:
-        notes.append(f"skipped {mixer} T={T}: {res['skip']}")
-        print(notes[-1], file=sys.stderr, flush=True)
-      # Progress on stderr, so that stdout is only the headers and the tables.
-      print(f"train {mixer} T={T} done ({time.perf_counter() - t0:.0f} s)",
-            file=sys.stderr, flush=True)
-      rows.append(train_row(mixer, T, res))
-  print()
-  print(f"1. Training step (fwd+bwd), B*T = {TOKENS_PER_STEP} tokens")
-  print()
-  print(format_table(TRAIN_COLUMNS, rows, args.markdown))
-  for note in notes:
-    print(f"\n{note}")
+  if args.T:
+    rows, notes = [], []
+    for mixer in args.mixers:
+      history = []
+      for T in sorted(args.T):
+        res = bench_train(mixer, T, args.tokens, args.repeats, history)
+        if "skip" in res:
+          notes.append(f"skipped {mixer} T={T}: {res['skip']}")
+          print(notes[-1], file=sys.stderr, flush=True)
+        # Progress on stderr, so that stdout is only the headers and the tables.
+        print(f"train {mixer} T={T} done ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+        rows.append(train_row(mixer, T, args.tokens, res))
+    print()
+    print(f"1. Training step (fwd+bwd), B*T = {args.tokens} tokens")
+    print()
+    print(format_table(TRAIN_COLUMNS, rows, args.markdown))
+    if notes:
+      print()
+      print("\n".join(notes))
 
-  rows = []
-  for mixer in args.mixers:
-    first_ms = None
-    for L in sorted(args.contexts):
-      res = bench_decode(mixer, L, args.repeats)
-      first_ms = first_ms or res["step_ms"]
-      print(f"decode {mixer} L={L} done ({time.perf_counter() - t0:.0f} s)",
-            file=sys.stderr, flush=True)
-      rows.append(decode_row(mixer, L, res, first_ms))
-  print()
-  print(f"2. Decode, batch 1: prefill L tokens, then model.step for one token "
-        f"(cache max_len L + {DECODE_SLACK})")
-  print()
-  print(format_table(DECODE_COLUMNS, rows, args.markdown))
+  if args.contexts:
+    rows = []
+    for mixer in args.mixers:
+      first_ms = None
+      for L in sorted(args.contexts):
+        res = bench_decode(mixer, L, args.repeats)
+        first_ms = first_ms or res["step_ms"]
+        print(f"decode {mixer} L={L} done ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+        rows.append(decode_row(mixer, L, res, first_ms))
+    print()
+    print(f"2. Decode, batch 1: prefill L tokens, then model.step for one token "
+          f"(cache max_len L + {DECODE_SLACK})")
+    print()
+    print(format_table(DECODE_COLUMNS, rows, args.markdown))
   print(f"\ntotal {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-
 
 if __name__ == "__main__":
   main()
