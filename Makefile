@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m ""
 
 bench: $(STAMP)
-	$(PY) experiments/bench_ops.py
+	PYTHONPATH=. $(PY) experiments/bench_ops.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,9 +30,7 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 
@@ -41,6 +39,7 @@ jax.config.update("jax_platforms", "cpu")
 
 import jax.numpy as jnp  # noqa: E402
 
+from experiments.benchmarking import format_table, median_ms  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
 from lsm.ops.gla import gla  # noqa: E402
 from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
@@ -115,30 +114,6 @@ def make_forward_backward(op: str, impl: str, n_args: int):
   return jax.grad(loss, argnums=tuple(range(n_args)))
 
 
-def time_compiled(compiled, args, repeats: int) -> float:
-  """Median wall time in ms of ``compiled(*args)`` after one warm-up call.
-
-  Args:
-    compiled: a compiled executable (``jax.jit(f).lower(*args).compile()``).
-    args: its arguments.
-    repeats: timed calls; 0 picks them from the warm-up time (see TIME_BUDGET_S).
-
-  Returns:
-    The median of the timed calls, in milliseconds.
-  """
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  warm = time.perf_counter() - start
-  if repeats <= 0:
-    repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, TIME_BUDGET_S / max(warm, 1e-6))))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def bench_one(op: str, impl: str, T: int, repeats: int) -> dict:
   """Times fwd and fwd+bwd of one (op, impl, T), and the fwd+bwd temp memory.
 
@@ -150,8 +125,9 @@ def bench_one(op: str, impl: str, T: int, repeats: int) -> dict:
   fwdbwd = jax.jit(make_forward_backward(op, impl, len(args))).lower(*args).compile()
   mem = fwdbwd.memory_analysis()
   temp_mib = None if mem is None else mem.temp_size_in_bytes / 2**20
-  return dict(fwd_ms=time_compiled(fwd, args, repeats),
-              fwdbwd_ms=time_compiled(fwdbwd, args, repeats),
+  timed = lambda compiled: median_ms(compiled, repeats, TIME_BUDGET_S, MIN_REPEATS,
+                                     MAX_REPEATS, prepare=lambda: args)
+  return dict(fwd_ms=timed(fwd), fwdbwd_ms=timed(fwdbwd),
               temp_mib=temp_mib)
 
 
@@ -168,22 +144,6 @@ def row_cells(op: str, T: int, res: dict) -> list[str]:
           f"{r['fwd_ms'] / c['fwd_ms']:.1f}x", f"{c['fwdbwd_ms']:.1f}",
           f"{r['fwdbwd_ms']:.1f}", f"{r['fwdbwd_ms'] / c['fwdbwd_ms']:.1f}x",
           mib(c["temp_mib"]), mib(r["temp_mib"])]
-
-
-def format_table(rows: list[list[str]], markdown: bool) -> str:
-  """Rows as an aligned plain-text table or a Markdown table."""
-  if markdown:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-  widths = [max(len(col), *(len(row[i]) for row in rows))
-            for i, col in enumerate(COLUMNS)]
-  fmt = lambda cells: "  ".join(
-      cell.ljust(w) if i < 1 else cell.rjust(w)
-      for i, (cell, w) in enumerate(zip(cells, widths)))
-  return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])]
-                   + [fmt(row) for row in rows])
 
 
 def main():
@@ -218,7 +178,7 @@ def main():
       rows.append(row_cells(op, T, res))
   print("\n".join(header))
   print()
-  print(format_table(rows, args.markdown))
+  print(format_table(COLUMNS, rows, args.markdown, left=2))
 
 
 if __name__ == "__main__":

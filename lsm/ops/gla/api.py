@@ -16,12 +16,12 @@ def _gate(log_g, shape, op: str, name: str):
   if log_g is None:
     return jnp.zeros(shape, jnp.float32)
   checks.check_floating(op, name, log_g)
+  letters = "BTH" if len(lead) == 3 else "BH"  # sequence or one decoding step
   if jnp.ndim(log_g) == len(lead):
-    checks.check_shape(op, name, log_g, lead, "BTH"[:len(lead)] if len(lead) == 3
-                       else "BH")
+    checks.check_shape(op, name, log_g, lead, letters)
     log_g = log_g[..., None]
   else:
-    checks.check_shape(op, name, log_g, shape, "BTHK" if len(lead) == 3 else "BHK")
+    checks.check_shape(op, name, log_g, shape, letters + "K")
   return jnp.broadcast_to(log_g.astype(jnp.float32), shape)
 
 
