@@ -47,3 +47,81 @@ def check_size(size: str) -> dict:
   if size not in SIZES:
     raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
   return dict(SIZES[size])
+
+
+# The corpus the quick start trains on: lsm's own source and docs, read from the
+# repository checkout (paths relative to the working directory). No download.
+EMBEDDED_GLOBS = ("lsm/**/*.py", "configs/*.py", "experiments/*.py", "*.md")
+# Byte tokenizer: 256 bytes + pad, bos, eos = 259 ids, rounded up to a multiple
+# of 64 so the embedding and head shard evenly.
+BYTE_VOCAB = 320
+HYBRID = ("delta_net", "delta_net", "delta_net", "attention")
+
+
+def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
+  """The data section for ``data=`` in a config arg.
+
+  spec: "embedded" (EMBEDDED_GLOBS), "tfds:NAME" (a prepared tfds dataset with a
+  "text" feature, e.g. tfds:lm1b), or "text:GLOB[;GLOB...]" (your text files,
+  built into an array_record tfds dataset on first use).
+  """
+  data = dict(seq_len=seq_len, batch_size=batch_size, seed=0, tokenizer="byte")
+  if spec == "embedded":
+    data.update(source="local_text", globs=EMBEDDED_GLOBS)
+  elif spec.startswith("tfds:"):
+    data.update(source="tfds", name=spec[5:])
+  elif spec.startswith("text:"):
+    data.update(source="local_text", globs=tuple(spec[5:].split(";")))
+  else:
+    raise ValueError(f"config arg data={spec!r}; expected embedded, tfds:NAME or "
+                     "text:GLOB")
+  return data
+
+
+def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A complete pretraining config (model, data, optim, train, mesh sections).
+
+  Args (``:arg``): mixer (a name in lsm.layers.MIXERS, or "hybrid": three
+  delta_net layers then one attention layer, repeated), size (SIZES), impl,
+  vocab_size (0: the byte tokenizer's BYTE_VOCAB), beta_scale (DeltaNet
+  eigenvalue range: 2 gives [-1, 1]), eigenvalues (Mamba decays: positive or
+  signed), data (see data_section), seq_len, batch_size, steps, smoke (tiny
+  shapes that train on a CPU in under a minute).
+  """
+  arg = parse_arg(arg, **{**dict(
+      mixer="gla", size="20m", impl="auto", vocab_size=0, beta_scale=1.0,
+      eigenvalues="positive", data="embedded", seq_len=2048, batch_size=64,
+      steps=20000, smoke=False), **defaults})
+  c = ml_collections.ConfigDict()
+  model = dict(vocab_size=arg.vocab_size or BYTE_VOCAB, impl=arg.impl,
+               **check_size(arg.size))
+  if arg.mixer == "hybrid":
+    model["pattern"] = HYBRID
+  else:
+    model["mixer"] = arg.mixer
+  # beta_scale=2 lets DeltaNet transitions reach eigenvalue -1 (state tracking).
+  model["mixer_kwargs"] = {
+      "delta_net": {"beta_scale": arg.beta_scale},
+      "gated_delta_net": {"beta_scale": arg.beta_scale},
+      "mamba": {"eigenvalue_range": arg.eigenvalues}}
+  seq_len, batch_size, steps = arg.seq_len, arg.batch_size, arg.steps
+  if arg.smoke:
+    model.update(SMOKE, vocab_size=arg.vocab_size or BYTE_VOCAB)
+    if arg.mixer == "hybrid":
+      model["n_layers"] = len(HYBRID)
+    seq_len, batch_size, steps = 128, 8, 60
+  c.model = model
+  c.data = data_section(arg.data, seq_len=seq_len, batch_size=batch_size)
+  # GLA / DeltaNet paper recipe (AdamW 0.9/0.95, wd 0.1, clip 1, cosine to 10%),
+  # with the peak rate for ~100M-400M models; smoke runs use a hotter rate.
+  c.optim = dict(lr=1e-2 if arg.smoke else 3e-4, schedule="cosine",
+                 warmup_steps=10 if arg.smoke else 1000, min_lr_ratio=0.1,
+                 weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95)
+  c.train = dict(num_steps=steps, log_every=10 if arg.smoke else 50,
+                 eval_every=steps // 2 if arg.smoke else 1000, eval_steps=4,
+                 checkpoint_every=steps // 2 if arg.smoke else 1000,
+                 keep_checkpoints=3, compute_dtype="float32", grad_accum=1)
+  # data=-1: all devices do data parallelism; raise fsdp for models whose
+  # optimiser state does not fit one device, seq for long context.
+  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
+  return c

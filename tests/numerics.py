@@ -27,6 +27,12 @@ TOLERANCES = {
     ("invariant", "float32"): 1e-5,
     # Initialisation maths checked in numpy float64 (e.g. LSSL's HiPPO modes).
     ("init", "float64"): 1e-9,
+    # Whole train steps that should agree up to summation order: accumulated
+    # micro-batches vs one batch, a sharded mesh vs one device; parameters after
+    # a few AdamW steps, losses and gradient norms.
+    ("train", "float32"): 1e-5,
+    # The same step with bf16 compute against float32 compute.
+    ("train", "bfloat16"): 1e-2,
 }
 GUARD = 10.0
 ABS_FLOOR = 1e-6
@@ -67,3 +73,13 @@ def assert_trees_close(actual, expected, *, rtol: float, names) -> None:
   """Compares matching sequences of arrays, naming each in the message."""
   for a, e, name in zip(actual, expected, names, strict=True):
     assert_close(a, e, rtol=rtol, what=name)
+
+
+def assert_pytrees_close(actual, expected, *, rtol: float, what: str = "") -> None:
+  """Compares two pytrees of the same structure leaf by leaf, naming each."""
+  import jax  # pylint: disable=g-import-not-at-top
+  flat_a = jax.tree_util.tree_leaves_with_path(actual)
+  flat_e = jax.tree.leaves(expected)
+  assert len(flat_a) == len(flat_e), f"{what}: trees differ in size"
+  for (path, a), e in zip(flat_a, flat_e):
+    assert_close(a, e, rtol=rtol, what=f"{what}{jax.tree_util.keystr(path)}")

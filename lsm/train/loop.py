@@ -1,0 +1,303 @@
+"""The training loop: config sections to typed options, mesh, state, data,
+checkpoints, metrics; then step until done, interrupted or diverged.
+
+``train(config, workdir)`` is the whole program; ``main.py`` only parses flags.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from lsm.data.pipeline import DataConfig, make_dataset, make_tokenizer_for
+from lsm.models.lm import LMConfig, flops_per_token
+from lsm.parallel.mesh import MeshConfig, make_mesh
+from lsm.train import checkpoint as ckpt_lib
+from lsm.train import metrics as metrics_lib
+from lsm.train import optim
+from lsm.train import state as state_lib
+from lsm.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop options (``TrainConfig(**config.train)``).
+
+  Attributes:
+    num_steps: optimiser steps in the run.
+    seed: parameter initialisation seed (the data seed is data.seed).
+    log_every: steps between metric records (and divergence checks).
+    eval_every: steps between evaluations on the held-out split; 0 for none.
+    eval_steps: batches per evaluation (fewer if the split runs out).
+    checkpoint_every: steps between checkpoints; 0 saves only at the end and on
+      SIGTERM / SIGINT.
+    keep_checkpoints: newest checkpoints kept.
+    keep_period: also keep every checkpoint whose step is a multiple of this.
+    async_checkpoints: write checkpoints in the background.
+    grad_accum: micro-batches per step (data.batch_size must divide by it).
+    compute_dtype: "float32" or "bfloat16" (matrices cast for the forward and
+      backward pass; master parameters stay float32).
+    max_bad_steps: stop after this many non-finite steps in a row.
+    start_fresh: archive a previous run in the workdir (nothing is deleted) and
+      start from step 0 instead of resuming.
+    progress: show a progress bar (process 0).
+    peak_flops_per_device: for MFU on devices missing from metrics.PEAK_FLOPS.
+    crash_after_step: testing only: SIGKILL this process after this step, to
+      test recovery from a hard crash.
+  """
+  num_steps: int = 1000
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0
+  eval_steps: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  keep_period: int | None = None
+  async_checkpoints: bool = True
+  grad_accum: int = 1
+  compute_dtype: str = "float32"
+  max_bad_steps: int = 10
+  start_fresh: bool = False
+  progress: bool = True
+  peak_flops_per_device: float | None = None
+  crash_after_step: int | None = None
+
+  def __post_init__(self):
+    for name in ("num_steps", "log_every", "eval_steps", "keep_checkpoints",
+                 "grad_accum", "max_bad_steps"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.{name}={value!r}; expected a positive int")
+    for name in ("eval_every", "checkpoint_every"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"train.{name}={value!r}; expected an int >= 0")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"train.compute_dtype={self.compute_dtype!r}; expected "
+                       f"one of {list(COMPUTE_DTYPES)}")
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The typed sections of a run config."""
+  model: LMConfig
+  data: DataConfig
+  optim: optim.OptimConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "RunConfig":
+    expected = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(config.keys()) - expected)
+    if extra:
+      raise ValueError(f"config has unknown sections {extra}; expected "
+                       f"{sorted(expected)}")
+    sections = {}
+    for f in dataclasses.fields(cls):
+      section = config.get(f.name) or {}
+      if hasattr(section, "to_dict"):
+        section = section.to_dict()
+      sections[f.name] = f.type(**section)
+    return cls(**sections)
+
+
+def _jsonable(x):
+  if dataclasses.is_dataclass(x):
+    return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second
+  signal gets the default behaviour (an immediate stop)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    signal.signal(signum, self._previous[signum])
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_shapes(run: RunConfig, mesh, tokenizer_vocab: int | None):
+  if tokenizer_vocab is not None and tokenizer_vocab > run.model.vocab_size:
+    raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than "
+                     f"the tokenizer's vocabulary ({tokenizer_vocab})")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = run.data.batch_size // run.train.grad_accum
+  if run.data.batch_size % run.train.grad_accum or rows % shards:
+    raise ValueError(
+        f"data.batch_size={run.data.batch_size} must split into "
+        f"train.grad_accum={run.train.grad_accum} micro-batches whose rows divide "
+        f"over the data x fsdp = {shards} batch shards")
+  if run.data.seq_len % mesh.shape["seq"]:
+    raise ValueError(f"data.seq_len={run.data.seq_len} is not divisible by "
+                     f"mesh seq={mesh.shape['seq']}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          devices=None, source=None) -> dict[int, dict]:
+  """Runs (or resumes) training; returns {step: metrics} logged by this call.
+
+  Args:
+    config: a run config with sections model, data, optim, train, mesh.
+    workdir: run directory (checkpoints, metrics, config.json).
+    devices: devices for the mesh (default: all).
+    source: random-access example source when data.source is "task".
+  """
+  run = RunConfig.from_config(config)
+  workdir = Path(workdir)
+  is_main = jax.process_index() == 0
+  if run.train.start_fresh:
+    ckpt_lib.archive_run(workdir)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
+
+  mesh = make_mesh(run.mesh, devices)
+  tokenizer = make_tokenizer_for(run.data) if run.data.source != "task" else None
+  _check_shapes(run, mesh, tokenizer and tokenizer.vocab_size)
+  optimizer, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
+  setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
+  dtype = COMPUTE_DTYPES[run.train.compute_dtype]
+  train_step = jax.jit(
+      step_lib.make_train_step(setup, schedule, grad_accum=run.train.grad_accum,
+                               compute_dtype=dtype),
+      in_shardings=(setup.shardings, setup.batch_sharding),
+      out_shardings=(setup.shardings, None), donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(setup, compute_dtype=dtype),
+                      in_shardings=(setup.shardings["params"],
+                                    setup.batch_sharding))
+
+  process = dict(process_index=jax.process_index(),
+                 process_count=jax.process_count())
+  data_iter = iter(make_dataset(run.data, run.data.train_split, source=source,
+                                **process))
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, every=run.train.checkpoint_every or run.train.num_steps,
+      keep=run.train.keep_checkpoints, keep_period=run.train.keep_period,
+      async_save=run.train.async_checkpoints)
+  model_meta = _jsonable(run.model)
+  restored = checkpointer.restore(setup.abstract_state, model_meta)
+  if restored is None:
+    state, start = state_lib.create(setup, run.train.seed), 0
+    log.info("starting from step 0 (%d parameters)", setup.n_params)
+  else:
+    start, state, data_state = restored
+    data_iter.set_state(data_state)
+    log.info("resumed from step %d", start)
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def evaluate():
+    eval_iter = iter(make_dataset(run.data, run.data.eval_split, source=source,
+                                  **process))
+    sums = None
+    for _, batch in zip(range(run.train.eval_steps), eval_iter):
+      out = jax.device_get(eval_step(state["params"], put(batch)))
+      sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+    if sums is None:
+      log.warning("evaluation split %r gave no full batch; skipped",
+                  run.data.eval_split)
+      return None
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
+
+  tokens_per_step = run.data.batch_size * run.data.seq_len
+  flops_tok = flops_per_token(run.model, setup.n_params, run.data.seq_len)
+  peak = metrics_lib.peak_flops(mesh.devices.flat[0],
+                                run.train.peak_flops_per_device)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
+  meta = {"model": model_meta, "config": _jsonable(run)}
+  history: dict[int, dict] = {}
+  pending: list = []
+  step, last_time, last_step = start, time.perf_counter(), start
+  bar = tqdm(total=run.train.num_steps, initial=start, unit="step",
+             disable=not (is_main and run.train.progress), dynamic_ncols=True)
+  try:
+    with _StopSignal() as stop, jax.set_mesh(mesh):
+      while step < run.train.num_steps:
+        state, m = train_step(state, put(next(data_iter)))
+        step += 1
+        pending.append((step, m))
+        bar.update(1)
+        if step % run.train.log_every == 0 or step == run.train.num_steps:
+          now = time.perf_counter()
+          elapsed, n = now - last_time, step - last_step
+          last_time, last_step = now, step
+          for s, values in jax.device_get(pending):
+            record = {k: float(v) for k, v in values.items()}
+            history[s] = record
+          pending.clear()
+          record = dict(history[step])
+          record["step_time_s"] = elapsed / n
+          record["tokens_per_s"] = tokens_per_step * n / elapsed
+          if peak:
+            record["mfu"] = (flops_tok * record["tokens_per_s"] /
+                             (peak * mesh.devices.size))
+          history[step] = record
+          writer.write(step, record)
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+          if record["bad_steps"] >= run.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"the loss or gradients were non-finite in the last "
+                f"{int(record['bad_steps'])} steps (up to step {step}; limit "
+                f"train.max_bad_steps={run.train.max_bad_steps}). Those updates "
+                f"were skipped, so the checkpoints in {checkpointer.directory} "
+                f"(steps {checkpointer.steps()}) hold the last good parameters.")
+        if run.train.eval_every and step % run.train.eval_every == 0:
+          result = evaluate()
+          if result is not None:
+            history.setdefault(step, {}).update(
+                {f"eval_{k}": v for k, v in result.items()})
+            writer.write(step, result, prefix="eval_")
+        final = step == run.train.num_steps or stop.signum is not None
+        checkpointer.save(step, state, data_iter.get_state(), meta, force=final)
+        if run.train.crash_after_step == step:
+          os.kill(os.getpid(), signal.SIGKILL)
+        if stop.signum is not None:
+          log.warning("stopping on signal %d at step %d; checkpoint saved",
+                      stop.signum, step)
+          break
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  if stop.signum is not None:
+    raise SystemExit(128 + stop.signum)
+  return history

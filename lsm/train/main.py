@@ -1,0 +1,36 @@
+r"""``lsm-train``: train (or resume) a model from an ml-collections config.
+
+lsm-train --config=configs/gla.py:smoke=True --workdir=/tmp/gla \
+  --config.optim.lr=1e-3 --config.train.num_steps=200
+
+(also ``python -m lsm.train``). The config is locked: a misspelt override key
+or a value of the wrong type stops the run before anything starts.
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, metrics, config.json. A run "
+    "resumes from the newest checkpoint found here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("lsm").setLevel(logging.INFO)
+  from lsm.train import loop  # after flag parsing: a bad flag fails fast
+  loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

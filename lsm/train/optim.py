@@ -1,0 +1,119 @@
+"""The optimiser: AdamW with a weight-decay mask, a learning-rate schedule and
+global-norm clipping, built from ``OptimConfig(**config.optim)``.
+
+Gradient accumulation lives in the train step (a scan over micro-batches), not in
+``optax.MultiSteps``, so every optimiser step sees the gradient of the whole
+batch and metrics stay per step.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+# Parameters that are decay rates, time steps or skip gains of recurrences. Weight
+# decay would pull them towards 0 (for a_log: towards no forgetting), which the
+# papers avoid (Mamba's A_log / D / dt_bias, S4's A and dt, Gated DeltaNet's
+# A_log / dt_bias). Vectors (norm scales, biases) are never decayed either.
+NO_DECAY_NAMES = ("a_log", "A_log", "log_a_real", "a_imag", "log_dt", "dt_bias",
+                  "d", "D")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimiser options.
+
+  Attributes:
+    lr: peak learning rate.
+    schedule: "cosine" (linear warmup, cosine decay to ``min_lr_ratio * lr``),
+      "wsd" (warmup, stable, then a decay over the last ``decay_fraction`` of the
+      steps; Hu et al. 2024), or "constant" (after warmup).
+    warmup_steps: linear warmup from 0.
+    total_steps: length of the schedule; None uses ``train.num_steps``.
+    min_lr_ratio: final learning rate as a fraction of ``lr``.
+    decay_fraction: WSD only: fraction of total steps spent decaying.
+    b1, b2, eps: Adam moments.
+    weight_decay: decoupled (AdamW) decay, applied to matrices only.
+    no_decay_names: parameter names never decayed, in addition to every
+      parameter with fewer than 2 dimensions.
+    clip_norm: global gradient-norm clipping threshold; None or 0 for none.
+  """
+  lr: float = 3e-4
+  schedule: str = "cosine"
+  warmup_steps: int = 100
+  total_steps: int | None = None
+  min_lr_ratio: float = 0.1
+  decay_fraction: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  no_decay_names: Sequence[str] = NO_DECAY_NAMES
+  clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule={self.schedule!r}; expected one of "
+                       f"{list(SCHEDULES)}")
+    for name in ("lr", "eps"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"optim.{name}={value!r}; expected a positive number")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}; expected an "
+                       "int >= 0")
+    for name in ("min_lr_ratio", "decay_fraction", "b1", "b2"):
+      value = getattr(self, name)
+      if not 0 <= value <= 1:
+        raise ValueError(f"optim.{name}={value!r}; expected a number in [0, 1]")
+    if self.weight_decay < 0:
+      raise ValueError(f"optim.weight_decay={self.weight_decay!r}; expected >= 0")
+    object.__setattr__(self, "no_decay_names", tuple(self.no_decay_names))
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Learning rate as a function of the optimiser step."""
+  total = cfg.total_steps or total_steps
+  warmup = min(cfg.warmup_steps, total)
+  peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps=warmup, decay_steps=max(total, warmup + 1),
+        end_value=floor)
+  warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  if cfg.schedule == "constant":
+    return optax.join_schedules([warm, optax.constant_schedule(peak)], [warmup])
+  decay_steps = max(int(round(cfg.decay_fraction * total)), 1)
+  stable_end = max(total - decay_steps, warmup)
+  return optax.join_schedules(
+      [warm, optax.constant_schedule(peak),
+       optax.linear_schedule(peak, floor, decay_steps)],
+      [warmup, stable_end])
+
+
+def decay_mask(params, no_decay_names: Sequence[str] = NO_DECAY_NAMES):
+  """True for the parameters AdamW decays: matrices not named in no_decay_names."""
+  names = set(no_decay_names)
+
+  def decays(path, x):
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return jnp.ndim(x) >= 2 and not names.intersection(keys)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule): clip, then AdamW with the decay mask."""
+  schedule = make_schedule(cfg, total_steps)
+  parts = []
+  if cfg.clip_norm:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.adamw(
+      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+      mask=lambda p: decay_mask(p, cfg.no_decay_names)))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,103 @@
+"""Train and eval steps (pure functions of state and batch; jitted by the loop).
+
+Mixed precision: the state keeps float32 master parameters; with a bfloat16
+``compute_dtype`` the matrices are cast for the forward and backward pass while
+vectors (norm scales, biases, decay parameters) stay float32, since they set the
+recurrences' decay rates, where bf16's 8 mantissa bits would move eigenvalues.
+Gradients reach the float32 masters through the cast.
+
+A non-finite loss or gradient norm skips the update: parameters and optimiser
+state keep their old values, ``bad_steps`` counts the streak and ``skipped`` the
+total; the loop stops the run when the streak grows too long.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lsm.models.loss import cross_entropy
+from lsm.train.state import Setup
+
+
+def _cast(params, dtype):
+  if dtype == jnp.float32:
+    return params
+  return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
+
+
+def _sums(graphdef, params, batch, dtype):
+  """(sum of token losses, (sum of correct, number of target tokens))."""
+  model = nnx.merge(graphdef, _cast(params, dtype))
+  logits, _ = model(batch["inputs"])
+  mask = batch["mask"].astype(jnp.float32)
+  loss, acc = cross_entropy(logits, batch["targets"], mask)
+  # cross_entropy divides by max(count, 1); multiplying back gives exact sums.
+  denom = jnp.maximum(jnp.sum(mask), 1.0)
+  return loss * denom, (acc * denom, jnp.sum(mask))
+
+
+def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int = 1,
+                    compute_dtype=jnp.float32):
+  """step(state, batch) -> (state, metrics). Batch rows: a multiple of grad_accum."""
+  graphdef, optimizer = setup.graphdef, setup.optimizer
+  grad_fn = jax.value_and_grad(
+      lambda p, b: _sums(graphdef, p, b, compute_dtype), has_aux=True)
+
+  def gradients(params, batch):
+    if grad_accum == 1:
+      return grad_fn(params, batch)
+    # Micro-batch j holds rows j, j + A, j + 2A, ...: the reshape keeps the
+    # leading (sharded) dimension whole, so no data moves between devices.
+    def split(x):
+      rows = x.shape[0] // grad_accum
+      return jnp.swapaxes(x.reshape(rows, grad_accum, *x.shape[1:]), 0, 1)
+
+    def body(carry, micro):
+      out = grad_fn(params, micro)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: split(x)[0], batch)))
+    out, _ = jax.lax.scan(body, zero, jax.tree.map(split, batch))
+    return out
+
+  def step(state, batch):
+    params = state["params"]
+    (loss_sum, (correct, count)), grads = gradients(params, batch)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    bad = jnp.where(finite, 0, state["bad_steps"] + 1)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, params),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "bad_steps": bad.astype(jnp.int32),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {
+        "loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
+        # The update of this step used the schedule at the count of applied
+        # (not skipped) updates.
+        "lr": schedule(state["step"] - state["skipped"]),
+        "target_tokens": count, "nonfinite": (~finite).astype(jnp.int32),
+        "bad_steps": new_state["bad_steps"],
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(setup: Setup, *, compute_dtype=jnp.float32):
+  """eval_step(params, batch) -> {loss_sum, correct, count} for one batch."""
+  def step(params, batch):
+    loss_sum, (correct, count) = _sums(setup.graphdef, params, batch,
+                                       compute_dtype)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+  return step
