@@ -4,6 +4,7 @@ Imports only ml_collections (configs never import JAX or lsm).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # Model shapes. 340m and 1.3b follow the GLA / DeltaNet papers (Yang et al. 2023,
 # 2024: d_model 1024 / 2048, 24 layers); 125m and 760m follow the GPT-3 / Mamba
@@ -65,7 +66,11 @@ def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
   "text" feature, e.g. tfds:lm1b), or "text:GLOB[;GLOB...]" (your text files,
   built into an array_record tfds dataset on first use).
   """
-  data = dict(seq_len=seq_len, batch_size=batch_size, seed=0, tokenizer="byte")
+  data = dict(seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=True,
+              tokenizer="byte", tokenizer_path=placeholder(str),
+              # None: local_text builds into <workdir>/tfds.
+              data_dir=placeholder(str), train_split="train",
+              eval_split="validation")
   if spec == "embedded":
     data.update(source="local_text", globs=EMBEDDED_GLOBS)
   elif spec.startswith("tfds:"):
@@ -115,12 +120,18 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   # GLA / DeltaNet paper recipe (AdamW 0.9/0.95, wd 0.1, clip 1, cosine to 10%),
   # with the peak rate for ~100M-400M models; smoke runs use a hotter rate.
   c.optim = dict(lr=1e-2 if arg.smoke else 3e-4, schedule="cosine",
-                 warmup_steps=10 if arg.smoke else 1000, min_lr_ratio=0.1,
-                 weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95)
-  c.train = dict(num_steps=steps, log_every=10 if arg.smoke else 50,
+                 warmup_steps=10 if arg.smoke else 1000,
+                 total_steps=placeholder(int),  # None: train.num_steps
+                 min_lr_ratio=0.1, decay_fraction=0.2, weight_decay=0.1,
+                 clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)
+  c.train = dict(num_steps=steps, seed=0, log_every=10 if arg.smoke else 50,
                  eval_every=steps // 2 if arg.smoke else 1000, eval_steps=4,
                  checkpoint_every=steps // 2 if arg.smoke else 1000,
-                 keep_checkpoints=3, compute_dtype="float32", grad_accum=1)
+                 keep_checkpoints=3, keep_period=placeholder(int),
+                 async_checkpoints=True, grad_accum=1, compute_dtype="float32",
+                 max_bad_steps=10, start_fresh=False, progress=True,
+                 peak_flops_per_device=placeholder(float),
+                 crash_after_step=placeholder(int))  # tests only
   # data=-1: all devices do data parallelism; raise fsdp for models whose
   # optimiser state does not fit one device, seq for long context.
   c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))

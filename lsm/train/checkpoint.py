@@ -13,11 +13,13 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from lsm.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +53,37 @@ class Checkpointer:
                keep_period: int | None = None, async_save: bool = True):
     self.workdir = Path(workdir)
     self.directory = self.workdir / "checkpoints"
+    self.every = every
+    # The interval is kept here, not in Orbax's options, which also save the
+    # first step of every run.
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, keep_period=keep_period,
+        max_to_keep=keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory.absolute(),
                                          options=options)
 
-  def save(self, step: int, state, data_state: Any, meta: Mapping, *,
+  def save(self, step: int, state, data_iter, meta: Mapping, *,
            force: bool = False) -> bool:
     """Saves if ``step`` is due (or ``force``); returns whether it saved.
 
-    ``data_state`` is captured now (a JSON value), before the loop advances the
-    iterator; the arrays are written in the background.
+    The data iterator's position is read now (each process writes its own),
+    before the loop draws the next batch; the arrays are written in the
+    background.
     """
-    if not force and not self.manager.should_save(step):
+    if not force and (not self.every or step % self.every):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state),
+                              data=pipeline.iterator_save_args(data_iter),
                               meta=ocp.args.JsonSave(dict(meta)))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore(self, abstract_state, model_meta: Mapping
-              ) -> tuple[int, Any, Any] | None:
-    """(step, state, data_state) from the newest readable step, or None.
+  def restore(self, abstract_state, model_meta: Mapping, data_iter
+              ) -> tuple[int, Any] | None:
+    """(step, state) from the newest readable step, or None; ``data_iter`` (a
+    fresh iterator of the run's pipeline) is moved to the saved position.
 
     Raises:
       ConfigMismatchError: the newest readable step was written for another
@@ -99,11 +106,11 @@ class Checkpointer:
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
+            data=pipeline.iterator_restore_args(data_iter)))
       except Exception as e:  # pylint: disable=broad-except
         self._quarantine(step, e)
         continue
-      return step, out["state"], out["data"]
+      return step, out["state"]
     return None
 
   def _quarantine(self, step: int, error: Exception):

@@ -180,6 +180,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   """
   run = RunConfig.from_config(config)
   workdir = Path(workdir)
+  if run.data.source == "local_text" and run.data.data_dir is None:
+    # The built array_record copy of the user's files lives with the run.
+    run = dataclasses.replace(run, data=dataclasses.replace(
+        run.data, data_dir=str(workdir / "tfds")))
   is_main = jax.process_index() == 0
   if run.train.start_fresh:
     ckpt_lib.archive_run(workdir)
@@ -207,17 +211,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   data_iter = iter(make_dataset(run.data, run.data.train_split, source=source,
                                 **process))
   checkpointer = ckpt_lib.Checkpointer(
-      workdir, every=run.train.checkpoint_every or run.train.num_steps,
+      workdir, every=run.train.checkpoint_every,
       keep=run.train.keep_checkpoints, keep_period=run.train.keep_period,
       async_save=run.train.async_checkpoints)
   model_meta = _jsonable(run.model)
-  restored = checkpointer.restore(setup.abstract_state, model_meta)
+  restored = checkpointer.restore(setup.abstract_state, model_meta, data_iter)
   if restored is None:
     state, start = state_lib.create(setup, run.train.seed), 0
     log.info("starting from step 0 (%d parameters)", setup.n_params)
   else:
-    start, state, data_state = restored
-    data_iter.set_state(data_state)
+    start, state = restored
     log.info("resumed from step %d", start)
 
   def put(batch):
@@ -287,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 {f"eval_{k}": v for k, v in result.items()})
             writer.write(step, result, prefix="eval_")
         final = step == run.train.num_steps or stop.signum is not None
-        checkpointer.save(step, state, data_iter.get_state(), meta, force=final)
+        checkpointer.save(step, state, data_iter, meta, force=final)
         if run.train.crash_after_step == step:
           os.kill(os.getpid(), signal.SIGKILL)
         if stop.signum is not None:

@@ -10,6 +10,7 @@ or a value of the wrong type stops the run before anything starts.
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +24,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax and grain log every file they write at INFO through absl; keep
+  # theirs at WARNING and lsm's own at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("lsm").setLevel(logging.INFO)
   from lsm.train import loop  # after flag parsing: a bad flag fails fast
   loop.train(_CONFIG.value, _WORKDIR.value)
