@@ -1,0 +1,387 @@
+"""Input pipelines: random-access records -> per-host, shuffled, packed batches.
+
+``DataConfig(**config.data)`` is the one place data options are read, so an
+unknown key raises. ``make_dataset(cfg, split)`` returns a ``grain.IterDataset``
+whose elements are per-host batches, dicts of numpy arrays::
+
+  inputs       int32 [b, T]    targets  int32 [b, T]    mask  bool [b, T]
+  segment_ids  int32 [b, T]    positions int32 [b, T]       (text sources)
+
+with ``b = cfg.batch_size // process_count``. The split named
+``cfg.train_split`` is shuffled (a new order each epoch), repeated forever and
+batched with the remainder dropped; any other split is read once in order and its
+last batch is padded to ``b`` rows with fully masked rows, so every batch has the
+same shape (one jit compilation).
+
+Record order: host ``i`` of ``n`` reads records ``i, i + n, ...`` of the split
+(disjoint shards that together cover it), shuffles its shard with ``cfg.seed``
+(epoch ``e`` uses seed + e), tokenizes each document, appends EOS and packs
+(lsm.data.packing). Given the config and host, batches are deterministic.
+
+Checkpointing: ``iter(ds)`` is a grain ``DatasetIterator``; save and restore it
+with Orbax through ``iterator_save_args`` / ``iterator_restore_args`` (see
+their docstrings), or as JSON bytes with ``iterator_state`` /
+``restore_iterator_state``.
+"""
+
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lsm.data import text_builder
+from lsm.data.packing import PackIterDataset
+from lsm.data.tokenizers import KINDS as TOKENIZER_KINDS
+from lsm.data.tokenizers import make_tokenizer
+
+SOURCES = ("local_text", "tfds", "task")
+EXAMPLE_KEYS = ("inputs", "targets", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Data options.
+
+  Attributes:
+    source: "local_text" (the user's files, via lsm.data.text_builder), "tfds"
+      (a prepared tfds dataset) or "task" (records passed to make_dataset, e.g.
+      a synthetic task from lsm.tasks).
+    globs: for local_text: glob(s) of text files (a single str is one glob).
+    name: for tfds: the dataset name, with config/version if needed ("lm1b").
+    data_dir: tfds data directory (local_text builds there too); None for tfds'
+      default, ~/tensorflow_datasets.
+    text_key: the record field holding the document text.
+    train_split: the split read as training data (shuffled, repeated forever).
+    eval_split: the split used for evaluation (one ordered pass). tfds splits
+      may be sliced, e.g. "train[:1%]"; lm1b has "test", not "validation".
+    document: local_text: "file" (one document per file) or "paragraph".
+    validation_fraction: local_text: share of documents held out, in (0, 1).
+    tokenizer: "byte" or "sentencepiece".
+    tokenizer_path: the SentencePiece .model file (sentencepiece only).
+    seq_len: T, tokens per row of inputs/targets.
+    batch_size: global batch in rows, split evenly over processes.
+    seed: shuffling seed.
+    shuffle: shuffle training records (and rows, see row_shuffle_window).
+    row_shuffle_window: text sources, training: shuffle packed rows within
+      windows of this many rows, so a long document's consecutive rows spread
+      over several batches; 0 turns it off.
+    download: tfds: download and prepare a dataset that is not prepared yet. Off
+      by default so a wrong data_dir fails loudly instead of downloading.
+    num_threads: threads reading and tokenizing records (0: in the caller).
+    prefetch_buffer_size: records read ahead by those threads.
+    prefetch_batches: batches assembled ahead in a background thread; 0: none.
+  """
+  source: str = "tfds"
+  globs: Sequence[str] = ()
+  name: str = "lm1b"
+  data_dir: str | None = None
+  text_key: str = "text"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  document: str = "file"
+  validation_fraction: float = 0.05
+  tokenizer: str = "byte"
+  tokenizer_path: str | None = None
+  seq_len: int = 512
+  batch_size: int = 8
+  seed: int = 0
+  shuffle: bool = True
+  row_shuffle_window: int = 0
+  download: bool = False
+  num_threads: int = 4
+  prefetch_buffer_size: int = 64
+  prefetch_batches: int = 2
+
+  def __post_init__(self):
+    _check_choice("source", self.source, SOURCES)
+    _check_choice("tokenizer", self.tokenizer, TOKENIZER_KINDS)
+    _check_choice("document", self.document, text_builder.DOCUMENT_MODES)
+    globs = (self.globs,) if isinstance(self.globs, str) else tuple(self.globs)
+    if not all(isinstance(g, str) and g for g in globs):
+      raise ValueError(f"DataConfig: globs={self.globs!r}; expected non-empty str globs")
+    object.__setattr__(self, "globs", globs)
+    if self.source == "local_text" and not globs:
+      raise ValueError("DataConfig: globs=() with source='local_text'; expected at "
+                       "least one glob of text files")
+    for field in ("name", "text_key", "train_split", "eval_split"):
+      value = getattr(self, field)
+      if not isinstance(value, str) or not value:
+        raise ValueError(f"DataConfig: {field}={value!r}; expected a non-empty str")
+    for field in ("data_dir", "tokenizer_path"):
+      value = getattr(self, field)
+      if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"DataConfig: {field}={value!r}; expected None or a path")
+    if self.tokenizer == "sentencepiece" and self.tokenizer_path is None:
+      raise ValueError("DataConfig: tokenizer_path=None with tokenizer="
+                       "'sentencepiece'; expected the .model file path")
+    if self.tokenizer == "byte" and self.tokenizer_path is not None:
+      raise ValueError(f"DataConfig: tokenizer_path={self.tokenizer_path!r} with "
+                       "tokenizer='byte'; expected None")
+    v = self.validation_fraction
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+      raise ValueError(f"DataConfig: validation_fraction={v!r}; expected a number "
+                       "in (0, 1)")
+    for field, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0),
+                       ("row_shuffle_window", 0), ("num_threads", 0),
+                       ("prefetch_buffer_size", 0), ("prefetch_batches", 0)):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"DataConfig: {field}={value!r}; expected an int >= {low}")
+    for field in ("shuffle", "download"):
+      value = getattr(self, field)
+      if not isinstance(value, bool):
+        raise ValueError(f"DataConfig: {field}={value!r}; expected a bool")
+
+
+def _check_choice(field: str, value, choices: Sequence[str]):
+  if value not in choices:
+    raise ValueError(f"DataConfig: {field}={value!r}; expected one of {list(choices)}")
+
+
+def make_tokenizer_for(cfg: DataConfig):
+  """The tokenizer that ``cfg`` names."""
+  return make_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+
+
+def host_batch_size(cfg: DataConfig, process_count: int = 1) -> int:
+  """Rows per batch on each process: batch_size // process_count."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"DataConfig: batch_size={cfg.batch_size} is not divisible by "
+                     f"process_count={process_count}; expected a multiple of it")
+  return cfg.batch_size // process_count
+
+
+# --- records ------------------------------------------------------------------
+
+
+def _tfds_source(cfg: DataConfig, split: str):
+  """Random-access source of a prepared (array_record) tfds dataset."""
+  try:
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"DataConfig: name={cfg.name!r} is neither a tfds dataset nor "
+                     f"prepared under data_dir={cfg.data_dir!r}; expected a tfds "
+                     f"name such as 'lm1b' ({str(e).splitlines()[0]})") from None
+  if not builder.is_prepared():
+    if not cfg.download:
+      raise ValueError(
+          f"tfds dataset {cfg.name!r} is not prepared in {builder.data_dir} "
+          f"(data_dir={cfg.data_dir!r}). Prepare it once, e.g. `tfds build "
+          f"{cfg.name} --data_dir=<dir> --file_format=array_record`, or in Python "
+          f"tfds.builder({cfg.name!r}, data_dir=<dir>).download_and_prepare("
+          "file_format='array_record'); or set data.download=True; or point "
+          "data.data_dir at the directory that holds it")
+    builder.download_and_prepare(file_format="array_record")
+  return builder.as_data_source(split=split)
+
+
+def open_text_source(cfg: DataConfig, split: str):
+  """The random-access text records of ``split`` for a local_text or tfds cfg.
+
+  local_text is prepared under ``cfg.data_dir`` on first use (see
+  lsm.data.text_builder). With several processes on a shared file system,
+  prepare it from one process first (``text_builder.build_local_text``), then
+  let every process call this: concurrent first builds of the same files race.
+  """
+  if cfg.source == "local_text":
+    builder = text_builder.build_local_text(
+        cfg.globs, cfg.data_dir, validation_fraction=cfg.validation_fraction,
+        document=cfg.document)
+    return builder.as_data_source(split=split)
+  if cfg.source == "tfds":
+    return _tfds_source(cfg, split)
+  raise ValueError(f"open_text_source: cfg.source={cfg.source!r}; expected "
+                   "'local_text' or 'tfds' ('task' records come from lsm.tasks)")
+
+
+def _is_train(cfg: DataConfig, split: str) -> bool:
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"split={split!r}; expected a split name such as "
+                     f"{cfg.train_split!r} or {cfg.eval_split!r}")
+  return split == cfg.train_split
+
+
+def _host_records(source, cfg: DataConfig, split: str, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This host's shard of ``source``, shuffled and repeated when training."""
+  if (isinstance(process_count, bool) or not isinstance(process_count, int)
+      or process_count < 1):
+    raise ValueError(f"process_count={process_count!r}; expected an int >= 1")
+  if (isinstance(process_index, bool) or not isinstance(process_index, int)
+      or not 0 <= process_index < process_count):
+    raise ValueError(f"process_index={process_index!r}; expected an int in "
+                     f"[0, {process_count})")
+  ds = grain.MapDataset.source(source)
+  if len(ds) < process_count:
+    raise ValueError(f"split {split!r} has {len(ds)} records; expected at least "
+                     f"process_count={process_count} (one per process)")
+  # Slicing before shuffling keeps shards disjoint whatever the seed.
+  ds = ds[process_index::process_count]
+  if _is_train(cfg, split):
+    if cfg.shuffle:
+      # ShuffleMapDataset reseeds with seed + epoch for indices past one epoch.
+      ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat()
+  return ds
+
+
+def _read_options(cfg: DataConfig) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=cfg.num_threads,
+                           prefetch_buffer_size=max(cfg.prefetch_buffer_size,
+                                                    cfg.num_threads))
+
+
+# --- batches ------------------------------------------------------------------
+
+
+def _tokenize(record: Mapping[str, Any], *, tokenizer, text_key: str) -> np.ndarray:
+  """Document tokens followed by EOS, int32 [n + 1]."""
+  try:
+    text = record[text_key]
+  except (KeyError, TypeError, IndexError):
+    keys = list(record) if isinstance(record, Mapping) else type(record).__name__
+    raise ValueError(f"DataConfig: text_key={text_key!r} is not in the records; "
+                     f"expected one of {keys}") from None
+  ids = tokenizer.encode(text)
+  return np.concatenate([ids, np.asarray([tokenizer.eos_id], dtype=np.int32)])
+
+
+def _pad_batch(batch: dict[str, np.ndarray], *, rows: int) -> dict[str, np.ndarray]:
+  """Pads a short final eval batch with all-zero (hence fully masked) rows."""
+  n = next(iter(batch.values())).shape[0]
+  if n == rows:
+    return batch
+  return {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
+          for k, v in batch.items()}
+
+
+def _batch(ds: grain.IterDataset, cfg: DataConfig, split: str,
+           process_count: int) -> grain.IterDataset:
+  rows = host_batch_size(cfg, process_count)
+  if _is_train(cfg, split):
+    ds = ds.batch(rows, drop_remainder=True)
+  else:
+    ds = ds.batch(rows, drop_remainder=False)
+    ds = ds.map(functools.partial(_pad_batch, rows=rows))
+  if cfg.prefetch_batches:
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=cfg.prefetch_batches)
+  return ds
+
+
+def text_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
+                 process_count: int = 1, source=None) -> grain.IterDataset:
+  """Packed LM batches of ``split`` for this process.
+
+  Args:
+    cfg: data options (source "local_text" or "tfds", or any with ``source``).
+    split: a split name; ``cfg.train_split`` trains, anything else evaluates.
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing the global batch.
+    source: optional random-access records (``len`` and ``[i]``) with
+      ``cfg.text_key``, replacing the one cfg names.
+
+  Returns:
+    IterDataset of {inputs, targets, mask, segment_ids, positions} batches of
+    ``[batch_size // process_count, seq_len]``; infinite for the train split,
+    finite otherwise.
+  """
+  host_batch_size(cfg, process_count)  # fail before opening or building anything
+  tokenizer = make_tokenizer_for(cfg)
+  if source is None:
+    source = open_text_source(cfg, split)
+  records = _host_records(source, cfg, split, process_index, process_count)
+  docs = records.map(functools.partial(_tokenize, tokenizer=tokenizer,
+                                       text_key=cfg.text_key))
+  ds = PackIterDataset(docs.to_iter_dataset(_read_options(cfg)),
+                       seq_len=cfg.seq_len, pad_id=tokenizer.pad_id)
+  if _is_train(cfg, split) and cfg.shuffle and cfg.row_shuffle_window > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=cfg.row_shuffle_window, seed=cfg.seed)
+  return _batch(ds, cfg, split, process_count)
+
+
+def _check_example(record, *, split: str):
+  if not isinstance(record, Mapping) or not all(k in record for k in EXAMPLE_KEYS):
+    got = list(record) if isinstance(record, Mapping) else type(record).__name__
+    raise ValueError(f"example_dataset: a record of split {split!r} has {got}; "
+                     f"expected a dict with {list(EXAMPLE_KEYS)}")
+  return {k: np.asarray(v) for k, v in record.items()}
+
+
+def example_dataset(source, cfg: DataConfig, split: str, *, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+  """Batches of fixed-length example records (synthetic tasks), sharded like text.
+
+  Args:
+    source: random-access records (``len`` and ``[i]``), each a dict with at least
+      inputs/targets/mask arrays of one fixed shape per key; all keys are batched.
+    cfg: data options (seed, shuffle, batch_size and threads are read).
+    split: ``cfg.train_split`` trains (shuffle, repeat, drop remainder); anything
+      else is one ordered pass with the last batch padded by zero rows.
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing the global batch.
+
+  Returns:
+    IterDataset of dicts of ``[batch_size // process_count, ...]`` arrays.
+  """
+  host_batch_size(cfg, process_count)
+  records = _host_records(source, cfg, split, process_index, process_count)
+  records = records.map(functools.partial(_check_example, split=split))
+  return _batch(records.to_iter_dataset(_read_options(cfg)), cfg, split,
+                process_count)
+
+
+def make_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
+                 process_count: int = 1, source=None) -> grain.IterDataset:
+  """The batches of ``split`` that ``cfg`` describes, for this process.
+
+  "local_text" builds (once) the tfds dataset of ``cfg.globs`` in ``cfg.data_dir``;
+  "tfds" opens the prepared dataset ``cfg.name``; both go through
+  ``text_dataset``. "task" batches ``source`` (required) with ``example_dataset``.
+  """
+  if cfg.source == "task":
+    if source is None:
+      raise ValueError("make_dataset: source=None with cfg.source='task'; expected "
+                       "the task's random-access example records")
+    return example_dataset(source, cfg, split, process_index=process_index,
+                           process_count=process_count)
+  return text_dataset(cfg, split, process_index=process_index,
+                      process_count=process_count, source=source)
+
+
+# --- iterator state -----------------------------------------------------------
+
+
+def iterator_save_args(iterator: grain.DatasetIterator):
+  """Orbax save args for ``iterator``'s position: one item of ocp.args.Composite.
+
+  The state is read when ``CheckpointManager.save`` is called, even with async
+  checkpointing, so the loop may keep drawing batches right after. Each process
+  writes its own ``process_{i}-of-{n}.json``.
+  """
+  import grain.checkpoint  # pylint: disable=g-import-not-at-top  (needs orbax)
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator):
+  """Orbax restore args that set ``iterator`` (a fresh ``iter(ds)`` of the same
+  pipeline and process) to the saved position, in place; the restored item is
+  the same iterator."""
+  import grain.checkpoint  # pylint: disable=g-import-not-at-top  (needs orbax)
+  return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def iterator_state(iterator: grain.DatasetIterator) -> bytes:
+  """The iterator's position as JSON bytes (small: indices and offsets)."""
+  return json.dumps(iterator.get_state()).encode()
+
+
+def restore_iterator_state(iterator: grain.DatasetIterator, state: bytes) -> None:
+  """Sets ``iterator`` to a position from ``iterator_state``."""
+  iterator.set_state(json.loads(state))

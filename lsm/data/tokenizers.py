@@ -1,0 +1,185 @@
+"""Tokenizers: byte-level (no files) and SentencePiece (trained locally or loaded).
+
+Both share one interface: ``vocab_size, pad_id, bos_id, eos_id`` attributes,
+``encode(text) -> int32 [n]`` (no BOS/EOS added; the packer appends EOS) and
+``decode(ids) -> str`` (special ids skipped). pad_id is 0 in both, so zero-filled
+padding is padding whatever the tokenizer.
+"""
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+# Shared special ids: the packer pads with 0 and the loss masks it.
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# SentencePiece needs an unk id; the byte tokenizer never produces one.
+SP_UNK_ID = 3
+
+KINDS = ("byte", "sentencepiece")
+
+
+def _as_ids(ids) -> np.ndarray:
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+    raise ValueError(f"decode: ids has shape {ids.shape} and dtype {ids.dtype}; "
+                     "expected a 1-D integer sequence")
+  return ids
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: byte b -> b + 3 after pad=0, bos=1, eos=2."""
+
+  pad_id = PAD_ID
+  bos_id = BOS_ID
+  eos_id = EOS_ID
+  offset = 3
+  vocab_size = 256 + offset
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids, int32 [n], of ``text`` (a str is encoded as UTF-8)."""
+    if isinstance(text, str):
+      text = text.encode("utf-8")
+    elif not isinstance(text, (bytes, bytearray, memoryview)):
+      raise ValueError(f"encode: text is a {type(text).__name__}; expected str or bytes")
+    return np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int32) + self.offset
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ``ids``; special ids are skipped, invalid UTF-8 becomes U+FFFD."""
+    ids = _as_ids(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    ids = ids[(ids >= self.offset) & (ids < self.vocab_size)]
+    return (ids - self.offset).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+  def __repr__(self):
+    return "ByteTokenizer()"
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file behind the ByteTokenizer interface.
+
+  The processor is rebuilt from the model bytes when pickled, so the tokenizer
+  can travel to grain worker processes.
+  """
+
+  def __init__(self, model_path: str):
+    model_path = os.fspath(model_path)
+    if not os.path.isfile(model_path):
+      raise ValueError(f"SentencePieceTokenizer: model_path={model_path!r} is not "
+                       "a file; expected a SentencePiece .model file (train one "
+                       "with train_sentencepiece)")
+    self.model_path = model_path
+    with open(model_path, "rb") as f:
+      self._load(f.read())
+
+  def _load(self, proto: bytes):
+    self._proto = proto
+    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.pad_id = int(self._sp.pad_id())
+    self.bos_id = int(self._sp.bos_id())
+    self.eos_id = int(self._sp.eos_id())
+    if self.pad_id != PAD_ID:
+      # The packer and the eval padding fill with zeros; a model whose pad is not 0
+      # would make those zeros real tokens.
+      raise ValueError(f"SentencePieceTokenizer: model {self.model_path!r} has "
+                       f"pad_id={self.pad_id}; expected {PAD_ID} (train it with "
+                       "train_sentencepiece)")
+    if self.eos_id < 0:
+      raise ValueError(f"SentencePieceTokenizer: model {self.model_path!r} has no "
+                       "eos id; expected one (documents are separated by EOS)")
+
+  def __getstate__(self):
+    return {"model_path": self.model_path, "proto": self._proto}
+
+  def __setstate__(self, state):
+    self.model_path = state["model_path"]
+    self._load(state["proto"])
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids, int32 [n], of ``text`` (bytes are decoded as UTF-8)."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+      text = bytes(text).decode("utf-8", errors="replace")
+    elif not isinstance(text, str):
+      raise ValueError(f"encode: text is a {type(text).__name__}; expected str or bytes")
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ``ids``; pad/bos/eos are skipped."""
+    ids = _as_ids(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    special = {self.pad_id, self.bos_id, self.eos_id}
+    return self._sp.decode([int(i) for i in ids if int(i) not in special])
+
+  def __repr__(self):
+    return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def train_sentencepiece(files: Sequence[str], model_prefix: str, vocab_size: int, *,
+                        model_type: str = "unigram", seed: int = 0,
+                        **options) -> str:
+  """Trains a SentencePiece model on local text files; returns the .model path.
+
+  Training is deterministic (one thread, no input sampling, a fixed seed), so the
+  same files and options give the same model bytes. Text is not normalised and
+  whitespace is kept, so ``decode(encode(s)) == s``; unseen characters fall back
+  to byte pieces. Ids: pad 0, bos 1, eos 2, unk 3.
+
+  Args:
+    files: text files; each line is a training sentence.
+    model_prefix: output path prefix; writes ``{model_prefix}.model`` and ``.vocab``.
+    vocab_size: vocabulary size, including the 4 specials and 256 byte pieces.
+    model_type: "unigram" or "bpe".
+    seed: seed of SentencePiece's random generator.
+    **options: further ``SentencePieceTrainer.train`` options, overriding these.
+
+  Returns:
+    The path of the written model file.
+  """
+  files = [os.fspath(f) for f in ([files] if isinstance(files, str) else files)]
+  if not files:
+    raise ValueError("train_sentencepiece: files is empty; expected text file paths")
+  for f in files:
+    if not os.path.isfile(f):
+      raise ValueError(f"train_sentencepiece: file {f!r} does not exist")
+  minimum = 256 + 4  # byte pieces + pad/bos/eos/unk
+  if not isinstance(vocab_size, int) or vocab_size <= minimum:
+    raise ValueError(f"train_sentencepiece: vocab_size={vocab_size!r}; expected an "
+                     f"int > {minimum} (256 byte-fallback pieces + 4 specials)")
+  if model_type not in ("unigram", "bpe"):
+    raise ValueError(f"train_sentencepiece: model_type={model_type!r}; expected "
+                     "'unigram' or 'bpe'")
+  model_prefix = os.fspath(model_prefix)
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  kwargs = dict(
+      input=files, model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type=model_type, byte_fallback=True, character_coverage=1.0,
+      pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=SP_UNK_ID,
+      # Lossless: no NFKC, keep repeated/leading spaces, so decode inverts encode.
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      # Determinism: all sentences, in file order, one thread.
+      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
+      minloglevel=2)
+  kwargs.update(options)
+  spm.set_random_generator_seed(seed)
+  try:
+    spm.SentencePieceTrainer.train(**kwargs)
+  except RuntimeError as e:
+    # SentencePiece says "Vocabulary size too high" etc.; keep its text, name ours.
+    raise ValueError(f"train_sentencepiece: training with vocab_size={vocab_size} "
+                     f"on {len(files)} file(s) failed: {e}") from e
+  return model_prefix + ".model"
+
+
+def make_tokenizer(kind: str, path: str | None = None):
+  """The tokenizer ``kind`` ("byte" or "sentencepiece", which needs ``path``)."""
+  if kind == "byte":
+    if path is not None:
+      raise ValueError(f"make_tokenizer: path={path!r} with kind='byte'; expected "
+                       "None (the byte tokenizer has no model file)")
+    return ByteTokenizer()
+  if kind == "sentencepiece":
+    if path is None:
+      raise ValueError("make_tokenizer: kind='sentencepiece' needs path, the "
+                       ".model file; got None")
+    return SentencePieceTokenizer(path)
+  raise ValueError(f"make_tokenizer: kind={kind!r}; expected one of {list(KINDS)}")

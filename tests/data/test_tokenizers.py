@@ -1,0 +1,107 @@
+"""Tokenizers: lossless round trips, id ranges, a deterministic locally trained
+SentencePiece model, and clear errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from lsm.data import tokenizers
+from lsm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
+
+TEXTS = ["héllo wörld", "日本語のテキスト 😀", "  two  spaces\nnew line\ttab ", "", "x"]
+WORDS = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本", "the", "a",
+         "of", "model", "state", "linear", "attention", "recurrent"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_round_trip(text):
+  tok = ByteTokenizer()
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and ids.ndim == 1
+  assert len(ids) == len(text.encode())
+  assert np.all((ids >= 3) & (ids < tok.vocab_size))
+  assert tok.decode(ids) == text
+  np.testing.assert_array_equal(tok.encode(text.encode()), ids)
+
+
+def test_byte_ids_and_specials():
+  tok = ByteTokenizer()
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (259, 0, 1, 2)
+  np.testing.assert_array_equal(tok.encode(bytes([0, 255])), [3, 258])
+  ids = tok.encode("ab")
+  assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == "ab"
+  # A truncated UTF-8 sequence is replaced, not an exception.
+  assert tok.decode(tok.encode("é".encode()[:1])) == "\ufffd"
+  with pytest.raises(ValueError, match="text is a int"):
+    tok.encode(3)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sp")
+  rng = np.random.default_rng(0)
+  corpus = d / "corpus.txt"
+  syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po"]
+  words = WORDS + ["".join(rng.choice(syllables, size=3)) for _ in range(60)]
+  corpus.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 12)))
+                              for _ in range(500)) + "\n")
+  return corpus, tokenizers.train_sentencepiece([str(corpus)], str(d / "m"),
+                                                vocab_size=340)
+
+
+def test_sentencepiece_round_trip(sp_model):
+  _, path = sp_model
+  tok = SentencePieceTokenizer(path)
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (340, 0, 1, 2)
+  # "€" and the emoji never occur in the corpus: they go through byte fallback.
+  for text in [*TEXTS, "alpha über model €", "naïve state 😀\n"]:
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32
+    assert np.all((ids > tok.eos_id) & (ids < tok.vocab_size)), text
+    assert tok.decode(ids) == text
+    np.testing.assert_array_equal(tok.encode(text.encode()), ids)
+  ids = tok.encode("alpha beta")
+  assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "alpha beta"
+  # Subword pieces were learned: frequent words are shorter than their bytes.
+  assert len(tok.encode("attention")) < len("attention")
+
+
+def test_sentencepiece_reload_and_retrain_are_identical(sp_model, tmp_path):
+  corpus, path = sp_model
+  text = "linear attention über recurrent state 日本"
+  a, b = SentencePieceTokenizer(path), pickle.loads(pickle.dumps(
+      SentencePieceTokenizer(path)))
+  np.testing.assert_array_equal(a.encode(text), b.encode(text))
+  again = tokenizers.train_sentencepiece([str(corpus)], str(tmp_path / "again"),
+                                         vocab_size=340)
+  # The model files differ only in the recorded trainer paths; compare the vocab.
+  c = SentencePieceTokenizer(again)
+  pieces = lambda t: [t._sp.id_to_piece(i) for i in range(t.vocab_size)]
+  assert pieces(a) == pieces(c), "training is not deterministic"
+  np.testing.assert_array_equal(a.encode(text), c.encode(text))
+
+
+def test_make_tokenizer(sp_model):
+  _, path = sp_model
+  assert isinstance(tokenizers.make_tokenizer("byte"), ByteTokenizer)
+  assert tokenizers.make_tokenizer("sentencepiece", path).vocab_size == 340
+  with pytest.raises(ValueError, match="kind='bpe'"):
+    tokenizers.make_tokenizer("bpe")
+  with pytest.raises(ValueError, match="needs path"):
+    tokenizers.make_tokenizer("sentencepiece")
+  with pytest.raises(ValueError, match="kind='byte'"):
+    tokenizers.make_tokenizer("byte", path)
+  with pytest.raises(ValueError, match="model_path='/nonexistent.model'"):
+    tokenizers.make_tokenizer("sentencepiece", "/nonexistent.model")
+
+
+def test_train_sentencepiece_errors(sp_model, tmp_path):
+  corpus, _ = sp_model
+  with pytest.raises(ValueError, match="vocab_size=100"):
+    tokenizers.train_sentencepiece([str(corpus)], str(tmp_path / "m"), vocab_size=100)
+  with pytest.raises(ValueError, match="vocab_size=100000"):
+    tokenizers.train_sentencepiece([str(corpus)], str(tmp_path / "m"), vocab_size=100000)
+  with pytest.raises(ValueError, match="does not exist"):
+    tokenizers.train_sentencepiece([str(tmp_path / "no.txt")], str(tmp_path / "m"),
+                                   vocab_size=340)
