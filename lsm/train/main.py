@@ -8,6 +8,7 @@ or a value of the wrong type stops the run before anything starts.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -21,7 +22,12 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_started = False
+
+
 def main(argv):
+  global _started
+  _started = True
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Orbax and grain log every file they write at INFO through absl; keep
@@ -33,7 +39,18 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  try:
+    app.run(main)
+  except (AttributeError, KeyError) as e:
+    if _started:
+      raise
+    # ml_collections reports an override of a key the config does not have as
+    # an AttributeError during flag parsing, before main; say so plainly.
+    message = " ".join(str(e).replace("\\n", "\n").replace("\\'", "'")
+                       .replace("'", "").split())
+    print(f"FATAL Flags parsing error: a --config override names a key that "
+          f"the config does not have: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
