@@ -90,13 +90,13 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   delta_net layers then one attention layer, repeated), size (SIZES), impl,
   vocab_size (0: the byte tokenizer's BYTE_VOCAB), beta_scale (DeltaNet
   eigenvalue range: 2 gives [-1, 1]), eigenvalues (Mamba decays: positive or
-  signed), data (see data_section), seq_len, batch_size, steps, smoke (tiny
-  shapes that train on a CPU in under a minute).
+  signed), data (see data_section), seq_len, batch_size, steps (0 for the
+  preset), smoke (tiny shapes that train on a CPU in under a minute).
   """
   arg = parse_arg(arg, **{**dict(
       mixer="gla", size="20m", impl="auto", vocab_size=0, beta_scale=1.0,
-      eigenvalues="positive", data="embedded", seq_len=2048, batch_size=64,
-      steps=20000, smoke=False), **defaults})
+      eigenvalues="positive", data="embedded", seq_len=0, batch_size=0,
+      steps=0, smoke=False), **defaults})
   c = ml_collections.ConfigDict()
   model = dict(vocab_size=arg.vocab_size or BYTE_VOCAB, impl=arg.impl,
                **check_size(arg.size))
@@ -109,12 +109,16 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       "delta_net": {"beta_scale": arg.beta_scale},
       "gated_delta_net": {"beta_scale": arg.beta_scale},
       "mamba": {"eigenvalue_range": arg.eigenvalues}}
-  seq_len, batch_size, steps = arg.seq_len, arg.batch_size, arg.steps
+  # seq_len, batch_size, steps: 0 takes the preset (smoke or full).
+  seq_len, batch_size, steps = 2048, 64, 20000
   if arg.smoke:
     model.update(SMOKE, vocab_size=arg.vocab_size or BYTE_VOCAB)
     if arg.mixer == "hybrid":
       model["n_layers"] = len(HYBRID)
     seq_len, batch_size, steps = 128, 8, 60
+  seq_len = arg.seq_len or seq_len
+  batch_size = arg.batch_size or batch_size
+  steps = arg.steps or steps
   c.model = model
   c.data = data_section(arg.data, seq_len=seq_len, batch_size=batch_size)
   # GLA / DeltaNet paper recipe (AdamW 0.9/0.95, wd 0.1, clip 1, cosine to 10%),
