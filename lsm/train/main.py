@@ -8,6 +8,7 @@ or a value of the wrong type stops the run before anything starts.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -38,7 +39,23 @@ def main(argv):
   loop.train(_CONFIG.value, _WORKDIR.value)
 
 
+def _config_package_on_path(argv: list[str]):
+  """Config files import their shared module as a package (``from configs import
+  common``). ``python -m`` puts the working directory on sys.path, a console
+  script does not: add the folder that holds the config's package, from any
+  working directory."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = os.path.abspath(arg[len("--config="):].split(":", 1)[0])
+      package = os.path.dirname(path)
+      if os.path.exists(os.path.join(package, "__init__.py")):
+        root = os.path.dirname(package)
+        if root not in sys.path:
+          sys.path.insert(0, root)
+
+
 def run():
+  _config_package_on_path(sys.argv)
   try:
     app.run(main)
   except (AttributeError, KeyError) as e:

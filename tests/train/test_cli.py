@@ -17,8 +17,13 @@ from tests.train import runs
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _command(corpus: str, data_dir: str, workdir, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "lsm.train",
+# The installed console script (make installs it into the venv beside python).
+LSM_TRAIN = str(pathlib.Path(sys.executable).parent / "lsm-train")
+
+
+def _command(corpus: str, data_dir: str, workdir, *overrides: str,
+             script: bool = False) -> list[str]:
+  return [*([LSM_TRAIN] if script else [sys.executable, "-m", "lsm.train"]),
           f"--config={ROOT}/configs/gla.py:smoke=True",
           f"--workdir={workdir}",
           "--config.model.d_model=32", "--config.model.n_layers=1",
@@ -70,9 +75,12 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(corpus, tmp_path):
+  # Also the console script, started outside the repo: the config still finds
+  # its configs package.
   cmd = _command(*corpus, tmp_path, "--config.train.num_steps=100000",
-                 "--config.train.checkpoint_every=0")
-  proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                 "--config.train.checkpoint_every=0", script=True)
+  env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+  proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 180
