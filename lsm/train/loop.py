@@ -21,6 +21,9 @@ from tqdm import tqdm
 from lsm.data.pipeline import DataConfig, make_dataset, make_tokenizer_for
 from lsm.models.lm import LMConfig, flops_per_token
 from lsm.parallel.mesh import MeshConfig, make_mesh
+from lsm.tasks import TaskConfig, make_task
+from lsm.tasks.base import TaskSource
+from lsm.tasks.metrics import scaled_accuracy
 from lsm.train import checkpoint as ckpt_lib
 from lsm.train import metrics as metrics_lib
 from lsm.train import optim
@@ -94,28 +97,37 @@ class TrainingDiverged(RuntimeError):
   """Too many non-finite steps in a row."""
 
 
+SECTIONS = {"model": LMConfig, "data": DataConfig, "optim": optim.OptimConfig,
+            "train": TrainConfig, "mesh": MeshConfig, "task": TaskConfig}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """The typed sections of a run config."""
+  """The typed sections of a run config; ``task`` only for synthetic tasks."""
   model: LMConfig
   data: DataConfig
   optim: optim.OptimConfig
   train: TrainConfig
   mesh: MeshConfig
+  task: TaskConfig | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "RunConfig":
-    expected = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(config.keys()) - expected)
+    extra = sorted(set(config.keys()) - set(SECTIONS))
     if extra:
       raise ValueError(f"config has unknown sections {extra}; expected "
-                       f"{sorted(expected)}")
+                       f"{sorted(SECTIONS)}")
     sections = {}
-    for f in dataclasses.fields(cls):
-      section = config.get(f.name) or {}
-      if hasattr(section, "to_dict"):
-        section = section.to_dict()
-      sections[f.name] = f.type(**section)
+    for name, typ in SECTIONS.items():
+      section = config.get(name)
+      if section is None and name == "task":
+        continue
+      section = section.to_dict() if hasattr(section, "to_dict") else (
+          section or {})
+      sections[name] = typ(**section)
+    if sections["data"].source == "task" and "task" not in sections:
+      raise ValueError("data.source='task' needs a task section (name, "
+                       "train_sizes, eval_sizes, options)")
     return cls(**sections)
 
 
@@ -152,10 +164,10 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _check_shapes(run: RunConfig, mesh, tokenizer_vocab: int | None):
-  if tokenizer_vocab is not None and tokenizer_vocab > run.model.vocab_size:
+def _check_shapes(run: RunConfig, mesh, data_vocab: int | None, what: str):
+  if data_vocab is not None and data_vocab > run.model.vocab_size:
     raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than "
-                     f"the tokenizer's vocabulary ({tokenizer_vocab})")
+                     f"the {what}'s vocabulary ({data_vocab})")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = run.data.batch_size // run.train.grad_accum
   if run.data.batch_size % run.train.grad_accum or rows % shards:
@@ -192,8 +204,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     (workdir / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
 
   mesh = make_mesh(run.mesh, devices)
-  tokenizer = make_tokenizer_for(run.data) if run.data.source != "task" else None
-  _check_shapes(run, mesh, tokenizer and tokenizer.vocab_size)
+  # Evaluation sets: the held-out split for text; one set per eval size for a
+  # synthetic task (length generalisation), each with its own seed stream.
+  task, row_len = None, run.data.seq_len
+  if run.data.source == "task" and source is None:
+    # Task rows are as long as the longest training example
+    # (task.max_tokens); data.seq_len applies to text only.
+    task = make_task(run.task)
+    source = TaskSource(task, seed=run.data.seed, sizes=run.task.train_sizes)
+    row_len = task.max_tokens(run.task.train_sizes[1])
+    log.info("task %s: sizes %d-%d, rows of %d tokens", run.task.name,
+             *run.task.train_sizes, row_len)
+    eval_sets = {f"eval_{size}_": TaskSource(
+        task, seed=run.data.seed + 1_000_003 * (i + 1), sizes=(size, size))
+        for i, size in enumerate(run.task.eval_sizes)}
+    _check_shapes(run, mesh, task.vocab_size, "task")
+  else:
+    eval_sets = {"eval_": source}
+    if run.data.source != "task":
+      _check_shapes(run, mesh, make_tokenizer_for(run.data).vocab_size,
+                    "tokenizer")
+    else:
+      _check_shapes(run, mesh, None, "")
   optimizer, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   dtype = COMPUTE_DTYPES[run.train.compute_dtype]
@@ -227,22 +259,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
             for k, v in batch.items()}
 
-  def evaluate():
-    eval_iter = iter(make_dataset(run.data, run.data.eval_split, source=source,
-                                  **process))
+  def evaluate(eval_source, prefix):
+    eval_iter = iter(make_dataset(run.data, run.data.eval_split,
+                                  source=eval_source, **process))
     sums = None
     for _, batch in zip(range(run.train.eval_steps), eval_iter):
       out = jax.device_get(eval_step(state["params"], put(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in out}
     if sums is None:
-      log.warning("evaluation split %r gave no full batch; skipped",
-                  run.data.eval_split)
+      log.warning("evaluation %r gave no batch; skipped", prefix)
       return None
     count = max(float(sums["count"]), 1.0)
-    return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
+    result = {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count,
+              "sequence_accuracy": sums["seq_correct"] / max(float(sums["seqs"]),
+                                                             1.0)}
+    if task is not None:
+      result["scaled_accuracy"] = scaled_accuracy(result["accuracy"], task.chance)
+    return {k: float(v) for k, v in result.items()}
 
-  tokens_per_step = run.data.batch_size * run.data.seq_len
-  flops_tok = flops_per_token(run.model, setup.n_params, run.data.seq_len)
+  tokens_per_step = run.data.batch_size * row_len
+  flops_tok = flops_per_token(run.model, setup.n_params, row_len)
   peak = metrics_lib.peak_flops(mesh.devices.flat[0],
                                 run.train.peak_flops_per_device)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
@@ -284,11 +320,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 f"were skipped, so the checkpoints in {checkpointer.directory} "
                 f"(steps {checkpointer.steps()}) hold the last good parameters.")
         if run.train.eval_every and step % run.train.eval_every == 0:
-          result = evaluate()
-          if result is not None:
-            history.setdefault(step, {}).update(
-                {f"eval_{k}": v for k, v in result.items()})
-            writer.write(step, result, prefix="eval_")
+          for prefix, eval_source in eval_sets.items():
+            result = evaluate(eval_source, prefix)
+            if result is not None:
+              history.setdefault(step, {}).update(
+                  {f"{prefix}{k}": v for k, v in result.items()})
+              writer.write(step, result, prefix=prefix)
         final = step == run.train.num_steps or stop.signum is not None
         checkpointer.save(step, state, data_iter, meta, force=final)
         if run.train.crash_after_step == step:

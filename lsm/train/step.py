@@ -26,10 +26,14 @@ def _cast(params, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
+def _logits(graphdef, params, batch, dtype):
+  model = nnx.merge(graphdef, _cast(params, dtype))
+  return model(batch["inputs"])[0]
+
+
 def _sums(graphdef, params, batch, dtype):
   """(sum of token losses, (sum of correct, number of target tokens))."""
-  model = nnx.merge(graphdef, _cast(params, dtype))
-  logits, _ = model(batch["inputs"])
+  logits = _logits(graphdef, params, batch, dtype)
   mask = batch["mask"].astype(jnp.float32)
   loss, acc = cross_entropy(logits, batch["targets"], mask)
   # cross_entropy divides by max(count, 1); multiplying back gives exact sums.
@@ -95,9 +99,20 @@ def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int =
 
 
 def make_eval_step(setup: Setup, *, compute_dtype=jnp.float32):
-  """eval_step(params, batch) -> {loss_sum, correct, count} for one batch."""
+  """eval_step(params, batch) -> sums over one batch: loss_sum, correct and
+  count (target tokens), seq_correct and seqs (sequences with at least one
+  target, and those with every target right)."""
   def step(params, batch):
-    loss_sum, (correct, count) = _sums(setup.graphdef, params, batch,
-                                       compute_dtype)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+    logits = _logits(setup.graphdef, params, batch, compute_dtype)
+    mask = batch["mask"].astype(bool)
+    weights = mask.astype(jnp.float32)
+    loss, _ = cross_entropy(logits, batch["targets"], weights)
+    count = jnp.sum(weights)
+    right = jnp.argmax(logits, axis=-1) == batch["targets"]
+    has_target = jnp.any(mask, axis=-1)
+    all_right = jnp.all(right | ~mask, axis=-1) & has_target
+    return {"loss_sum": loss * jnp.maximum(count, 1.0),
+            "correct": jnp.sum(right & mask).astype(jnp.float32), "count": count,
+            "seq_correct": jnp.sum(all_right).astype(jnp.float32),
+            "seqs": jnp.sum(has_target).astype(jnp.float32)}
   return step

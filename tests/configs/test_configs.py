@@ -14,6 +14,7 @@ import pytest
 
 from lsm import layers
 from lsm.parallel.mesh import MeshConfig, make_mesh
+from lsm.tasks import make_task
 from lsm.train import loop, optim
 from lsm.train import state as state_lib
 from lsm.train import step as step_lib
@@ -26,7 +27,26 @@ LM_ARGS = [f"mixer={m},smoke=True" for m in sorted(layers.MIXERS)] + [
     "mixer=hybrid,smoke=True,beta_scale=2.0"]
 
 
-FAMILIES = [n for n in CONFIGS if n != "lm"]
+FAMILIES = [n for n in CONFIGS if n in layers.MIXERS or n == "hybrid"]
+# Synthetic-task configs; tests/train/test_task_training.py trains them.
+TASK_CONFIGS = {"state_tracking": [
+    f"task={t},smoke=True" for t in ("parity", "modular_arithmetic",
+                                      "modular_arithmetic_brackets",
+                                      "permutation")]}
+
+
+def test_every_config_is_covered():
+  assert set(CONFIGS) == {"lm", *FAMILIES, *TASK_CONFIGS}
+
+
+@pytest.mark.parametrize("name, arg", [(n, a) for n, args in TASK_CONFIGS.items()
+                                       for a in args])
+def test_task_config_parses_and_fits_its_task(name, arg):
+  run = loop.RunConfig.from_config(
+      importlib.import_module(f"configs.{name}").get_config(arg))
+  task = make_task(run.task)
+  assert task.vocab_size <= run.model.vocab_size
+  assert max(run.task.eval_sizes) > run.task.train_sizes[1]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -1,0 +1,85 @@
+r"""State tracking (Grazzi et al. 2024; Merrill et al. 2024; Deletang et al. 2023):
+train on short sequences, evaluate far longer ones. Run:
+
+lsm-train --config=configs/state_tracking.py:task=parity,mixer=delta_net,beta_scale=2 \
+  --workdir=runs/parity_deltanet_neg
+
+Args (``:arg``): task (parity, modular_arithmetic, modular_arithmetic_brackets,
+permutation), group (permutation: S3, S5, A5, Z60, S5_swaps), mixer (any
+lsm.layers mixer), beta_scale (DeltaNet: 1 gives eigenvalues in [0, 1], 2 in
+[-1, 1]), eigenvalues (Mamba decays: positive or signed), d_model, n_layers,
+n_heads, steps, batch_size, lr, seed, smoke (seconds on a CPU), paper (the
+papers' budget: 100k steps at batch 1024; GPU scale).
+
+Lengths follow Grazzi et al.: train on sequence lengths 3-40 and test on 40-256,
+where a sequence length counts the answer token. ``paper_sizes`` converts those
+to each task's ``size`` (lsm/tasks: bits for parity, operands for modular
+arithmetic, expression tokens with brackets, group elements for permutations).
+Task rows are as long as the longest training example; data.seq_len is unused.
+"""
+
+import ml_collections
+
+from configs import common
+
+TRAIN_LENGTHS = (3, 40)
+TEST_LENGTHS = (40, 64, 128, 256)
+
+
+def paper_sizes(task: str, length: int) -> int:
+  """Grazzi et al.'s sequence length (answer token included) -> task size."""
+  if task == "parity":
+    return length - 1                   # n bits + the answer token
+  if task == "modular_arithmetic":
+    return max((length - 1) // 2, 1)    # 2n - 1 tokens, "=", the answer
+  if task == "modular_arithmetic_brackets":
+    return max(length - 3, 1)           # expression, "=", the answer (+1)
+  if task == "permutation":
+    return length                       # one label per element
+  raise ValueError(f"config arg task={task!r}; expected parity, "
+                   "modular_arithmetic, modular_arithmetic_brackets or permutation")
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(
+      arg, task="parity", group="S5", mixer="delta_net", beta_scale=1.0,
+      eigenvalues="positive", d_model=64, n_layers=1, n_heads=1, steps=1500,
+      batch_size=128, lr=1e-3, seed=0, smoke=False, paper=False)
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      vocab_size=0, d_model=arg.d_model, n_layers=arg.n_layers,
+      n_heads=arg.n_heads, mixer=arg.mixer, impl="auto", chunk_size=16,
+      mixer_kwargs={"delta_net": {"beta_scale": arg.beta_scale},
+                    "gated_delta_net": {"beta_scale": arg.beta_scale},
+                    "mamba": {"eigenvalue_range": arg.eigenvalues}})
+  options = {"group": arg.group} if arg.task == "permutation" else {}
+  c.task = dict(name=arg.task,
+                train_sizes=tuple(paper_sizes(arg.task, n) for n in TRAIN_LENGTHS),
+                eval_sizes=tuple(paper_sizes(arg.task, n) for n in TEST_LENGTHS),
+                options=options)
+  vocab = {"parity": 3, "modular_arithmetic": 10,
+           "modular_arithmetic_brackets": 12}.get(arg.task, 121)
+  # The smallest multiple of 8 that holds the task's tokens (S5 and A5: 121).
+  c.model.vocab_size = -(-vocab // 8) * 8
+  steps, batch = arg.steps, arg.batch_size
+  if arg.paper:
+    steps, batch = 100_000, 1024
+  if arg.smoke:
+    steps, batch = 30, 16
+  c.data = dict(source="task", batch_size=batch, seed=arg.seed, shuffle=True,
+                seq_len=8, eval_split="eval")
+  c.optim = dict(lr=arg.lr, schedule="cosine", warmup_steps=min(100, steps // 10),
+                 total_steps=ml_collections.config_dict.placeholder(int),
+                 min_lr_ratio=0.0, weight_decay=0.1, clip_norm=1.0,
+                 b1=0.9, b2=0.999, eps=1e-8)
+  c.train = dict(num_steps=steps, seed=arg.seed, log_every=min(100, steps),
+                 eval_every=steps, eval_steps=2 if arg.smoke else 4,
+                 checkpoint_every=steps, keep_checkpoints=1,
+                 keep_period=ml_collections.config_dict.placeholder(int),
+                 async_checkpoints=True, grad_accum=1, compute_dtype="float32",
+                 max_bad_steps=10, start_fresh=False, progress=True,
+                 peak_flops_per_device=ml_collections.config_dict.placeholder(
+                     float),
+                 crash_after_step=ml_collections.config_dict.placeholder(int))
+  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
+  return c
