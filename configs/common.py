@@ -105,10 +105,7 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   else:
     model["mixer"] = arg.mixer
   # beta_scale=2 lets DeltaNet transitions reach eigenvalue -1 (state tracking).
-  model["mixer_kwargs"] = {
-      "delta_net": {"beta_scale": arg.beta_scale},
-      "gated_delta_net": {"beta_scale": arg.beta_scale},
-      "mamba": {"eigenvalue_range": arg.eigenvalues}}
+  model["mixer_kwargs"] = mixer_kwargs(arg.beta_scale, arg.eigenvalues)
   # seq_len, batch_size, steps: 0 takes the preset (smoke or full).
   seq_len, batch_size, steps = 2048, 64, 20000
   if arg.smoke:
@@ -140,3 +137,36 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   # optimiser state does not fit one device, seq for long context.
   c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
   return c
+
+
+def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
+                  lr: float, seed: int, smoke: bool) -> ml_collections.ConfigDict:
+  """data, optim, train and mesh sections of a synthetic-task run (the model
+  and task sections are the caller's). One eval of every test size at the end;
+  AdamW with cosine decay to 0 (Grazzi et al.'s recipe)."""
+  if smoke:
+    steps, batch_size = 30, 16
+  # Task rows take their length from the task (task.max_tokens); data.seq_len
+  # is for text.
+  c.data = dict(source="task", batch_size=batch_size, seed=seed, shuffle=True,
+                seq_len=8, eval_split="eval")
+  c.optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10),
+                 total_steps=placeholder(int), min_lr_ratio=0.0,
+                 weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  c.train = dict(num_steps=steps, seed=seed, log_every=min(100, steps),
+                 eval_every=steps, eval_steps=2 if smoke else 4,
+                 checkpoint_every=steps, keep_checkpoints=1,
+                 keep_period=placeholder(int), async_checkpoints=True,
+                 grad_accum=1, compute_dtype="float32", max_bad_steps=10,
+                 start_fresh=False, progress=True,
+                 peak_flops_per_device=placeholder(float),
+                 crash_after_step=placeholder(int))
+  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
+  return c
+
+
+def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
+  """Eigenvalue ranges: DeltaNet beta_scale (2: [-1, 1]), Mamba decays."""
+  return {"delta_net": {"beta_scale": beta_scale},
+          "gated_delta_net": {"beta_scale": beta_scale},
+          "mamba": {"eigenvalue_range": eigenvalues}}

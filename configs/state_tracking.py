@@ -49,9 +49,7 @@ def get_config(arg=None):
   c.model = dict(
       vocab_size=0, d_model=arg.d_model, n_layers=arg.n_layers,
       n_heads=arg.n_heads, mixer=arg.mixer, impl="auto", chunk_size=16,
-      mixer_kwargs={"delta_net": {"beta_scale": arg.beta_scale},
-                    "gated_delta_net": {"beta_scale": arg.beta_scale},
-                    "mamba": {"eigenvalue_range": arg.eigenvalues}})
+      mixer_kwargs=common.mixer_kwargs(arg.beta_scale, arg.eigenvalues))
   options = {"group": arg.group} if arg.task == "permutation" else {}
   c.task = dict(name=arg.task,
                 train_sizes=tuple(paper_sizes(arg.task, n) for n in TRAIN_LENGTHS),
@@ -61,25 +59,6 @@ def get_config(arg=None):
            "modular_arithmetic_brackets": 12}.get(arg.task, 121)
   # The smallest multiple of 8 that holds the task's tokens (S5 and A5: 121).
   c.model.vocab_size = -(-vocab // 8) * 8
-  steps, batch = arg.steps, arg.batch_size
-  if arg.paper:
-    steps, batch = 100_000, 1024
-  if arg.smoke:
-    steps, batch = 30, 16
-  c.data = dict(source="task", batch_size=batch, seed=arg.seed, shuffle=True,
-                seq_len=8, eval_split="eval")
-  c.optim = dict(lr=arg.lr, schedule="cosine", warmup_steps=min(100, steps // 10),
-                 total_steps=ml_collections.config_dict.placeholder(int),
-                 min_lr_ratio=0.0, weight_decay=0.1, clip_norm=1.0,
-                 b1=0.9, b2=0.999, eps=1e-8)
-  c.train = dict(num_steps=steps, seed=arg.seed, log_every=min(100, steps),
-                 eval_every=steps, eval_steps=2 if arg.smoke else 4,
-                 checkpoint_every=steps, keep_checkpoints=1,
-                 keep_period=ml_collections.config_dict.placeholder(int),
-                 async_checkpoints=True, grad_accum=1, compute_dtype="float32",
-                 max_bad_steps=10, start_fresh=False, progress=True,
-                 peak_flops_per_device=ml_collections.config_dict.placeholder(
-                     float),
-                 crash_after_step=ml_collections.config_dict.placeholder(int))
-  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
-  return c
+  steps, batch = (100_000, 1024) if arg.paper else (arg.steps, arg.batch_size)
+  return common.task_sections(c, steps=steps, batch_size=batch, lr=arg.lr,
+                              seed=arg.seed, smoke=arg.smoke)

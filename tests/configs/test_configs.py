@@ -32,7 +32,9 @@ FAMILIES = [n for n in CONFIGS if n in layers.MIXERS or n == "hybrid"]
 TASK_CONFIGS = {"state_tracking": [
     f"task={t},smoke=True" for t in ("parity", "modular_arithmetic",
                                       "modular_arithmetic_brackets",
-                                      "permutation")]}
+                                      "permutation")],
+    "recall": [f"task={t},smoke=True" for t in ("mqar", "noisy_recall",
+                                                 "selective_copy")]}
 
 
 def test_every_config_is_covered():

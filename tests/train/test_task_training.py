@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+import configs.recall as recall
 import configs.state_tracking as state_tracking
 from lsm.models.lm import LanguageModel, LMConfig
 from lsm.tasks import TaskConfig, make_task
@@ -16,12 +17,13 @@ from lsm.train import loop
 DEVICE = jax.devices()[:1]
 
 
-@pytest.mark.parametrize("arg", [
-    "task=parity,mixer=delta_net,beta_scale=2",
-    "task=permutation,group=S3,mixer=mamba,eigenvalues=signed",
+@pytest.mark.parametrize("module, arg", [
+    (state_tracking, "task=parity,mixer=delta_net,beta_scale=2"),
+    (state_tracking, "task=permutation,group=S3,mixer=mamba,eigenvalues=signed"),
+    (recall, "task=mqar,mixer=gla,size=32,num_pairs=4,vocab=64"),
 ])
-def test_task_smoke_run_evaluates_every_test_size(arg, tmp_path):
-  config = state_tracking.get_config(arg + ",smoke=True")
+def test_task_smoke_run_evaluates_every_test_size(module, arg, tmp_path):
+  config = module.get_config(arg + ",smoke=True")
   config.train.update(progress=False, log_every=10)
   history = loop.train(config, tmp_path, devices=DEVICE)
   last = history[max(history)]

@@ -1,0 +1,134 @@
+"""The grid runner shared by experiments/state_tracking.py and recall.py: train
+every (task, model, seed, learning rate) with lsm's trainer, keep each seed's
+best learning rate (a grid is only as good as its learning rates), report the
+best and median over seeds per test size, and write runs.csv, results.csv,
+results.md and (with matplotlib) accuracy_vs_length.png.
+
+Models are named MIXER:VALUE: deltanet:1 (beta in [0, 1]: eigenvalues of
+I - beta k k^T in [0, 1]), deltanet:2 (beta in [0, 2]: [-1, 1]),
+mamba:positive / mamba:signed (decays in (0, 1) / (-1, 1)), or any lsm mixer
+name with an optional beta_scale.
+"""
+
+import csv
+import pathlib
+import statistics
+import sys
+
+from lsm.train import loop
+
+def model_arg(model: str) -> str:
+  mixer, _, value = model.partition(":")
+  if mixer == "deltanet":
+    return f"mixer=delta_net,beta_scale={float(value or 1)}"
+  if mixer == "mamba":
+    return f"mixer=mamba,eigenvalues={value or 'positive'}"
+  return f"mixer={mixer}" + (f",beta_scale={float(value)}" if value else "")
+
+
+def run_one(get_config, task: str, model: str, seed: int, lr: float, *,
+            steps: int, batch: int, out: pathlib.Path, smoke: bool = False,
+            progress: bool = False, extra: str = "") -> dict[int, dict]:
+  """Trains one run of ``get_config`` (a configs/ module's); returns {test size:
+  final eval metrics}."""
+  arg = (f"task={task},{model_arg(model)},seed={seed},lr={lr},steps={steps},"
+         f"batch_size={batch},smoke={smoke}" + (f",{extra}" if extra else ""))
+  config = get_config(arg)
+  config.train.progress = progress
+  name = f"{task}-{model.replace(':', '_')}-s{seed}-lr{lr:g}"
+  history = loop.train(config, out / name)
+  last = history[max(s for s in history if any(k.startswith("eval_")
+                                               for k in history[s]))]
+  results = {}
+  for size in config.task.eval_sizes:
+    prefix = f"eval_{size}_"
+    results[size] = {k[len(prefix):]: v for k, v in last.items()
+                     if k.startswith(prefix)}
+  return results
+
+
+def run_grid(get_config, tasks, models, seeds, lrs, *, steps, batch,
+             out: pathlib.Path, smoke=False, progress=False, extra: str = "",
+             published=None, labels=None) -> tuple[list[dict], list[dict]]:
+  """Every (task, model, seed, lr) run; for each seed the best lr (by mean
+  scaled accuracy over the test sizes); returns (per-run rows, per model x task
+  summary rows) and writes them into ``out``."""
+  published, labels = published or {}, labels or {}
+  out.mkdir(parents=True, exist_ok=True)
+  runs, summary = [], []
+  for task in tasks:
+    for model in models:
+      per_seed = []
+      for seed in seeds:
+        best = None
+        for lr in lrs:
+          res = run_one(get_config, task, model, seed, lr, steps=steps,
+                        batch=batch, out=out, smoke=smoke, progress=progress,
+                        extra=extra)
+          mean = statistics.fmean(r["scaled_accuracy"] for r in res.values())
+          for size, r in res.items():
+            runs.append({"task": task, "model": model, "seed": seed, "lr": lr,
+                         "size": size, **r})
+          print(f"{task} {model} seed={seed} lr={lr:g}: mean scaled accuracy "
+                f"{mean:.3f} " + " ".join(f"{s}:{r['scaled_accuracy']:.3f}"
+                                          for s, r in res.items()), flush=True)
+          if best is None or mean > best[0]:
+            best = (mean, lr, res)
+        per_seed.append(best)
+      means = [b[0] for b in per_seed]
+      summary.append({
+          "task": task, "model": model, "label": labels.get(model, model),
+          "best": max(means), "median": statistics.median(means),
+          "seeds": len(means), "best_lr": per_seed[means.index(max(means))][1],
+          "published": published.get((task, model)),
+          "by_size": per_seed[means.index(max(means))][2]})
+  budget = ("smoke runs (30 steps at batch 16)" if smoke else
+            f"{steps} steps at batch {batch}")
+  write_outputs(runs, summary, out, budget=budget, lrs=lrs)
+  return runs, summary
+
+
+def write_outputs(runs, summary, out: pathlib.Path, *, budget: str, lrs):
+  with open(out / "runs.csv", "w", newline="") as f:
+    keys = sorted({k for r in runs for k in r})
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(runs)
+  with open(out / "results.csv", "w", newline="") as f:
+    keys = ["task", "model", "best", "median", "seeds", "best_lr", "published"]
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(summary)
+  sizes = sorted({s for r in summary for s in r["by_size"]})
+  lines = [f"Scaled accuracy on test sizes (mean over sizes {sizes}); best "
+           f"learning rate of {list(lrs)} per seed; {budget}.", "",
+           "| task | model | best | median | seeds | best lr | published | " + " | ".join(f"size {s}" for s in sizes)
+           + " |", "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(sizes)]
+  for r in summary:
+    pub = "n/a" if r["published"] is None else f"{r['published']:.3f}"
+    by = " | ".join(f"{r['by_size'][s]['scaled_accuracy']:.3f}" for s in sizes)
+    lines.append(f"| {r['task']} | {r['label']} | {r['best']:.3f} | "
+                 f"{r['median']:.3f} | {r['seeds']} | {r['best_lr']:g} | {pub} | "
+                 f"{by} |")
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  try:
+    import matplotlib  # optional: pip install matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib not installed: no accuracy_vs_length.png", file=sys.stderr)
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in summary:
+    xs = sorted(r["by_size"])
+    ax.plot(xs, [r["by_size"][s]["scaled_accuracy"] for s in xs], marker="o",
+            label=f"{r['task']}: {r['label']}")
+  ax.set_xlabel("test size")
+  ax.set_ylabel("scaled accuracy (best seed)")
+  ax.set_xscale("log")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "accuracy_vs_length.png", dpi=120)
+
+
