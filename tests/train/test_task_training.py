@@ -1,7 +1,6 @@
 """Synthetic tasks through the trainer: a smoke run per task family (state
-tracking, recall) with
-evaluation at every test size, and the eval metrics checked against an
-independent count on the same examples."""
+tracking, recall) with evaluation at every test size, and the eval metrics
+checked against an independent count on the same examples."""
 
 import jax
 import numpy as np
