@@ -21,10 +21,16 @@ import argparse
 import pathlib
 import sys
 
+import jax
+import numpy as np
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import state_tracking  # noqa: E402
 from experiments import synthetic_grid  # noqa: E402
+from lsm.tasks import TaskConfig, make_task  # noqa: E402
+from lsm.tasks.base import TaskSource  # noqa: E402
+from lsm.train import loop  # noqa: E402
 
 # Grazzi et al. 2024, Table 3 (scaled accuracy on test lengths 40-256, best run).
 PUBLISHED = {
@@ -35,6 +41,53 @@ PUBLISHED = {
 }
 LABELS = {"deltanet:1": "DeltaNet [0, 1]", "deltanet:2": "DeltaNet [-1, 1]",
           "mamba:positive": "Mamba [0, 1]", "mamba:signed": "Mamba [-1, 1]"}
+
+
+def parity_pair(out: pathlib.Path, *, steps: int = 600, lr: float = 3e-3,
+                seed: int = 0, smoke: bool = False) -> dict[str, tuple]:
+  """DeltaNet with beta in [0, 1] and in [0, 2] on parity (the notebook's
+  experiment). Returns {model: ({test size: eval metrics}, config, workdir)}."""
+  pair = {}
+  for model in ("deltanet:1", "deltanet:2"):
+    kwargs = dict(steps=steps, batch=128, out=out, smoke=smoke)
+    results = synthetic_grid.run_one(state_tracking.get_config, "parity", model,
+                                     seed, lr, **kwargs)
+    config, workdir = synthetic_grid.cell(state_tracking.get_config, "parity",
+                                          model, seed, lr, **kwargs)
+    pair[model] = (results, config, workdir)
+  return pair
+
+
+def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
+                        seed: int = 12345) -> dict[str, np.ndarray]:
+  """Eigenvalues of the trained layers' transitions on fresh examples.
+
+  For DeltaNet layers, 1 - beta_t per token and head (the eigenvalue of
+  I - beta_t k_t k_t^T along k_t; the others are 1); for Mamba layers, the
+  decays a_t. Returns {"layer<i>/bit<b>": values} split by the input token's
+  bit for parity (so the two populations the model should separate, flip on 1
+  and keep on 0, show up as two clusters), else {"layer<i>": values}.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
+  task = make_task(TaskConfig(**config.task.to_dict()))
+  source = TaskSource(task, seed=seed, sizes=(size, size))
+  tokens = np.stack([source[i]["inputs"] for i in range(n)])
+  x = model.embed(jnp.asarray(tokens))
+  out = {}
+  for i, block in enumerate(model.blocks):
+    h = block.mixer_norm(x)
+    if hasattr(block.mixer, "beta_scale"):
+      eig = 1.0 - np.asarray(block.mixer.decays(h)[0])       # [n, T, H]
+    else:
+      eig = np.asarray(block.mixer.decays(h))                # [n, T, E, N]
+    if config.task.name == "parity":
+      for bit in (0, 1):
+        out[f"layer{i}/bit{bit}"] = eig[tokens == 1 + bit].ravel()
+    else:
+      out[f"layer{i}"] = eig.ravel()
+    x, _ = block(x)
+  return out
 
 
 def main(argv=None):

@@ -26,17 +26,24 @@ def model_arg(model: str) -> str:
   return f"mixer={mixer}" + (f",beta_scale={float(value)}" if value else "")
 
 
+def cell(get_config, task: str, model: str, seed: int, lr: float, *,
+         steps: int, batch: int, out: pathlib.Path, smoke: bool = False,
+         extra: str = ""):
+  """(config, workdir) of one run of ``get_config`` (a configs/ module's)."""
+  arg = (f"task={task},{model_arg(model)},seed={seed},lr={lr},steps={steps},"
+         f"batch_size={batch},smoke={smoke}" + (f",{extra}" if extra else ""))
+  name = f"{task}-{model.replace(':', '_')}-s{seed}-lr{lr:g}"
+  return get_config(arg), pathlib.Path(out) / name
+
+
 def run_one(get_config, task: str, model: str, seed: int, lr: float, *,
             steps: int, batch: int, out: pathlib.Path, smoke: bool = False,
             progress: bool = False, extra: str = "") -> dict[int, dict]:
-  """Trains one run of ``get_config`` (a configs/ module's); returns {test size:
-  final eval metrics}."""
-  arg = (f"task={task},{model_arg(model)},seed={seed},lr={lr},steps={steps},"
-         f"batch_size={batch},smoke={smoke}" + (f",{extra}" if extra else ""))
-  config = get_config(arg)
+  """Trains one run (see ``cell``); returns {test size: final eval metrics}."""
+  config, workdir = cell(get_config, task, model, seed, lr, steps=steps,
+                         batch=batch, out=out, smoke=smoke, extra=extra)
   config.train.progress = progress
-  name = f"{task}-{model.replace(':', '_')}-s{seed}-lr{lr:g}"
-  history = loop.train(config, out / name)
+  history = loop.train(config, workdir)
   last = history[max(s for s in history if any(k.startswith("eval_")
                                                for k in history[s]))]
   results = {}

@@ -113,6 +113,17 @@ class Checkpointer:
       return step, out["state"]
     return None
 
+  def restore_state(self, abstract_state, step: int | None = None):
+    """(step, state) of ``step`` (default: the newest), without the data
+    iterator: for evaluation and analysis of a finished run."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    step = steps[-1] if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return step, out["state"]
+
   def _quarantine(self, step: int, error: Exception):
     dest = self.workdir / "damaged_checkpoints" / str(step)
     log.warning("checkpoint at step %d is damaged and cannot be restored "

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from lsm.data.pipeline import DataConfig, make_dataset, make_tokenizer_for
@@ -341,3 +341,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if stop.signum is not None:
     raise SystemExit(128 + stop.signum)
   return history
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+               step: int | None = None, devices=None):
+  """The LanguageModel of a run's checkpoint (default: the newest step), for
+  evaluation, decoding or analysis. Returns (step, model)."""
+  run = RunConfig.from_config(config)
+  optimizer, _ = optim.make_optimizer(run.optim, run.train.num_steps)
+  mesh = make_mesh(run.mesh, devices)
+  setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
+  checkpointer = ckpt_lib.Checkpointer(workdir, every=0, keep=1)
+  try:
+    step, state = checkpointer.restore_state(setup.abstract_state, step)
+  finally:
+    checkpointer.close()
+  return step, nnx.merge(setup.graphdef, state["params"])

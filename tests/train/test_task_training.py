@@ -1,6 +1,7 @@
-"""Synthetic tasks through the trainer: a smoke run per task family (state
-tracking, recall) with evaluation at every test size, and the eval metrics
-checked against an independent count on the same examples."""
+"""Synthetic tasks through the trainer: a recall smoke run with evaluation at
+every test size (the state-tracking smoke run is notebooks/state_tracking.ipynb,
+run by tests/test_notebooks.py), and the eval metrics checked against an
+independent count on the same examples."""
 
 import jax
 import numpy as np
@@ -18,7 +19,6 @@ DEVICE = jax.devices()[:1]
 
 
 @pytest.mark.parametrize("module, arg", [
-    (state_tracking, "task=parity,mixer=delta_net,beta_scale=2"),
     (recall, "task=mqar,mixer=gla,size=32,num_pairs=4,vocab=64"),
 ])
 def test_task_smoke_run_evaluates_every_test_size(module, arg, tmp_path):
