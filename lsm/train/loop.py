@@ -18,7 +18,8 @@ import ml_collections
 from flax import nnx
 from tqdm import tqdm
 
-from lsm.data.pipeline import DataConfig, make_dataset, make_tokenizer_for
+from lsm.data.pipeline import (DataConfig, make_dataset, make_tokenizer_for,
+                                open_text_source)
 from lsm.models.lm import LMConfig, flops_per_token
 from lsm.parallel.mesh import MeshConfig, make_mesh
 from lsm.tasks import TaskConfig, make_task
@@ -218,14 +219,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     eval_sets = {f"eval_{size}_": TaskSource(
         task, seed=run.data.seed + 1_000_003 * (i + 1), sizes=(size, size))
         for i, size in enumerate(run.task.eval_sizes)}
-    _check_shapes(run, mesh, task.vocab_size, "task")
+    data_vocab, what = task.vocab_size, "task"
   else:
     eval_sets = {"eval_": source}
+    data_vocab, what = None, ""
     if run.data.source != "task":
-      _check_shapes(run, mesh, make_tokenizer_for(run.data).vocab_size,
-                    "tokenizer")
-    else:
-      _check_shapes(run, mesh, None, "")
+      data_vocab, what = make_tokenizer_for(run.data).vocab_size, "tokenizer"
+  _check_shapes(run, mesh, data_vocab, what)
   optimizer, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   dtype = COMPUTE_DTYPES[run.train.compute_dtype]
@@ -260,6 +260,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             for k, v in batch.items()}
 
   def evaluate(eval_source, prefix):
+    if eval_source is None:
+      # The held-out text split, opened once at the first evaluation (a run
+      # that never evaluates never needs the split to exist).
+      eval_source = eval_sets[prefix] = open_text_source(run.data,
+                                                         run.data.eval_split)
     eval_iter = iter(make_dataset(run.data, run.data.eval_split,
                                   source=eval_source, **process))
     sums = None
@@ -320,7 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 f"were skipped, so the checkpoints in {checkpointer.directory} "
                 f"(steps {checkpointer.steps()}) hold the last good parameters.")
         if run.train.eval_every and step % run.train.eval_every == 0:
-          for prefix, eval_source in eval_sets.items():
+          for prefix, eval_source in list(eval_sets.items()):
             result = evaluate(eval_source, prefix)
             if result is not None:
               history.setdefault(step, {}).update(
