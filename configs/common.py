@@ -70,7 +70,9 @@ def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
               tokenizer="byte", tokenizer_path=placeholder(str),
               # None: local_text builds into <workdir>/tfds.
               data_dir=placeholder(str), train_split="train",
-              eval_split="validation")
+              eval_split="validation",
+              # None: one record shard per process (lsm.data.pipeline).
+              shards=placeholder(int))
   if spec == "embedded":
     data.update(source="local_text", globs=EMBEDDED_GLOBS)
   elif spec.startswith("tfds:"):
@@ -149,7 +151,7 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
   # Task rows take their length from the task (task.max_tokens); data.seq_len
   # is for text.
   c.data = dict(source="task", batch_size=batch_size, seed=seed, shuffle=True,
-                seq_len=8, eval_split="eval")
+                seq_len=8, eval_split="eval", shards=placeholder(int))
   c.optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10),
                  total_steps=placeholder(int), min_lr_ratio=0.0,
                  weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)

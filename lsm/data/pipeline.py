@@ -75,6 +75,11 @@ class DataConfig:
     num_threads: threads reading and tokenizing records (0: in the caller).
     prefetch_buffer_size: records read ahead by those threads.
     prefetch_batches: batches assembled ahead in a background thread; 0: none.
+    shards: record shards, each read by its own pipeline into
+      batch_size // shards rows of every batch; process i of n reads shards
+      i * shards / n .. (i + 1) * shards / n - 1 and stacks their rows. None:
+      one shard per process. Fixing it fixes the global batches whatever the
+      process count (1 process with shards=2 sees what 2 processes see).
   """
   source: str = "tfds"
   globs: Sequence[str] = ()
@@ -96,6 +101,7 @@ class DataConfig:
   num_threads: int = 4
   prefetch_buffer_size: int = 64
   prefetch_batches: int = 2
+  shards: int | None = None
 
   def __post_init__(self):
     _check_choice("source", self.source, SOURCES)
@@ -132,6 +138,11 @@ class DataConfig:
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"DataConfig: {field}={value!r}; expected an int >= {low}")
+    if self.shards is not None and (isinstance(self.shards, bool) or not
+                                    isinstance(self.shards, int) or self.shards < 1
+                                    or self.batch_size % self.shards):
+      raise ValueError(f"DataConfig: shards={self.shards!r}; expected None or a "
+                       f"positive int dividing batch_size={self.batch_size}")
     for field in ("shuffle", "download"):
       value = getattr(self, field)
       if not isinstance(value, bool):
@@ -345,14 +356,70 @@ def make_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
   "tfds" opens the prepared dataset ``cfg.name``; both go through
   ``text_dataset``. "task" batches ``source`` (required) with ``example_dataset``.
   """
-  if cfg.source == "task":
-    if source is None:
-      raise ValueError("make_dataset: source=None with cfg.source='task'; expected "
-                       "the task's random-access example records")
-    return example_dataset(source, cfg, split, process_index=process_index,
-                           process_count=process_count)
-  return text_dataset(cfg, split, process_index=process_index,
-                      process_count=process_count, source=source)
+  if cfg.source == "task" and source is None:
+    raise ValueError("make_dataset: source=None with cfg.source='task'; expected "
+                     "the task's random-access example records")
+  shards = cfg.shards or process_count
+  if shards % process_count:
+    raise ValueError(f"DataConfig: shards={cfg.shards} is not divisible by "
+                     f"process_count={process_count}; expected a multiple of it")
+  per_process = shards // process_count
+
+  def shard(index: int) -> grain.IterDataset:
+    # A shard is read exactly as a process of a ``shards``-process run reads.
+    if cfg.source == "task":
+      return example_dataset(source, cfg, split, process_index=index,
+                             process_count=shards)
+    return text_dataset(cfg, split, process_index=index, process_count=shards,
+                        source=source)
+
+  parts = [shard(process_index * per_process + j) for j in range(per_process)]
+  return parts[0] if per_process == 1 else StackRowsIterDataset(parts)
+
+
+class StackRowsIterDataset(grain.IterDataset):
+  """Batches of several shard pipelines stacked row-wise, in shard order.
+
+  Ends when every shard has ended; a shard that ends first contributes
+  all-zero (fully masked) rows, as a short final eval batch does. The iterator
+  state is the list of the shards' states.
+  """
+
+  def __init__(self, parents: Sequence[grain.IterDataset]):
+    super().__init__(list(parents))
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _StackRowsIterator([iter(p) for p in self._parents])
+
+  def __str__(self) -> str:
+    return f"StackRowsIterDataset({len(self._parents)} shards)"
+
+
+class _StackRowsIterator(grain.DatasetIterator):
+
+  def __init__(self, parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+    self._last = [None] * len(parents)
+
+  def __next__(self):
+    batches = [next(p, None) for p in self._parents]
+    if all(b is None for b in batches):
+      raise StopIteration
+    for i, b in enumerate(batches):
+      if b is None:
+        if self._last[i] is None:
+          raise ValueError(f"record shard {i} of {len(batches)} gave no batch; "
+                           "expected at least one per shard")
+        batches[i] = {k: np.zeros_like(v) for k, v in self._last[i].items()}
+      self._last[i] = batches[i]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {"shards": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state):
+    for p, s in zip(self._parents, state["shards"], strict=True):
+      p.set_state(s)
 
 
 # --- iterator state -----------------------------------------------------------

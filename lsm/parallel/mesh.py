@@ -67,7 +67,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None
   batches and lets XLA propagate the rest.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = resolve_shape(cfg.shape, len(devices))
+  try:
+    sizes = resolve_shape(cfg.shape, len(devices))
+  except ValueError as e:
+    if jax.process_count() == 1:
+      raise
+    raise ValueError(f"{e} ({jax.process_count()} processes with "
+                     f"{jax.local_device_count()} devices each on this one: the "
+                     "mesh must use every device of every process)") from None
   dims = tuple(sizes[name] for name in AXES)
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   if len(devices) == len(jax.devices()):

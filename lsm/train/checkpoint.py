@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lsm.data import pipeline
+from lsm.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Checkpointer:
       if dest.exists():
         dest = dest.with_name(f"{step}-{int(time.time())}")
       shutil.move(str(self.directory / str(step)), str(dest))
+    distributed.barrier(f"lsm_quarantine_{step}")
     self.manager.reload()
 
   def wait(self):

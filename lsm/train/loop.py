@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -26,6 +27,7 @@ from lsm.tasks import TaskConfig, make_task
 from lsm.tasks.base import TaskSource
 from lsm.tasks.metrics import scaled_accuracy
 from lsm.train import checkpoint as ckpt_lib
+from lsm.train import distributed
 from lsm.train import metrics as metrics_lib
 from lsm.train import optim
 from lsm.train import state as state_lib
@@ -198,11 +200,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     run = dataclasses.replace(run, data=dataclasses.replace(
         run.data, data_dir=str(workdir / "tfds")))
   is_main = jax.process_index() == 0
+  # Every process must run the same config (and write to the same place): a
+  # mismatch stops all of them here rather than hanging in a collective later.
+  distributed.check_same_config({"run": _jsonable(run),
+                                 "workdir": str(workdir.absolute())})
   if run.train.start_fresh:
     ckpt_lib.archive_run(workdir)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
+  if (distributed.is_multiprocess() and source is None
+      and run.data.source in ("local_text", "tfds")):
+    # One process prepares the text dataset (first builds race), then all open it.
+    if is_main:
+      open_text_source(run.data, run.data.train_split)
+    distributed.barrier("lsm_data_prepared")
+  distributed.barrier("lsm_workdir_ready")
 
   mesh = make_mesh(run.mesh, devices)
   # Evaluation sets: the held-out split for text; one set per eval size for a
@@ -267,8 +280,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                                          run.data.eval_split)
     eval_iter = iter(make_dataset(run.data, run.data.eval_split,
                                   source=eval_source, **process))
-    sums = None
-    for _, batch in zip(range(run.train.eval_steps), eval_iter):
+    sums, last = None, None
+    for _ in range(run.train.eval_steps):
+      batch = next(eval_iter, None)
+      # Processes hold different numbers of eval batches: all go on while any
+      # has one, the others feed all-masked rows (every process has at least
+      # one batch, since each holds at least one record).
+      if not distributed.agree_any(batch is not None):
+        break
+      if batch is None:
+        batch = {k: np.zeros_like(v) for k, v in last.items()}
+      last = batch
       out = jax.device_get(eval_step(state["params"], put(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in out}
     if sums is None:
@@ -291,6 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   history: dict[int, dict] = {}
   pending: list = []
   step, last_time, last_step = start, time.perf_counter(), start
+  stopping = False
   bar = tqdm(total=run.train.num_steps, initial=start, unit="step",
              disable=not (is_main and run.train.progress), dynamic_ncols=True)
   try:
@@ -331,20 +354,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
               history.setdefault(step, {}).update(
                   {f"{prefix}{k}": v for k, v in result.items()})
               writer.write(step, result, prefix=prefix)
-        final = step == run.train.num_steps or stop.signum is not None
+        stopping = stop.signum is not None
+        if distributed.is_multiprocess():
+          # A signal may reach the processes at different steps: they agree
+          # at every log step (a collective), so all stop at the same one.
+          stopping = ((step % run.train.log_every == 0
+                       or step == run.train.num_steps)
+                      and distributed.agree_any(stopping))
+        final = step == run.train.num_steps or stopping
         checkpointer.save(step, state, data_iter, meta, force=final)
         if run.train.crash_after_step == step:
           os.kill(os.getpid(), signal.SIGKILL)
-        if stop.signum is not None:
-          log.warning("stopping on signal %d at step %d; checkpoint saved",
-                      stop.signum, step)
+        if stopping:
+          log.warning("stopping on signal %s at step %d; checkpoint saved",
+                      stop.signum or "(of another process)", step)
           break
   finally:
     bar.close()
     checkpointer.close()
     writer.close()
-  if stop.signum is not None:
-    raise SystemExit(128 + stop.signum)
+  if stopping:
+    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
   return history
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -21,6 +22,21 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, metrics, config.json. A run "
     "resumes from the newest checkpoint found here.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process runs (see lsm/train/distributed.py and launch/).
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Join a multi-process run through jax.distributed: auto (when SLURM, Open "
+    "MPI, a TPU slice or --coordinator_address says so), on, off.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --num_processes "
+    "and --process_id); otherwise taken from the cluster environment.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process, in [0, num_processes).")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds to wait for the coordinator and for "
+    "every process to join before stopping with an error.")
 
 
 _started = False
@@ -35,7 +51,15 @@ def main(argv):
   # theirs at WARNING and lsm's own at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("lsm").setLevel(logging.INFO)
-  from lsm.train import loop  # after flag parsing: a bad flag fails fast
+  from lsm.train import distributed  # after flag parsing: a bad flag fails fast
+  from lsm.train import loop
+  distributed.initialize(distributed.DistributedOptions(
+      mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      timeout_s=_TIMEOUT.value))
+  if jax.process_index() != 0:
+    # Process 0 speaks for the run; the others only warn.
+    logging.getLogger("lsm").setLevel(logging.WARNING)
   loop.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -138,6 +138,39 @@ def test_host_shards_are_disjoint_and_cover_the_data(count):
         _ids(EXAMPLES[i::count])
 
 
+def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
+  text = dict(source="local_text", globs=("unused",), batch_size=4,
+              row_shuffle_window=4)
+  cfg = _cfg(shards=2, **text)
+  one = _take(pipeline.make_dataset(cfg, "train", source=DOCS), 6)
+  two = [_take(pipeline.make_dataset(cfg, "train", source=DOCS, process_index=i,
+                                     process_count=2), 6) for i in range(2)]
+  stacked = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)]
+  assert _equal(one, stacked)
+  # Without shards each process count reads its own way: the global batches differ.
+  default = _take(pipeline.make_dataset(_cfg(**text), "train", source=DOCS), 6)
+  assert not _equal(one, default)
+  with pytest.raises(ValueError, match="shards=2 is not divisible by process_count=4"):
+    pipeline.make_dataset(cfg, "train", source=DOCS, process_count=4)
+
+
+def test_stacked_shards_eval_pads_the_shorter_shard_and_state_round_trips():
+  cfg = _cfg(batch_size=6, shards=2)
+  evals = list(pipeline.make_dataset(cfg, "validation", source=EXAMPLES))
+  # 23 rows: shard 0 holds 12 (4 batches of 3), shard 1 holds 11 (3 + 3 + 3 + 2).
+  assert len(evals) == 4 and all(b["inputs"].shape == (6, 5) for b in evals)
+  rows = [r for b in evals for r in b["inputs"][b["mask"].any(1)]]
+  assert sorted(_ids({"inputs": r} for r in rows)) == list(range(23))
+  it = iter(pipeline.make_dataset(cfg, "train", source=EXAMPLES))
+  for _ in range(9):
+    next(it)
+  state = pipeline.iterator_state(it)
+  want = [next(it) for _ in range(3)]
+  fresh = iter(pipeline.make_dataset(cfg, "train", source=EXAMPLES))
+  pipeline.restore_iterator_state(fresh, state)
+  assert _equal([next(fresh) for _ in range(3)], want)
+
+
 def test_orbax_restores_the_exact_next_batches(tmp_path):
   cfg = _cfg(row_shuffle_window=8, prefetch_batches=2)
   ds = pipeline.text_dataset(cfg, "train", source=DOCS)
@@ -248,6 +281,8 @@ def test_config_from_config_dict():
     (dict(download=1), "download=1"),
     (dict(eval_split=""), "eval_split=''"),
     (dict(num_threads=-1), "num_threads=-1"),
+    (dict(shards=3), "shards=3"),
+    (dict(shards=0), "shards=0"),
 ])
 def test_config_errors(kw, match):
   with pytest.raises(ValueError, match=match):

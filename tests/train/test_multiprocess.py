@@ -1,0 +1,136 @@
+"""Real multi-process runs on CPU through launch/local_multiprocess.sh: two
+``lsm-train`` processes with 4 CPU devices each, joined by jax.distributed on
+localhost, against one process with 8 devices; then a hard kill of both and a
+resume. Also the startup failures: different configs, no coordinator."""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lsm.train.metrics import read_metrics
+from tests.numerics import assert_close, tolerance
+from tests.train import runs
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LAUNCHER = str(ROOT / "launch" / "local_multiprocess.sh")
+KEYS = ("loss", "accuracy", "grad_norm")
+
+
+def _flags(corpus: str, data_dir: str, workdir, *overrides: str) -> list[str]:
+  # Two record shards whatever the process count, so one process reads the
+  # same global batches as two; mesh (data=4, seq=2) over 8 devices.
+  return [f"--config={ROOT}/configs/gla.py:smoke=True", f"--workdir={workdir}",
+          "--config.model.d_model=32", "--config.model.n_layers=1",
+          f"--config.data.globs=('{corpus}',)", f"--config.data.data_dir={data_dir}",
+          "--config.data.seq_len=16", "--config.data.batch_size=8",
+          "--config.data.shards=2", "--config.mesh.shape.data=4",
+          "--config.mesh.shape.seq=2", "--config.optim.warmup_steps=2",
+          "--config.optim.total_steps=100", "--config.train.num_steps=8",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+          "--config.train.async_checkpoints=False",
+          "--config.train.progress=False", *overrides]
+
+
+def _env(**extra):
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "PYTHON": sys.executable, **extra}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _launch(n: int, devices: int, flags: list[str], log_dir, timeout=240):
+  return subprocess.run([LAUNCHER, str(n), str(devices), *flags], cwd=ROOT,
+                        env=_env(LOG_DIR=str(log_dir)), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _logs(log_dir) -> str:
+  return "\n".join(p.read_text() for p in sorted(pathlib.Path(log_dir).glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mp")
+  return runs.write_corpus(root / "text"), str(root / "tfds")
+
+
+def _assert_close(got: dict, want: dict, steps):
+  for key in KEYS:
+    assert_close([got[s][key] for s in steps], [want[s][key] for s in steps],
+                 rtol=tolerance("train", np.float32), what=key)
+
+
+def test_two_processes_equal_one_and_resume_after_both_are_killed(corpus, tmp_path):
+  one = _launch(1, 8, _flags(*corpus, tmp_path / "one"), tmp_path / "log1")
+  assert one.returncode == 0, _logs(tmp_path / "log1")[-4000:]
+  want = read_metrics(tmp_path / "one" / "metrics.jsonl")
+  assert sorted(want) == list(range(1, 9))
+  assert want[8]["loss"] < want[1]["loss"]   # it trained
+
+  two = tmp_path / "two"
+  crashed = _launch(2, 4, _flags(*corpus, two, "--config.train.crash_after_step=6"),
+                    tmp_path / "log2")
+  assert crashed.returncode == 128 + 9, _logs(tmp_path / "log2")[-4000:]  # SIGKILL
+  before = read_metrics(two / "metrics.jsonl")
+  assert sorted(before) == list(range(1, 7))
+  _assert_close(before, want, range(1, 7))
+  # Both processes wrote their data-iterator position into the checkpoint.
+  data = sorted(p.name for p in (two / "checkpoints" / "4" / "data").glob("*.json"))
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+
+  resumed = _launch(2, 4, _flags(*corpus, two), tmp_path / "log3")
+  logs = _logs(tmp_path / "log3")
+  assert resumed.returncode == 0, logs[-4000:]
+  assert re.search(r"resumed from step 4\b", logs), logs[-4000:]
+  after = read_metrics(two / "metrics.jsonl")   # the last record of each step
+  assert sorted(after) == list(range(1, 9))
+  for step in (5, 6):   # replayed by the same two processes: bitwise
+    for key in KEYS:
+      assert after[step][key] == before[step][key], (step, key)
+  _assert_close(after, want, range(5, 9))
+  # Only process 0 writes logs of the run; the others only warn.
+  proc1 = (tmp_path / "log3" / "process_1.log").read_text()
+  assert "resumed from step" not in proc1
+
+
+def test_processes_with_different_configs_stop_with_the_differences(corpus,
+                                                                     tmp_path):
+  flags = _flags(*corpus, tmp_path / "run", "--config.train.num_steps=2")
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "lsm.train", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60",
+       *flags, f"--config.optim.lr={lr}"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i, lr in enumerate((1e-3, 2e-3))]
+  outs = [p.communicate(timeout=120)[1] for p in procs]
+  for p, err in zip(procs, outs):
+    assert p.returncode != 0, err[-3000:]
+    assert "ProcessesDisagree" in err, err[-3000:]
+    assert "process 1 differs from process 0 in run.optim.lr: 0.001 vs 0.002" in err
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unreachable_coordinator_is_an_error_not_a_hang(tmp_path):
+  port = _free_port()
+  out = subprocess.run(
+      [sys.executable, "-m", "lsm.train", f"--config={ROOT}/configs/gla.py:smoke=True",
+       f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", "--process_id=1", "--distributed_timeout_s=2"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert (f"process 1: could not reach the coordinator at 127.0.0.1:{port} within "
+          "2 s") in out.stderr, out.stderr[-3000:]
