@@ -70,7 +70,7 @@ def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
               tokenizer="byte", tokenizer_path=placeholder(str),
               # None: local_text builds into <workdir>/tfds.
               data_dir=placeholder(str), train_split="train",
-              eval_split="validation",
+              eval_split="validation", validation_fraction=0.05,
               # None: one record shard per process (lsm.data.pipeline).
               shards=placeholder(int))
   if spec == "embedded":

@@ -20,6 +20,7 @@ from tests.train import runs
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCHER = str(ROOT / "launch" / "local_multiprocess.sh")
 KEYS = ("loss", "accuracy", "grad_norm")
+EVAL_KEYS = ("eval_loss", "eval_accuracy")
 
 
 def _flags(corpus: str, data_dir: str, workdir, *overrides: str) -> list[str]:
@@ -33,6 +34,10 @@ def _flags(corpus: str, data_dir: str, workdir, *overrides: str) -> list[str]:
           "--config.mesh.shape.seq=2", "--config.optim.warmup_steps=2",
           "--config.optim.total_steps=100", "--config.train.num_steps=8",
           "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+          # Evaluation to the end of the held-out split (24 batches per shard):
+          # the processes agree, batch by batch, on when it has ended.
+          "--config.data.validation_fraction=0.5", "--config.train.eval_every=4",
+          "--config.train.eval_steps=30",
           "--config.train.async_checkpoints=False",
           "--config.train.progress=False", *overrides]
 
@@ -66,8 +71,8 @@ def corpus(tmp_path_factory):
   return runs.write_corpus(root / "text"), str(root / "tfds")
 
 
-def _assert_close(got: dict, want: dict, steps):
-  for key in KEYS:
+def _assert_close(got: dict, want: dict, steps, keys=KEYS):
+  for key in keys:
     assert_close([got[s][key] for s in steps], [want[s][key] for s in steps],
                  rtol=tolerance("train", np.float32), what=key)
 
@@ -86,6 +91,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(corpus, tmp_pa
   before = read_metrics(two / "metrics.jsonl")
   assert sorted(before) == list(range(1, 7))
   _assert_close(before, want, range(1, 7))
+  _assert_close(before, want, [4], EVAL_KEYS)
   # Both processes wrote their data-iterator position into the checkpoint.
   data = sorted(p.name for p in (two / "checkpoints" / "4" / "data").glob("*.json"))
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
@@ -100,6 +106,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(corpus, tmp_pa
     for key in KEYS:
       assert after[step][key] == before[step][key], (step, key)
   _assert_close(after, want, range(5, 9))
+  _assert_close(after, want, [4, 8], EVAL_KEYS)
   # Only process 0 writes logs of the run; the others only warn.
   proc1 = (tmp_path / "log3" / "process_1.log").read_text()
   assert "resumed from step" not in proc1
