@@ -5,6 +5,11 @@ lsm-train --config=configs/gla.py:smoke=True --workdir=/tmp/gla \
 
 (also ``python -m lsm.train``). The config is locked: a misspelt override key
 or a value of the wrong type stops the run before anything starts.
+
+Several processes (hosts): start the same command in each; under SLURM, Open MPI
+or a TPU slice it joins them through ``jax.distributed`` by itself, elsewhere
+add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. See
+lsm/train/distributed.py and launch/.
 """
 
 import logging
