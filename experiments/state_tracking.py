@@ -98,6 +98,8 @@ def main(argv=None):
   p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--extra", default="", help="more configs/state_tracking.py "
+                 "args, e.g. group=A5 for --tasks permutation")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(
       "runs/state_tracking"))
   p.add_argument("--smoke", action="store_true", help="seconds-long runs")
@@ -106,7 +108,8 @@ def main(argv=None):
   synthetic_grid.run_grid(
       state_tracking.get_config, args.tasks, args.models, args.seeds, args.lrs,
       steps=args.steps, batch=args.batch, out=args.out, smoke=args.smoke,
-      progress=args.progress, published=PUBLISHED, labels=LABELS)
+      progress=args.progress, published=PUBLISHED, labels=LABELS,
+      extra=args.extra)
 
 
 if __name__ == "__main__":
