@@ -43,10 +43,9 @@ def _flags(corpus: str, data_dir: str, workdir, *overrides: str) -> list[str]:
 
 
 def _env(**extra):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "PYTHON": sys.executable, **extra}
-  env.pop("XLA_FLAGS", None)
-  return env
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+          "PYTHON": sys.executable, **extra}
 
 
 def _launch(n: int, devices: int, flags: list[str], log_dir, timeout=240):
@@ -112,23 +111,38 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(corpus, tmp_pa
   assert "resumed from step" not in proc1
 
 
-def test_processes_with_different_configs_stop_with_the_differences(corpus,
-                                                                     tmp_path):
-  flags = _flags(*corpus, tmp_path / "run", "--config.train.num_steps=2")
-  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+def _start_pair(flags: list[str], per_process: list[list[str]], devices: int):
+  """Two lsm-train processes started directly (no launcher); their stderr."""
+  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "lsm.train", f"--coordinator_address=127.0.0.1:{port}",
        "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60",
-       *flags, f"--config.optim.lr={lr}"], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i, lr in enumerate((1e-3, 2e-3))]
-  outs = [p.communicate(timeout=120)[1] for p in procs]
-  for p, err in zip(procs, outs):
-    assert p.returncode != 0, err[-3000:]
+       *flags, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i, extra in enumerate(per_process)]
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  return [(p.returncode, err) for p, err in zip(procs, errs)]
+
+
+def test_processes_with_different_configs_stop_with_the_differences(corpus,
+                                                                     tmp_path):
+  flags = _flags(*corpus, tmp_path / "run", "--config.train.num_steps=2")
+  results = _start_pair(flags, [["--config.optim.lr=1e-3"],
+                                ["--config.optim.lr=2e-3"]], devices=4)
+  for returncode, err in results:
+    assert returncode != 0, err[-3000:]
     assert "ProcessesDisagree" in err, err[-3000:]
     assert "process 1 differs from process 0 in run.optim.lr: 0.001 vs 0.002" in err
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mesh_that_does_not_match_the_processes_devices_stops_all(corpus, tmp_path):
+  # (data=4, seq=2) needs 8 devices; two processes with 2 each have 4.
+  results = _start_pair(_flags(*corpus, tmp_path / "run"), [[], []], devices=2)
+  for returncode, err in results:
+    assert returncode != 0, err[-3000:]
+    assert "needs 8 devices; 4 are available" in err, err[-3000:]
+    assert "(2 processes with 2 devices each on this one" in err, err[-3000:]
 
 
 def test_unreachable_coordinator_is_an_error_not_a_hang(tmp_path):
