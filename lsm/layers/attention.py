@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.sharding import sharded
-from lsm.parallel import axes
+from lsm.parallel import axes, sequence
 
 # The op impl names a config may pass to every mixer of a hybrid stack; attention
 # accepts them (its own implementation is XLA's), and rejects anything else.
@@ -187,11 +187,9 @@ class Attention(nnx.Module):
       positions = jnp.arange(T, dtype=jnp.int32)
       q = _rope(q, positions, self.rope_base)
       k = _rope(k, positions, self.rope_base)
-      # (W-1, 0): W-1 keys to the left of each query, none to the right.
-      local = None if self.window is None else (self.window - 1, 0)
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                       local_window_size=local,
-                                       implementation=None)
+      # Causal (sliding-window) attention; with a seq mesh axis, keys and values
+      # are gathered over it (LASP-2H, lsm.parallel.sequence).
+      o = sequence.attention(q, k, v, window=self.window)
       new_cache = None
     else:
       max_len = cache["k"].shape[1]

@@ -41,8 +41,13 @@ class ShortConv(nnx.Module):
     """x: [B, T, C]; cache: optional [B, W-1, C] previous inputs (zeros = start).
     Returns (y [B, T, C] in x.dtype, new cache or None)."""
     T = x.shape[1]
-    past = self.init_cache(x.shape[0], x.dtype) if cache is None else cache
-    xp = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
+    if cache is None:
+      # A pad, not a concatenate with zeros: with T sharded over ``seq`` XLA
+      # then moves only the (W-1)-token halos between neighbours instead of
+      # resharding the whole input.
+      xp = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))  # [B, W-1+T, C]
+    else:
+      xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
     w = self.kernel[...].astype(jnp.float32)
     y = sum(xp[:, i:i + T].astype(jnp.float32) * w[i] for i in range(self.width))
     y = self._act(y + self.bias[...]).astype(x.dtype)

@@ -17,8 +17,8 @@ from flax import nnx
 from lsm.layers.conv import ShortConv
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import param, sharded
-from lsm.ops.delta_rule import delta_rule, delta_rule_step
-from lsm.parallel import axes
+from lsm.ops.delta_rule import delta_rule_step
+from lsm.parallel import axes, sequence
 
 
 def _l2norm(x, eps=1e-6):
@@ -148,8 +148,9 @@ class DeltaNet(nnx.Module):
     q, k, v, conv_cache = self._qkv(x, conv_cache, step=False)
     beta, log_g = self._gates(x)
     h0 = None if cache is None else cache["h"]
-    o, h_t = delta_rule(q, k, v, beta, log_g=log_g, h0=h0,
-                        chunk_size=self.chunk_size, impl=self.impl)
+    # sequence.delta_rule is the op, split over the mesh's seq axis if it has one.
+    o, h_t = sequence.delta_rule(q, k, v, beta, log_g=log_g, h0=h0,
+                                 chunk_size=self.chunk_size, impl=self.impl)
     y = self._output(o, x)
     if cache is None:
       return y, None

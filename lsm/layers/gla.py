@@ -8,8 +8,8 @@ from flax import nnx
 
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import sharded
-from lsm.ops.gla import gla, gla_step
-from lsm.parallel import axes
+from lsm.ops.gla import gla_step
+from lsm.parallel import axes, sequence
 
 
 def _check(name, value, ok, expected):
@@ -89,7 +89,9 @@ class GLA(nnx.Module):
     """x: [B, T, D] -> (y [B, T, D], cache or None)."""
     q, k, v, gate, log_g = self._project(x)
     h0 = None if cache is None else cache["h"]
-    o, h_t = gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size, impl=self.impl)
+    # sequence.gla is the op, split over the mesh's seq axis when it has one.
+    o, h_t = sequence.gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size,
+                          impl=self.impl)
     y = self._output(o, gate)
     return y, (None if cache is None else {"h": h_t})
 

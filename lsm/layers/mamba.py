@@ -29,8 +29,8 @@ from flax import nnx
 from lsm.layers.conv import ShortConv
 from lsm.layers.sharding import param
 from lsm.layers.ssm import check_impl
-from lsm.ops.ssm_scan import ssm_scan, ssm_scan_step
-from lsm.parallel import axes
+from lsm.ops.ssm_scan import ssm_scan_step
+from lsm.parallel import axes, sequence
 
 EIGENVALUE_RANGES = ("positive", "signed")
 
@@ -177,8 +177,9 @@ class Mamba(nnx.Module):
     x, z, conv_cache = self._gate_and_input(
         u, None if cache is None else cache["conv"])
     a, b, c = self._ssm_inputs(x)
-    h, h_t = ssm_scan(a, b, h0=None if cache is None else cache["h"],
-                      impl=self.impl)
+    # sequence.ssm_scan is the op, split over the mesh's seq axis if it has one.
+    h, h_t = sequence.ssm_scan(a, b, h0=None if cache is None else cache["h"],
+                               impl=self.impl)
     y = self._output(h, c, x, z)
     return y, (None if cache is None else {"conv": conv_cache, "h": h_t})
 

@@ -57,7 +57,7 @@ from flax import nnx
 
 from lsm.layers.sharding import param
 from lsm.ops.ssm_scan import ssm_scan, ssm_scan_step
-from lsm.parallel import axes
+from lsm.parallel import axes, sequence
 
 DISCRETIZATIONS = ("bilinear", "zoh")
 MODES = ("conv", "recurrent")
@@ -254,8 +254,9 @@ class _DiagonalSSM(nnx.Module):
     return {"h": jnp.zeros((batch, self.d_model, self.state_size), jnp.float32)}
 
   def __call__(self, x, cache=None):
-    """Parallel over T: FFT convolution (mode="conv", no cache) or ssm_scan from
-    ``cache["h"]`` (a zero state when there is no cache).
+    """Parallel over T: FFT convolution (mode="conv", no cache, no sequence
+    parallelism) or ssm_scan from ``cache["h"]`` (a zero state when there is no
+    cache).
 
     Args:
       x: [B, T, D] input, any float dtype.
@@ -264,7 +265,10 @@ class _DiagonalSSM(nnx.Module):
     Returns:
       y: [B, T, D] in x.dtype; the updated cache when one was given, else None.
     """
-    if cache is None and self.mode == "conv":
+    # Under sequence parallelism (mesh seq > 1) the recurrent form runs instead
+    # of the FFT: the same function, but its communication is one state summary
+    # per device, where an FFT over a sharded T would gather the whole sequence.
+    if cache is None and self.mode == "conv" and sequence.seq_size() == 1:
       s = self._conv(x.astype(jnp.float32))
       return self._output(s, x), None
     h0 = None if cache is None else cache["h"]
@@ -331,7 +335,7 @@ class _DiagonalSSM(nnx.Module):
     u = jnp.conj(phase) * db * x[..., None]  # [B, T, H, M]
     b = _join(u)  # [B, T, H, N]
     a = jnp.broadcast_to(jnp.tile(jnp.exp(log_r), 2), b.shape)
-    g, g_t = ssm_scan(a, b, h0=h0, impl=self.impl)
+    g, g_t = sequence.ssm_scan(a, b, h0=h0, impl=self.impl)  # split over seq
     h = phase * _split(g, m)  # [B, T, H, M]
     s = 2 * jnp.sum(jnp.real(c * h), axis=-1)
     return s, _join(phase[-1] * _split(g_t, m))

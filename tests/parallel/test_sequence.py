@@ -1,0 +1,186 @@
+"""LASP-2 sequence parallelism (lsm.parallel.sequence).
+
+In this process (one CPU device): each op's per-slice code, run under a vmap
+that stands in for the ``seq`` mesh axis (all_gather and axis_index work the
+same there), composes the slices into the op over the whole sequence; without a
+mesh the wrappers are the ops; bad lengths and meshes fail before compiling.
+On 8 forced CPU devices (seq_check.py in a subprocess; the device count is fixed
+at JAX start): outputs and gradients against one device, the collectives in the
+compiled HLO, and a hybrid LM train step on (data=2, seq=4).
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsm.ops.delta_rule import delta_rule
+from lsm.ops.gla import gla
+from lsm.ops.ssm_scan import ssm_scan
+from lsm.parallel import sequence
+from lsm.parallel.mesh import resolve_shape
+from tests import numerics
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RTOL = numerics.TOLERANCES[("invariant", "float32")]
+B, T, H, K, V, N = 2, 40, 2, 8, 12, 4  # N slices of 10 tokens; chunk 16
+# The slice code is the same for every impl; the token-by-token reference
+# compiles fastest under vmap (seq_check.py runs the chunked impl on 8 devices).
+IMPL = "reference"
+
+
+@functools.cache
+def _inputs(seed=0):
+  """Seeded inputs (numpy's generator: compiling jax.random's here costs more
+  than all the tests in this file)."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  k = rng.standard_normal((B, T, H, K))
+  a = rng.uniform(-1.0, 1.0, (B, T, H, K))
+  return {
+      "q": f32(rng.standard_normal((B, T, H, K))),
+      "k": f32(k / np.linalg.norm(k, axis=-1, keepdims=True)),
+      "v": f32(rng.standard_normal((B, T, H, V))),
+      "log_g": f32(-np.exp(2 * rng.standard_normal((B, T, H, K)))),  # to -20+
+      "log_g_head": f32(-np.exp(rng.standard_normal((B, T, H)))),
+      "beta": f32(rng.uniform(0.0, 2.0, (B, T, H))),
+      "a": f32(np.where(np.abs(a) < 0.05, 0.0, a)),  # signed, exact zeros
+      "h0": f32(rng.standard_normal((B, H, K, V))),
+  }
+
+
+def _emulate(slice_fn, seq_args, h0):
+  """Runs ``slice_fn(*slices, h0)`` for N slices of T under a vmap named like
+  the mesh axis; returns (outputs over T, final states of every slice)."""
+  split = [x.reshape(x.shape[0], N, T // N, *x.shape[2:]) for x in seq_args]
+  out = jax.vmap(lambda *xs: slice_fn(*xs, h0), in_axes=1, out_axes=1,
+                 axis_name=sequence.SEQ_AXIS)(*split)
+  y, h_t = out
+  return y.reshape(y.shape[0], T, *y.shape[3:]), h_t
+
+
+CASES = {
+    "gla": (
+        lambda x: functools.partial(
+            sequence.gla_slice, call=functools.partial(
+                gla, scale=K ** -0.5, chunk_size=16, impl=IMPL),
+            scale=K ** -0.5, axis=sequence.SEQ_AXIS),
+        ("q", "k", "v", "log_g"),
+        lambda x: gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"],
+                      chunk_size=16, impl=IMPL)),
+    "gated_delta_rule": (
+        lambda x: lambda q, k, v, beta, g, h0: sequence.delta_rule_slice(
+            q, k, v, beta, g, h0, axis=sequence.SEQ_AXIS,
+            call=functools.partial(delta_rule, chunk_size=16, impl=IMPL)),
+        ("q", "k", "v", "beta", "log_g_head"),
+        lambda x: delta_rule(x["q"], x["k"], x["v"], x["beta"],
+                             log_g=x["log_g_head"], h0=x["h0"], chunk_size=16,
+                             impl=IMPL)),
+    "ssm_scan": (
+        lambda x: functools.partial(
+            sequence.ssm_scan_slice, call=functools.partial(ssm_scan,
+                                                            impl=IMPL),
+            axis=sequence.SEQ_AXIS),
+        ("a", "q"),
+        lambda x: ssm_scan(x["a"], x["q"], h0=x["h0"][..., 0], impl=IMPL)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_slices_compose_into_the_whole_sequence(name):
+  make, seq_names, whole = CASES[name]
+  x = _inputs()
+  h0 = x["h0"][..., 0] if name == "ssm_scan" else x["h0"]
+  y, h_t = jax.jit(lambda x: _emulate(make(x), [x[n] for n in seq_names], h0))(x)
+  y_e, h_e = jax.jit(whole)(x)
+  numerics.assert_close(y, y_e, rtol=RTOL, what=f"{name} output")
+  for i in range(N):  # every slice computes the same final state
+    numerics.assert_close(h_t[:, i], h_e, rtol=RTOL, what=f"{name} h_T slice {i}")
+
+
+def test_attention_slices_see_global_causal_positions():
+  x = _inputs()
+  q = jnp.concatenate([x["q"], x["k"]], axis=2)  # 4 query heads, 2 kv heads
+  body = functools.partial(sequence.attention_slice, window=9,
+                           axis=sequence.SEQ_AXIS)
+
+  @jax.jit
+  def run(q, k, v):
+    split = [y.reshape(B, N, T // N, *y.shape[2:]) for y in (q, k, v)]
+    o = jax.vmap(body, in_axes=1, out_axes=1, axis_name=sequence.SEQ_AXIS)(*split)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            local_window_size=(8, 0))
+    return o, expected
+
+  o, expected = run(q, x["k"], x["q"])
+  numerics.assert_close(o.reshape(expected.shape), expected, rtol=RTOL,
+                        what="attention")
+
+
+def test_without_a_mesh_the_wrappers_are_the_ops():
+  x = _inputs()
+  assert sequence.seq_size() == 1
+  args = (x["q"], x["k"], x["v"], x["log_g"])
+  wrapped = jax.make_jaxpr(lambda *a: sequence.gla(*a, chunk_size=16))(*args)
+  plain = jax.make_jaxpr(lambda *a: gla(*a, chunk_size=16))(*args)
+  assert str(wrapped) == str(plain)
+
+
+def _abstract_mesh(seq: int):
+  return jax.sharding.AbstractMesh((seq,), (sequence.SEQ_AXIS,),
+                                   axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "attention"])
+def test_length_not_divisible_by_seq_raises_before_compiling(op):
+  x = _inputs()
+  calls = {
+      "gla": lambda: sequence.gla(x["q"], x["k"], x["v"]),
+      "delta_rule": lambda: sequence.delta_rule(x["q"], x["k"], x["v"],
+                                                x["beta"]),
+      "ssm_scan": lambda: sequence.ssm_scan(x["a"], x["q"]),
+      "attention": lambda: sequence.attention(x["q"], x["q"], x["q"]),
+  }
+  with jax.sharding.use_abstract_mesh(_abstract_mesh(3)):  # T = 40
+    assert sequence.seq_size() == 3
+    with pytest.raises(ValueError, match=r"T=40 is not divisible by the mesh's "
+                       r"'seq' axis of size 3"):
+      jax.eval_shape(calls[op])
+
+
+@pytest.mark.parametrize("shape, match", [
+    ({"data": -1, "seq": 3}, r"'seq': 3.*does not divide the 8 devices"),
+    ({"seq": 3}, r"'seq': 3.*needs 3 devices; 8 are available"),
+])
+def test_seq_not_dividing_the_devices_raises(shape, match):
+  with pytest.raises(ValueError, match=match):
+    resolve_shape(shape, 8)
+
+
+def _run_check(tmp_path, *args, timeout):
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "tests/parallel/seq_check.py"), *args],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_match_one_device_with_state_sized_collectives(tmp_path):
+  result = _run_check(tmp_path, timeout=280)
+  # The summaries' bytes do not grow with T (asserted in the script too).
+  hlo = result["hlo"]
+  linear = sorted(s for k, s in hlo["1024"] if k == "all-gather")[:3]
+  assert linear == sorted(s for k, s in hlo["4096"] if k == "all-gather")[:3]
+
+
+@pytest.mark.slow
+def test_eight_devices_broader_sweep(tmp_path):
+  _run_check(tmp_path, "--slow", timeout=600)
