@@ -1,6 +1,10 @@
 """When lsm-train joins a multi-process run, and its option errors (in process;
 the real multi-process runs are in test_multiprocess.py)."""
 
+import os
+import pathlib
+import subprocess
+
 import pytest
 
 from lsm.train import distributed
@@ -56,3 +60,25 @@ def test_single_process_environments_do_not_initialize(monkeypatch):
 def test_option_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     DistributedOptions(**kw)
+
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[2] / "launch"
+
+
+@pytest.mark.parametrize("script", ["local_multiprocess.sh", "slurm.sbatch",
+                                    "tpu_vm.sh"])
+def test_launchers_parse_and_start_with_their_usage(script):
+  path = LAUNCH / script
+  assert os.access(path, os.X_OK), f"{script} is not executable"
+  subprocess.run(["bash", "-n", str(path)], check=True)
+  header = path.read_text().split("\nset ")[0]
+  assert "Usage" in header and "lsm-train" in header
+
+
+@pytest.mark.parametrize("script, args", [("local_multiprocess.sh", ["two", "4"]),
+                                          ("tpu_vm.sh", ["only-a-name"])])
+def test_launchers_refuse_bad_arguments_with_their_usage(script, args):
+  out = subprocess.run([str(LAUNCH / script), *args], capture_output=True,
+                       text=True, timeout=30)
+  assert out.returncode == 2
+  assert "Usage" in out.stderr and "error: expected" in out.stderr
