@@ -139,8 +139,13 @@ def initialize(options: DistributedOptions,
   reason = "--coordinator_address" if explicit else detect(environ)
   if options.mode == "off" or (options.mode == "auto" and reason is None):
     return False
-  # CPU devices of different processes talk through gloo (a no-op elsewhere).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU devices of different processes talk through gloo (a no-op elsewhere;
+  # skipped on a JAX without the option, whose default is then in charge).
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:
+    log.warning("this JAX has no jax_cpu_collectives_implementation option; "
+                "CPU collectives across processes use its default")
   address, process_id = options.coordinator_address, options.process_id
   if explicit and process_id != 0:
     _wait_for_coordinator(address, options.timeout_s, process_id)
