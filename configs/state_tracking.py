@@ -9,7 +9,8 @@ permutation), group (permutation: S3, S5, A5, Z60, S5_swaps), mixer (any
 lsm.layers mixer), beta_scale (DeltaNet: 1 gives eigenvalues in [0, 1], 2 in
 [-1, 1]), eigenvalues (Mamba decays: positive or signed), d_model, n_layers,
 n_heads, steps, batch_size, lr, seed, smoke (seconds on a CPU), paper (the
-papers' budget: 100k steps at batch 1024; GPU scale).
+papers' budget: 100k steps at batch 1024; GPU scale), dt_min and dt_max (Mamba's
+initial step-size range).
 
 Lengths follow Grazzi et al.: train on sequence lengths 3-40 and test on 40-256,
 where a sequence length counts the answer token. ``paper_sizes`` converts those
@@ -44,12 +45,15 @@ def get_config(arg=None):
   arg = common.parse_arg(
       arg, task="parity", group="S5", mixer="delta_net", beta_scale=1.0,
       eigenvalues="positive", d_model=64, n_layers=1, n_heads=1, steps=1500,
-      batch_size=128, lr=1e-3, seed=0, smoke=False, paper=False)
+      batch_size=128, lr=1e-3, seed=0, smoke=False, paper=False,
+      dt_min=1e-3, dt_max=1e-1)
   c = ml_collections.ConfigDict()
   c.model = dict(
       vocab_size=0, d_model=arg.d_model, n_layers=arg.n_layers,
       n_heads=arg.n_heads, mixer=arg.mixer, impl="auto", chunk_size=16,
       mixer_kwargs=common.mixer_kwargs(arg.beta_scale, arg.eigenvalues))
+  # Mamba's initial step sizes (decays start at exp(dt A), near 1 for small dt).
+  c.model.mixer_kwargs["mamba"].update(dt_min=arg.dt_min, dt_max=arg.dt_max)
   options = {"group": arg.group} if arg.task == "permutation" else {}
   c.task = dict(name=arg.task,
                 train_sizes=tuple(paper_sizes(arg.task, n) for n in TRAIN_LENGTHS),
