@@ -262,6 +262,12 @@ def _tokenize(record: Mapping[str, Any], *, tokenizer, text_key: str) -> np.ndar
   return np.concatenate([ids, np.asarray([tokenizer.eos_id], dtype=np.int32)])
 
 
+def masked_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """An all-zero (hence fully masked) batch of ``batch``'s shapes: what a source
+  that has run out contributes while others still have batches."""
+  return {k: np.zeros_like(v) for k, v in batch.items()}
+
+
 def _pad_batch(batch: dict[str, np.ndarray], *, rows: int) -> dict[str, np.ndarray]:
   """Pads a short final eval batch with all-zero (hence fully masked) rows."""
   n = next(iter(batch.values())).shape[0]
@@ -410,7 +416,7 @@ class _StackRowsIterator(grain.DatasetIterator):
         if self._last[i] is None:
           raise ValueError(f"record shard {i} of {len(batches)} gave no batch; "
                            "expected at least one per shard")
-        batches[i] = {k: np.zeros_like(v) for k, v in self._last[i].items()}
+        batches[i] = masked_like(self._last[i])
       self._last[i] = batches[i]
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from lsm.data.pipeline import (DataConfig, make_dataset, make_tokenizer_for,
-                                open_text_source)
+                                masked_like, open_text_source)
 from lsm.models.lm import LMConfig, flops_per_token
 from lsm.parallel.mesh import MeshConfig, make_mesh
 from lsm.tasks import TaskConfig, make_task
@@ -289,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       if not distributed.agree_any(batch is not None):
         break
       if batch is None:
-        batch = {k: np.zeros_like(v) for k, v in last.items()}
+        batch = masked_like(last)
       last = batch
       out = jax.device_get(eval_step(state["params"], put(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in out}
