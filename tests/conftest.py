@@ -12,3 +12,16 @@ def _full_precision_matmuls():
   with jax.default_matmul_precision("highest"):
     yield
 
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked gpu and/or tpu need one of those platforms; elsewhere they are
+  reported as skipped (never as passed)."""
+  del config
+  backend = jax.default_backend()
+  for item in items:
+    wanted = [m for m in ("gpu", "tpu") if item.get_closest_marker(m)]
+    if wanted and backend not in wanted:
+      item.add_marker(pytest.mark.skip(
+          reason=f"needs a {' or '.join(w.upper() for w in wanted)}; "
+                 f"this run's backend is {backend}"))

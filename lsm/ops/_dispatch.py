@@ -53,3 +53,18 @@ def resolve_impl(impl: str, *, supported: Collection[str], op: str) -> str:
     raise ValueError(f"{op}: impl={impl!r} is not one of "
                      f"{sorted([AUTO, *supported])}")
   return impl
+
+
+def pallas_kwargs(op: str, name: str, interpret) -> dict:
+  """Extra keyword arguments for impl ``name``: ``interpret`` for the Pallas
+  impls (always passed, so the kernels see one signature), nothing otherwise.
+
+  Raises:
+    ValueError: ``interpret`` was set for an impl that has no kernels.
+  """
+  if name.startswith("pallas"):
+    return {"interpret": interpret}
+  if interpret is not False:
+    raise ValueError(f"{op}: interpret={interpret!r} applies to the Pallas impls "
+                     f"only; impl resolved to {name!r}")
+  return {}

@@ -11,17 +11,19 @@ from tests import numerics
 
 
 @functools.cache
-def vjp_runner(op, impl: str, chunk_size: int, names: tuple[str, ...]):
+def vjp_runner(op, impl: str, chunk_size: int, names: tuple[str, ...],
+               interpret=False):
   """A jitted fn(primals, cotangents) -> (o, h_T, grads) for ``op`` with ``impl``.
 
-  ``op`` is called with every primal by keyword (``q=..., k=..., h0=...``).
-  Cached per (op, impl, chunk_size, names) so tests that share shapes share
-  compiles.
+  ``op`` is called with every primal by keyword (``q=..., k=..., h0=...``), and
+  with ``interpret`` when it is set (Pallas impls on CPU). Cached per argument
+  tuple so tests that share shapes share compiles.
   """
+  extra = {"interpret": interpret} if interpret is not False else {}
 
   def run(primals, cotangents):
     def f(*xs):
-      return op(**dict(zip(names, xs)), impl=impl, chunk_size=chunk_size)
+      return op(**dict(zip(names, xs)), impl=impl, chunk_size=chunk_size, **extra)
 
     (o, h_t), pullback = jax.vjp(f, *primals)
     return o, h_t, pullback(cotangents)
@@ -36,9 +38,10 @@ def cotangents(key, o_shape, o_dtype, h_shape):
 
 
 def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
-                            *, rtol: float) -> None:
+                            *, rtol: float, interpret=False) -> None:
   """Runs ``op`` with ``impl`` on ``primals`` (which may be low precision) and the
-  reference on the same values upcast to float32, and compares everything."""
+  reference on the same values upcast to float32, and compares everything.
+  ``interpret`` goes to the fast impl only (Pallas interpret mode)."""
   names = tuple(primals)
   xs = tuple(primals.values())
   f32 = tuple(x.astype(jnp.float32) for x in xs)
@@ -46,7 +49,7 @@ def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
       lambda *a: op(**dict(zip(names, a)), impl="reference"), *f32)
   dt = cotangents(key, o_ref_shape[0].shape, xs[0].dtype, o_ref_shape[1].shape)
   dt_f32 = tuple(x.astype(jnp.float32) for x in dt)
-  o, h_t, grads = vjp_runner(op, impl, chunk_size, names)(xs, dt)
+  o, h_t, grads = vjp_runner(op, impl, chunk_size, names, interpret)(xs, dt)
   o_e, h_e, grads_e = vjp_runner(op, "reference", chunk_size, names)(f32, dt_f32)
   assert o.dtype == xs[0].dtype, f"output dtype {o.dtype} != input {xs[0].dtype}"
   assert h_t.dtype == jnp.float32, f"final state dtype {h_t.dtype}"

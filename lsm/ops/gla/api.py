@@ -3,10 +3,11 @@
 import jax.numpy as jnp
 
 from lsm.ops import _dispatch
-from lsm.ops.common import checks
-from lsm.ops.gla import chunked, reference
+from lsm.ops.common import checks, kernel_shapes
+from lsm.ops.gla import chunked, pallas_gpu, pallas_tpu, reference
 
-_IMPLS = {"reference": reference.gla, "chunked": chunked.gla}
+_IMPLS = {"reference": reference.gla, "chunked": chunked.gla,
+          "pallas_gpu": pallas_gpu.gla, "pallas_tpu": pallas_tpu.gla}
 _OP = "gla"
 
 
@@ -25,7 +26,8 @@ def _gate(log_g, shape, op: str, name: str):
   return jnp.broadcast_to(log_g.astype(jnp.float32), shape)
 
 
-def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto"):
+def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
+        interpret=False):
   """Gated linear attention. Matches ``reference.gla``; the math is there.
 
   Args:
@@ -36,9 +38,12 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto")
       head (broadcast over K), or None for no decay. Any float dtype.
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.
-    chunk_size: chunk length C of the chunked impl: at most 16 or a multiple of
-      16. T need not be a multiple of it.
-    impl: "auto" | "reference" | "chunked".
+    chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
+      for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
+    impl: "auto" | "reference" | "chunked" | "pallas_gpu" | "pallas_tpu".
+    interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
+      platform, slow; for tests). For "pallas_tpu" it may also be a
+      ``pltpu.InterpretParams()``, which emulates TPU memory semantics.
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
@@ -52,7 +57,11 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto")
   checks.check_chunk_size(_OP, chunk_size)
   name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
   scale = K ** -0.5 if scale is None else float(scale)
-  return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale, chunk_size=chunk_size)
+  kwargs = _dispatch.pallas_kwargs(_OP, name, interpret)
+  if kwargs:
+    kernel_shapes.check(_OP, name, chunk_size=chunk_size, K=K, V=V)
+  return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale, chunk_size=chunk_size,
+                      **kwargs)
 
 
 def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):

@@ -1,0 +1,229 @@
+r"""Per-chunk GLA math on loaded tiles, shared by the GPU and TPU kernels.
+
+The recurrence is defined in ``reference.py``. A chunk of C tokens arrives as
+lists of sub-chunk tiles of SUB = 16 rows (``qs[i]`` is rows 16i..16i+15 of the
+chunk's queries, [16, K] float32). Both kernels load them from refs with static
+``pl.ds`` slices, which both lowerings accept, where slicing a loaded value would
+not (Triton has no slice).
+
+State layout. Kernels hold the state transposed, ``st = S^T`` [V, K], so that the
+per-key-channel decay exp(sum of gates) is a [1, K] row that broadcasts over it;
+the [K, 1] column that S itself would need is a transpose Mosaic handles badly.
+The wrappers transpose h0 and h_T (state-sized, not sequence-sized).
+
+Numerics (as in ``chunked.py``, which explains each choice): every exponent is
+<= 0. Within a chunk, b_t is the gate sum from the chunk start; row block i
+pivots on r_i = b just before block i: q_t exp(b_t - r_i) and k_s exp(r_i - b_s)
+for earlier blocks. Diagonal 16 x 16 blocks are formed in log space column by
+column (exact for any decay). Gate sums ending at a block or chunk end are
+suffix sums, never differences of prefix sums. The diagonal t = s terms (weight
+exactly 1) are kept out of the gate gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lsm.ops.common import tiles
+
+SUB = 16
+_F32 = jnp.float32
+_GATE_PREC = tiles.HIGHEST  # gate sums are float32 whatever the input dtype
+
+
+class GateSums:
+  """Gate sums of one chunk, per sub-chunk block, all [16, K] or [1, K].
+
+  z[i]: inclusive prefix sum inside block i (b_t - r_i).
+  e[i]: exclusive suffix sum inside block i (sum_{u > s, u in block i} g_u).
+  tot[i]: the block's total, [1, K].
+  """
+
+  def __init__(self, gs):
+    self.z = [tiles.cumsum_rows(g, _GATE_PREC) for g in gs]
+    self.e = [tiles.suffix_sum_rows(g, _GATE_PREC) for g in gs]
+    self.tot = [jnp.sum(g, axis=0, keepdims=True) for g in gs]
+
+  def _sum(self, blocks):
+    out = jnp.zeros_like(self.tot[0])
+    for m in blocks:
+      out = out + self.tot[m]
+    return out
+
+  def before(self, i):
+    """r_i: gate sum from the chunk start to just before block i, [1, K]."""
+    return self._sum(range(i))
+
+  def between(self, j, i):
+    """r_i - b_s for s in block j < i: [16, K], every entry <= 0."""
+    return self.e[j] + self._sum(range(j + 1, i))
+
+  def to_end(self, j):
+    """b_C - b_s for s in block j: [16, K]."""
+    return self.e[j] + self._sum(range(j + 1, len(self.tot)))
+
+  def total(self):
+    """b_C, the chunk's gate sum, [1, K]."""
+    return self._sum(range(len(self.tot)))
+
+
+def load_sub_blocks(ref, n_sub):
+  """[16, D] float32 sub-chunk tiles of a [C, D] ref (static slices of the ref,
+  which both lowerings accept)."""
+  return [ref[pl.ds(i * SUB, SUB), :].astype(_F32) for i in range(n_sub)]
+
+
+def _strict(n):
+  return tiles.lower_mask(n, strict=True)
+
+
+def _diag_weights(z, j):
+  """exp(z_t - z_j) for rows t > j, 0 elsewhere: [16, K]."""
+  later = tiles.iota(z.shape, 0) > j
+  return jnp.where(later, jnp.exp(jnp.where(later, z - tiles.row(z, j), 0.0)), 0.0)
+
+
+def diag_block(q, k, z):
+  """A_ts = sum_k q_tk k_sk exp(z_tk - z_sk) for s < t, plus q_t . k_t on the
+  diagonal, 0 above: [16, 16]. Column by column in log space."""
+  n = q.shape[0]
+
+  def body(j, a):
+    c = jnp.sum(q * tiles.row(k, j) * _diag_weights(z, j), axis=1, keepdims=True)
+    return a + jnp.where(tiles.iota((n, n), 1) == j, c, 0.0)
+
+  a = jax.lax.fori_loop(0, n, body, jnp.zeros((n, n), _F32))
+  eye = tiles.iota((n, n), 0) == tiles.iota((n, n), 1)
+  return a + jnp.where(eye, jnp.sum(q * k, axis=1, keepdims=True), 0.0)
+
+
+def diag_block_grads(q, k, z, da):
+  """Gradients of the strictly-lower part of ``diag_block`` for q and k, given
+  da [16, 16] (entries on and above the diagonal ignored): (dq, dk) [16, K]."""
+  n = q.shape[0]
+
+  def body(j, carry):
+    dq, dk = carry
+    w = _diag_weights(z, j)  # [16, K]
+    da_j = tiles.col(da, j)  # [16, 1]
+    dq = dq + da_j * tiles.row(k, j) * w
+    dk_j = jnp.sum(da_j * q * w, axis=0, keepdims=True)  # [1, K]
+    dk = dk + jnp.where(tiles.iota(k.shape, 0) == j, dk_j, 0.0)
+    return dq, dk
+
+  zero = jnp.zeros_like(q)
+  return jax.lax.fori_loop(0, n, body, (zero, zero))
+
+
+def state_update(k, v, g, st, prec):
+  """State after a chunk: st [V, K] -> exp(b_C) S + sum_s (k_s exp(b_C - b_s))^T v_s,
+  transposed. k, g: [C, K]; v: [C, V] float32 (C any multiple of 16, or the
+  full chunk as one block)."""
+  to_end = tiles.suffix_sum_rows(g, _GATE_PREC)
+  total = jnp.sum(g, axis=0, keepdims=True)
+  return st * jnp.exp(total) + tiles.mm_tn(v, k * jnp.exp(to_end), prec)
+
+
+def state_grad_update(q, do, g, dst, prec):
+  """Gradient for the state entering a chunk from the gradient ``dst`` [V, K] for
+  the state leaving it: exp(b_C) dS + (q exp(b))^T do, transposed. q, g [C, K];
+  do [C, V] already multiplied by the query scale."""
+  b = tiles.cumsum_rows(g, _GATE_PREC)
+  total = jnp.sum(g, axis=0, keepdims=True)
+  return dst * jnp.exp(total) + tiles.mm_tn(do, q * jnp.exp(b), prec)
+
+
+def chunk_output(qs, ks, vs, gs, st, prec):
+  """Unscaled outputs of one chunk, a list of [16, V] row blocks.
+
+  o_t = (q_t exp(b_t)) S + sum_{s <= t} (q_t exp(b_t - b_s)) . k_s v_s.
+  """
+  sums = GateSums(gs)
+  out = []
+  for i, q in enumerate(qs):
+    q_in = q * jnp.exp(sums.z[i])  # q_t exp(b_t - r_i)
+    o = tiles.mm_nt(q_in * jnp.exp(sums.before(i)), st, prec)
+    for j in range(i):
+      k_in = ks[j] * jnp.exp(sums.between(j, i))
+      o = o + tiles.mm(tiles.mm_nt(q_in, k_in, prec), vs[j], prec)
+    o = o + tiles.mm(diag_block(q, ks[i], sums.z[i]), vs[i], prec)
+    out.append(o)
+  return out
+
+
+def chunk_grads(qs, ks, vs, gs, dos, st, dst, prec):
+  """Gradients inside one chunk, lists of row blocks.
+
+  The gate gradient is complete per chunk: g_t (t in the chunk) reaches the loss
+  through pairs (u >= t > s) inside the chunk, through q_u exp(b_u) S for u >= t,
+  and through the state leaving the chunk, exp(b_C) S + sum_s k_s exp(b_C - b_s)
+  v_s, where the pairs s < t count. ``dst`` already holds every later chunk's
+  dependence on that state. So
+
+    dg_t = sum_{u >= t} [q_u dq_u - k_u dk_u]   (inside the chunk, t = s terms
+                                                 excluded: they cancel exactly)
+         + sum_{s < t} k_s dk'_s + sum_v exp(b_C) S dS
+
+  with dk'_s the part of dk_s that flows through the leaving state. Writing the
+  last term as a prefix over s < t, rather than as the global
+  sum_{u >= t} (-k_u dk'_u) plus a final-state term, matters under strong
+  decay: the last token's key enters the final state with weight exactly 1, and
+  that O(1) term would cancel against the final-state term and leave rounding
+  noise far above the true gradient (about exp(-50) at log_g = -50).
+
+  Args:
+    qs, ks, gs: [16, K] blocks; vs, dos: [16, V] blocks, ``dos`` already scaled.
+    st: [V, K] state entering the chunk (transposed).
+    dst: [V, K] gradient for the state leaving the chunk (transposed).
+    prec: matmul precision for the data (not the gates).
+
+  Returns:
+    dq, dk, dg: [16, K] blocks; dv: [16, V] blocks.
+  """
+  sums = GateSums(gs)
+  n = len(qs)
+  dk_out = [tiles.mm(vs[j], dst, prec) * jnp.exp(sums.to_end(j)) for j in range(n)]
+  dv = [tiles.mm_nt(ks[j] * jnp.exp(sums.to_end(j)), dst, prec) for j in range(n)]
+  dq = [None] * n
+  dk = [jnp.zeros_like(k) for k in ks]
+  strict = _strict(SUB)
+  for i in range(n):
+    q, do = qs[i], dos[i]
+    dec_i = jnp.exp(sums.z[i])
+    q_in = q * dec_i
+    dq_i = tiles.mm(do, st, prec) * (dec_i * jnp.exp(sums.before(i)))
+    for j in range(i):
+      dec_ij = jnp.exp(sums.between(j, i))
+      k_in = ks[j] * dec_ij
+      a = tiles.mm_nt(q_in, k_in, prec)  # [16, 16]
+      da = tiles.mm_nt(do, vs[j], prec)
+      dv[j] = dv[j] + tiles.mm_tn(a, do, prec)
+      dq_i = dq_i + tiles.mm(da, k_in, prec) * dec_i
+      dk[j] = dk[j] + tiles.mm_tn(da, q_in, prec) * dec_ij
+    a = diag_block(q, ks[i], sums.z[i])
+    dv[i] = dv[i] + tiles.mm_tn(a, do, prec)
+    da = jnp.where(strict, tiles.mm_nt(do, vs[i], prec), 0.0)
+    dq_d, dk_d = diag_block_grads(q, ks[i], sums.z[i], da)
+    dq[i] = dq_i + dq_d
+    dk[i] = dk[i] + dk_d
+
+  inner = [qs[i] * dq[i] - ks[i] * dk[i] for i in range(n)]
+  through_state = [ks[i] * dk_out[i] for i in range(n)]
+  inner_tot = [jnp.sum(x, axis=0, keepdims=True) for x in inner]
+  state_tot = [jnp.sum(x, axis=0, keepdims=True) for x in through_state]
+  leaving = jnp.sum(st * dst, axis=0, keepdims=True) * jnp.exp(sums.total())
+  dg = []
+  for i in range(n):
+    x = inner[i] + tiles.suffix_sum_rows(inner[i], _GATE_PREC)
+    for m in range(i + 1, n):
+      x = x + inner_tot[m]
+    x = x + tiles.prefix_sum_rows_exclusive(through_state[i], _GATE_PREC)
+    for m in range(i):
+      x = x + state_tot[m]
+    dg.append(x + leaving)
+
+  for i in range(n):  # the t = s terms: weight 1, no gate dependence
+    da_tt = jnp.sum(dos[i] * vs[i], axis=1, keepdims=True)  # [16, 1]
+    dq[i] = dq[i] + da_tt * ks[i]
+    dk[i] = dk[i] + da_tt * qs[i] + dk_out[i]
+  return dq, dk, dv, dg

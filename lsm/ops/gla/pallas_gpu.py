@@ -1,0 +1,187 @@
+r"""GLA as Pallas kernels lowered through Triton (GPUs). The recurrence is defined
+in ``reference.py``; the per-chunk math is in ``chunk_tiles.py`` and the custom
+VJP in ``pallas_vjp.py`` (which also says why the backward recomputes states).
+
+Kernels, on [B, T, H, D] arrays as the op receives them (no transposes; a block
+squeezes B and H and keeps [C, D] tiles with stride H * D along T):
+
+  states   grid (B, H, V / BV, K / BK), a loop over the N chunks inside: writes
+           the (transposed) state entering every chunk, h_in [B, H, N, V, K]
+           float32, and h_T. Sequential in T, so its parallelism is
+           B * H * (V / BV) * (K / BK) programs; 64-wide state blocks keep that
+           at 4x B * H for head dims of 128.
+  output   grid (B, H, N, V / BV), chunks in parallel: o = q h_in + intra-chunk.
+  dstates  grid (B, H, V / BV, K / BK), the reverse loop: the gradient for the
+           state leaving every chunk, and dh0.
+  grads    grid (B, H, N): dq, dk, dv and d log_g of one chunk,
+           full K and V tiles.
+
+Matmuls run at ``tiles.precision_for(q.dtype)``: IEEE float32 for float32 inputs
+(TF32 would miss the float32 tolerance), TF32 on float32 operands otherwise.
+Gate sums are always IEEE float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from lsm.ops.common import tiles
+from lsm.ops.gla import chunk_tiles, pallas_vjp
+
+_F32 = jnp.float32
+SUB = chunk_tiles.SUB
+STATE_BLOCK = 64  # BK = BV of the sequential state kernels
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def _params():
+  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _time_spec(length, width):
+  """[length, width] tiles of a [B, T, H, D] array at chunk n, column block d."""
+  return pl.BlockSpec((None, length, None, width), lambda b, h, n, d: (b, n, h, d))
+
+
+def _whole_time_spec(Tp, width, which):
+  """All of T for one (b, h), column block from grid axis ``which`` (2 or 3)."""
+  if which == 2:
+    return pl.BlockSpec((None, Tp, None, width), lambda b, h, x, y: (b, 0, h, x))
+  return pl.BlockSpec((None, Tp, None, width), lambda b, h, x, y: (b, 0, h, y))
+
+
+def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, ht_ref, *, C, N, prec):
+  def body(n, st):
+    hin_ref[n] = st  # [BV, BK]
+    t0 = pl.multiple_of(n * C, C)
+    b_k = k_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
+    b_v = v_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
+    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
+    return chunk_tiles.state_update(b_k, b_v, b_g, st, prec)
+
+  ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
+
+
+def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret):
+  """Shared launch of the two sequential kernels: inputs a [.., K], b [.., V],
+  g [.., K]; h_last [B, H, V, K]. Returns per-chunk states [B, H, N, V, K] and
+  the state after the loop."""
+  B, Tp, H, Kp = a.shape
+  Vp = b.shape[-1]
+  N = Tp // chunk_size
+  BK, BV = min(Kp, STATE_BLOCK), min(Vp, STATE_BLOCK)
+  state_spec = pl.BlockSpec((None, None, BV, BK), lambda b_, h, iv, ik: (b_, h, iv, ik))
+  return pl.pallas_call(
+      functools.partial(kernel, C=chunk_size, N=N,
+                        prec=tiles.precision_for(a.dtype)),
+      grid=(B, H, Vp // BV, Kp // BK),
+      in_specs=[_whole_time_spec(Tp, BK, 3), _whole_time_spec(Tp, BV, 2),
+                _whole_time_spec(Tp, BK, 3), state_spec],
+      out_specs=[pl.BlockSpec((None, None, N, BV, BK),
+                              lambda b_, h, iv, ik: (b_, h, 0, iv, ik)),
+                 state_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
+                 jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
+      compiler_params=_params(), interpret=interpret, name="gla_states",
+  )(a, b, g, h_last)
+
+
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, scale, prec):
+  n_sub = C // SUB
+  outs = chunk_tiles.chunk_output(
+      chunk_tiles.load_sub_blocks(q_ref, n_sub), chunk_tiles.load_sub_blocks(k_ref, n_sub),
+      chunk_tiles.load_sub_blocks(v_ref, n_sub), chunk_tiles.load_sub_blocks(g_ref, n_sub), hin_ref[...], prec)
+  for i, o in enumerate(outs):
+    o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)  # [16, BV]
+
+
+def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
+  h_in, h_tt = _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
+                           interpret=interpret)
+  B, Tp, H, Kp = q.shape
+  Vp = v.shape[-1]
+  BV = min(Vp, STATE_BLOCK)
+  C = chunk_size
+  o = pl.pallas_call(
+      functools.partial(_output_kernel, C=C, scale=scale,
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, Tp // C, Vp // BV),
+      in_specs=[pl.BlockSpec((None, C, None, Kp), lambda b, h, n, iv: (b, n, h, 0))] * 2
+      + [_time_spec(C, BV),
+         pl.BlockSpec((None, C, None, Kp), lambda b, h, n, iv: (b, n, h, 0)),
+         pl.BlockSpec((None, None, None, BV, Kp), lambda b, h, n, iv: (b, h, n, iv, 0))],
+      out_specs=_time_spec(C, BV),
+      out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), q.dtype),
+      compiler_params=_params(), interpret=interpret, name="gla_output",
+  )(q, k, v, g, h_in)
+  return o, h_tt
+
+
+def states(k, v, g, h0t, *, scale, chunk_size, interpret):
+  del scale
+  return _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
+                     interpret=interpret)[0]
+
+
+def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, *, C, N,
+                    prec, scale):
+  def body(i, dst):
+    n = N - 1 - i
+    dout_ref[n] = dst  # [BV, BK]
+    t0 = pl.multiple_of(n * C, C)
+    b_q = q_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
+    b_do = scale * do_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
+    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
+    return chunk_tiles.state_grad_update(b_q, b_do, b_g, dst, prec)
+
+  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...])
+
+
+def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
+  return _state_pass(functools.partial(_dstates_kernel, scale=scale), q, do, g,
+                     dh_tt, chunk_size=chunk_size, interpret=interpret)
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, scale, prec):
+  n_sub = C // SUB
+  dos = [scale * d for d in chunk_tiles.load_sub_blocks(do_ref, n_sub)]
+  dq, dk, dv, dg = chunk_tiles.chunk_grads(
+      chunk_tiles.load_sub_blocks(q_ref, n_sub), chunk_tiles.load_sub_blocks(k_ref, n_sub),
+      chunk_tiles.load_sub_blocks(v_ref, n_sub), chunk_tiles.load_sub_blocks(g_ref, n_sub), dos,
+      hin_ref[...], dout_ref[...], prec)
+  for i in range(n_sub):
+    rows = pl.ds(i * SUB, SUB)
+    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
+    dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)  # [16, V]
+    dg_ref[rows, :] = dg[i]
+
+
+def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
+  B, Tp, H, Kp = q.shape
+  Vp = v.shape[-1]
+  C = chunk_size
+  kspec = pl.BlockSpec((None, C, None, Kp), lambda b, h, n: (b, n, h, 0))
+  vspec = pl.BlockSpec((None, C, None, Vp), lambda b, h, n: (b, n, h, 0))
+  sspec = pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))
+  return pl.pallas_call(
+      functools.partial(_grads_kernel, C=C, scale=scale,
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, Tp // C),
+      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec],
+      out_specs=[kspec, kspec, vspec, kspec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(q.shape, _F32)],
+      compiler_params=_params(), interpret=interpret, name="gla_grads",
+  )(q, k, v, g, do, h_in, dh_out)
+
+
+gla = pallas_vjp.make_gla(forward=forward, states=states, dstates=dstates,
+                          grads=grads)

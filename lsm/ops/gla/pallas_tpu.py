@@ -1,0 +1,227 @@
+r"""GLA as Pallas kernels for TPUs (Mosaic). The recurrence is defined in
+``reference.py``; the per-chunk math is in ``chunk_tiles.py`` (the same code the
+GPU kernels run) and the custom VJP in ``pallas_vjp.py`` (which also says why the
+backward recomputes states).
+
+Layout. Mosaic wants each block's last two dims to be whole (8, 128)-tiles or
+the full array dims, so a [C, D] tile of a [B, T, H, D] array (H squeezed
+between them) is not a legal block. The launchers move H ahead of T
+([B, H, T, D]) and back; taking that layout from the layer directly would save
+those copies and is the next step once a TPU is at hand to measure it.
+
+Kernels. The TPU grid runs in order on each core, so the sequential passes are
+grids over (B, H, N) with the chunk axis "arbitrary" and the [V, K] float32
+state carried in VMEM scratch; the parallel passes mark every axis "parallel".
+
+  forward  (B, H, N), N sequential: o of each chunk from the carried state, then
+           the state update; h_T written after the last chunk. One kernel: the
+           TPU gains nothing from splitting states and outputs, unlike the GPU.
+  states   (B, H, N), N sequential: the state entering every chunk (backward).
+  dstates  (B, H, N), N sequential in reverse (index maps count down): the
+           gradient for the state leaving every chunk, and dh0.
+  grads    (B, H, N) parallel: dq, dk, dv and d log_g of one chunk.
+
+Matmuls run at ``tiles.precision_for(q.dtype)`` (full float32 for float32
+inputs); gate sums always in float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from lsm.ops.common import tiles
+from lsm.ops.gla import chunk_tiles, pallas_vjp
+
+_F32 = jnp.float32
+SUB = chunk_tiles.SUB
+
+
+def _params(*semantics):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+_SEQUENTIAL = _params("parallel", "parallel", "arbitrary")
+_PARALLEL = _params("parallel", "parallel", "parallel")
+
+
+def _heads_first(x):
+  return jnp.swapaxes(x, 1, 2)  # [B, T, H, D] <-> [B, H, T, D]
+
+
+def _chunk_spec(C, D, *, reverse_of=None):
+  """[C, D] tile of a [B, H, T, D] array at chunk n (or N - 1 - n)."""
+  if reverse_of is None:
+    return pl.BlockSpec((None, None, C, D), lambda b, h, n: (b, h, n, 0))
+  N = reverse_of
+  return pl.BlockSpec((None, None, C, D), lambda b, h, n: (b, h, N - 1 - n, 0))
+
+
+def _state_spec(Vp, Kp):
+  """One [V, K] state per (b, h), resident across the chunk axis."""
+  return pl.BlockSpec((None, None, Vp, Kp), lambda b, h, n: (b, h, 0, 0))
+
+
+def _per_chunk_state_spec(Vp, Kp, *, reverse_of=None):
+  if reverse_of is None:
+    return pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))
+  N = reverse_of
+  return pl.BlockSpec((None, None, None, Vp, Kp),
+                      lambda b, h, n: (b, h, N - 1 - n, 0, 0))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, st_ref, *,
+                    C, scale, prec):
+  n = pl.program_id(2)
+
+  @pl.when(n == 0)
+  def _():
+    st_ref[...] = h0_ref[...]
+
+  n_sub = C // SUB
+  ks = chunk_tiles.load_sub_blocks(k_ref, n_sub)  # [16, K] each
+  vs = chunk_tiles.load_sub_blocks(v_ref, n_sub)  # [16, V] each
+  gs = chunk_tiles.load_sub_blocks(g_ref, n_sub)
+  st = st_ref[...]  # [V, K]
+  outs = chunk_tiles.chunk_output(chunk_tiles.load_sub_blocks(q_ref, n_sub), ks,
+                                  vs, gs, st, prec)
+  for i, o in enumerate(outs):
+    o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)
+  st = chunk_tiles.state_update(k_ref[...].astype(_F32), v_ref[...].astype(_F32),
+                                g_ref[...], st, prec)
+  st_ref[...] = st
+
+  @pl.when(n == pl.num_programs(2) - 1)
+  def _():
+    ht_ref[...] = st
+
+
+def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
+  q, k, v, g = (_heads_first(x) for x in (q, k, v, g))
+  B, H, Tp, Kp = q.shape
+  Vp = v.shape[-1]
+  C = chunk_size
+  o, h_tt = pl.pallas_call(
+      functools.partial(_forward_kernel, C=C, scale=scale,
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, Tp // C),
+      in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Kp), _chunk_spec(C, Vp),
+                _chunk_spec(C, Kp), _state_spec(Vp, Kp)],
+      out_specs=[_chunk_spec(C, Vp), _state_spec(Vp, Kp)],
+      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Vp), q.dtype),
+                 jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
+      scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
+      compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_forward_tpu",
+  )(q, k, v, g, h0t)
+  return _heads_first(o), h_tt
+
+
+def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, st_ref, *, prec):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    st_ref[...] = h0_ref[...]
+
+  st = st_ref[...]  # [V, K]
+  hin_ref[...] = st
+  st_ref[...] = chunk_tiles.state_update(k_ref[...].astype(_F32),
+                                         v_ref[...].astype(_F32), g_ref[...], st,
+                                         prec)
+
+
+def states(k, v, g, h0t, *, scale, chunk_size, interpret):
+  del scale
+  k, v, g = (_heads_first(x) for x in (k, v, g))
+  B, H, Tp, Kp = k.shape
+  Vp = v.shape[-1]
+  C, N = chunk_size, Tp // chunk_size
+  return pl.pallas_call(
+      functools.partial(_states_kernel, prec=tiles.precision_for(k.dtype)),
+      grid=(B, H, N),
+      in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Vp), _chunk_spec(C, Kp),
+                _state_spec(Vp, Kp)],
+      out_specs=_per_chunk_state_spec(Vp, Kp),
+      out_shape=jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
+      scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
+      compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_states_tpu",
+  )(k, v, g, h0t)
+
+
+def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, dst_ref, *,
+                    scale, prec):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    dst_ref[...] = dht_ref[...]
+
+  dst = dst_ref[...]  # [V, K]
+  dout_ref[...] = dst
+  dst = chunk_tiles.state_grad_update(q_ref[...].astype(_F32),
+                                      scale * do_ref[...].astype(_F32), g_ref[...],
+                                      dst, prec)
+  dst_ref[...] = dst
+
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _():
+    dh0_ref[...] = dst
+
+
+def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
+  q, do, g = (_heads_first(x) for x in (q, do, g))
+  B, H, Tp, Kp = q.shape
+  Vp = do.shape[-1]
+  C, N = chunk_size, Tp // chunk_size
+  return pl.pallas_call(
+      functools.partial(_dstates_kernel, scale=scale,
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, N),
+      in_specs=[_chunk_spec(C, Kp, reverse_of=N), _chunk_spec(C, Vp, reverse_of=N),
+                _chunk_spec(C, Kp, reverse_of=N), _state_spec(Vp, Kp)],
+      out_specs=[_per_chunk_state_spec(Vp, Kp, reverse_of=N), _state_spec(Vp, Kp)],
+      out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
+                 jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
+      scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
+      compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_dstates_tpu",
+  )(q, do, g, dh_tt)
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
+                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, scale, prec):
+  n_sub = C // SUB
+  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
+  dos = [scale * d for d in load(do_ref)]
+  dq, dk, dv, dg = chunk_tiles.chunk_grads(load(q_ref), load(k_ref), load(v_ref),
+                                           load(g_ref), dos, hin_ref[...],
+                                           dout_ref[...], prec)
+  for i in range(n_sub):
+    rows = pl.ds(i * SUB, SUB)
+    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
+    dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)  # [16, V]
+    dg_ref[rows, :] = dg[i]
+
+
+def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
+  q, k, v, g, do = (_heads_first(x) for x in (q, k, v, g, do))
+  B, H, Tp, Kp = q.shape
+  Vp = v.shape[-1]
+  C = chunk_size
+  kspec, vspec = _chunk_spec(C, Kp), _chunk_spec(C, Vp)
+  sspec = _per_chunk_state_spec(Vp, Kp)
+  out = pl.pallas_call(
+      functools.partial(_grads_kernel, C=C, scale=scale,
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, Tp // C),
+      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec],
+      out_specs=[kspec, kspec, vspec, kspec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(q.shape, _F32)],
+      compiler_params=_PARALLEL, interpret=interpret, name="gla_grads_tpu",
+  )(q, k, v, g, do, h_in, dh_out)
+  return tuple(_heads_first(x) for x in out)
+
+
+gla = pallas_vjp.make_gla(forward=forward, states=states, dstates=dstates,
+                          grads=grads)

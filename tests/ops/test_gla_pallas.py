@@ -1,0 +1,174 @@
+"""Pallas GLA kernels (pallas_gpu, pallas_tpu): against the float32 reference in
+interpret mode on CPU (outputs, h_T, gradients of every input and h0), lowering
+checks for CUDA (Triton) and TPU (Mosaic) without hardware, shape limits, and
+real-device runs marked gpu / tpu.
+
+Kept small: interpret mode compiles every kernel into XLA loops, and the suite
+has a time budget. The GPU and TPU impls share their per-chunk math
+(``chunk_tiles``), so the awkward-shape sweep runs on the GPU kernels and the TPU
+kernels get their plumbing checked at two shapes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from lsm.ops.gla import gla
+from tests import numerics
+from tests.ops import harness
+from tests.ops.test_gla import make_inputs
+
+# (B, T, H, K, V, chunk): awkward on purpose.
+SHAPES = {
+    "T63_KneV": (2, 63, 2, 16, 24, 16),  # T % C != 0, K != V (V padded to 32)
+    "T63_C64": (2, 63, 2, 16, 24, 64),  # four sub-chunks, T < C
+    "TltC_H1": (2, 40, 1, 32, 16, 64),  # T shorter than one chunk
+    "Vsplit": (1, 70, 1, 16, 72, 32),  # V padded to 128: two V blocks on GPU
+}
+
+
+def _check(impl, shape, *, interpret=True, dtype=jnp.float32, seed=0, **kwargs):
+  *dims, chunk = SHAPES[shape] if isinstance(shape, str) else shape
+  primals = make_inputs(seed, *dims, dtype=dtype, **kwargs)
+  harness.check_against_reference(gla, impl, chunk, primals,
+                                  jax.random.key(seed + 1),
+                                  rtol=numerics.tolerance(impl, dtype),
+                                  interpret=interpret)
+
+
+@pytest.mark.parametrize("shape, gate", [
+    ("T63_KneV", "channel"),
+    ("T63_C64", "head"),
+    ("TltC_H1", "none"),
+    ("Vsplit", "channel"),
+])
+def test_gpu_interpret_matches_reference_fp32(shape, gate):
+  _check("pallas_gpu", shape, gate=gate)
+
+
+@pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
+def test_gpu_interpret_strong_decay(log_g_value):
+  """-5 per step would overflow a single pivot inside a chunk of 64; -50 also
+  makes every cross-chunk term underflow, and d log_g must still match (no
+  O(1) terms may cancel in it)."""
+  _check("pallas_gpu", (1, 200, 1, 16, 16, 64), log_g_value=log_g_value, seed=2)
+
+
+def test_gpu_interpret_bf16():
+  _check("pallas_gpu", "T63_C64", dtype=jnp.bfloat16, gate="channel")
+
+
+def test_tpu_interpret_matches_reference():
+  _check("pallas_tpu", "T63_C64", gate="channel")
+
+
+def test_tpu_interpret_params_catch_unwritten_memory():
+  """TPU semantics emulated: uninitialised VMEM and outputs are NaN-filled, so a
+  kernel that reads scratch before writing it, or leaves an output block
+  unwritten, fails the comparison."""
+  _check("pallas_tpu", (1, 40, 2, 16, 16, 16), interpret=pltpu.InterpretParams(),
+         log_g_value=-0.3)
+
+
+# ------------------------------------------------------------ lowering ---
+
+
+def _structs(D, dtype, B=1, T=128, H=2):
+  s = jax.ShapeDtypeStruct
+  return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H, D), jnp.float32),
+                                          s((B, H, D, D), jnp.float32),
+                                          s((B, T, H, D), dtype),
+                                          s((B, H, D, D), jnp.float32)])
+
+
+def _vjp_fn(impl):
+  def f(q, k, v, log_g, h0, do, dh):
+    (o, h_t), pullback = jax.vjp(
+        lambda *a: gla(*a[:4], h0=a[4], impl=impl), q, k, v, log_g, h0)
+    return o, h_t, pullback((do, dh))
+  return f
+
+
+_KERNELS = {"pallas_gpu": ("gla_states", "gla_output", "gla_grads"),
+            "pallas_tpu": ("gla_forward_tpu", "gla_states_tpu", "gla_dstates_tpu",
+                           "gla_grads_tpu")}
+
+
+@pytest.mark.parametrize("D, dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16),
+                                      (128, jnp.float32), (256, jnp.bfloat16)])
+def test_gpu_lowers_for_cuda(D, dtype):
+  """Forward and backward kernels lower through Pallas' Triton path without a
+  GPU (Triton's own compile to PTX happens on the device)."""
+  text = jax.jit(_vjp_fn("pallas_gpu")).trace(
+      *_structs(D, dtype)).lower(lowering_platforms=("cuda",)).as_text()
+  for name in _KERNELS["pallas_gpu"]:
+    assert name in text, name
+  assert text.count("__gpu$xla.gpu.triton") == 5  # states twice: fwd, bwd
+
+
+@pytest.mark.parametrize("D, dtype", [(64, jnp.float32), (128, jnp.bfloat16)])
+def test_tpu_exports_for_mosaic(D, dtype):
+  """Forward and backward kernels lower to Mosaic without a TPU."""
+  exported = jax.export.export(jax.jit(_vjp_fn("pallas_tpu")),
+                               platforms=["tpu"])(*_structs(D, dtype))
+  text = exported.mlir_module()
+  assert text.count("tpu_custom_call") == 4
+  for name in _KERNELS["pallas_tpu"]:
+    assert name in text, name
+
+
+# -------------------------------------------------------------- limits ---
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("K, chunk_size, match", [
+    (16, 48, r"gla: impl='pallas_.pu' needs chunk_size in \(16, 32, 64, 128\).*"
+             r"chunk_size=48"),
+    (300, 64, r"gla: impl='pallas_.pu' supports head dims up to 256; got K .* = 300"),
+])
+def test_unsupported_shape_raises(impl, K, chunk_size, match):
+  x = make_inputs(0, 1, 8, 1, K, 16)
+  with pytest.raises(ValueError, match=match):
+    gla(**x, impl=impl, chunk_size=chunk_size, interpret=True)
+
+
+def test_interpret_with_a_non_pallas_impl_raises():
+  x = make_inputs(0, 1, 8, 1, 8, 8)
+  with pytest.raises(ValueError, match=r"interpret=True applies to the Pallas "
+                                       r"impls only; impl resolved to 'chunked'"):
+    gla(**x, impl="chunked", interpret=True)
+
+
+# ------------------------------------------------------------- devices ---
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_kernels_match_reference(D, dtype):
+  _check("pallas_gpu", (2, 200, 4, D, D, 64), interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_strong_decay():
+  _check("pallas_gpu", (1, 500, 2, 64, 64, 64), interpret=False, log_g_value=-5.0)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_tpu_kernels_match_reference(dtype):
+  _check("pallas_tpu", (2, 200, 4, 128, 128, 64), interpret=False, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.tpu
+def test_auto_picks_the_platform_kernel():
+  plat = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}[jax.default_backend()]
+  x = make_inputs(3, 1, 50, 2, 64, 64)
+  o_auto, h_auto = jax.jit(functools.partial(gla, impl="auto"))(**x)
+  o, h = jax.jit(functools.partial(gla, impl=plat))(**x)
+  numerics.assert_close(o_auto, o, rtol=0.0, what="o")
+  numerics.assert_close(h_auto, h, rtol=0.0, what="h_T")
