@@ -24,8 +24,7 @@ from tests.ops.test_gla import make_inputs
 # (B, T, H, K, V, chunk): awkward on purpose.
 SHAPES = {
     "T63_KneV": (2, 63, 2, 16, 24, 16),  # T % C != 0, K != V (V padded to 32)
-    "T63_C64": (2, 63, 2, 16, 24, 64),  # four sub-chunks, T < C
-    "TltC_H1": (2, 40, 1, 32, 16, 64),  # T shorter than one chunk
+    "T63_C64": (2, 63, 2, 16, 24, 64),  # four sub-chunks, T shorter than a chunk
     "Vsplit": (1, 70, 1, 16, 72, 32),  # V padded to 128: two V blocks on GPU
 }
 
@@ -39,11 +38,12 @@ def _check(impl, shape, *, interpret=True, dtype=jnp.float32, seed=0, **kwargs):
                                   interpret=interpret)
 
 
+# The api broadcasts head gates and no gate to per-channel gates before any impl
+# runs, so the kernels see one gate form; the three forms still go through here.
 @pytest.mark.parametrize("shape, gate", [
     ("T63_KneV", "channel"),
     ("T63_C64", "head"),
-    ("TltC_H1", "none"),
-    ("Vsplit", "channel"),
+    ("Vsplit", "none"),
 ])
 def test_gpu_interpret_matches_reference_fp32(shape, gate):
   _check("pallas_gpu", shape, gate=gate)

@@ -151,7 +151,7 @@ def chunk_output(qs, ks, vs, gs, st, prec):
   return out
 
 
-def chunk_grads(qs, ks, vs, gs, dos, st, dst, prec):
+def chunk_grads(qs, ks, gs, v_blocks, prec):
   """Gradients inside one chunk, lists of row blocks.
 
   The gate gradient is complete per chunk: g_t (t in the chunk) reaches the loss
@@ -171,47 +171,62 @@ def chunk_grads(qs, ks, vs, gs, dos, st, dst, prec):
   that O(1) term would cancel against the final-state term and leave rounding
   noise far above the true gradient (about exp(-50) at log_g = -50).
 
+  Value columns come in blocks (``v_blocks``) so that a kernel never holds a
+  whole [V, K] float32 state pair at once (64 KiB each at K = V = 128, more than
+  a GPU's registers and close to its shared memory): every V-dependent term of
+  dq, dk and dg is a sum over value columns, so each block adds its part, and
+  dv is per block.
+
   Args:
-    qs, ks, gs: [16, K] blocks; vs, dos: [16, V] blocks, ``dos`` already scaled.
-    st: [V, K] state entering the chunk (transposed).
-    dst: [V, K] gradient for the state leaving the chunk (transposed).
+    qs, ks, gs: [16, K] blocks of the chunk.
+    v_blocks: one tuple (vs, dos, st, dst) per block of value columns: vs, dos
+      [16, BV] sub-chunk blocks of v and of the output gradient (already
+      scaled); st [BV, K] those rows of the transposed state entering the chunk;
+      dst [BV, K] of the gradient for the state leaving it.
     prec: matmul precision for the data (not the gates).
 
   Returns:
-    dq, dk, dg: [16, K] blocks; dv: [16, V] blocks.
+    dq, dk, dg: lists of [16, K]; dv: one list of [16, BV] per value block.
   """
   sums = GateSums(gs)
   n = len(qs)
-  dk_out = [tiles.mm(vs[j], dst, prec) * jnp.exp(sums.to_end(j)) for j in range(n)]
-  dv = [tiles.mm_nt(ks[j] * jnp.exp(sums.to_end(j)), dst, prec) for j in range(n)]
-  dq = [None] * n
-  dk = [jnp.zeros_like(k) for k in ks]
   strict = _strict(SUB)
-  for i in range(n):
-    q, do = qs[i], dos[i]
-    dec_i = jnp.exp(sums.z[i])
-    q_in = q * dec_i
-    dq_i = tiles.mm(do, st, prec) * (dec_i * jnp.exp(sums.before(i)))
-    for j in range(i):
-      dec_ij = jnp.exp(sums.between(j, i))
-      k_in = ks[j] * dec_ij
-      a = tiles.mm_nt(q_in, k_in, prec)  # [16, 16]
-      da = tiles.mm_nt(do, vs[j], prec)
-      dv[j] = dv[j] + tiles.mm_tn(a, do, prec)
-      dq_i = dq_i + tiles.mm(da, k_in, prec) * dec_i
-      dk[j] = dk[j] + tiles.mm_tn(da, q_in, prec) * dec_ij
-    a = diag_block(q, ks[i], sums.z[i])
-    dv[i] = dv[i] + tiles.mm_tn(a, do, prec)
-    da = jnp.where(strict, tiles.mm_nt(do, vs[i], prec), 0.0)
-    dq_d, dk_d = diag_block_grads(q, ks[i], sums.z[i], da)
-    dq[i] = dq_i + dq_d
-    dk[i] = dk[i] + dk_d
+  dec = [jnp.exp(z) for z in sums.z]  # exp(b_t - r_i)
+  q_in = [qs[i] * dec[i] for i in range(n)]
+  dec_between = {(j, i): jnp.exp(sums.between(j, i))
+                 for i in range(n) for j in range(i)}
+  k_end = [ks[j] * jnp.exp(sums.to_end(j)) for j in range(n)]
+  diag = [diag_block(qs[i], ks[i], sums.z[i]) for i in range(n)]
+  zeros = [jnp.zeros_like(q) for q in qs]
+  dq, dk, dk_out, da_tt = list(zeros), list(zeros), list(zeros), [0.0] * n
+  leaving = 0.0
+  dv_blocks = []
+  for vs, dos, st, dst in v_blocks:
+    dv = [tiles.mm_nt(k_end[j], dst, prec) for j in range(n)]
+    leaving = leaving + jnp.sum(st * dst, axis=0, keepdims=True)
+    for i in range(n):
+      do = dos[i]
+      dk_out[i] = dk_out[i] + tiles.mm(vs[i], dst, prec)
+      dq[i] = dq[i] + tiles.mm(do, st, prec) * (dec[i] * jnp.exp(sums.before(i)))
+      for j in range(i):
+        k_in = ks[j] * dec_between[(j, i)]
+        da = tiles.mm_nt(do, vs[j], prec)  # [16, 16]
+        dv[j] = dv[j] + tiles.mm_tn(tiles.mm_nt(q_in[i], k_in, prec), do, prec)
+        dq[i] = dq[i] + tiles.mm(da, k_in, prec) * dec[i]
+        dk[j] = dk[j] + tiles.mm_tn(da, q_in[i], prec) * dec_between[(j, i)]
+      dv[i] = dv[i] + tiles.mm_tn(diag[i], do, prec)
+      da = jnp.where(strict, tiles.mm_nt(do, vs[i], prec), 0.0)
+      dq_d, dk_d = diag_block_grads(qs[i], ks[i], sums.z[i], da)
+      dq[i], dk[i] = dq[i] + dq_d, dk[i] + dk_d
+      da_tt[i] = da_tt[i] + jnp.sum(do * vs[i], axis=1, keepdims=True)  # [16, 1]
+    dv_blocks.append(dv)
 
+  dk_out = [dk_out[j] * jnp.exp(sums.to_end(j)) for j in range(n)]
   inner = [qs[i] * dq[i] - ks[i] * dk[i] for i in range(n)]
   through_state = [ks[i] * dk_out[i] for i in range(n)]
   inner_tot = [jnp.sum(x, axis=0, keepdims=True) for x in inner]
   state_tot = [jnp.sum(x, axis=0, keepdims=True) for x in through_state]
-  leaving = jnp.sum(st * dst, axis=0, keepdims=True) * jnp.exp(sums.total())
+  leaving = leaving * jnp.exp(sums.total())
   dg = []
   for i in range(n):
     x = inner[i] + tiles.suffix_sum_rows(inner[i], _GATE_PREC)
@@ -222,8 +237,7 @@ def chunk_grads(qs, ks, vs, gs, dos, st, dst, prec):
       x = x + state_tot[m]
     dg.append(x + leaving)
 
-  for i in range(n):  # the t = s terms: weight 1, no gate dependence
-    da_tt = jnp.sum(dos[i] * vs[i], axis=1, keepdims=True)  # [16, 1]
-    dq[i] = dq[i] + da_tt * ks[i]
-    dk[i] = dk[i] + da_tt * qs[i] + dk_out[i]
-  return dq, dk, dv, dg
+  # The t = s terms: weight 1, no gate dependence, so added after dg.
+  dq = [dq[i] + da_tt[i] * ks[i] for i in range(n)]
+  dk = [dk[i] + da_tt[i] * qs[i] + dk_out[i] for i in range(n)]
+  return dq, dk, dg, dv_blocks

@@ -13,8 +13,8 @@ squeezes B and H and keeps [C, D] tiles with stride H * D along T):
   output   grid (B, H, N, V / BV), chunks in parallel: o = q h_in + intra-chunk.
   dstates  grid (B, H, V / BV, K / BK), the reverse loop: the gradient for the
            state leaving every chunk, and dh0.
-  grads    grid (B, H, N): dq, dk, dv and d log_g of one chunk,
-           full K and V tiles.
+  grads    grid (B, H, N): dq, dk, dv and d log_g of one chunk; full K
+           tiles, value columns in blocks of BV (see chunk_tiles.chunk_grads).
 
 Matmuls run at ``tiles.precision_for(q.dtype)``: IEEE float32 for float32 inputs
 (TF32 would miss the float32 tolerance), TF32 on float32 operands otherwise.
@@ -92,9 +92,9 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret):
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, scale, prec):
   n_sub = C // SUB
-  outs = chunk_tiles.chunk_output(
-      chunk_tiles.load_sub_blocks(q_ref, n_sub), chunk_tiles.load_sub_blocks(k_ref, n_sub),
-      chunk_tiles.load_sub_blocks(v_ref, n_sub), chunk_tiles.load_sub_blocks(g_ref, n_sub), hin_ref[...], prec)
+  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
+  outs = chunk_tiles.chunk_output(load(q_ref), load(k_ref), load(v_ref),
+                                  load(g_ref), hin_ref[...], prec)
   for i, o in enumerate(outs):
     o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)  # [16, BV]
 
@@ -147,19 +147,25 @@ def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, scale, prec):
+                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, BV, scale, prec):
   n_sub = C // SUB
-  dos = [scale * d for d in chunk_tiles.load_sub_blocks(do_ref, n_sub)]
-  dq, dk, dv, dg = chunk_tiles.chunk_grads(
-      chunk_tiles.load_sub_blocks(q_ref, n_sub), chunk_tiles.load_sub_blocks(k_ref, n_sub),
-      chunk_tiles.load_sub_blocks(v_ref, n_sub), chunk_tiles.load_sub_blocks(g_ref, n_sub), dos,
-      hin_ref[...], dout_ref[...], prec)
+  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
+  v_blocks = []
+  for iv in range(v_ref.shape[-1] // BV):  # value columns in blocks of BV
+    cols = pl.ds(iv * BV, BV)
+    vs = [v_ref[pl.ds(i * SUB, SUB), cols].astype(_F32) for i in range(n_sub)]
+    dos = [scale * do_ref[pl.ds(i * SUB, SUB), cols].astype(_F32)
+           for i in range(n_sub)]  # [16, BV] each
+    v_blocks.append((vs, dos, hin_ref[cols, :], dout_ref[cols, :]))  # [BV, K]
+  dq, dk, dg, dv = chunk_tiles.chunk_grads(load(q_ref), load(k_ref), load(g_ref),
+                                           v_blocks, prec)
   for i in range(n_sub):
     rows = pl.ds(i * SUB, SUB)
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
     dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)  # [16, V]
     dg_ref[rows, :] = dg[i]
+    for iv, dv_block in enumerate(dv):
+      dv_ref[rows, pl.ds(iv * BV, BV)] = dv_block[i].astype(dv_ref.dtype)
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
@@ -170,7 +176,7 @@ def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
   vspec = pl.BlockSpec((None, C, None, Vp), lambda b, h, n: (b, n, h, 0))
   sspec = pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))
   return pl.pallas_call(
-      functools.partial(_grads_kernel, C=C, scale=scale,
+      functools.partial(_grads_kernel, C=C, BV=min(Vp, STATE_BLOCK), scale=scale,
                         prec=tiles.precision_for(q.dtype)),
       grid=(B, H, Tp // C),
       in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec],

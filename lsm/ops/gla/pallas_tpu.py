@@ -190,9 +190,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
   n_sub = C // SUB
   load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
   dos = [scale * d for d in load(do_ref)]
-  dq, dk, dv, dg = chunk_tiles.chunk_grads(load(q_ref), load(k_ref), load(v_ref),
-                                           load(g_ref), dos, hin_ref[...],
-                                           dout_ref[...], prec)
+  # One block of value columns: VMEM holds a whole [V, K] state pair easily.
+  dq, dk, dg, (dv,) = chunk_tiles.chunk_grads(
+      load(q_ref), load(k_ref), load(g_ref),
+      [(load(v_ref), dos, hin_ref[...], dout_ref[...])], prec)
   for i in range(n_sub):
     rows = pl.ds(i * SUB, SUB)
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
