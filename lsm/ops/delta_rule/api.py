@@ -3,10 +3,11 @@
 import jax.numpy as jnp
 
 from lsm.ops import _dispatch
-from lsm.ops.common import checks
-from lsm.ops.delta_rule import chunked, reference
+from lsm.ops.common import checks, kernel_shapes
+from lsm.ops.delta_rule import chunked, pallas_gpu, pallas_tpu, reference
 
-_IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule}
+_IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
+          "pallas_gpu": pallas_gpu.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
 _OP = "delta_rule"
 
 
@@ -20,7 +21,7 @@ def _per_head(op, name, x, shape, letters, *, default=None):
 
 
 def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
-               impl="auto"):
+               impl="auto", interpret=False):
   """DeltaNet, or Gated DeltaNet with ``log_g``. Matches ``reference.delta_rule``;
   the math is there.
 
@@ -33,9 +34,12 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     log_g: optional [B, T, H] log decays <= 0 (Gated DeltaNet); None for none.
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.
-    chunk_size: chunk length C of the chunked impl: at most 16 or a multiple of
-      16. T need not be a multiple of it.
-    impl: "auto" | "reference" | "chunked".
+    chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
+      for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
+    impl: "auto" | "reference" | "chunked" | "pallas_gpu" | "pallas_tpu".
+    interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
+      platform, slow; for tests). For "pallas_tpu" it may also be a
+      ``pltpu.InterpretParams()``, which emulates TPU memory semantics.
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
@@ -52,8 +56,11 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   checks.check_chunk_size(_OP, chunk_size)
   name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
   scale = K ** -0.5 if scale is None else float(scale)
+  kwargs = _dispatch.pallas_kwargs(_OP, name, interpret)
+  if kwargs:
+    kernel_shapes.check(_OP, name, chunk_size=chunk_size, K=K, V=V)
   return _IMPLS[name](q, k, v, beta, log_g, h0=h0, scale=scale,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, **kwargs)
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, h, *, log_g_t=None, scale=None):

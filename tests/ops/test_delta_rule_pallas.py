@@ -1,0 +1,144 @@
+"""Pallas delta-rule kernels (pallas_gpu, pallas_tpu) against the float32
+reference in interpret mode on CPU, lowering checks for CUDA (Triton) and TPU
+(Mosaic) without hardware, shape limits, and real-device runs marked gpu / tpu.
+
+Kept small: the whole file must run in well under a minute on 2 CPU cores. Both
+impls share their per-chunk math (``chunk_tiles``), so the awkward cases run on
+the GPU kernels and the TPU kernels get their plumbing checked at two shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from lsm.ops.delta_rule import delta_rule
+from tests import numerics
+from tests.ops import harness
+from tests.ops.test_delta_rule import make_inputs
+
+# (B, T, H, K, V, chunk). Cases share shapes so that they share compiles: an
+# ungated run is log_g = 0, which is what the public op passes for None.
+SHAPES = {
+    # T not a multiple of the chunk, K != V, V padded to 128: two V blocks on GPU
+    "T63_KneV": (2, 63, 2, 16, 72, 16),
+    "TltC": (1, 40, 1, 32, 16, 64),  # T shorter than one chunk
+}
+
+
+def _check(impl, shape, *, interpret=True, seed=0, dtype=jnp.float32, **kwargs):
+  *dims, chunk = SHAPES[shape] if isinstance(shape, str) else shape
+  primals = make_inputs(seed, *dims, dtype=dtype, **kwargs)
+  harness.check_against_reference(delta_rule, impl, chunk, primals,
+                                  jax.random.key(seed + 1),
+                                  rtol=numerics.tolerance(impl, dtype),
+                                  interpret=interpret)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(beta_max=2.0),  # gated, negative eigenvalues
+    dict(beta_max=1.0, log_g_value=0.0),  # ungated
+    dict(beta_max=2.0, log_g_value=-5.0),  # strong decay
+], ids=["gated-beta02", "ungated-beta01", "decay5-beta02"])
+def test_gpu_interpret_matches_reference_fp32(kwargs):
+  _check("pallas_gpu", "T63_KneV", **kwargs)
+
+
+def test_gpu_interpret_matches_reference_bf16():
+  """bf16, and T < C: the padding is dtype-blind, and a padding bug would be an
+  O(1) error, far above the bf16 tolerance."""
+  _check("pallas_gpu", "TltC", beta_max=2.0, dtype=jnp.bfloat16)
+
+
+def test_tpu_interpret_params_matches_reference():
+  """TPU semantics emulated: uninitialised scratch is NaN, so a read of the
+  carried state before its first write would fail here."""
+  _check("pallas_tpu", (1, 20, 1, 16, 24, 16), interpret=pltpu.InterpretParams(),
+         beta_max=2.0)
+
+
+def test_tpu_interpret_matches_reference():
+  _check("pallas_tpu", "T63_KneV", beta_max=2.0)
+
+
+# ------------------------------------------------------------- lowering ---
+
+
+def _vjp_fn(impl, chunk_size=64):
+  def f(q, k, v, beta, log_g, h0, do, dh):
+    (o, h), pullback = jax.vjp(
+        lambda *a: delta_rule(*a[:4], log_g=a[4], h0=a[5], impl=impl,
+                              chunk_size=chunk_size), q, k, v, beta, log_g, h0)
+    return o, h, pullback((do, dh))
+  return f
+
+
+def _fwd_fn(impl, chunk_size=64):
+  def f(q, k, v, beta, log_g, h0):
+    return delta_rule(q, k, v, beta, log_g=log_g, h0=h0, impl=impl,
+                      chunk_size=chunk_size)
+  return f
+
+
+def _structs(D, dtype, B=1, T=128, H=2):
+  s = jax.ShapeDtypeStruct
+  return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H), jnp.float32)] * 2
+          + [s((B, H, D, D), jnp.float32), s((B, T, H, D), dtype),
+             s((B, H, D, D), jnp.float32)])
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_lowers_for_cuda(D):
+  """Forward and backward kernels lower through Triton (no GPU needed)."""
+  lowered = jax.jit(_vjp_fn("pallas_gpu")).trace(
+      *_structs(D, jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  for name in ("states", "output", "state_grads", "input_grads"):
+    assert f"delta_rule_{name}" in text, name
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tpu_lowers_for_mosaic(D):
+  """Forward and backward kernels lower through Mosaic (no TPU needed)."""
+  args = _structs(D, jnp.bfloat16)
+  for f, a, n in ((_fwd_fn("pallas_tpu"), args[:6], 2),
+                  (_vjp_fn("pallas_tpu"), args, 5)):
+    exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*a)
+    assert exported.mlir_module().count("tpu_custom_call") == n
+
+
+# ------------------------------------------------------------- limits ---
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("K, chunk_size, match", [
+    (16, 48, r"chunk_size in \(16, 32, 64, 128\).*chunk_size=48"),
+    (300, 64, r"head dims up to 256; got K .* = 300"),
+])
+def test_unsupported_shape_raises(impl, K, chunk_size, match):
+  qk, v, beta = jnp.zeros((1, 8, 1, K)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1))
+  with pytest.raises(ValueError, match=match):
+    delta_rule(qk, qk, v, beta, impl=impl, chunk_size=chunk_size, interpret=True)
+
+
+def test_interpret_with_a_non_pallas_impl_raises():
+  qk, v, beta = jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1))
+  with pytest.raises(ValueError, match=r"interpret=True applies to the Pallas "
+                                       r"impls only; impl resolved to 'chunked'"):
+    delta_rule(qk, qk, v, beta, impl="chunked", interpret=True)
+
+
+# ------------------------------------------------------------- devices ---
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_kernels_match_reference(dtype):
+  _check("pallas_gpu", (2, 200, 4, 64, 64, 64), interpret=False, beta_max=2.0,
+         dtype=dtype)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_tpu_kernels_match_reference(dtype):
+  _check("pallas_tpu", (2, 200, 4, 128, 128, 64), interpret=False, beta_max=2.0,
+         dtype=dtype)
