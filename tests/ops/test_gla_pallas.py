@@ -172,3 +172,17 @@ def test_auto_picks_the_platform_kernel():
   o, h = jax.jit(functools.partial(gla, impl=plat))(**x)
   numerics.assert_close(o_auto, o, rtol=0.0, what="o")
   numerics.assert_close(h_auto, h, rtol=0.0, what="h_T")
+
+
+@pytest.mark.parametrize("plat, expected", [("gpu", "pallas_gpu"),
+                                            ("tpu", "pallas_tpu"),
+                                            ("cpu", "chunked")])
+def test_auto_resolves_by_platform(plat, expected, monkeypatch):
+  """The choice itself, on any machine: both ops with Pallas impls pick the
+  platform's kernel, and the chunked form where there is none."""
+  from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
+  from lsm.ops.delta_rule import api as delta_api  # pylint: disable=g-import-not-at-top
+  from lsm.ops.gla import api as gla_api  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_dispatch, "platform", lambda: plat)
+  for op, impls in (("gla", gla_api._IMPLS), ("delta_rule", delta_api._IMPLS)):
+    assert _dispatch.resolve_impl("auto", supported=impls, op=op) == expected
