@@ -11,8 +11,13 @@ gamma_t = sum_{u<=t} g_u, the entering state S [K, BV] and T = (I + L)^{-1}:
     S'  = exp(gamma_C) S + (exp(gamma_C - gamma) o K)^T U
 
 Every column block of V (and of S, U, O) is independent of the others, so the
-kernels may split V into blocks of BV columns; T and W_k depend only on the
-keys, beta and the gates and are recomputed per block.
+kernels may split V into blocks of BV columns. T depends only on the keys, beta
+and the gates: ``chunk_inverse`` computes it once per chunk (the backends'
+chunk-parallel "prepare" kernel) and every other function here takes it as an
+argument, so no kernel that walks the chunks or the value blocks repeats the
+inverse. W_k = T diag(beta exp(gamma)) K and the decay factors are cheap by
+comparison (one [C, C] x [C, K] matmul, elementwise [C, C] work) and stay
+recomputed where they are used.
 
 Everything works on 2-D float32 tiles already loaded from refs, with the
 primitives both Pallas lowerings accept (see ``lsm.ops.common.tiles``): per-token
@@ -31,8 +36,9 @@ T feed every output.
 ``chunk_grads`` gets the intra-chunk backward from ``jax.vjp`` of the pure tile
 functions below (no loops inside them, so the result is plain dot_general /
 select / reduce / elementwise primitives that lower on both backends); the
-inverse sits between them, outside any ``jax.vjp``, with the closed-form VJP
-dL = -T^T dT T^T restricted to the strict lower triangle.
+inverse sits between them, outside any ``jax.vjp``: T arrives precomputed and
+its cotangent goes back to L through the closed-form VJP dL = -T^T dT T^T
+restricted to the strict lower triangle.
 """
 
 from typing import NamedTuple
@@ -120,8 +126,9 @@ def unit_lower_inverse(l):
   def substitute(i, t):
     return jnp.where(r_in == i, eye - tiles.mm(l_bd, t, hi), t)
 
-  # A loop, not unrolled: 15 copies of the step would make every kernel (and
-  # its interpret-mode compile) much bigger; nothing differentiates through it.
+  # A loop, not unrolled: 15 copies of the step would make the prepare kernel
+  # (and its interpret-mode compile) much bigger; nothing differentiates
+  # through it.
   t = jax.lax.fori_loop(1, sub, substitute, eye)
   size = sub
   while size < C:
@@ -130,6 +137,15 @@ def unit_lower_inverse(l):
     t = t - tiles.mm(tiles.mm(t, off, hi), t, hi)
     size *= 2
   return t
+
+
+def chunk_inverse(b_k, b_beta, b_g, *, precision):
+  """T = (I + L)^{-1} [C, C] of one chunk, from b_k [C, K], b_beta, b_g [C, 1].
+
+  L's key products run at ``precision`` (they are products of inputs), the
+  inverse at HIGHEST (see the module docstring).
+  """
+  return unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision))
 
 
 def unit_lower_inverse_vjp(t, dt):
@@ -169,29 +185,22 @@ def chunk_apply(t, b_s, b_q, b_k, b_v, b_beta, b_g, *, scale, precision):
   return o, _leaving_state(b_s, b_k, u, gt, precision)
 
 
-def next_state(b_s, b_k, b_v, b_beta, b_g, *, precision):
-  """The state [K, BV] leaving the chunk, from the entering one b_s [K, BV]."""
+def next_state(t, b_s, b_k, b_v, b_beta, b_g, *, precision):
+  """The state [K, BV] leaving the chunk, from its inverse T [C, C] and the
+  entering state b_s [K, BV]."""
   gt = gates(b_g)
-  t = unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision))
   u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
   return _leaving_state(b_s, b_k, u, gt, precision)
 
 
-def chunk_forward(b_s, b_q, b_k, b_v, b_beta, b_g, *, scale, precision):
-  """(o [C, BV], s_out [K, BV]) for one chunk from its entering state."""
-  t = unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision))
-  return chunk_apply(t, b_s, b_q, b_k, b_v, b_beta, b_g, scale=scale,
-                     precision=precision)
-
-
-def state_grad(b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision):
-  """Cotangent of the entering state from those of o [C, BV] and s_out [K, BV].
+def state_grad(t, b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision):
+  """Cotangent of the entering state from those of o [C, BV] and s_out [K, BV],
+  given the chunk's inverse T [C, C].
 
   With dU = scale (M o Q K^T)^T dO + (exp(gamma_C - gamma) o K) dS':
   dS = scale (exp(gamma) o Q)^T dO + exp(gamma_C) dS' - W_k^T dU.
   """
   gt = gates(b_g)
-  t = unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision))
   a = gt.m * tiles.mm_nt(b_q, b_k, precision)  # [C, C]
   du = (scale * tiles.mm_tn(a, b_do, precision)
         + tiles.mm(gt.decay_to_end * b_k, b_ds, precision))  # [C, BV]
@@ -200,18 +209,19 @@ def state_grad(b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision):
           - tiles.mm_tn(w_k(t, b_k, b_beta, gt, precision), du, precision))
 
 
-def chunk_grads(b_s, b_q, b_k, b_v, b_beta, b_g, b_do, b_ds, *, scale,
+def chunk_grads(t, b_s, b_q, b_k, b_v, b_beta, b_g, b_do, b_ds, *, scale,
                 precision):
-  """Gradients of one chunk's inputs, given its entering state b_s [K, BV] and
-  the cotangents of its output b_do [C, BV] and leaving state b_ds [K, BV].
+  """Gradients of one chunk's inputs, given its inverse T [C, C] (from
+  ``chunk_inverse``), its entering state b_s [K, BV] and the cotangents of its
+  output b_do [C, BV] and leaving state b_ds [K, BV].
 
   Returns:
     dq, dk [C, K]; dv [C, BV]; dbeta, dg [C, 1]. With V split into blocks, dq,
     dk, dbeta and dg are this block's share (sum them over blocks).
   """
-  l, intra_vjp = jax.vjp(
+  # Only the pullback is used: T is given, L's value is not needed.
+  _, intra_vjp = jax.vjp(
       lambda k, beta, g: intra_matrix(k, beta, g, precision), b_k, b_beta, b_g)
-  t = unit_lower_inverse(l)
   _, apply_vjp = jax.vjp(
       lambda t, q, k, v, beta, g: chunk_apply(t, b_s, q, k, v, beta, g,
                                               scale=scale, precision=precision),

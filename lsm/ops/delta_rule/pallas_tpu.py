@@ -10,6 +10,8 @@ padded to whole chunks), so every block's last two dims are (chunk, D) or
 Kernels (BH = batch x heads, N chunks; the whole value dim per program, since a
 [256, 256] float32 state fits VMEM easily):
 
+  _prepare       grid (BH, N), all "parallel": the chunk's T = (I + L)^{-1}
+                 [C, C] float32, stored as t [BH, N C, C].
   _states        grid (BH, N), N "arbitrary" (sequential): the state is carried
                  across chunks in a [Kp, Vp] float32 VMEM scratch; each step
                  stores the state entering its chunk (h_in) and the last step
@@ -19,11 +21,16 @@ Kernels (BH = batch x heads, N chunks; the whole value dim per program, since a
                  index maps read chunk N - 1 - n): stores the cotangent of the
                  state leaving each chunk (dh_out) and returns dh0.
   _input_grads   grid (BH, N), all "parallel": dq, dk, dv, dbeta, d log_g of one
-                 chunk (``jax.vjp`` of the tile math inside the kernel).
+                 chunk (``jax.vjp`` of the tile math inside the kernel, the
+                 closed-form VJP of the inverse on the loaded T).
 
-Recompute vs store: the backward recomputes h_in with ``_states`` (see
-``pallas_vjp``), and every kernel recomputes the chunk's inverse T rather than
-storing it: a few [C, C] matmuls on the MXU against an HBM round trip.
+Recompute vs store: T is computed once per chunk by _prepare and loaded by the
+other four kernels ([C, C] float32 per chunk, a small DMA next to the chunk's
+q, k, v tiles) rather than recomputed in each: the inverse is 19 dependent
+[C, C] x [C, C] matmuls at HIGHEST (six MXU passes each), for bf16 inputs more
+MXU passes than all the rest of a chunk's work in any one kernel, and in the
+sequential kernels it sat on the critical path of the chunk loop. The backward
+recomputes T and h_in (see ``pallas_vjp``).
 
 Numerics: all tiles are float32 after loading; matmuls on inputs run at
 ``tiles.precision_for(q.dtype)`` (six bf16 passes for float32 inputs, one for
@@ -58,8 +65,15 @@ def _load(ref):
 # ---------------------------------------------------------------- kernels ---
 
 
-def _states_kernel(k_ref, v_ref, beta_ref, g_ref, h0_ref, h_in_ref, ht_ref,
-                   s_ref, *, precision):
+def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
+  t_ref[...] = chunk_tiles.chunk_inverse(
+      _load(k_ref),  # [C, Kp]
+      beta_ref[...], g_ref[...],  # [C, 1]
+      precision=precision)
+
+
+def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
+                   ht_ref, s_ref, *, precision):
   n = pl.program_id(1)
 
   @pl.when(n == 0)
@@ -69,6 +83,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, h0_ref, h_in_ref, ht_ref,
   b_s = s_ref[...]  # [Kp, Vp]
   h_in_ref[...] = b_s
   b_s = chunk_tiles.next_state(
+      t_ref[...],  # [C, C]
       b_s, _load(k_ref),  # [C, Kp]
       _load(v_ref),  # [C, Vp]
       beta_ref[...], g_ref[...],  # [C, 1]
@@ -80,9 +95,10 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, h0_ref, h_in_ref, ht_ref,
     ht_ref[...] = b_s
 
 
-def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, h_ref, o_ref, *, scale,
-                   precision):
-  b_o, _ = chunk_tiles.chunk_forward(
+def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
+                   scale, precision):
+  b_o, _ = chunk_tiles.chunk_apply(
+      t_ref[...],  # [C, C]
       h_ref[...],  # [Kp, Vp]
       _load(q_ref), _load(k_ref),  # [C, Kp]
       _load(v_ref),  # [C, Vp]
@@ -91,7 +107,7 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, h_ref, o_ref, *, scale,
   o_ref[...] = b_o.astype(o_ref.dtype)
 
 
-def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, dht_ref,
+def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
                         dh_out_ref, dh0_ref, ds_ref, *, scale, precision):
   i = pl.program_id(1)  # chunk N - 1 - i
 
@@ -102,6 +118,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, dht_ref,
   b_ds = ds_ref[...]  # [Kp, Vp]
   dh_out_ref[...] = b_ds
   b_ds = chunk_tiles.state_grad(
+      t_ref[...],  # [C, C]
       b_ds, _load(q_ref), _load(k_ref),  # [C, Kp]
       beta_ref[...], g_ref[...],  # [C, 1]
       _load(do_ref),  # [C, Vp]
@@ -113,10 +130,11 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, dht_ref,
     dh0_ref[...] = b_ds
 
 
-def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, do_ref, h_ref,
-                        dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *,
-                        scale, precision):
+def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
+                        h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref,
+                        dg_ref, *, scale, precision):
   grads = chunk_tiles.chunk_grads(
+      t_ref[...],  # [C, C]
       h_ref[...],  # [Kp, Vp]
       _load(q_ref), _load(k_ref),  # [C, Kp]
       _load(v_ref),  # [C, Vp]
@@ -133,8 +151,8 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, do_ref, h_ref,
 
 def _specs(Kp, Vp, chunk, *, reverse_n=None):
   """Block specs for a grid (BH, N): one chunk of keys / values / per-token
-  scalars, its [Kp, Vp] state, and the head's [Kp, Vp] state. With
-  ``reverse_n`` = N, grid step n visits chunk N - 1 - n."""
+  scalars, its [C, C] inverse T, its [Kp, Vp] state, and the head's [Kp, Vp]
+  state. With ``reverse_n`` = N, grid step n visits chunk N - 1 - n."""
   if reverse_n is None:
     at = lambda n: n
   else:
@@ -142,9 +160,10 @@ def _specs(Kp, Vp, chunk, *, reverse_n=None):
   keys = pl.BlockSpec((None, chunk, Kp), lambda b, n: (b, at(n), 0))
   vals = pl.BlockSpec((None, chunk, Vp), lambda b, n: (b, at(n), 0))
   col = pl.BlockSpec((None, chunk, 1), lambda b, n: (b, at(n), 0))
+  inv = pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, at(n), 0))
   state = pl.BlockSpec((None, Kp, Vp), lambda b, n: (b, at(n), 0))
   head = pl.BlockSpec((None, Kp, Vp), lambda b, n: (b, 0, 0))
-  return keys, vals, col, state, head
+  return keys, vals, col, inv, state, head
 
 
 def _dims(q_or_k, v, chunk):
@@ -152,61 +171,77 @@ def _dims(q_or_k, v, chunk):
   return BH, Tp, Kp, v.shape[-1], Tp // chunk
 
 
-def _states(k, v, beta, g, h0, *, chunk, interpret):
+def _prepare(k, beta, g, *, chunk, interpret):
+  BH, Tp, Kp = k.shape
+  keys = pl.BlockSpec((None, chunk, Kp), lambda b, n: (b, n, 0))
+  col = pl.BlockSpec((None, chunk, 1), lambda b, n: (b, n, 0))
+  inv = pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, n, 0))
+  kernel = functools.partial(_prepare_kernel,
+                             precision=tiles.precision_for(k.dtype))
+  return pl.pallas_call(
+      kernel, grid=(BH, Tp // chunk),
+      in_specs=[keys, col, col],
+      out_specs=inv,
+      out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
+      compiler_params=_params(_PARALLEL), interpret=interpret,
+      name="delta_rule_prepare")(k, beta, g)
+
+
+def _states(k, v, beta, g, t, h0, *, chunk, interpret):
   BH, _, Kp, Vp, N = _dims(k, v, chunk)
-  keys, vals, col, state, head = _specs(Kp, Vp, chunk)
+  keys, vals, col, inv, state, head = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_states_kernel,
                              precision=tiles.precision_for(k.dtype))
   return pl.pallas_call(
       kernel, grid=(BH, N),
-      in_specs=[keys, vals, col, col, head],
+      in_specs=[keys, vals, col, col, inv, head],
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       scratch_shapes=[pltpu.VMEM((Kp, Vp), _F32)],
       compiler_params=_params(_SEQUENTIAL), interpret=interpret,
-      name="delta_rule_states")(k, v, beta, g, h0)
+      name="delta_rule_states")(k, v, beta, g, t, h0)
 
 
-def _output(q, k, v, beta, g, h_in, *, scale, chunk, interpret):
+def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
   BH, Tp, Kp, Vp, N = _dims(q, v, chunk)
-  keys, vals, col, state, _ = _specs(Kp, Vp, chunk)
+  keys, vals, col, inv, state, _ = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return pl.pallas_call(
       kernel, grid=(BH, N),
-      in_specs=[keys, keys, vals, col, col, state],
+      in_specs=[keys, keys, vals, col, col, inv, state],
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
       compiler_params=_params(_PARALLEL), interpret=interpret,
-      name="delta_rule_output")(q, k, v, beta, g, h_in)
+      name="delta_rule_output")(q, k, v, beta, g, t, h_in)
 
 
-def _state_grads(q, k, beta, g, do, dh_t, *, scale, chunk, interpret):
+def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
   BH, _, Kp, Vp, N = _dims(q, do, chunk)
-  keys, vals, col, state, head = _specs(Kp, Vp, chunk, reverse_n=N)
+  keys, vals, col, inv, state, head = _specs(Kp, Vp, chunk, reverse_n=N)
   kernel = functools.partial(_state_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return pl.pallas_call(
       kernel, grid=(BH, N),
-      in_specs=[keys, keys, col, col, vals, head],
+      in_specs=[keys, keys, col, col, inv, vals, head],
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       scratch_shapes=[pltpu.VMEM((Kp, Vp), _F32)],
       compiler_params=_params(_SEQUENTIAL), interpret=interpret,
-      name="delta_rule_state_grads")(q, k, beta, g, do, dh_t)
+      name="delta_rule_state_grads")(q, k, beta, g, t, do, dh_t)
 
 
-def _input_grads(q, k, v, beta, g, do, h_in, dh_out, *, scale, chunk,
+def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  interpret):
   BH, Tp, Kp, Vp, N = _dims(q, v, chunk)
-  keys, vals, col, state, _ = _specs(Kp, Vp, chunk)
+  keys, vals, col, inv, state, _ = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_input_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return pl.pallas_call(
       kernel, grid=(BH, N),
-      in_specs=[keys, keys, vals, col, col, vals, state, state],
+      in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
       out_specs=[keys, keys, vals, col, col],
       out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),
                  jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),
@@ -214,7 +249,7 @@ def _input_grads(q, k, v, beta, g, do, h_in, dh_out, *, scale, chunk,
                  jax.ShapeDtypeStruct((BH, Tp, 1), _F32),
                  jax.ShapeDtypeStruct((BH, Tp, 1), _F32)],
       compiler_params=_params(_PARALLEL), interpret=interpret,
-      name="delta_rule_input_grads")(q, k, v, beta, g, do, h_in, dh_out)
+      name="delta_rule_input_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
 
 
 def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
@@ -230,6 +265,7 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
   """
   kw = dict(chunk=chunk_size, interpret=interpret)
   kernels = pallas_vjp.Kernels(
+      prepare=functools.partial(_prepare, **kw),
       states=functools.partial(_states, **kw),
       output=functools.partial(_output, scale=scale, **kw),
       state_grads=functools.partial(_state_grads, scale=scale, **kw),

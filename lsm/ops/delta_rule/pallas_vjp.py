@@ -1,29 +1,51 @@
 r"""Padding, layout and the custom VJP shared by the two Pallas delta-rule impls.
 
-The recurrence is defined in ``reference.py``. A backend supplies four kernels
+The recurrence is defined in ``reference.py``. A backend supplies five kernels
 (``Kernels``) on the kernel layout: batch and heads merged, time padded to N
 whole chunks, head dims padded to ``kernel_shapes.padded_dim``, per-token
 scalars as [C, 1] columns:
 
     q, k [BH, NC, Kp]; v [BH, NC, Vp]; beta, g [BH, NC, 1] float32;
-    h0, h_T [BH, Kp, Vp] float32; per-chunk states [BH, N * Kp, Vp] float32.
+    h0, h_T [BH, Kp, Vp] float32; per-chunk states [BH, N * Kp, Vp] float32;
+    t [BH, NC, C] float32: rows n C .. n C + C - 1 hold chunk n's
+    T = (I + L)^{-1} (``chunk_tiles.chunk_inverse``).
 
-  states(k, v, beta, g, h0) -> (h_in, h_T)     sequential over chunks; h_in[n]
+  prepare(k, beta, g) -> t                     chunk-parallel; the only kernel
+                                               that inverts anything
+  states(k, v, beta, g, t, h0) -> (h_in, h_T)  sequential over chunks; h_in[n]
                                                is the state entering chunk n
-  output(q, k, v, beta, g, h_in) -> o          chunk-parallel, o in q.dtype
-  state_grads(q, k, beta, g, do, dh_T) -> (dh_out, dh0)
+  output(q, k, v, beta, g, t, h_in) -> o       chunk-parallel, o in q.dtype
+  state_grads(q, k, beta, g, t, do, dh_T) -> (dh_out, dh0)
                                                reverse-sequential; dh_out[n] is
                                                the cotangent of the state
                                                leaving chunk n
-  input_grads(q, k, v, beta, g, do, h_in, dh_out) -> (dq, dk, dv, dbeta, dg)
-                                               chunk-parallel, float32
+  input_grads(q, k, v, beta, g, t, do, h_in, dh_out) -> (dq, dk, dv, dbeta, dg)
+                                               chunk-parallel, float32; the
+                                               gradient through T is the closed
+                                               form on the loaded T
+
+The forward runs prepare, states, output; the backward prepare, states,
+state_grads, input_grads. So each chunk's inverse (about 10 MFLOP of matmuls at
+C = 64, as much as all of the output kernel's work on the chunk at K = V = 128)
+is computed once per forward and once per backward, however many kernels and
+value blocks then use it.
 
 Recompute, not store: the forward keeps only its inputs as residuals and the
-backward reruns ``states`` (one cheap sequential pass; N [K, V] float32 states
-per head would otherwise stay alive between forward and backward in every
-layer, often more memory than all the layer's activations). Every chunk's
-gradient is local given its entering state and the cotangent of its leaving
-state, so the gate gradient d log_g needs no cross-chunk cumsum.
+backward reruns ``prepare`` and ``states``. For the states this is clear: N
+[K, V] float32 states per head would otherwise stay alive between forward and
+backward in every layer, often more memory than all the layer's activations.
+For T it is closer. Stored, T is C float32 per token and head: 256 bytes at
+C = 64, as much as one bf16 [T, 128] input, so a third more residual memory
+than q, k, v at K = V = 128 (two thirds more at C = 128). Recomputed, it costs
+one chunk-parallel kernel in the backward: at C = 64, K = V = 128 about 11 of
+the op's 95 MFLOP of matmuls per chunk for forward + backward (12 per cent), a
+small fraction of a whole layer's (the projections dominate), with no
+sequential dependence. Memory is the scarcer resource in training, and under
+``jax.checkpoint`` of the layer a stored T would be recomputed anyway, so the
+backward recomputes it.
+
+Every chunk's gradient is local given its entering state and the cotangent of
+its leaving state, so the gate gradient d log_g needs no cross-chunk cumsum.
 
 Zero padding is inert: padded tokens have beta = 0 and log_g = 0 (they leave
 the state unchanged), padded key channels are zero in q, k and h0, padded value
@@ -42,6 +64,7 @@ from lsm.ops.common import kernel_shapes
 class Kernels(NamedTuple):
   """A backend's kernels on the kernel layout (see the module docstring); each
   is already bound to scale, chunk size and interpret mode."""
+  prepare: Callable
   states: Callable
   output: Callable
   state_grads: Callable
@@ -53,8 +76,9 @@ def _core(kernels: Kernels):
 
   @jax.custom_vjp
   def core(q, k, v, beta, g, h0):
-    h_in, h_t = kernels.states(k, v, beta, g, h0)
-    return kernels.output(q, k, v, beta, g, h_in), h_t
+    t = kernels.prepare(k, beta, g)
+    h_in, h_t = kernels.states(k, v, beta, g, t, h0)
+    return kernels.output(q, k, v, beta, g, t, h_in), h_t
 
   def fwd(q, k, v, beta, g, h0):
     return core(q, k, v, beta, g, h0), (q, k, v, beta, g, h0)
@@ -62,11 +86,12 @@ def _core(kernels: Kernels):
   def bwd(res, cts):
     q, k, v, beta, g, h0 = res
     do, dh_t = cts
-    h_in, _ = kernels.states(k, v, beta, g, h0)
-    dh_out, dh0 = kernels.state_grads(q, k, beta, g, do.astype(q.dtype),
+    do = do.astype(q.dtype)
+    t = kernels.prepare(k, beta, g)  # recomputed, see the module docstring
+    h_in, _ = kernels.states(k, v, beta, g, t, h0)
+    dh_out, dh0 = kernels.state_grads(q, k, beta, g, t, do,
                                       dh_t.astype(jnp.float32))
-    grads = kernels.input_grads(q, k, v, beta, g, do.astype(q.dtype), h_in,
-                                dh_out)
+    grads = kernels.input_grads(q, k, v, beta, g, t, do, h_in, dh_out)
     return tuple(d.astype(x.dtype) for d, x in zip((*grads, dh0), res))
 
   core.defvjp(fwd, bwd)
