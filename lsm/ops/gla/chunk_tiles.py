@@ -67,10 +67,10 @@ class GateSums:
     return self._sum(range(len(self.tot)))
 
 
-def load_sub_blocks(ref, n_sub):
-  """[16, D] float32 sub-chunk tiles of a [C, D] ref (static slices of the ref,
-  which both lowerings accept)."""
-  return [ref[pl.ds(i * SUB, SUB), :].astype(_F32) for i in range(n_sub)]
+def load_sub_blocks(ref, n_sub, cols=slice(None)):
+  """[16, D] float32 sub-chunk tiles of a [C, D] ref, or of the columns ``cols``
+  (static slices of the ref, which both lowerings accept)."""
+  return [ref[pl.ds(i * SUB, SUB), cols].astype(_F32) for i in range(n_sub)]
 
 
 def _strict(n):
@@ -133,21 +133,42 @@ def state_grad_update(q, do, g, dst, prec):
   return dst * jnp.exp(total) + tiles.mm_tn(do, q * jnp.exp(b), prec)
 
 
-def chunk_output(qs, ks, vs, gs, st, prec):
-  """Unscaled outputs of one chunk, a list of [16, V] row blocks.
+def chunk_output(qs, ks, gs, v_blocks, prec):
+  """Unscaled outputs of one chunk.
 
   o_t = (q_t exp(b_t)) S + sum_{s <= t} (q_t exp(b_t - b_s)) . k_s v_s.
+
+  The intra-chunk weights (the off-diagonal products and the log-space diagonal
+  blocks, whose column loop is the costliest elementwise work here) depend on
+  q, k and the gates only, so they are formed once and applied to every block
+  of value columns.
+
+  Args:
+    qs, ks, gs: [16, K] sub-chunk blocks.
+    v_blocks: one tuple (vs, st) per block of value columns: vs [16, BV]
+      sub-chunk blocks of v, st [BV, K] those rows of the transposed state
+      entering the chunk.
+    prec: matmul precision for the data.
+
+  Returns:
+    One list of [16, BV] row blocks per value block.
   """
   sums = GateSums(gs)
+  n = len(qs)
+  q_in = [qs[i] * jnp.exp(sums.z[i]) for i in range(n)]  # q_t exp(b_t - r_i)
+  q_state = [q_in[i] * jnp.exp(sums.before(i)) for i in range(n)]  # q_t exp(b_t)
+  a = {(j, i): tiles.mm_nt(q_in[i], ks[j] * jnp.exp(sums.between(j, i)), prec)
+       for i in range(n) for j in range(i)}  # [16, 16]
+  diag = [diag_block(qs[i], ks[i], sums.z[i]) for i in range(n)]
   out = []
-  for i, q in enumerate(qs):
-    q_in = q * jnp.exp(sums.z[i])  # q_t exp(b_t - r_i)
-    o = tiles.mm_nt(q_in * jnp.exp(sums.before(i)), st, prec)
-    for j in range(i):
-      k_in = ks[j] * jnp.exp(sums.between(j, i))
-      o = o + tiles.mm(tiles.mm_nt(q_in, k_in, prec), vs[j], prec)
-    o = o + tiles.mm(diag_block(q, ks[i], sums.z[i]), vs[i], prec)
-    out.append(o)
+  for vs, st in v_blocks:
+    rows = []
+    for i in range(n):
+      o = tiles.mm_nt(q_state[i], st, prec)
+      for j in range(i):
+        o = o + tiles.mm(a[(j, i)], vs[j], prec)
+      rows.append(o + tiles.mm(diag[i], vs[i], prec))
+    out.append(rows)
   return out
 
 

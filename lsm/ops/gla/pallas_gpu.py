@@ -10,7 +10,9 @@ squeezes B and H and keeps [C, D] tiles with stride H * D along T):
            float32, and h_T. Sequential in T, so its parallelism is
            B * H * (V / BV) * (K / BK) programs; 64-wide state blocks keep that
            at 4x B * H for head dims of 128.
-  output   grid (B, H, N, V / BV), chunks in parallel: o = q h_in + intra-chunk.
+  output   grid (B, H, N), chunks in parallel: o = q h_in + intra-chunk, the
+           intra-chunk weights formed once and applied to value columns in
+           blocks of BV.
   dstates  grid (B, H, V / BV, K / BK), the reverse loop: the gradient for the
            state leaving every chunk, and dh0.
   grads    grid (B, H, N): dq, dk, dv and d log_g of one chunk; full K
@@ -40,11 +42,6 @@ NUM_STAGES = 2
 
 def _params():
   return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-
-
-def _time_spec(length, width):
-  """[length, width] tiles of a [B, T, H, D] array at chunk n, column block d."""
-  return pl.BlockSpec((None, length, None, width), lambda b, h, n, d: (b, n, h, d))
 
 
 def _whole_time_spec(Tp, width, which):
@@ -90,13 +87,21 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret):
   )(a, b, g, h_last)
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, scale, prec):
-  n_sub = C // SUB
-  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
-  outs = chunk_tiles.chunk_output(load(q_ref), load(k_ref), load(v_ref),
-                                  load(g_ref), hin_ref[...], prec)
-  for i, o in enumerate(outs):
-    o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)  # [16, BV]
+def _value_blocks(v_ref, BV):
+  """Column slices of width BV over a [C, V] ref."""
+  return [pl.ds(iv * BV, BV) for iv in range(v_ref.shape[-1] // BV)]
+
+
+def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, BV, scale,
+                   prec):
+  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=C // SUB)
+  cols = _value_blocks(v_ref, BV)
+  outs = chunk_tiles.chunk_output(
+      load(q_ref), load(k_ref), load(g_ref),
+      [(load(v_ref, cols=c), hin_ref[c, :]) for c in cols], prec)  # [BV, K]
+  for c, rows in zip(cols, outs):
+    for i, o in enumerate(rows):
+      o_ref[pl.ds(i * SUB, SUB), c] = (scale * o).astype(o_ref.dtype)  # [16, BV]
 
 
 def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
@@ -104,17 +109,16 @@ def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
                            interpret=interpret)
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
-  BV = min(Vp, STATE_BLOCK)
   C = chunk_size
+  kspec = pl.BlockSpec((None, C, None, Kp), lambda b, h, n: (b, n, h, 0))
+  vspec = pl.BlockSpec((None, C, None, Vp), lambda b, h, n: (b, n, h, 0))
   o = pl.pallas_call(
-      functools.partial(_output_kernel, C=C, scale=scale,
+      functools.partial(_output_kernel, C=C, BV=min(Vp, STATE_BLOCK), scale=scale,
                         prec=tiles.precision_for(q.dtype)),
-      grid=(B, H, Tp // C, Vp // BV),
-      in_specs=[pl.BlockSpec((None, C, None, Kp), lambda b, h, n, iv: (b, n, h, 0))] * 2
-      + [_time_spec(C, BV),
-         pl.BlockSpec((None, C, None, Kp), lambda b, h, n, iv: (b, n, h, 0)),
-         pl.BlockSpec((None, None, None, BV, Kp), lambda b, h, n, iv: (b, h, n, iv, 0))],
-      out_specs=_time_spec(C, BV),
+      grid=(B, H, Tp // C),
+      in_specs=[kspec, kspec, vspec, kspec,
+                pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))],
+      out_specs=vspec,
       out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), q.dtype),
       compiler_params=_params(), interpret=interpret, name="gla_output",
   )(q, k, v, g, h_in)
@@ -150,13 +154,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
                   dq_ref, dk_ref, dv_ref, dg_ref, *, C, BV, scale, prec):
   n_sub = C // SUB
   load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
-  v_blocks = []
-  for iv in range(v_ref.shape[-1] // BV):  # value columns in blocks of BV
-    cols = pl.ds(iv * BV, BV)
-    vs = [v_ref[pl.ds(i * SUB, SUB), cols].astype(_F32) for i in range(n_sub)]
-    dos = [scale * do_ref[pl.ds(i * SUB, SUB), cols].astype(_F32)
-           for i in range(n_sub)]  # [16, BV] each
-    v_blocks.append((vs, dos, hin_ref[cols, :], dout_ref[cols, :]))  # [BV, K]
+  cols = _value_blocks(v_ref, BV)
+  v_blocks = [(load(v_ref, cols=c), [scale * d for d in load(do_ref, cols=c)],
+               hin_ref[c, :], dout_ref[c, :]) for c in cols]  # [16, BV], [BV, K]
   dq, dk, dg, dv = chunk_tiles.chunk_grads(load(q_ref), load(k_ref), load(g_ref),
                                            v_blocks, prec)
   for i in range(n_sub):
@@ -164,8 +164,8 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
     dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
     dg_ref[rows, :] = dg[i]
-    for iv, dv_block in enumerate(dv):
-      dv_ref[rows, pl.ds(iv * BV, BV)] = dv_block[i].astype(dv_ref.dtype)
+    for c, dv_block in zip(cols, dv):
+      dv_ref[rows, c] = dv_block[i].astype(dv_ref.dtype)
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):

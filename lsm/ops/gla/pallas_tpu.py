@@ -85,8 +85,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, st_ref, *
   vs = chunk_tiles.load_sub_blocks(v_ref, n_sub)  # [16, V] each
   gs = chunk_tiles.load_sub_blocks(g_ref, n_sub)
   st = st_ref[...]  # [V, K]
-  outs = chunk_tiles.chunk_output(chunk_tiles.load_sub_blocks(q_ref, n_sub), ks,
-                                  vs, gs, st, prec)
+  (outs,) = chunk_tiles.chunk_output(chunk_tiles.load_sub_blocks(q_ref, n_sub),
+                                     ks, gs, [(vs, st)], prec)
   for i, o in enumerate(outs):
     o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)
   st = chunk_tiles.state_update(k_ref[...].astype(_F32), v_ref[...].astype(_F32),
