@@ -90,5 +90,10 @@ def col(x, j):
   return jnp.sum(jnp.where(iota(x.shape, 1) == j, x, 0.0), axis=1, keepdims=True)
 
 
-def last_row(x):
-  return row(x, x.shape[0] - 1)
+def col_to_row(x):
+  """[n, 1] -> [1, n] without a transpose (Mosaic handles [n, 1] transposes
+  badly): a masked sum over the diagonal."""
+  n = x.shape[0]
+  eye = iota((n, n), 0) == iota((n, n), 1)
+  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (n, n)), 0.0), axis=0,
+                 keepdims=True)

@@ -22,7 +22,7 @@ recomputed where they are used.
 Everything works on 2-D float32 tiles already loaded from refs, with the
 primitives both Pallas lowerings accept (see ``lsm.ops.common.tiles``): per-token
 scalars (beta, log gates) are [C, 1] columns; a row form, when needed, comes
-from a masked sum over the diagonal (``col_to_row``); prefix sums of the gates
+from a masked sum over the diagonal (``tiles.col_to_row``); prefix sums of the gates
 are masked sums over [C, C] tiles, so no matmul has a dim below 16 (Triton
 dots) and no reverse cumsum appears.
 
@@ -52,17 +52,6 @@ _F32 = jnp.float32
 SUB = 16  # rows of a diagonal block inverted by substitution
 
 
-def col_to_row(x):
-  """[n, 1] -> [1, n] without a transpose: a masked sum over the diagonal.
-
-  (Generic; a candidate for ``lsm.ops.common.tiles``.)
-  """
-  n = x.shape[0]
-  eye = tiles.iota((n, n), 0) == tiles.iota((n, n), 1)
-  return jnp.sum(jnp.where(eye, jnp.broadcast_to(x, (n, n)), 0.0), axis=0,
-                 keepdims=True)
-
-
 class Gates(NamedTuple):
   """Decay factors of one chunk (all ones / identity-like without gating)."""
   m: jax.Array  # [C, C] exp(gamma_t - gamma_s) for s <= t, else 0
@@ -80,7 +69,7 @@ def gates(b_g) -> Gates:
   """
   C = b_g.shape[0]
   r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
-  b_g_row = col_to_row(b_g)  # [1, C]
+  b_g_row = tiles.col_to_row(b_g)  # [1, C]
   gamma = jnp.sum(jnp.where(c <= r, b_g_row, 0.0), axis=1, keepdims=True)  # [C, 1]
   gamma_row = jnp.sum(jnp.where(r <= c, b_g, 0.0), axis=0, keepdims=True)  # [1, C]
   to_end = jnp.sum(jnp.where(c > r, b_g_row, 0.0), axis=1, keepdims=True)  # [C, 1]
