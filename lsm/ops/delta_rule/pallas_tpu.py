@@ -263,12 +263,8 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.
   """
-  kw = dict(chunk=chunk_size, interpret=interpret)
-  kernels = pallas_vjp.Kernels(
-      prepare=functools.partial(_prepare, **kw),
-      states=functools.partial(_states, **kw),
-      output=functools.partial(_output, scale=scale, **kw),
-      state_grads=functools.partial(_state_grads, scale=scale, **kw),
-      input_grads=functools.partial(_input_grads, scale=scale, **kw))
+  kernels = pallas_vjp.bind(_prepare, _states, _output, _state_grads,
+                            _input_grads, scale=scale, chunk=chunk_size,
+                            interpret=interpret)
   return pallas_vjp.delta_rule(kernels, q, k, v, beta, log_g, h0=h0,
                                chunk_size=chunk_size)

@@ -53,6 +53,7 @@ channels give outputs and states that are sliced off. Gradients of the padding
 are dropped by the slicing's own VJP.
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -69,6 +70,19 @@ class Kernels(NamedTuple):
   output: Callable
   state_grads: Callable
   input_grads: Callable
+
+
+def bind(prepare, states, output, state_grads, input_grads, *, scale: float,
+         chunk: int, interpret) -> Kernels:
+  """A backend's five launchers bound to one call's chunk size, interpret mode
+  and (where they use it) query scale."""
+  kw = dict(chunk=chunk, interpret=interpret)
+  return Kernels(
+      prepare=functools.partial(prepare, **kw),
+      states=functools.partial(states, **kw),
+      output=functools.partial(output, scale=scale, **kw),
+      state_grads=functools.partial(state_grads, scale=scale, **kw),
+      input_grads=functools.partial(input_grads, scale=scale, **kw))
 
 
 def _core(kernels: Kernels):
