@@ -142,10 +142,12 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
-                  lr: float, seed: int, smoke: bool) -> ml_collections.ConfigDict:
+                  lr: float, seed: int, smoke: bool,
+                  weight_decay: float = 0.1) -> ml_collections.ConfigDict:
   """data, optim, train and mesh sections of a synthetic-task run (the model
   and task sections are the caller's). One eval of every test size at the end;
-  AdamW with cosine decay to 0 (Grazzi et al.'s recipe)."""
+  AdamW (decoupled ``weight_decay`` on matrices) with cosine decay to 0
+  (Grazzi et al.'s recipe)."""
   if smoke:
     steps, batch_size = 30, 16
   # Task rows take their length from the task (task.max_tokens); data.seq_len
@@ -154,7 +156,8 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
                 seq_len=8, eval_split="eval", shards=placeholder(int))
   c.optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10),
                  total_steps=placeholder(int), min_lr_ratio=0.0,
-                 weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+                 weight_decay=weight_decay, clip_norm=1.0, b1=0.9, b2=0.999,
+                 eps=1e-8)
   c.train = dict(num_steps=steps, seed=seed, log_every=min(100, steps),
                  eval_every=steps, eval_steps=2 if smoke else 4,
                  checkpoint_every=steps, keep_checkpoints=1,

@@ -8,9 +8,9 @@ Args (``:arg``): task (parity, modular_arithmetic, modular_arithmetic_brackets,
 permutation), group (permutation: S3, S5, A5, Z60, S5_swaps), mixer (any
 lsm.layers mixer), beta_scale (DeltaNet: 1 gives eigenvalues in [0, 1], 2 in
 [-1, 1]), eigenvalues (Mamba decays: positive or signed), d_model, n_layers,
-n_heads, steps, batch_size, lr, seed, smoke (seconds on a CPU), paper (the
-papers' budget: 100k steps at batch 1024; GPU scale), dt_min and dt_max (Mamba's
-initial step-size range).
+n_heads, steps, batch_size, lr, weight_decay (AdamW, on matrices), seed, smoke
+(seconds on a CPU), paper (the papers' budget: 100k steps at batch 1024; GPU
+scale), dt_min and dt_max (Mamba's initial step-size range).
 
 Lengths follow Grazzi et al.: train on sequence lengths 3-40 and test on 40-256,
 where a sequence length counts the answer token. ``paper_sizes`` converts those
@@ -45,8 +45,8 @@ def get_config(arg=None):
   arg = common.parse_arg(
       arg, task="parity", group="S5", mixer="delta_net", beta_scale=1.0,
       eigenvalues="positive", d_model=64, n_layers=1, n_heads=1, steps=1500,
-      batch_size=128, lr=1e-3, seed=0, smoke=False, paper=False,
-      dt_min=1e-3, dt_max=1e-1)
+      batch_size=128, lr=1e-3, weight_decay=0.1, seed=0, smoke=False,
+      paper=False, dt_min=1e-3, dt_max=1e-1)
   c = ml_collections.ConfigDict()
   c.model = dict(
       vocab_size=0, d_model=arg.d_model, n_layers=arg.n_layers,
@@ -65,4 +65,5 @@ def get_config(arg=None):
   c.model.vocab_size = -(-vocab // 8) * 8
   steps, batch = (100_000, 1024) if arg.paper else (arg.steps, arg.batch_size)
   return common.task_sections(c, steps=steps, batch_size=batch, lr=arg.lr,
-                              seed=arg.seed, smoke=arg.smoke)
+                              seed=arg.seed, smoke=arg.smoke,
+                              weight_decay=arg.weight_decay)

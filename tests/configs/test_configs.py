@@ -105,3 +105,12 @@ def test_bad_config_arg_is_clear():
     lm.get_config("mixr=gla")
   with pytest.raises(ValueError, match=r"size='9b'; expected one of"):
     lm.get_config("size=9b")
+
+
+def test_task_config_weight_decay_reaches_the_optimizer():
+  st = importlib.import_module("configs.state_tracking")
+  assert loop.RunConfig.from_config(st.get_config("")).optim.weight_decay == 0.1
+  run = loop.RunConfig.from_config(st.get_config("weight_decay=0"))
+  assert run.optim.weight_decay == 0.0
+  with pytest.raises(ValueError, match=r"optim.weight_decay=-1.0; expected >= 0"):
+    loop.RunConfig.from_config(st.get_config("weight_decay=-1"))
