@@ -58,6 +58,14 @@ def parity_pair(out: pathlib.Path, *, steps: int = 600, lr: float = 3e-3,
   return pair
 
 
+def _fresh_tokens(config, *, size: int, n: int, seed: int) -> np.ndarray:
+  """int32 [n, size]: inputs of fresh examples of the run's task (a seed stream
+  neither training nor evaluation uses)."""
+  task = make_task(TaskConfig(**config.task.to_dict()))
+  source = TaskSource(task, seed=seed, sizes=(size, size))
+  return np.stack([source[i]["inputs"] for i in range(n)])
+
+
 def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
                         seed: int = 12345) -> dict[str, np.ndarray]:
   """Eigenvalues of the trained layers' transitions on fresh examples.
@@ -70,9 +78,7 @@ def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
-  task = make_task(TaskConfig(**config.task.to_dict()))
-  source = TaskSource(task, seed=seed, sizes=(size, size))
-  tokens = np.stack([source[i]["inputs"] for i in range(n)])
+  tokens = _fresh_tokens(config, size=size, n=n, seed=seed)
   x = model.embed(jnp.asarray(tokens))
   out = {}
   for i, block in enumerate(model.blocks):
@@ -86,6 +92,46 @@ def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
         out[f"layer{i}/bit{bit}"] = eig[tokens == 1 + bit].ravel()
     else:
       out[f"layer{i}"] = eig.ravel()
+    x, _ = block(x)
+  return out
+
+
+def parity_mechanism(config, workdir, *, size: int = 255, n: int = 256,
+                     seed: int = 12345) -> dict[str, np.ndarray]:
+  """How a trained parity run computes parity, and where it stops.
+
+  A model trained in the final-answer format must answer at every position
+  (any prefix is a valid training sequence), so one pass over n fresh strings
+  of ``size`` bits gives its accuracy at every length up to ``size``.
+
+  Returns:
+    "position_accuracy": float [size], the accuracy at position t against the
+      parity of bits[:t + 1].
+    "layer<i>/key_cos": float [H] (DeltaNet layers), the cosine between the
+      mean key of bit-0 tokens and the mean key of bit-1 tokens per head. Exact
+      parity in one layer: bit 1 reflects along k1 (beta = 2) and bit 0 leaves
+      that direction alone (beta = 0, or keys orthogonal to k1: cosine 0).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if config.task.name != "parity":
+    raise ValueError(f"parity_mechanism: config.task.name="
+                     f"{config.task.name!r}; expected 'parity'")
+  _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
+  tokens = _fresh_tokens(config, size=size, n=n, seed=seed)
+  bits = tokens - 1
+  logits = np.asarray(model(jnp.asarray(tokens))[0])
+  # The answer token (1 + parity) against the argmax over the whole vocabulary,
+  # as the trainer's eval accuracy counts it.
+  answer = 1 + np.cumsum(bits, 1) % 2
+  out = {"position_accuracy": (logits.argmax(-1) == answer).mean(0)}
+  x = model.embed(jnp.asarray(tokens))
+  for i, block in enumerate(model.blocks):
+    if hasattr(block.mixer, "beta_scale"):
+      _, k, _, _ = block.mixer._qkv(block.mixer_norm(x), None, step=False)
+      k = np.asarray(k)                                      # [n, T, H, K]
+      m0, m1 = k[bits == 0].mean(0), k[bits == 1].mean(0)    # [H, K]
+      out[f"layer{i}/key_cos"] = (m0 * m1).sum(-1) / (
+          np.linalg.norm(m0, axis=-1) * np.linalg.norm(m1, axis=-1))
     x, _ = block(x)
   return out
 

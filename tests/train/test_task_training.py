@@ -65,3 +65,13 @@ def test_eval_metrics_match_an_independent_count(tmp_path):
   assert got["eval_50_accuracy"] == pytest.approx(expected["token_accuracy"])
   assert got["eval_50_sequence_accuracy"] == pytest.approx(
       expected["sequence_accuracy"])
+  # experiments.state_tracking.parity_mechanism reads the same model at every
+  # position of one pass; its accuracy at the last of 50 bits over the same
+  # records is the loop's eval accuracy at size 50.
+  from experiments.state_tracking import parity_mechanism
+  mech = parity_mechanism(config, tmp_path, size=50,
+                          n=config.data.batch_size,
+                          seed=config.data.seed + 1_000_003)
+  assert mech["position_accuracy"].shape == (50,)
+  assert mech["position_accuracy"][-1] == pytest.approx(got["eval_50_accuracy"])
+  assert np.all(np.abs(mech["layer0/key_cos"]) <= 1.0 + 1e-6)
