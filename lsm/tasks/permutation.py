@@ -80,6 +80,25 @@ def _build(group: str) -> tuple[np.ndarray, np.ndarray]:
   return table, np.array(gens, np.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def element_is_even(group: str) -> np.ndarray:
+  """bool [|G|]: whether each element id of a permutation group is an even
+  permutation (sign +1). The sign is a homomorphism onto Z2, so tracking it
+  is parity: a model can get it right while missing the element (S3: 1/3
+  accuracy with the sign exact). Z60 has no sign and raises."""
+  check_choice("permutation", "group", group, GROUPS)
+  if group == "Z60":
+    raise ValueError("permutation: group='Z60' has no permutation sign; "
+                     "expected one of S3, S5, A5, S5_swaps")
+  n = 3 if group == "S3" else 5
+  elements = list(itertools.permutations(range(n)))
+  if group == "A5":
+    elements = [p for p in elements if _is_even(p)]
+  out = np.array([_is_even(p) for p in elements])
+  out.setflags(write=False)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Permutation(Task):
   """Word problem on ``group`` (see the module docstring). Options: group."""

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lsm.tasks.permutation import GROUPS, Permutation, group_table
+from lsm.tasks.permutation import (GROUPS, Permutation, element_is_even,
+                                   group_table)
 
 
 def _elements(group):
@@ -98,3 +99,24 @@ def test_group_structure():
 def test_bad_group():
   with pytest.raises(ValueError, match=r"group='S7'.*'S5_swaps'"):
     Permutation(group="S7")
+
+
+@pytest.mark.parametrize("group", ["S3", "S5", "A5", "S5_swaps"])
+def test_element_sign_is_the_determinant_and_a_homomorphism(group):
+  even = element_is_even(group)
+  table, gens = group_table(group)
+  for i, p in enumerate(_elements(group)):
+    # Sign of p = det of its permutation matrix (independent of inversions).
+    det = np.linalg.det(np.eye(len(p))[list(p)])
+    assert even[i] == (det > 0), (group, p)
+  # sign(a·b) = sign(a) sign(b): a homomorphism onto Z2, so tracking it is parity.
+  np.testing.assert_array_equal(even[table], even[:, None] == even[None, :])
+  if group == "A5":
+    assert even.all()
+  if group == "S5_swaps":
+    assert not even[gens].any()  # every input flips the sign
+
+
+def test_element_sign_of_z60_is_refused():
+  with pytest.raises(ValueError, match=r"group='Z60' has no permutation sign"):
+    element_is_even("Z60")
