@@ -58,12 +58,15 @@ def parity_pair(out: pathlib.Path, *, steps: int = 600, lr: float = 3e-3,
   return pair
 
 
-def _fresh_tokens(config, *, size: int, n: int, seed: int) -> np.ndarray:
-  """int32 [n, size]: inputs of fresh examples of the run's task (a seed stream
-  neither training nor evaluation uses)."""
+def _fresh_examples(config, *, size: int, n: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets), int32 [n, size] each: fresh examples of the run's task
+  (a seed stream neither training nor evaluation uses)."""
   task = make_task(TaskConfig(**config.task.to_dict()))
   source = TaskSource(task, seed=seed, sizes=(size, size))
-  return np.stack([source[i]["inputs"] for i in range(n)])
+  examples = [source[i] for i in range(n)]
+  return (np.stack([e["inputs"] for e in examples]),
+          np.stack([e["targets"] for e in examples]))
 
 
 def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
@@ -78,7 +81,7 @@ def learned_eigenvalues(config, workdir, *, size: int = 64, n: int = 64,
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
-  tokens = _fresh_tokens(config, size=size, n=n, seed=seed)
+  tokens, _ = _fresh_examples(config, size=size, n=n, seed=seed)
   x = model.embed(jnp.asarray(tokens))
   out = {}
   for i, block in enumerate(model.blocks):
@@ -117,13 +120,10 @@ def parity_mechanism(config, workdir, *, size: int = 255, n: int = 256,
     raise ValueError(f"parity_mechanism: config.task.name="
                      f"{config.task.name!r}; expected 'parity'")
   _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
-  tokens = _fresh_tokens(config, size=size, n=n, seed=seed)
+  tokens, _ = _fresh_examples(config, size=size, n=n, seed=seed)
   bits = tokens - 1
-  logits = np.asarray(model(jnp.asarray(tokens))[0])
-  # The answer token (1 + parity) against the argmax over the whole vocabulary,
-  # as the trainer's eval accuracy counts it.
-  answer = 1 + np.cumsum(bits, 1) % 2
-  out = {"position_accuracy": (logits.argmax(-1) == answer).mean(0)}
+  out = {}
+  # One pass: the keys of each DeltaNet layer on the way, the logits at the end.
   x = model.embed(jnp.asarray(tokens))
   for i, block in enumerate(model.blocks):
     if hasattr(block.mixer, "beta_scale"):
@@ -133,6 +133,11 @@ def parity_mechanism(config, workdir, *, size: int = 255, n: int = 256,
       out[f"layer{i}/key_cos"] = (m0 * m1).sum(-1) / (
           np.linalg.norm(m0, axis=-1) * np.linalg.norm(m1, axis=-1))
     x, _ = block(x)
+  logits = np.asarray(model._logits(x))
+  # The answer token (1 + parity) against the argmax over the whole vocabulary,
+  # as the trainer's eval accuracy counts it.
+  answer = 1 + np.cumsum(bits, 1) % 2
+  out["position_accuracy"] = (logits.argmax(-1) == answer).mean(0)
   return out
 
 
@@ -150,17 +155,13 @@ def permutation_sign(config, workdir, *, size: int = 256, n: int = 128,
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lsm.tasks.permutation import ELEMENT0, element_is_even  # pylint: disable=g-import-not-at-top
-  group = config.task.options.get("group", "S5")
   if config.task.name != "permutation":
     raise ValueError(f"permutation_sign: config.task.name="
                      f"{config.task.name!r}; expected 'permutation'")
-  even = element_is_even(group)
+  even = element_is_even(config.task.options.get("group", "S5"))
   _, model = loop.load_model(config, workdir, devices=jax.devices()[:1])
-  task = make_task(TaskConfig(**config.task.to_dict()))
-  source = TaskSource(task, seed=seed, sizes=(size, size))
-  examples = [source[i] for i in range(n)]
-  tokens = np.stack([e["inputs"] for e in examples])
-  truth = np.stack([e["targets"] for e in examples]) - ELEMENT0
+  tokens, targets = _fresh_examples(config, size=size, n=n, seed=seed)
+  truth = targets - ELEMENT0
   logits = np.asarray(model(jnp.asarray(tokens))[0])
   # Argmax over the element tokens only, so every prediction has a sign.
   pred = logits[..., ELEMENT0:ELEMENT0 + len(even)].argmax(-1)

@@ -55,14 +55,21 @@ def group_table(group: str) -> tuple[np.ndarray, np.ndarray]:
   return table, gens
 
 
-def _build(group: str) -> tuple[np.ndarray, np.ndarray]:
-  if group == "Z60":
-    k = np.arange(60)
-    return ((k[:, None] + k[None, :]) % 60).astype(np.int32), k.astype(np.int32)
+def _permutations(group: str) -> list[tuple[int, ...]]:
+  """The elements of a permutation group in id order (module docstring)."""
   n = 3 if group == "S3" else 5
   elements = list(itertools.permutations(range(n)))
   if group == "A5":
     elements = [p for p in elements if _is_even(p)]
+  return elements
+
+
+def _build(group: str) -> tuple[np.ndarray, np.ndarray]:
+  if group == "Z60":
+    k = np.arange(60)
+    return ((k[:, None] + k[None, :]) % 60).astype(np.int32), k.astype(np.int32)
+  elements = _permutations(group)
+  n = len(elements[0])
   perms = np.array(elements)  # [|G|, n]
   g = len(elements)
   # composed[a, b, i] = (a·b)[i] = b[a[i]].
@@ -90,11 +97,7 @@ def element_is_even(group: str) -> np.ndarray:
   if group == "Z60":
     raise ValueError("permutation: group='Z60' has no permutation sign; "
                      "expected one of S3, S5, A5, S5_swaps")
-  n = 3 if group == "S3" else 5
-  elements = list(itertools.permutations(range(n)))
-  if group == "A5":
-    elements = [p for p in elements if _is_even(p)]
-  out = np.array([_is_even(p) for p in elements])
+  out = np.array([_is_even(p) for p in _permutations(group)])
   out.setflags(write=False)
   return out
 
