@@ -5,7 +5,7 @@ rest are not needed: this imports ``lsm.ops`` only). One process, one table:
 forward and forward+backward times of GLA and the delta rule at the standard
 shapes, bf16, for
 
-  pallas_gpu   lsm's Triton kernels (``impl="pallas_gpu"``)
+  pallas_triton   lsm's Triton kernels (``impl="pallas_triton"``)
   chunked      lsm's pure-XLA chunked form (``impl="chunked"``)
   attention    causal softmax attention, ``jax.nn.dot_product_attention`` with
                ``implementation="cudnn"`` (the cost a linear layer replaces)
@@ -24,7 +24,7 @@ On a CPU (no GPU), ``--small`` runs the whole script at toy shapes, with the
 Pallas impls in interpret mode and XLA attention: a test of the script, not a
 measurement.
 
-Options: --ops gla delta_rule, --impls pallas_gpu chunked attention fla,
+Options: --ops gla delta_rule, --impls pallas_triton chunked attention fla,
 --shapes B,T,H,D ..., --repeats N, --warmup N, --small, --markdown.
 """
 
@@ -45,7 +45,7 @@ from lsm.ops.gla import gla
 
 STANDARD_SHAPES = ((8, 4096, 16, 128), (2, 16384, 16, 128))
 SMALL_SHAPES = ((1, 128, 2, 32),)
-IMPLS = ("pallas_gpu", "chunked", "attention", "fla")
+IMPLS = ("pallas_triton", "chunked", "attention", "fla")
 OPS = ("gla", "delta_rule")
 CHUNK = 64
 CHECK_T = 1024

@@ -20,7 +20,8 @@ from lsm.parallel import axes, sequence
 
 # The op impl names a config may pass to every mixer of a hybrid stack; attention
 # accepts them (its own implementation is XLA's), and rejects anything else.
-KNOWN_IMPLS = ("auto", "reference", "chunked", "pallas_gpu", "pallas_tpu")
+KNOWN_IMPLS = ("auto", "reference", "chunked", "pallas_mosaic_gpu", "pallas_triton",
+               "pallas_gpu", "pallas_tpu")  # pallas_gpu: old name of pallas_triton
 
 
 def _rope(x, positions, base: float):
@@ -72,7 +73,7 @@ class Attention(nnx.Module):
     window: sliding-window length W, or None for full causal attention. Token t
       attends to positions t-W+1..t.
     impl: accepted so every mixer takes the same constructor arguments (hybrid
-      stacks pass one config-wide impl such as "chunked" or "pallas_gpu") and
+      stacks pass one config-wide impl such as "chunked" or "pallas_triton") and
       otherwise ignored: attention always calls
       ``jax.nn.dot_product_attention(..., implementation=None)``, which is XLA
       on CPU and, as of jax 0.10, on GPU too.

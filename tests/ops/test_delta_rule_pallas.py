@@ -1,4 +1,4 @@
-"""Pallas delta-rule kernels (pallas_gpu, pallas_tpu) against the float32
+"""Pallas delta-rule kernels (pallas_triton, pallas_tpu) against the float32
 reference in interpret mode on CPU, lowering checks for CUDA (Triton) and TPU
 (Mosaic) without hardware, shape limits, and real-device runs marked gpu / tpu.
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from lsm.ops.common import cuda_targets
 from lsm.ops.delta_rule import delta_rule
 from tests import numerics
 from tests.ops import harness
@@ -41,13 +42,13 @@ def _check(impl, shape, *, interpret=True, seed=0, dtype=jnp.float32, **kwargs):
     dict(beta_max=2.0, log_g_value=-5.0),  # strong decay
 ], ids=["gated-beta02", "ungated-beta01", "decay5-beta02"])
 def test_gpu_interpret_matches_reference_fp32(kwargs):
-  _check("pallas_gpu", "T63_KneV", **kwargs)
+  _check("pallas_triton", "T63_KneV", **kwargs)
 
 
 def test_gpu_interpret_matches_reference_bf16():
   """bf16, and T < C: the padding is dtype-blind, and a padding bug would be an
   O(1) error, far above the bf16 tolerance."""
-  _check("pallas_gpu", "TltC", beta_max=2.0, dtype=jnp.bfloat16)
+  _check("pallas_triton", "TltC", beta_max=2.0, dtype=jnp.bfloat16)
 
 
 def test_tpu_interpret_params_matches_reference():
@@ -89,12 +90,14 @@ def _structs(D, dtype, B=1, T=128, H=2):
              s((B, H, D, D), jnp.float32)])
 
 
+@pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
 @pytest.mark.parametrize("D", [64, 128])
-def test_gpu_lowers_for_cuda(D):
-  """Forward and backward kernels lower through Triton (no GPU needed)."""
-  lowered = jax.jit(_vjp_fn("pallas_gpu")).trace(
-      *_structs(D, jnp.bfloat16)).lower(lowering_platforms=("cuda",))
-  text = lowered.as_text()
+def test_gpu_lowers_for_cuda(D, target):
+  """Forward and backward kernels lower through Triton for an A100 and an H100
+  (no GPU needed; an abstract device on jax >= 0.11)."""
+  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton"),
+                                     *_structs(D, jnp.bfloat16),
+                                     target=target).as_text()
   for name in KERNELS:
     assert f"delta_rule_{name}" in text, name
   # forward 3 kernels, backward 4 (see test_tpu_lowers_for_mosaic)
@@ -116,7 +119,7 @@ def test_tpu_lowers_for_mosaic(D):
 # ------------------------------------------------------------- limits ---
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
 @pytest.mark.parametrize("K, chunk_size, match", [
     (16, 48, r"chunk_size in \(16, 32, 64, 128\).*chunk_size=48"),
     (300, 64, r"head dims up to 256; got K .* = 300"),
@@ -139,7 +142,7 @@ def test_interpret_with_a_non_pallas_impl_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_kernels_match_reference(dtype):
-  _check("pallas_gpu", (2, 200, 4, 64, 64, 64), interpret=False, beta_max=2.0,
+  _check("pallas_triton", (2, 200, 4, 64, 64, 64), interpret=False, beta_max=2.0,
          dtype=dtype)
 
 

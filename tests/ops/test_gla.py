@@ -184,7 +184,7 @@ def _zeros(*shape, dtype=jnp.float32):
     (dict(chunk_size=24), r"chunk_size=24; expected a positive int"),
     (dict(chunk_size=0), r"chunk_size=0"),
     (dict(impl="mosaic"), r"impl='mosaic' is not one of"),
-    (dict(impl="pallas_gpu", chunk_size=48), r"impl='pallas_gpu' needs chunk_size in"),
+    (dict(impl="pallas_triton", chunk_size=48), r"impl='pallas_triton' needs chunk_size in"),
 ])
 def test_bad_input_names_the_argument(kwargs, match):
   args = dict(q=_zeros(2, 8, 2, 4), k=_zeros(2, 8, 2, 4), v=_zeros(2, 8, 2, 5),

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 
 from lsm.ops import _dispatch
 from lsm.ops.common import checks, kernel_shapes
-from lsm.ops.delta_rule import chunked, pallas_gpu, pallas_tpu, reference
+from lsm.ops.delta_rule import chunked, pallas_triton, pallas_tpu, reference
 
 _IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
-          "pallas_gpu": pallas_gpu.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
+          "pallas_triton": pallas_triton.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
 _OP = "delta_rule"
 
 
@@ -36,7 +36,7 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     scale: query scale; K ** -0.5 when None.
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
       for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
-    impl: "auto" | "reference" | "chunked" | "pallas_gpu" | "pallas_tpu".
+    impl: "auto" | "reference" | "chunked" | "pallas_triton" | "pallas_tpu".
     interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
       platform, slow; for tests). For "pallas_tpu" it may also be a
       ``pltpu.InterpretParams()``, which emulates TPU memory semantics.

@@ -2,7 +2,7 @@ r"""The (gated) delta rule as Pallas kernels for TPUs (Mosaic).
 
 The recurrence is defined in ``reference.py``, the chunkwise UT / WY form in
 ``chunked.py``; the per-chunk tile math is ``chunk_tiles.py`` (shared with
-``pallas_gpu.py``) and the padding, layout and custom VJP are
+``pallas_triton.py``) and the padding, layout and custom VJP are
 ``pallas_vjp.py``. Inputs arrive as [BH, T, D] (batch and heads merged, time
 padded to whole chunks), so every block's last two dims are (chunk, D) or
 (K, V); per-token scalars are (chunk, 1) blocks.

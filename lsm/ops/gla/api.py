@@ -4,10 +4,10 @@ import jax.numpy as jnp
 
 from lsm.ops import _dispatch
 from lsm.ops.common import checks, kernel_shapes
-from lsm.ops.gla import chunked, pallas_gpu, pallas_tpu, reference
+from lsm.ops.gla import chunked, pallas_triton, pallas_tpu, reference
 
 _IMPLS = {"reference": reference.gla, "chunked": chunked.gla,
-          "pallas_gpu": pallas_gpu.gla, "pallas_tpu": pallas_tpu.gla}
+          "pallas_triton": pallas_triton.gla, "pallas_tpu": pallas_tpu.gla}
 _OP = "gla"
 
 
@@ -40,7 +40,7 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     scale: query scale; K ** -0.5 when None.
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
       for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
-    impl: "auto" | "reference" | "chunked" | "pallas_gpu" | "pallas_tpu".
+    impl: "auto" | "reference" | "chunked" | "pallas_triton" | "pallas_tpu".
     interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
       platform, slow; for tests). For "pallas_tpu" it may also be a
       ``pltpu.InterpretParams()``, which emulates TPU memory semantics.

@@ -1,7 +1,7 @@
 r"""The custom VJP both GLA Pallas backends share: padding, kernel order, and the
 gate gradient's sequence-long suffix sum.
 
-A backend (``pallas_gpu``, ``pallas_tpu``) supplies four launchers on padded
+A backend (``pallas_triton``, ``pallas_tpu``) supplies four launchers on padded
 [B, T, H, D] arrays (T a multiple of the chunk, K and V powers of two >= 16;
 states transposed to [B, H, V, K], see ``chunk_tiles``):
 

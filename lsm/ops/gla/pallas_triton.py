@@ -63,7 +63,7 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, ht_ref, *, C, N, prec):
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
 
 
-def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret):
+def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret, name):
   """Shared launch of the two sequential kernels: inputs a [.., K], b [.., V],
   g [.., K]; h_last [B, H, V, K]. Returns per-chunk states [B, H, N, V, K] and
   the state after the loop."""
@@ -83,7 +83,7 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret):
                  state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
-      compiler_params=_params(), interpret=interpret, name="gla_states",
+      compiler_params=_params(), interpret=interpret, name=name,
   )(a, b, g, h_last)
 
 
@@ -106,7 +106,7 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, BV, scale,
 
 def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
   h_in, h_tt = _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
-                           interpret=interpret)
+                           interpret=interpret, name="gla_states")
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
   C = chunk_size
@@ -128,7 +128,7 @@ def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
 def states(k, v, g, h0t, *, scale, chunk_size, interpret):
   del scale
   return _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
-                     interpret=interpret)[0]
+                     interpret=interpret, name="gla_states")[0]
 
 
 def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, *, C, N,
@@ -147,7 +147,8 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, *, C, N,
 
 def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
   return _state_pass(functools.partial(_dstates_kernel, scale=scale), q, do, g,
-                     dh_tt, chunk_size=chunk_size, interpret=interpret)
+                     dh_tt, chunk_size=chunk_size, interpret=interpret,
+                     name="gla_dstates")
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
