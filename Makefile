@@ -1,16 +1,28 @@
 # Two entry points (see README): `make train` and `make test`. Each creates or reuses
 # the virtual environment in $(VENV) and installs lsm into it.
-PYTHON ?= python3
+#
+# lsm is pinned to the platform of the GPU machines: Python >= 3.12 with jax 0.11.2
+# (constraints.txt). PYTHON, when given, is used as it is; otherwise the first of
+# python3.12, a pyenv-installed 3.12 (pyenv's bare shim refuses without
+# PYENV_VERSION), python3 and python3.13 that runs and is >= 3.12.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lsm-installed
+NEEDS_312 := -c 'import sys; sys.exit(sys.version_info < (3, 12))'
+PYENV_312 := $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12)))
+ifndef PYTHON
+PYTHON := $(firstword $(foreach p,python3.12 $(PYENV_312) python3 python3.13,\
+  $(shell $(p) $(NEEDS_312) >/dev/null 2>&1 && echo $(p))))
+endif
 
-.PHONY: train demo test test-all bench bench-train clean-venv
+.PHONY: train demo test test-all test-latest bench bench-train clean-venv
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lsm needs Python >= 3.11, found " + sys.version'
-	@# A venv left broken (e.g. Python without ensurepip) is rebuilt, not reused.
-	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || { echo "python -m venv failed: install your distribution's venv package (e.g. python3-venv)"; exit 1; }; }
+	@test -n "$(PYTHON)" || { echo "lsm needs Python >= 3.12 (jax 0.11+); none found as python3.12, python3 or python3.13 (or under ~/.pyenv/versions/3.12.*). Install one, or pass PYTHON=/path/to/python3.12"; exit 1; }
+	@$(PYTHON) $(NEEDS_312) || { echo "lsm needs Python >= 3.12 (jax 0.11+); PYTHON=$(PYTHON) is $$($(PYTHON) -V 2>&1)"; exit 1; }
+	@# A venv left broken (e.g. Python without ensurepip) or made by an older Python
+	@# is rebuilt, not reused.
+	$(PY) $(NEEDS_312) >/dev/null 2>&1 && $(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || { echo "python -m venv failed: install your distribution's venv package (e.g. python3.12-venv)"; exit 1; }; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
@@ -32,6 +44,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m ""
 
+# The default suite against the newest releases of everything (no constraints), in
+# a venv of its own; BENCHMARKS.md ("Platforms") records which versions passed.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	@test -n "$(PYTHON)" || { echo "lsm needs Python >= 3.12; pass PYTHON=/path/to/python3.12"; exit 1; }
+	$(LATEST_VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -E "^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|triton) "
+	$(LATEST_VENV)/bin/python -m pytest -n 2 -q
+
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) experiments/bench_ops.py
 
@@ -39,4 +62,4 @@ bench-train: $(STAMP)
 	PYTHONPATH=. $(PY) experiments/bench_train.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST_VENV)
