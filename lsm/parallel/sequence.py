@@ -38,7 +38,8 @@ the slice's transition and Q_t S is the readout of the carried state. Per slice
   the final state is [M | D], [B, H, K, K + V], already packed, and the first K
   output columns are Q_t = scale * q_t^T M_t.
 * Diagonal SSM scans: M = prod_t a_t (an associative-scan cumulative product,
-  no logs, so signed and zero decays are exact), stacked with D as [2, B, ...];
+  no logs, so signed and zero decays are exact; recomputed in the backward
+  pass, see ``_cumprod``), stacked with D as [2, B, ...];
   Q_t = prod_{s<=t} a_s elementwise.
 
 This runs the local op once, not twice: adding Q_t S_i to the zero-start output
@@ -333,6 +334,26 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
 # -- diagonal SSM scan --------------------------------------------------------
 
 
+# Cumulative products over T (axis 1) by an associative scan: no logs or
+# divisions, so zero and negative decays are exact, and so are their gradients.
+#
+# Rematerialised in the backward pass (jax.checkpoint: the only residual is the
+# input). Workaround, jax/jaxlib 0.11.2, 2026-12-01: autodiff of
+# associative_scan keeps zero-size residuals (its recursion combines empty
+# slices, e.g. [B, 0, H, K] at slice lengths t = 2, 4, 5, 8-11, 16-19, ...);
+# under shard_map they become zero-size operands of the backward
+# sdy.manual_computation, and Shardy's canonicalizer
+# (ManualComputationUnusedInputsPattern) segfaults compiling any
+# manual_computation whose body uses a zero-size operand (XLA CPU, with or
+# without --xla_backend_optimization_level=0; jax 0.12.0.1 compiles it).
+# Recomputing the scan in the backward keeps the empty slices inside the body.
+# Same forward numerics on every jax version; the backward is no slower (it
+# keeps one array, not every level of the scan tree). test_sequence.py checks
+# that no shard_map operand here is zero-size.
+_cumprod = jax.checkpoint(
+    lambda a: jax.lax.associative_scan(jnp.multiply, a, axis=1))
+
+
 def ssm_scan_slice(a, b, h0, *, call, axis: str):
   """One device's part of the sequence-parallel SSM scan (as ``gla_slice``).
 
@@ -346,9 +367,7 @@ def ssm_scan_slice(a, b, h0, *, call, axis: str):
     y: [B, t, ...] in b.dtype; h_T: [B, ...] float32 after the last slice.
   """
   y0, d = call(a, b, h0=None)
-  # Cumulative products by an associative scan: no logs or divisions, so zero
-  # and negative decays are exact, and so are their gradients.
-  cum = jax.lax.associative_scan(jnp.multiply, a.astype(jnp.float32), axis=1)
+  cum = _cumprod(a.astype(jnp.float32))  # [B, t, ...]
   summary = jnp.stack([cum[:, -1], d])  # [2, B, ...]
   apply = lambda x, h: x[0] * h + x[1]  # noqa: E731
   h_in, h_t = _fold(summary, h0, apply, axis, d)

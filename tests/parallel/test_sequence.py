@@ -155,6 +155,50 @@ def test_length_not_divisible_by_seq_raises_before_compiling(op):
       jax.eval_shape(calls[op])
 
 
+def _shard_map_avals(jaxpr):
+  """Avals of every operand and result of every shard_map in ``jaxpr``, nested
+  jaxprs (the pullback's, remat's, ...) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      out += [v.aval for v in (*eqn.invars, *eqn.outvars)]
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _shard_map_avals(sub)
+  return out
+
+
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "attention"])
+def test_no_zero_size_array_crosses_a_shard_map(op):
+  # jax/jaxlib 0.11.2 (2026-12-01): XLA CPU's compile segfaults in Shardy
+  # (ManualComputationUnusedInputsPattern) on a shard_map that uses a zero-size
+  # operand; autodiff residuals of associative_scan are such arrays (the
+  # sequence.ssm_scan workaround). Checked here on the traced vjp (T / seq =
+  # 10 gives them), without compiling or a second device.
+  x = _inputs()
+  calls = {
+      "gla": lambda x: sequence.gla(x["q"], x["k"], x["v"], x["log_g"],
+                                    h0=x["h0"], chunk_size=16, impl="chunked"),
+      "delta_rule": lambda x: sequence.delta_rule(
+          x["q"], x["k"], x["v"], x["beta"], log_g=x["log_g_head"], h0=x["h0"],
+          chunk_size=16, impl="chunked"),
+      "ssm_scan": lambda x: sequence.ssm_scan(x["a"], x["q"], h0=x["h0"][..., 0],
+                                              impl="chunked"),
+      "attention": lambda x: (sequence.attention(x["q"], x["k"], x["q"]),),
+  }
+
+  def run(x):
+    ys, pull = jax.vjp(calls[op], x)
+    return pull(tuple(jnp.ones_like(y) for y in ys))
+
+  with jax.sharding.use_abstract_mesh(_abstract_mesh(N)):
+    avals = _shard_map_avals(jax.make_jaxpr(run)(x).jaxpr)
+  assert len(avals) > 4, "no shard_map traced"
+  assert not [a for a in avals if 0 in a.shape], avals
+
+
 @pytest.mark.parametrize("shape, match", [
     ({"data": -1, "seq": 3}, r"'seq': 3.*does not divide the 8 devices"),
     ({"seq": 3}, r"'seq': 3.*needs 3 devices; 8 are available"),
