@@ -24,6 +24,8 @@ SHAPES = {
     # T not a multiple of the chunk, K != V, V padded to 128: two V blocks on GPU
     "T63_KneV": (2, 63, 2, 16, 72, 16),
     "TltC": (1, 40, 1, 32, 16, 64),  # T shorter than one chunk
+    # K padded to 128: two key blocks in the GPU kernels
+    "K80": (1, 70, 1, 80, 72, 32),
 }
 
 
@@ -45,6 +47,10 @@ def test_gpu_interpret_matches_reference_fp32(kwargs):
   _check("pallas_triton", "T63_KneV", **kwargs)
 
 
+def test_gpu_interpret_matches_reference_two_key_blocks():
+  _check("pallas_triton", "K80", beta_max=2.0)
+
+
 def test_gpu_interpret_matches_reference_bf16():
   """bf16, and T < C: the padding is dtype-blind, and a padding bug would be an
   O(1) error, far above the bf16 tolerance."""
@@ -64,7 +70,9 @@ def test_tpu_interpret_matches_reference():
 
 # ------------------------------------------------------------- lowering ---
 
-KERNELS = ("prepare", "states", "output", "state_grads", "input_grads")
+# pallas_triton's backward input_grads is three kernels (see its docstring).
+KERNELS = ("prepare", "states", "output", "state_grads", "value_grads",
+           "key_grads", "wy_grads")
 
 
 def _vjp_fn(impl, chunk_size=64):
@@ -100,8 +108,9 @@ def test_gpu_lowers_for_cuda(D, target):
                                      target=target).as_text()
   for name in KERNELS:
     assert f"delta_rule_{name}" in text, name
-  # forward 3 kernels, backward 4 (see test_tpu_lowers_for_mosaic)
-  assert text.count("custom_call @__gpu$xla.gpu.triton") == 7
+  # forward: prepare, states, output; backward: prepare, states, state_grads
+  # and the three input-gradient kernels
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 9
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -1,44 +1,75 @@
 r"""The (gated) delta rule as Pallas kernels for GPUs (Triton lowering).
 
 The recurrence is defined in ``reference.py``, the chunkwise UT / WY form in
-``chunked.py``; the per-chunk tile math is ``chunk_tiles.py`` (shared with
-``pallas_tpu.py``) and the padding, layout and custom VJP are
-``pallas_vjp.py``. The organisation follows flash-linear-attention: a sequential
-pass produces the state entering every chunk, then chunk-parallel passes use it.
+``chunked.py`` and the per-chunk tile math in ``chunk_tiles.py`` (shared with
+``pallas_tpu.py``); the padding, layout and custom VJP are ``pallas_vjp.py``.
+The organisation follows flash-linear-attention: a sequential pass produces the
+state entering every chunk, then chunk-parallel passes use it.
 
-Kernels (BH = batch x heads, N chunks of C tokens, value dim split into NV
-blocks of BV columns, which are independent in every kernel but _prepare):
+Kernels (BH = batch x heads, N chunks of C tokens; the value dim is split into
+NV blocks of BV = 64 columns and the key dim into NK blocks of BK = 64):
 
-  _prepare       grid (BH, N), all parallel: the chunk's T = (I + L)^{-1}
-                 [C, C] float32, stored as t [BH, N C, C].
+  _prepare       grid (BH, N): the chunk's T = (I + L)^{-1} [C, C] float32,
+                 stored as t [BH, N C, C], built from 16 x 16 blocks.
   _states        grid (BH, NV); a ``fori_loop`` over the N chunks carries the
-                 [Kp, BV] float32 state in registers, stores the state entering
+                 state as NK [BK, BV] float32 blocks, stores the state entering
                  each chunk (h_in [BH, N Kp, Vp]) and the final state.
-  _output        grid (BH, N, NV), all parallel: o of one chunk from h_in.
+  _output        grid (BH, N, NV): o of one chunk from h_in.
   _state_grads   grid (BH, NV); the reverse loop: stores the cotangent of the
                  state leaving each chunk (dh_out) and returns dh0.
-  _input_grads   grid (BH, N, NV), all parallel: dq, dk, dv, dbeta, d log_g of
-                 one chunk from h_in and dh_out (``jax.vjp`` of the tile math
-                 inside the kernel, the closed-form VJP of the inverse on the
-                 loaded T). dq, dk, dbeta, dg are per-V-block shares, summed
-                 over the NV blocks in XLA.
+  The backward's ``input_grads`` is three chunk-parallel kernels:
+  _value_grads   grid (BH, N, NV): recomputes U = T diag(beta) V - W_k S and
+                 its cotangent dU, stores both (float32 [BH, NC, Vp]) with dv
+                 and this block's share of dbeta.
+  _key_grads     grid (BH, N, NK), a loop over the NV value blocks: dq, the
+                 output / state part of dk, dW_k = -dU S^T and a share of
+                 d log_g, for one key block.
+  _wy_grads      grid (BH, N): from dL (below) and dW_k, the rest of dk,
+                 dbeta and d log_g.
+  _value_grads and _key_grads also store their shares of dT (W_v's and one
+  key block's of W_k's); between them and _wy_grads, XLA sums the shares and
+  applies the closed-form VJP of the inverse, dL = -T^T dT T^T (strict lower
+  triangle, HIGHEST, batched over chunks: 2 C^3 FLOPs per chunk, and a
+  [BH, NC, C] float32 dT and dL through memory). Inside a kernel those two
+  [C, C] x [C, C] IEEE float32 products were FMA dots whose operand fragments
+  alone overflowed the registers.
+
+Why this shape (registers and shared memory; measured with ptxas for sm_80 and
+sm_90a at K = V = 128, C = 64, bf16): a Triton dot holds its operand fragments
+for the whole contraction in registers, so no dot contracts or produces more
+than 64 key or value columns, and float32 [C, K] tiles at K = 128 are never
+held in one piece. The inverse's matmuls run at IEEE float32 (FMA, not tensor
+cores), whose operand fragments are larger still, so the prepare kernel works
+on 16 x 16 blocks: L's blocks below the diagonal, forward substitution inside
+each diagonal block (``chunk_tiles.unit_lower_inverse``), then block forward
+substitution T_ij = -T_ii sum_{j <= m < i} L_im T_mj for the blocks below the
+diagonal (C = 64: 16 products of 16 x 16 tiles instead of 15 substitution
+steps and 4 merge products of 64 x 64 tiles, so about 20 times fewer inverse
+FLOPs). The backward is written by hand, not ``jax.vjp`` of the tile math in
+one kernel, whose live set (every forward tile of the chunk plus every
+cotangent) could not stay on chip: split three ways, each kernel holds a few
+[C, 64] and [C, C] tiles at a time. Q K^T and K K^T take their operands in the
+input dtype (see ``_qk``), halving those fragments for bf16.
+
+Cost of the split, per token and head at K = V = 128 (float32 intermediates):
+U, dU, dW_k and the first part of dk go through memory (4 (2 V + 2 K) = 2 KiB
+written, about 3 KiB read, next to about 1.5 KiB the single kernel wrote for
+its per-value-block shares of dq and dk). FLOPs drop: the [C, C] x [C, K] work
+on the key side and the inverse's VJP run once per chunk (per key block for dA)
+instead of once per value block.
 
 Recompute vs store: T is computed once per chunk by _prepare and loaded by the
-other four kernels ([C, C] float32, 16 KiB per chunk at C = 64) instead of
-being recomputed in each of them for each of the NV value blocks. One inverse
-(15 substitution steps and 4 merge matmuls of [C, C] x [C, C], about 10 MFLOP
-at C = 64) costs more than all the rest of a program's matmuls on a chunk in
-_states, _output and _state_grads (about 4, 5 and 6 MFLOP at K = 128,
-BV = 64), and the read of a [C, C] float32 tile is small next to the chunk's
-q, k, v loads. Matmul MFLOP per chunk at C = 64, K = V = 128, bf16, NV = 2:
-forward 62 -> 29, forward + backward 181 -> 95. W_k and the decay factors are
-still recomputed where used (one [C, C] x [C, K] matmul and elementwise work).
-The backward recomputes T and h_in (see ``pallas_vjp``).
+other kernels ([C, C] float32, 16 KiB per chunk at C = 64) instead of being
+recomputed in each of them for each value block. W_k and the decay factors are
+recomputed where used (one [C, C] x [C, K] matmul and elementwise work). The
+backward recomputes T and h_in (see ``pallas_vjp``).
 
 Numerics: all tiles are float32 after loading; matmuls on inputs run at
 ``tiles.precision_for(q.dtype)`` (IEEE float32 for float32 inputs, TF32 for
-bf16/f16), the inverse always at IEEE float32. Every exponent of a decay is
-<= 0.
+bf16/f16), the inverse and its VJP always at IEEE float32, as in
+``chunk_tiles``: every matmul here is one of ``chunk_tiles``'s with its
+contraction split into key or value blocks, or the VJP of one at the same
+precision. Every exponent of a decay is <= 0.
 """
 
 import functools
@@ -52,13 +83,19 @@ from lsm.ops.common import tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
-BV = 64  # value columns per program: the state block [Kp, BV] f32 stays on chip
-NUM_WARPS = 4
+BV = 64  # value columns per tile / program
+BK = 64  # key columns per tile: bounds every dot's operand fragments
+SUB = chunk_tiles.SUB  # rows of the inverse's blocks
 NUM_STAGES = 1  # the sequential loops load one chunk at a time
+# Warps per kernel: 8 everywhere measured best (fewest spills on sm_90a at
+# K = V = 128; 4 warps spill more in every kernel but _output on sm_80).
+NUM_WARPS = dict(prepare=8, states=8, output=8, state_grads=8, value_grads=8,
+                 key_grads=8, wy_grads=8)
 
 
-def _params():
-  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _params(kernel):
+  return plgpu.CompilerParams(num_warps=NUM_WARPS[kernel],
+                              num_stages=NUM_STAGES)
 
 
 def _rows(ref, rows):
@@ -66,14 +103,168 @@ def _rows(ref, rows):
   return ref[rows, :].astype(_F32)
 
 
+def _key_blocks(ref, rows=slice(None), dtype=_F32):
+  """Rows ``rows`` of a [*, Kp] ref as [rows, BK] column blocks of ``dtype``
+  (None: the ref's own dtype)."""
+  Kp = ref.shape[-1]
+  bk = min(BK, Kp)
+  blocks = [ref[rows, pl.ds(i * bk, bk)] for i in range(Kp // bk)]
+  return blocks if dtype is None else [b.astype(dtype) for b in blocks]
+
+
+def _state_blocks(ref, row0=0, Kp=None, cols=slice(None)):
+  """The [Kp, *] state starting at row ``row0`` of ``ref`` as [BK, *] row
+  blocks."""
+  Kp = ref.shape[0] if Kp is None else Kp
+  bk = min(BK, Kp)
+  return [ref[pl.ds(row0 + i * bk, bk), cols].astype(_F32)
+          for i in range(Kp // bk)]
+
+
+def _total(x):
+  """Sum of a 2-D tile as [1, 1]."""
+  return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+# ----------------------------------------------------- key-blocked tile math ---
+# ``chunk_tiles``'s functions with K split into blocks: b_q, b_k are lists of
+# [C, BK] tiles, b_s, b_ds lists of [BK, BV] state blocks.
+
+
+def _qk(b_q, b_k, precision):
+  """Q K^T [C, C].
+
+  Callers pass q and k blocks in the input dtype: a bf16 x bf16 product is
+  exact in float32, as is TF32 of a bf16 value, so this is the product
+  ``chunk_tiles`` forms from float32 tiles, at half the operand registers.
+  """
+  return sum(tiles.mm_nt(q_i, k_i, precision) for q_i, k_i in zip(b_q, b_k))
+
+
+def _qk_from(q_ref, k_ref, rows=slice(None), precision=None):
+  """Q K^T [C, C] of rows ``rows`` of two [*, Kp] refs, from input-dtype
+  blocks (see ``_qk``)."""
+  return _qk(_key_blocks(q_ref, rows, None), _key_blocks(k_ref, rows, None),
+             precision)
+
+
+def _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision):
+  """U [C, BV] = T diag(beta) V - W_k S, W_k = T diag(beta exp(gamma)) K."""
+  c = b_beta * gt.decay_in
+  ws = sum(tiles.mm(tiles.mm(t, c * k_i, precision), s_i, precision)
+           for k_i, s_i in zip(b_k, b_s))
+  return tiles.mm(t, b_beta * b_v, precision) - ws
+
+
+def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision):
+  """S' = exp(gamma_C) S + (exp(gamma_C - gamma) o K)^T U, as blocks."""
+  gt = chunk_tiles.gates(b_g)
+  u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
+  return [gt.decay_out * s_i + tiles.mm_tn(gt.decay_to_end * k_i, u, precision)
+          for k_i, s_i in zip(b_k, b_s)]
+
+
+def _chunk_output(t, b_s, b_q, b_k, qk, b_v, b_beta, b_g, *, scale, precision):
+  """O [C, BV] = scale [diag(exp(gamma)) Q S + (M o Q K^T) U]; qk = Q K^T."""
+  gt = chunk_tiles.gates(b_g)
+  u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
+  a = gt.m * qk  # [C, C]
+  inter = sum(tiles.mm(gt.decay_in * q_i, s_i, precision)
+              for q_i, s_i in zip(b_q, b_s))
+  return scale * (inter + tiles.mm(a, u, precision))
+
+
+def _pseudo_value_grad(b_ds, b_k, qk, b_do_s, gt, precision):
+  """dU [C, BV] = (M o Q K^T)^T dO_s + (exp(gamma_C - gamma) o K) dS', with
+  dO_s = scale dO and qk = Q K^T."""
+  a = gt.m * qk  # [C, C]
+  return tiles.mm_tn(a, b_do_s, precision) + sum(
+      tiles.mm(gt.decay_to_end * k_i, ds_i, precision)
+      for k_i, ds_i in zip(b_k, b_ds))
+
+
+def _state_grad(t, b_ds, b_q, b_k, qk, b_beta, b_g, b_do, *, scale,
+                precision):
+  """``chunk_tiles.state_grad`` on blocks: dS = scale (exp(gamma) o Q)^T dO +
+  exp(gamma_C) dS' - W_k^T dU."""
+  gt = chunk_tiles.gates(b_g)
+  du = _pseudo_value_grad(b_ds, b_k, qk, scale * b_do, gt, precision)
+  c = b_beta * gt.decay_in
+  return [scale * tiles.mm_tn(gt.decay_in * q_i, b_do, precision)
+          + gt.decay_out * ds_i
+          - tiles.mm_tn(tiles.mm(t, c * k_i, precision), du, precision)
+          for q_i, k_i, ds_i in zip(b_q, b_k, b_ds)]
+
+
+def _gates_vjp(b_g, dm, d_in, d_to_end, d_out):
+  """d log_g [C, 1] from cotangents of ``chunk_tiles.gates``' four factors."""
+  _, pullback = jax.vjp(chunk_tiles.gates, b_g)
+  return pullback(chunk_tiles.Gates(dm, d_in, d_to_end, d_out))[0]
+
+
+def _inverse_blocks(k_ref, beta_ref, g_ref, precision):
+  """T = (I + L)^{-1} of the chunk as a dict of [SUB, SUB] blocks (i, j),
+  j <= i, by block forward substitution (see the module docstring).
+
+  L's blocks are ``chunk_tiles.intra_matrix`` restricted to rows of block i
+  and columns of block j, with gamma formed as in ``chunk_tiles.gates`` (masked
+  sums over the whole chunk, only for the block's rows or columns).
+  """
+  C = k_ref.shape[0]
+  nb = C // SUB
+  hi = tiles.HIGHEST
+  b_g = g_ref[...]  # [C, 1]
+  b_g_row = tiles.col_to_row(b_g)  # [1, C]
+  rs, cs = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
+
+  def gamma_col(i):  # [SUB, 1]: gamma_t for the rows of block i
+    r = tiles.iota((SUB, C), 0) + i * SUB
+    c = tiles.iota((SUB, C), 1)
+    return jnp.sum(jnp.where(c <= r, b_g_row, 0.0), axis=1, keepdims=True)
+
+  def gamma_row(j):  # [1, SUB]: gamma_s for the columns of block j
+    r = tiles.iota((C, SUB), 0)
+    c = tiles.iota((C, SUB), 1) + j * SUB
+    return jnp.sum(jnp.where(r <= c, b_g, 0.0), axis=0, keepdims=True)
+
+  # Each row block's keys are loaded once: loads are issued early, so loading
+  # them per (i, j) pair would keep all of them live at once.
+  # K K^T straight from the input dtype: a bf16 x bf16 product is exact in
+  # float32, as is TF32 of a bf16 value, so this is the same product at half
+  # the operand registers.
+  b_k = [_key_blocks(k_ref, pl.ds(i * SUB, SUB), None)  # [SUB, BK]
+         for i in range(nb)]
+
+  def l_block(i, j):
+    kk = _qk(b_k[i], b_k[j], precision)  # [SUB, SUB]
+    diff = gamma_col(i) - gamma_row(j)
+    if i == j:  # masked before exp, as in chunk_tiles.gates
+      m = jnp.where(rs >= cs, jnp.exp(jnp.where(rs > cs, diff, 0.0)), 0.0)
+    else:
+      m = jnp.exp(diff)
+    l = beta_ref[pl.ds(i * SUB, SUB), :] * m * kk
+    return jnp.where(rs > cs, l, 0.0) if i == j else l
+
+  t = {}
+  for i in range(nb):
+    l_row = {j: l_block(i, j) for j in range(i)}
+    t[i, i] = chunk_tiles.unit_lower_inverse(l_block(i, i))
+    for j in range(i):
+      acc = sum(tiles.mm(l_row[m], t[m, j], hi) for m in range(j, i))
+      t[i, j] = -tiles.mm(t[i, i], acc, hi)
+  return t
+
+
 # ---------------------------------------------------------------- kernels ---
 
 
 def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
-  t_ref[...] = chunk_tiles.chunk_inverse(
-      k_ref[...].astype(_F32),  # [C, Kp]
-      beta_ref[...], g_ref[...],  # [C, 1]
-      precision=precision)
+  t = _inverse_blocks(k_ref, beta_ref, g_ref, precision)
+  nb = t_ref.shape[0] // SUB
+  zeros = jnp.zeros((SUB, SUB), _F32)
+  for i in range(nb):
+    for j in range(nb):
+      t_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = t.get((i, j), zeros)
 
 
 def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
@@ -82,25 +273,30 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
 
   def body(n, b_s):
     rows = pl.ds(n * C, C)
-    b_k = _rows(k_ref, rows)  # [C, Kp]
-    b_v = _rows(v_ref, rows)  # [C, BV]
-    b_beta = _rows(beta_ref, rows)  # [C, 1]
-    b_g = _rows(g_ref, rows)  # [C, 1]
-    b_t = t_ref[rows, :]  # [C, C]
-    h_in_ref[pl.ds(n * Kp, Kp), :] = b_s
-    return chunk_tiles.next_state(b_t, b_s, b_k, b_v, b_beta, b_g,
-                                  precision=precision)
+    bk = b_s[0].shape[0]
+    for i, s_i in enumerate(b_s):
+      h_in_ref[pl.ds(n * Kp + i * bk, bk), :] = s_i
+    return _next_state(
+        t_ref[rows, :],  # [C, C]
+        b_s,
+        _key_blocks(k_ref, rows),  # [C, BK] each
+        _rows(v_ref, rows),  # [C, BV]
+        _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
+        precision)
 
-  ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(_F32))
+  b_s = jax.lax.fori_loop(0, N, body, _state_blocks(h0_ref))  # [BK, BV] each
+  bk = b_s[0].shape[0]
+  for i, s_i in enumerate(b_s):
+    ht_ref[pl.ds(i * bk, bk), :] = s_i
 
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
                    scale, precision):
-  b_o, _ = chunk_tiles.chunk_apply(
+  b_o = _chunk_output(
       t_ref[...],  # [C, C]
-      h_ref[...],  # [Kp, BV]
-      q_ref[...].astype(_F32),  # [C, Kp]
-      k_ref[...].astype(_F32),  # [C, Kp]
+      _state_blocks(h_ref),  # [BK, BV] each
+      _key_blocks(q_ref), _key_blocks(k_ref),  # [C, BK] each
+      _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       v_ref[...].astype(_F32),  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision)
@@ -114,31 +310,113 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
   def body(i, b_ds):
     n = N - 1 - i
     rows = pl.ds(n * C, C)
-    dh_out_ref[pl.ds(n * Kp, Kp), :] = b_ds
-    return chunk_tiles.state_grad(
+    bk = b_ds[0].shape[0]
+    for m, ds_m in enumerate(b_ds):
+      dh_out_ref[pl.ds(n * Kp + m * bk, bk), :] = ds_m
+    return _state_grad(
         t_ref[rows, :],  # [C, C]
-        b_ds, _rows(q_ref, rows), _rows(k_ref, rows),  # [C, Kp]
+        b_ds,
+        _key_blocks(q_ref, rows), _key_blocks(k_ref, rows),  # [C, BK] each
+        _qk_from(q_ref, k_ref, rows, precision),  # [C, C]
         _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
         _rows(do_ref, rows),  # [C, BV]
         scale=scale, precision=precision)
 
-  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...])
+  b_ds = jax.lax.fori_loop(0, N, body, _state_blocks(dht_ref))  # [BK, BV] each
+  bk = b_ds[0].shape[0]
+  for m, ds_m in enumerate(b_ds):
+    dh0_ref[pl.ds(m * bk, bk), :] = ds_m
 
 
-def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
-                        h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref,
-                        dg_ref, *, scale, precision):
-  grads = chunk_tiles.chunk_grads(
-      t_ref[...],  # [C, C]
-      h_ref[...],  # [Kp, BV]
-      q_ref[...].astype(_F32), k_ref[...].astype(_F32),  # [C, Kp]
-      v_ref[...].astype(_F32),  # [C, BV]
-      beta_ref[...], g_ref[...],  # [C, 1]
-      do_ref[...].astype(_F32),  # [C, BV]
-      dh_ref[...],  # [Kp, BV]
-      scale=scale, precision=precision)
-  for ref, d in zip((dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref), grads):
-    ref[...] = d
+def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
+                        h_ref, dh_ref, u_ref, du_ref, dv_ref, dbeta_ref, dt_ref,
+                        *, scale, precision):
+  b_t = t_ref[...]  # [C, C]
+  b_beta = beta_ref[...]  # [C, 1]
+  b_v = v_ref[...].astype(_F32)  # [C, BV]
+  b_k = _key_blocks(k_ref)  # [C, BK] each
+  gt = chunk_tiles.gates(g_ref[...])
+  du = _pseudo_value_grad(
+      _state_blocks(dh_ref),  # [BK, BV] each
+      b_k, _qk_from(q_ref, k_ref, precision=precision),  # [C, BK] each, [C, C]
+      scale * do_ref[...].astype(_F32),  # [C, BV]
+      gt, precision)
+  du_ref[...] = du
+  # U = T (beta V) - ...: d(beta V) = T^T dU.
+  d_bv = tiles.mm_tn(b_t, du, precision)
+  dv_ref[...] = b_beta * d_bv
+  dbeta_ref[...] = jnp.sum(b_v * d_bv, axis=1, keepdims=True)
+  dt_ref[...] = tiles.mm_nt(du, b_beta * b_v, precision)  # W_v's share of dT
+  u_ref[...] = _pseudo_values(b_t, _state_blocks(h_ref), b_k, b_v, b_beta, gt,
+                              precision)
+
+
+def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, du_ref,
+                      h_ref, dh_ref, dq_ref, dk_ref, dwk_ref, dg_ref, dt_ref, *,
+                      scale, precision):
+  C, bk = q_ref.shape
+  Vp = u_ref.shape[-1]
+  bv = min(BV, Vp)
+
+  def body(j, carry):
+    dqs, dke, dwk, da, d_out = carry
+    cols = pl.ds(j * bv, bv)
+    b_s, b_ds = h_ref[:, cols], dh_ref[:, cols]  # [BK, BV]
+    b_u, b_du = u_ref[:, cols], du_ref[:, cols]  # [C, BV]
+    b_do = scale * do_ref[:, cols].astype(_F32)  # [C, BV]
+    return (dqs + tiles.mm_nt(b_do, b_s, precision),
+            dke + tiles.mm_nt(b_u, b_ds, precision),
+            dwk - tiles.mm_nt(b_du, b_s, precision),
+            da + tiles.mm_nt(b_do, b_u, precision),
+            d_out + _total(b_s * b_ds))
+
+  zk, zc = jnp.zeros((C, bk), _F32), jnp.zeros((C, C), _F32)
+  # dqs = d(exp(gamma) o Q), dke = d(exp(gamma_C - gamma) o K), dwk = dW_k,
+  # da = d(M o Q K^T), all for this key block; d_out = d exp(gamma_C).
+  dqs, dke, dwk, da, d_out = jax.lax.fori_loop(
+      0, Vp // bv, body, (zk, zk, zk, zc, jnp.zeros((1, 1), _F32)))
+  dwk_ref[...] = dwk
+  b_q, b_k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)  # [C, BK]
+  b_g = g_ref[...]  # [C, 1]
+  gt = chunk_tiles.gates(b_g)
+  # W_k = T diag(beta exp(gamma)) K: this key block's share of dT.
+  dt_ref[...] = tiles.mm_nt(dwk, (beta_ref[...] * gt.decay_in) * b_k, precision)
+  d_qk = gt.m * da  # [C, C]
+  dq_ref[...] = gt.decay_in * dqs + tiles.mm(d_qk, b_k, precision)
+  dk_ref[...] = gt.decay_to_end * dke + tiles.mm_tn(d_qk, b_q, precision)
+  dg_ref[...] = _gates_vjp(
+      b_g, da * _qk_from(q_ref, k_ref, precision=precision),
+      jnp.sum(b_q * dqs, axis=1, keepdims=True),
+      jnp.sum(b_k * dke, axis=1, keepdims=True), d_out)
+
+
+def _wy_grads_kernel(k_ref, beta_ref, g_ref, t_ref, dl_ref, dwk_ref, dk_in_ref,
+                     dk_ref, dbeta_ref, dg_ref, *, precision):
+  C, Kp = k_ref.shape
+  bk = min(BK, Kp)
+  b_t = t_ref[...]  # [C, C]
+  b_beta, b_g = beta_ref[...], g_ref[...]  # [C, 1]
+  gt = chunk_tiles.gates(b_g)
+  c = b_beta * gt.decay_in  # [C, 1]
+  keys = lambda ref, i: ref[:, pl.ds(i * bk, bk)].astype(_F32)  # [C, BK]
+  dl = dl_ref[...]  # [C, C], strict lower
+  # L = (beta M) o K K^T on the strict lower triangle.
+  kk = _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
+  d_bm = dl * kk
+  d_kk = dl * (b_beta * gt.m)
+  d_c = jnp.zeros((C, 1), _F32)
+  for i in range(Kp // bk):
+    k_i = keys(k_ref, i)
+    d_ck = tiles.mm_tn(b_t, keys(dwk_ref, i), precision)  # d(c o K)
+    d_c = d_c + jnp.sum(k_i * d_ck, axis=1, keepdims=True)
+    dk_ref[:, pl.ds(i * bk, bk)] = (
+        keys(dk_in_ref, i) + c * d_ck + tiles.mm(d_kk, k_i, precision)
+        + tiles.mm_tn(d_kk, k_i, precision))
+  dbeta_ref[...] = (jnp.sum(d_bm * gt.m, axis=1, keepdims=True)
+                    + gt.decay_in * d_c)
+  zero_col = jnp.zeros((C, 1), _F32)
+  dg_ref[...] = _gates_vjp(b_g, d_bm * b_beta, b_beta * d_c, zero_col,
+                           jnp.zeros((1, 1), _F32))
 
 
 # ---------------------------------------------------------------- calls ---
@@ -163,7 +441,7 @@ def _prepare(k, beta, g, *, chunk, interpret):
       in_specs=[keys, col, col],
       out_specs=pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, n, 0)),
       out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
-      compiler_params=_params(), interpret=interpret,
+      compiler_params=_params("prepare"), interpret=interpret,
       name="delta_rule_prepare")(k, beta, g)
 
 
@@ -181,7 +459,7 @@ def _states(k, v, beta, g, t, h0, *, chunk, interpret):
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
-      compiler_params=_params(), interpret=interpret,
+      compiler_params=_params("states"), interpret=interpret,
       name="delta_rule_states")(k, v, beta, g, t, h0)
 
 
@@ -206,7 +484,7 @@ def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
       in_specs=[keys, keys, vals, col, col, inv, state],
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
-      compiler_params=_params(), interpret=interpret,
+      compiler_params=_params("output"), interpret=interpret,
       name="delta_rule_output")(q, k, v, beta, g, t, h_in)
 
 
@@ -224,31 +502,96 @@ def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
-      compiler_params=_params(), interpret=interpret,
+      compiler_params=_params("state_grads"), interpret=interpret,
       name="delta_rule_state_grads")(q, k, beta, g, t, do, dh_t)
+
+
+def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
+                 interpret):
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk)
+  keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
+  col_part = pl.BlockSpec((None, None, chunk, 1), lambda b, n, j: (j, b, n, 0))
+  inv_part = pl.BlockSpec((None, None, chunk, chunk),
+                          lambda b, n, j: (j, b, n, 0))
+  kernel = functools.partial(_value_grads_kernel, scale=scale,
+                             precision=tiles.precision_for(q.dtype))
+  per_value = jax.ShapeDtypeStruct((BH, Tp, Vp), _F32)
+  u, du, dv, dbeta, dt = pl.pallas_call(
+      kernel, grid=(BH, N, NV),
+      in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
+      out_specs=[vals, vals, vals, col_part, inv_part],
+      out_shape=[per_value, per_value, per_value,
+                 jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32),
+                 jax.ShapeDtypeStruct((NV, BH, Tp, chunk), _F32)],
+      compiler_params=_params("value_grads"), interpret=interpret,
+      name="delta_rule_value_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
+  return u, du, dv, dbeta.sum(0), dt.sum(0)
+
+
+def _key_grads(q, k, beta, g, do, u, du, h_in, dh_out, *, scale, chunk,
+               interpret):
+  BH, Tp, Kp = q.shape
+  Vp = u.shape[-1]
+  bk = min(BK, Kp)
+  N, NK = Tp // chunk, Kp // bk
+  keys = pl.BlockSpec((None, chunk, bk), lambda b, n, i: (b, n, i))
+  col = pl.BlockSpec((None, chunk, 1), lambda b, n, i: (b, n, 0))
+  vals = pl.BlockSpec((None, chunk, Vp), lambda b, n, i: (b, n, 0))
+  state = pl.BlockSpec((None, bk, Vp), lambda b, n, i: (b, n * NK + i, 0))
+  col_part = pl.BlockSpec((None, None, chunk, 1), lambda b, n, i: (i, b, n, 0))
+  inv_part = pl.BlockSpec((None, None, chunk, chunk),
+                          lambda b, n, i: (i, b, n, 0))
+  kernel = functools.partial(_key_grads_kernel, scale=scale,
+                             precision=tiles.precision_for(q.dtype))
+  per_key = jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)
+  dq, dk, dwk, dg, dt = pl.pallas_call(
+      kernel, grid=(BH, N, NK),
+      in_specs=[keys, keys, col, col, vals, vals, vals, state, state],
+      out_specs=[keys, keys, keys, col_part, inv_part],
+      out_shape=[per_key, per_key, per_key,
+                 jax.ShapeDtypeStruct((NK, BH, Tp, 1), _F32),
+                 jax.ShapeDtypeStruct((NK, BH, Tp, chunk), _F32)],
+      compiler_params=_params("key_grads"), interpret=interpret,
+      name="delta_rule_key_grads")(q, k, beta, g, do, u, du, h_in, dh_out)
+  return dq, dk, dwk, dg.sum(0), dt.sum(0)
+
+
+def _wy_grads(k, beta, g, t, dl, dwk, dk_in, *, chunk, interpret):
+  BH, Tp, Kp = k.shape
+  row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n: (b, n, 0))
+  kernel = functools.partial(_wy_grads_kernel,
+                             precision=tiles.precision_for(k.dtype))
+  col = jax.ShapeDtypeStruct((BH, Tp, 1), _F32)
+  return pl.pallas_call(
+      kernel, grid=(BH, Tp // chunk),
+      in_specs=[row(Kp), row(1), row(1), row(chunk), row(chunk), row(Kp),
+                row(Kp)],
+      out_specs=[row(Kp), row(1), row(1)],
+      out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32), col, col],
+      compiler_params=_params("wy_grads"), interpret=interpret,
+      name="delta_rule_wy_grads")(k, beta, g, t, dl, dwk, dk_in)
+
+
+def _inverse_vjp(t, dt, chunk):
+  """dL [BH, NC, C] from T and dT of every chunk, in XLA (see the module
+  docstring): ``chunk_tiles.unit_lower_inverse_vjp`` batched over chunks."""
+  BH, Tp, C = t.shape
+  blocks = lambda x: x.reshape(BH * Tp // chunk, chunk, C)
+  dl = jax.vmap(chunk_tiles.unit_lower_inverse_vjp)(blocks(t), blocks(dt))
+  return dl.reshape(BH, Tp, C)
 
 
 def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  interpret):
-  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk)
-  keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
-  # per-V-block shares of the key-side gradients: [NV, BH, Tp, *]
-  keys_part = pl.BlockSpec((None, None, chunk, Kp), lambda b, n, j: (j, b, n, 0))
-  col_part = pl.BlockSpec((None, None, chunk, 1), lambda b, n, j: (j, b, n, 0))
-  kernel = functools.partial(_input_grads_kernel, scale=scale,
-                             precision=tiles.precision_for(q.dtype))
-  dq, dk, dv, dbeta, dg = pl.pallas_call(
-      kernel, grid=(BH, N, NV),
-      in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
-      out_specs=[keys_part, keys_part, vals, col_part, col_part],
-      out_shape=[jax.ShapeDtypeStruct((NV, BH, Tp, Kp), _F32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, Kp), _F32),
-                 jax.ShapeDtypeStruct((BH, Tp, Vp), _F32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32)],
-      compiler_params=_params(), interpret=interpret,
-      name="delta_rule_input_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
-  return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)
+  """``Kernels.input_grads`` as three kernels (see the module docstring)."""
+  kw = dict(chunk=chunk, interpret=interpret)
+  u, du, dv, dbeta_v, dt_v = _value_grads(q, k, v, beta, g, t, do, h_in,
+                                          dh_out, scale=scale, **kw)
+  dq, dk_out, dwk, dg_out, dt_k = _key_grads(q, k, beta, g, do, u, du, h_in,
+                                             dh_out, scale=scale, **kw)
+  dk, dbeta, dg = _wy_grads(k, beta, g, t, _inverse_vjp(t, dt_v + dt_k, chunk),
+                            dwk, dk_out, **kw)
+  return dq, dk, dv, dbeta + dbeta_v, dg + dg_out
 
 
 def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
