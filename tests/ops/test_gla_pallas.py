@@ -93,7 +93,8 @@ def _vjp_fn(impl):
   return f
 
 
-_KERNELS = {"pallas_triton": ("gla_states", "gla_output", "gla_dstates", "gla_grads"),
+_KERNELS = {"pallas_triton": ("gla_states", "gla_intra", "gla_output", "gla_dstates",
+                               "gla_dv", "gla_dqkg"),
             "pallas_tpu": ("gla_forward_tpu", "gla_states_tpu", "gla_dstates_tpu",
                            "gla_grads_tpu")}
 
@@ -109,8 +110,9 @@ def test_gpu_lowers_for_cuda(D, dtype, target):
                                      target=target).as_text()
   for name in _KERNELS["pallas_triton"]:
     assert name in text, name
-  # one launch per kernel, the state pass twice (forward, backward recompute)
-  assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 1
+  # one launch per kernel; the state pass and the intra-chunk weights twice
+  # (forward, and recomputed in the backward)
+  assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
 
 
 @pytest.mark.parametrize("D, dtype", [(64, jnp.float32), (128, jnp.bfloat16)])

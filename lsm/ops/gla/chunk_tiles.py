@@ -115,6 +115,26 @@ def diag_block_grads(q, k, z, da):
   return jax.lax.fori_loop(0, n, body, (zero, zero))
 
 
+def diag_blocks_grads(qs, ks, zs, das):
+  """``diag_block_grads`` of several blocks in one column loop: lists of
+  [16, K] (dq, dk)."""
+  n = qs[0].shape[0]
+
+  def body(j, carry):
+    dq, dk = carry
+    dq, dk = list(dq), list(dk)
+    for b, (q, k, z, da) in enumerate(zip(qs, ks, zs, das)):
+      w = _diag_weights(z, j)  # [16, K]
+      da_j = tiles.col(da, j)  # [16, 1]
+      dq[b] = dq[b] + da_j * tiles.row(k, j) * w
+      dk_j = jnp.sum(da_j * q * w, axis=0, keepdims=True)  # [1, K]
+      dk[b] = dk[b] + jnp.where(tiles.iota(k.shape, 0) == j, dk_j, 0.0)
+    return dq, dk
+
+  zero = [jnp.zeros_like(q) for q in qs]
+  return jax.lax.fori_loop(0, n, body, (zero, zero))
+
+
 def state_update(k, v, g, st, prec):
   """State after a chunk: st [V, K] -> exp(b_C) S + sum_s (k_s exp(b_C - b_s))^T v_s,
   transposed. k, g: [C, K]; v: [C, V] float32 (C any multiple of 16, or the
@@ -133,15 +153,32 @@ def state_grad_update(q, do, g, dst, prec):
   return dst * jnp.exp(total) + tiles.mm_tn(do, q * jnp.exp(b), prec)
 
 
+def intra_weights(qs, ks, gs, prec):
+  """The intra-chunk weights A_ts = sum_k q_tk k_sk exp(b_tk - b_sk), s <= t, as
+  [16, 16] blocks ``a[(i, j)]`` for j <= i (blocks above the diagonal are zero).
+
+  A is a sum over key channels, so called on a block of key columns (``qs``,
+  ``ks``, ``gs`` [16, BK]) it gives that block's share, and the shares add up.
+  Off-diagonal blocks pivot on r_i; diagonal blocks are formed in log space
+  (``diag_block``), the costliest elementwise work of a chunk.
+  """
+  sums = GateSums(gs)
+  n = len(qs)
+  q_in = [qs[i] * jnp.exp(sums.z[i]) for i in range(n)]  # q_t exp(b_t - r_i)
+  a = {(i, j): tiles.mm_nt(q_in[i], ks[j] * jnp.exp(sums.between(j, i)), prec)
+       for i in range(n) for j in range(i)}
+  for i in range(n):
+    a[(i, i)] = diag_block(qs[i], ks[i], sums.z[i])
+  return a
+
+
 def chunk_output(qs, ks, gs, v_blocks, prec):
   """Unscaled outputs of one chunk.
 
   o_t = (q_t exp(b_t)) S + sum_{s <= t} (q_t exp(b_t - b_s)) . k_s v_s.
 
-  The intra-chunk weights (the off-diagonal products and the log-space diagonal
-  blocks, whose column loop is the costliest elementwise work here) depend on
-  q, k and the gates only, so they are formed once and applied to every block
-  of value columns.
+  The intra-chunk weights (``intra_weights``) depend on q, k and the gates
+  only, so they are formed once and applied to every block of value columns.
 
   Args:
     qs, ks, gs: [16, K] sub-chunk blocks.
@@ -155,19 +192,17 @@ def chunk_output(qs, ks, gs, v_blocks, prec):
   """
   sums = GateSums(gs)
   n = len(qs)
-  q_in = [qs[i] * jnp.exp(sums.z[i]) for i in range(n)]  # q_t exp(b_t - r_i)
-  q_state = [q_in[i] * jnp.exp(sums.before(i)) for i in range(n)]  # q_t exp(b_t)
-  a = {(j, i): tiles.mm_nt(q_in[i], ks[j] * jnp.exp(sums.between(j, i)), prec)
-       for i in range(n) for j in range(i)}  # [16, 16]
-  diag = [diag_block(qs[i], ks[i], sums.z[i]) for i in range(n)]
+  q_state = [qs[i] * jnp.exp(sums.z[i]) * jnp.exp(sums.before(i))
+             for i in range(n)]  # q_t exp(b_t)
+  a = intra_weights(qs, ks, gs, prec)
   out = []
   for vs, st in v_blocks:
     rows = []
     for i in range(n):
       o = tiles.mm_nt(q_state[i], st, prec)
-      for j in range(i):
-        o = o + tiles.mm(a[(j, i)], vs[j], prec)
-      rows.append(o + tiles.mm(diag[i], vs[i], prec))
+      for j in range(i + 1):
+        o = o + tiles.mm(a[(i, j)], vs[j], prec)
+      rows.append(o)
     out.append(rows)
   return out
 
@@ -192,11 +227,11 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
   that O(1) term would cancel against the final-state term and leave rounding
   noise far above the true gradient (about exp(-50) at log_g = -50).
 
-  Value columns come in blocks (``v_blocks``) so that a kernel never holds a
-  whole [V, K] float32 state pair at once (64 KiB each at K = V = 128, more than
-  a GPU's registers and close to its shared memory): every V-dependent term of
+  Value columns may come in blocks (``v_blocks``): every V-dependent term of
   dq, dk and dg is a sum over value columns, so each block adds its part, and
-  dv is per block.
+  dv is per block. The TPU kernel passes one block; the GPU kernels do not use
+  this function but its parts (``intra_weights``, ``intra_grads``,
+  ``finish_grads``) on 64-column tiles.
 
   Args:
     qs, ks, gs: [16, K] blocks of the chunk.
@@ -242,6 +277,51 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
       da_tt[i] = da_tt[i] + jnp.sum(do * vs[i], axis=1, keepdims=True)  # [16, 1]
     dv_blocks.append(dv)
 
+  dq, dk, dg = finish_grads(sums, qs, ks, dq, dk, dk_out, da_tt, leaving)
+  return dq, dk, dg, dv_blocks
+
+
+def intra_grads(sums, qs, ks, da, prec):
+  """The parts of dq and dk that flow through the strictly-lower intra-chunk
+  weights (s < t), given their gradient in [16, 16] blocks ``da[(i, j)]``,
+  j <= i (the diagonal t = s entries of ``da[(i, i)]`` are ignored).
+
+  Per key channel given ``da``, so it runs on a block of key columns: ``sums``
+  = GateSums of that block's gates, ``qs``, ``ks`` [16, BK]. Returns dq, dk:
+  lists of [16, BK].
+  """
+  n = len(qs)
+  strict = _strict(SUB)
+  # The diagonal blocks first, all in one column loop, while little else is live.
+  dq, dk = diag_blocks_grads(qs, ks, sums.z,
+                             [jnp.where(strict, da[(i, i)], 0.0) for i in range(n)])
+  dec = [jnp.exp(z) for z in sums.z]  # exp(b_t - r_i)
+  for i in range(n):
+    q_in = qs[i] * dec[i]
+    for j in range(i):
+      dec_between = jnp.exp(sums.between(j, i))
+      dq[i] = dq[i] + tiles.mm(da[(i, j)], ks[j] * dec_between, prec) * dec[i]
+      dk[j] = dk[j] + tiles.mm_tn(da[(i, j)], q_in, prec) * dec_between
+  return dq, dk
+
+
+def finish_grads(sums, qs, ks, dq, dk, dk_out, da_tt, leaving):
+  """dq, dk and dg of one chunk (or block of key columns) from their parts.
+
+  Args:
+    sums: GateSums of the chunk's gates.
+    qs, ks: [16, K] blocks.
+    dq: [16, K] blocks, every term but the t = s one (the state entering the
+      chunk included).
+    dk: [16, K] blocks, the strictly intra-chunk part (s < t).
+    dk_out: [16, K] blocks, sum_v v_s dS before the decay to the chunk end.
+    da_tt: [16, 1] blocks, the gradient of the t = s weights (do_t . v_t).
+    leaving: [1, K], sum_v S * dS (before exp(b_C)).
+
+  Returns:
+    dq, dk, dg: lists of [16, K]. The sums are as ``chunk_grads`` explains.
+  """
+  n = len(qs)
   dk_out = [dk_out[j] * jnp.exp(sums.to_end(j)) for j in range(n)]
   inner = [qs[i] * dq[i] - ks[i] * dk[i] for i in range(n)]
   through_state = [ks[i] * dk_out[i] for i in range(n)]
@@ -261,4 +341,4 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
   # The t = s terms: weight 1, no gate dependence, so added after dg.
   dq = [dq[i] + da_tt[i] * ks[i] for i in range(n)]
   dk = [dk[i] + da_tt[i] * qs[i] + dk_out[i] for i in range(n)]
-  return dq, dk, dg, dv_blocks
+  return dq, dk, dg

@@ -3,26 +3,46 @@ in ``reference.py``; the per-chunk math is in ``chunk_tiles.py`` and the custom
 VJP in ``pallas_vjp.py`` (which also says why the backward recomputes states).
 
 Kernels, on [B, T, H, D] arrays as the op receives them (no transposes; a block
-squeezes B and H and keeps [C, D] tiles with stride H * D along T):
+squeezes B and H and keeps [C, D] tiles with stride H * D along T). Block sizes
+and warps per kernel are in ``TILING``, which says how they were chosen: every
+kernel works on tiles of at most 64 key and 64 value columns, so at head dims
+up to 256 none outgrows an A100's or H100's shared memory or makes ptxas fall
+back to 32 registers.
 
   states   grid (B, H, V / BV, K / BK), a loop over the N chunks inside: writes
            the (transposed) state entering every chunk, h_in [B, H, N, V, K]
            float32, and h_T. Sequential in T, so its parallelism is
-           B * H * (V / BV) * (K / BK) programs; 64-wide state blocks keep that
-           at 4x B * H for head dims of 128.
-  output   grid (B, H, N), chunks in parallel: o = q h_in + intra-chunk, the
-           intra-chunk weights formed once and applied to value columns in
-           blocks of BV.
+           B * H * (V / BV) * (K / BK) programs; 64 x 32 state blocks keep that
+           at 8x B * H for head dims of 128.
+  intra    grid (B, H, N), a loop over key blocks inside: the intra-chunk
+           weights A [B, T, H, C] float32 (row t of a chunk holds A_ts, zero for
+           s > t), from 16-row sub-chunk tiles (``chunk_tiles.intra_weights``).
+           Forward, and again in the backward (recomputed like the states).
+  output   grid (B, H, N, V / BV), a loop over key blocks: o = A v + q h_in.
   dstates  grid (B, H, V / BV, K / BK), the reverse loop: the gradient for the
-           state leaving every chunk, and dh0.
-  grads    grid (B, H, N): dq, dk, dv and d log_g of one chunk; full K
-           tiles, value columns in blocks of BV (see chunk_tiles.chunk_grads).
+           state leaving every chunk, dh_out, and dh0.
+  dv       grid (B, H, N, V / BV), a loop over key blocks: dv = A^T do +
+           (decayed k) dh_out.
+  dqkg     grid (B, H, N, K / BK), a loop over value blocks that gathers dA =
+           do v^T (as [16, 16] blocks), do h_in, v dh_out and sum h_in dh_out;
+           then dq, dk and d log_g of the key block from them
+           (``chunk_tiles.intra_grads``, ``finish_grads``). dA is recomputed by
+           each of the K / BK programs of a chunk (ten [16, 16] blocks, 5 KFLOP
+           per value column) rather than written out and read back.
+
+Cost of the split against one kernel per chunk: A is written once in the
+forward and once in the backward and read by output and dv (C float32 per
+token and head, the size of a bf16 [T, 128] array at C = 64); q, k, g are read
+by intra, output / dv and dqkg, and v, do by dqkg and output / dv, each program
+reading its own column block, so beyond A the extra traffic is re-reads of the
+same chunk's tiles.
 
 Matmuls run at ``tiles.precision_for(q.dtype)``: IEEE float32 for float32 inputs
 (TF32 would miss the float32 tolerance), TF32 on float32 operands otherwise.
 Gate sums are always IEEE float32.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -35,13 +55,47 @@ from lsm.ops.gla import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
 SUB = chunk_tiles.SUB
-STATE_BLOCK = 64  # BK = BV of the sequential state kernels
-NUM_WARPS = 4
-NUM_STAGES = 2
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Per-kernel tile sizes and Triton launch options.
+
+  bk, bv: key / value columns per tile (grid blocks, or the step of the loop
+  over the other head dim inside a program); capped at the padded head dims.
+  Chosen by compiling each kernel to cubin for sm_80 and sm_90a (PyPI triton
+  3.9.0 + ptxas, K = V = 64 and 128, bf16, chunk 64) and taking a setting
+  without spills on either. Two effects dominate: an IEEE float32 matmul (the
+  gate prefix and suffix sums, ``tiles.HIGHEST``) runs on FMA units, and each
+  thread then holds its operands' whole contraction dimension in registers;
+  and on sm_80 (mma.sync, no wgmma) a warp holds its share of both float32
+  operands of a tensor-core matmul in registers too. Past about 255 registers
+  ptxas -O3 gives up and compiles for 32 registers with kilobytes of spills,
+  so settings near the edge are not safe.
+  """
+  bk: int
+  bv: int
+  num_warps: int
+  num_stages: int
+
+  def params(self):
+    return plgpu.CompilerParams(num_warps=self.num_warps,
+                                num_stages=self.num_stages)
 
 
-def _params():
-  return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+TILING = {
+    # [BV, BK] state blocks of 64 x 32 (8 x B x H programs at K = V = 128); 64
+    # key columns with 4 warps spill on sm_80, with 8 warps ptxas falls back.
+    "gla_states": Tiling(bk=32, bv=64, num_warps=8, num_stages=2),
+    "gla_dstates": Tiling(bk=32, bv=64, num_warps=8, num_stages=2),
+    # bk: the step of the loop over key columns; the [16, 16] blocks are tiny.
+    "gla_intra": Tiling(bk=64, bv=64, num_warps=8, num_stages=2),
+    # bv: grid block; bk: loop step. A 16-wide step keeps the [C, C] x [C, BK]
+    # IEEE cumsum and the [BV, BK] float32 state slice small.
+    "gla_output": Tiling(bk=16, bv=64, num_warps=4, num_stages=2),
+    "gla_dv": Tiling(bk=16, bv=64, num_warps=4, num_stages=2),
+    # bk: grid block; bv: loop step. Many [16, x] sub-chunk tiles are live
+    # across the intra-chunk part; 64 key columns spill on both archs.
+    "gla_dqkg": Tiling(bk=32, bv=32, num_warps=8, num_stages=2),
+}
 
 
 def _whole_time_spec(Tp, width, which):
@@ -70,7 +124,8 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret, name):
   B, Tp, H, Kp = a.shape
   Vp = b.shape[-1]
   N = Tp // chunk_size
-  BK, BV = min(Kp, STATE_BLOCK), min(Vp, STATE_BLOCK)
+  tiling = TILING[name]
+  BK, BV = min(Kp, tiling.bk), min(Vp, tiling.bv)
   state_spec = pl.BlockSpec((None, None, BV, BK), lambda b_, h, iv, ik: (b_, h, iv, ik))
   return pl.pallas_call(
       functools.partial(kernel, C=chunk_size, N=N,
@@ -83,45 +138,100 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret, name):
                  state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
-      compiler_params=_params(), interpret=interpret, name=name,
+      compiler_params=tiling.params(), interpret=interpret, name=name,
   )(a, b, g, h_last)
 
 
-def _value_blocks(v_ref, BV):
-  """Column slices of width BV over a [C, V] ref."""
-  return [pl.ds(iv * BV, BV) for iv in range(v_ref.shape[-1] // BV)]
+def _cols(i, width):
+  """Columns i * width .. of a ref; i may be a loop index."""
+  return pl.ds(pl.multiple_of(i * width, width), width)
 
 
-def _output_kernel(q_ref, k_ref, v_ref, g_ref, hin_ref, o_ref, *, C, BV, scale,
+def _sub_rows(C):
+  return [pl.ds(i * SUB, SUB) for i in range(C // SUB)]
+
+
+def _chunk_spec(C, width, col_axis=None):
+  """[C, width] tile at chunk n of a [B, T, H, D] array, for grids
+  (B, H, N[, X]); the column block comes from grid axis ``col_axis`` (3) or is
+  the only one."""
+  if col_axis is None:
+    return pl.BlockSpec((None, C, None, width), lambda b, h, n, *_: (b, n, h, 0))
+  return pl.BlockSpec((None, C, None, width), lambda b, h, n, x: (b, n, h, x))
+
+
+def _intra_kernel(q_ref, k_ref, g_ref, a_ref, *, C, BK, prec):
+  rows = _sub_rows(C)
+  n = len(rows)
+
+  def body(ik, a):
+    cols = _cols(ik, BK)
+    load = lambda ref: [ref[r, cols].astype(_F32) for r in rows]  # [16, BK]
+    part = chunk_tiles.intra_weights(load(q_ref), load(k_ref), load(g_ref), prec)
+    return {key: a[key] + part[key] for key in a}
+
+  zero = jnp.zeros((SUB, SUB), _F32)
+  a = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body,
+                        {(i, j): zero for i in range(n) for j in range(i + 1)})
+  for i in range(n):
+    for j in range(n):
+      a_ref[rows[i], rows[j]] = a[(i, j)] if j <= i else zero  # [16, 16]
+
+
+def _intra(q, k, g, *, chunk_size, interpret):
+  """A [B, T, H, C] float32: row t holds the chunk's weights A_ts (zero for
+  s > t), summed over key blocks of BK inside the program."""
+  B, Tp, H, Kp = q.shape
+  C = chunk_size
+  kspec = _chunk_spec(C, Kp)
+  return pl.pallas_call(
+      functools.partial(_intra_kernel, C=C, BK=min(Kp, TILING["gla_intra"].bk),
+                        prec=tiles.precision_for(q.dtype)),
+      grid=(B, H, Tp // C),
+      in_specs=[kspec, kspec, kspec],
+      out_specs=_chunk_spec(C, C),
+      out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), _F32),
+      compiler_params=TILING["gla_intra"].params(), interpret=interpret,
+      name="gla_intra",
+  )(q, k, g)
+
+
+def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, o_ref, *, BK, scale,
                    prec):
-  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=C // SUB)
-  cols = _value_blocks(v_ref, BV)
-  outs = chunk_tiles.chunk_output(
-      load(q_ref), load(k_ref), load(g_ref),
-      [(load(v_ref, cols=c), hin_ref[c, :]) for c in cols], prec)  # [BV, K]
-  for c, rows in zip(cols, outs):
-    for i, o in enumerate(rows):
-      o_ref[pl.ds(i * SUB, SUB), c] = (scale * o).astype(o_ref.dtype)  # [16, BV]
+  def body(ik, o):
+    cols = _cols(ik, BK)
+    b_q = q_ref[:, cols].astype(_F32)  # [C, BK]
+    b_g = g_ref[:, cols]  # [C, BK]
+    b_st = hin_ref[:, cols]  # [BV, BK]
+    b = tiles.cumsum_rows(b_g, tiles.HIGHEST)
+    return o + tiles.mm_nt(b_q * jnp.exp(b), b_st, prec)
+
+  b_a = a_ref[...]  # [C, C]
+  b_v = v_ref[...].astype(_F32)  # [C, BV]
+  o = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body, tiles.mm(b_a, b_v, prec))
+  o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
 def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
   h_in, h_tt = _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
                            interpret=interpret, name="gla_states")
+  a = _intra(q, k, g, chunk_size=chunk_size, interpret=interpret)
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
-  C = chunk_size
-  kspec = pl.BlockSpec((None, C, None, Kp), lambda b, h, n: (b, n, h, 0))
-  vspec = pl.BlockSpec((None, C, None, Vp), lambda b, h, n: (b, n, h, 0))
+  tiling = TILING["gla_output"]
+  C, BV = chunk_size, min(Vp, tiling.bv)
+  kspec = _chunk_spec(C, Kp)
   o = pl.pallas_call(
-      functools.partial(_output_kernel, C=C, BV=min(Vp, STATE_BLOCK), scale=scale,
+      functools.partial(_output_kernel, BK=min(Kp, tiling.bk), scale=scale,
                         prec=tiles.precision_for(q.dtype)),
-      grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, vspec, kspec,
-                pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))],
-      out_specs=vspec,
+      grid=(B, H, Tp // C, Vp // BV),
+      in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
+                pl.BlockSpec((None, None, None, BV, Kp),
+                             lambda b, h, n, iv: (b, h, n, iv, 0))],
+      out_specs=_chunk_spec(C, BV, 3),
       out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), q.dtype),
-      compiler_params=_params(), interpret=interpret, name="gla_output",
-  )(q, k, v, g, h_in)
+      compiler_params=tiling.params(), interpret=interpret, name="gla_output",
+  )(q, g, v, a, h_in)
   return o, h_tt
 
 
@@ -151,43 +261,101 @@ def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
                      name="gla_dstates")
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, BV, scale, prec):
-  n_sub = C // SUB
-  load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
-  cols = _value_blocks(v_ref, BV)
-  v_blocks = [(load(v_ref, cols=c), [scale * d for d in load(do_ref, cols=c)],
-               hin_ref[c, :], dout_ref[c, :]) for c in cols]  # [16, BV], [BV, K]
-  dq, dk, dg, dv = chunk_tiles.chunk_grads(load(q_ref), load(k_ref), load(g_ref),
-                                           v_blocks, prec)
-  for i in range(n_sub):
-    rows = pl.ds(i * SUB, SUB)
-    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
-    dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
-    dg_ref[rows, :] = dg[i]
-    for c, dv_block in zip(cols, dv):
-      dv_ref[rows, c] = dv_block[i].astype(dv_ref.dtype)
+def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, dv_ref, *, BK, scale,
+               prec):
+  def body(ik, dv):
+    cols = _cols(ik, BK)
+    b_k = k_ref[:, cols].astype(_F32)  # [C, BK]
+    b_g = g_ref[:, cols]  # [C, BK]
+    b_dst = dout_ref[:, cols]  # [BV, BK]
+    to_end = tiles.suffix_sum_rows(b_g, tiles.HIGHEST)
+    return dv + tiles.mm_nt(b_k * jnp.exp(to_end), b_dst, prec)
+
+  b_a = a_ref[...]  # [C, C]
+  b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
+  dv = jax.lax.fori_loop(0, k_ref.shape[-1] // BK, body,
+                         tiles.mm_tn(b_a, b_do, prec))
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, dq_ref,
+                 dk_ref, dg_ref, *, C, BV, scale, prec):
+  rows = _sub_rows(C)
+  n = len(rows)
+
+  def body(iv, carry):
+    da, da_tt, dq_st, dk_st, leaving = carry
+    cols = _cols(iv, BV)
+    vs = [v_ref[r, cols].astype(_F32) for r in rows]  # [16, BV]
+    dos = [scale * do_ref[r, cols].astype(_F32) for r in rows]  # [16, BV]
+    b_st = hin_ref[cols, :]  # [BV, BK]
+    b_dst = dout_ref[cols, :]  # [BV, BK]
+    da = {(i, j): x + tiles.mm_nt(dos[i], vs[j], prec) for (i, j), x in da.items()}
+    da_tt = [x + jnp.sum(dos[i] * vs[i], axis=1, keepdims=True)
+             for i, x in enumerate(da_tt)]  # [16, 1]
+    dq_st = [x + tiles.mm(dos[i], b_st, prec) for i, x in enumerate(dq_st)]
+    dk_st = [x + tiles.mm(vs[i], b_dst, prec) for i, x in enumerate(dk_st)]
+    leaving = leaving + jnp.sum(b_st * b_dst, axis=0, keepdims=True)
+    return da, da_tt, dq_st, dk_st, leaving
+
+  BK = q_ref.shape[-1]
+  zero_da, zero_k = jnp.zeros((SUB, SUB), _F32), jnp.zeros((SUB, BK), _F32)
+  init = ({(i, j): zero_da for i in range(n) for j in range(i + 1)},
+          [jnp.zeros((SUB, 1), _F32)] * n, [zero_k] * n, [zero_k] * n,
+          jnp.zeros((1, BK), _F32))
+  da, da_tt, dq_st, dk_st, leaving = jax.lax.fori_loop(
+      0, v_ref.shape[-1] // BV, body, init)
+
+  qs, ks, gs = (chunk_tiles.load_sub_blocks(r, n) for r in (q_ref, k_ref, g_ref))
+  sums = chunk_tiles.GateSums(gs)
+  dq, dk = chunk_tiles.intra_grads(sums, qs, ks, da, prec)
+  dq = [dq[i] + dq_st[i] * (jnp.exp(sums.z[i]) * jnp.exp(sums.before(i)))
+        for i in range(n)]
+  dq, dk, dg = chunk_tiles.finish_grads(sums, qs, ks, dq, dk, dk_st, da_tt,
+                                        leaving)
+  for i, r in enumerate(rows):
+    dq_ref[r, :] = dq[i].astype(dq_ref.dtype)  # [16, BK]
+    dk_ref[r, :] = dk[i].astype(dk_ref.dtype)
+    dg_ref[r, :] = dg[i]
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
   C = chunk_size
-  kspec = pl.BlockSpec((None, C, None, Kp), lambda b, h, n: (b, n, h, 0))
-  vspec = pl.BlockSpec((None, C, None, Vp), lambda b, h, n: (b, n, h, 0))
-  sspec = pl.BlockSpec((None, None, None, Vp, Kp), lambda b, h, n: (b, h, n, 0, 0))
-  return pl.pallas_call(
-      functools.partial(_grads_kernel, C=C, BV=min(Vp, STATE_BLOCK), scale=scale,
-                        prec=tiles.precision_for(q.dtype)),
-      grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec],
-      out_specs=[kspec, kspec, vspec, kspec],
+  prec = tiles.precision_for(q.dtype)
+  a = _intra(q, k, g, chunk_size=C, interpret=interpret)
+  kspec = _chunk_spec(C, Kp)
+  t_dv, t_dqkg = TILING["gla_dv"], TILING["gla_dqkg"]
+  BV = min(Vp, t_dv.bv)
+  dv = pl.pallas_call(
+      functools.partial(_dv_kernel, BK=min(Kp, t_dv.bk), scale=scale, prec=prec),
+      grid=(B, H, Tp // C, Vp // BV),
+      in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
+                pl.BlockSpec((None, None, None, BV, Kp),
+                             lambda b, h, n, iv: (b, h, n, iv, 0))],
+      out_specs=_chunk_spec(C, BV, 3),
+      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+      compiler_params=t_dv.params(), interpret=interpret, name="gla_dv",
+  )(k, g, do, a, dh_out)
+  BK = min(Kp, t_dqkg.bk)
+  kblock = _chunk_spec(C, BK, 3)
+  vspec = _chunk_spec(C, Vp)
+  sspec = pl.BlockSpec((None, None, None, Vp, BK),
+                       lambda b, h, n, ik: (b, h, n, 0, ik))
+  dq, dk, dg = pl.pallas_call(
+      functools.partial(_dqkg_kernel, C=C, BV=min(Vp, t_dqkg.bv), scale=scale,
+                        prec=prec),
+      grid=(B, H, Tp // C, Kp // BK),
+      in_specs=[kblock, kblock, kblock, vspec, vspec, sspec, sspec],
+      out_specs=[kblock, kblock, kblock],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(q.shape, _F32)],
-      compiler_params=_params(), interpret=interpret, name="gla_grads",
-  )(q, k, v, g, do, h_in, dh_out)
+      compiler_params=t_dqkg.params(), interpret=interpret,
+      name="gla_dqkg",
+  )(q, k, g, v, do, h_in, dh_out)
+  return dq, dk, dv, dg
 
 
 gla = pallas_vjp.make_gla(forward=forward, states=states, dstates=dstates,
