@@ -55,6 +55,8 @@ from lsm.ops.gla import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
 SUB = chunk_tiles.SUB
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Per-kernel tile sizes and Triton launch options.
