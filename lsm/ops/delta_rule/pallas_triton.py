@@ -7,7 +7,8 @@ The organisation follows flash-linear-attention: a sequential pass produces the
 state entering every chunk, then chunk-parallel passes use it.
 
 Kernels (BH = batch x heads, N chunks of C tokens; the value dim is split into
-NV blocks of BV = 64 columns and the key dim into NK blocks of BK = 64):
+NV blocks of BV columns (``BV``, per kernel: 32) and the key dim into NK blocks
+of BK = 64; 8 warps each, ``NUM_WARPS``):
 
   _prepare       grid (BH, N): the chunk's T = (I + L)^{-1} [C, C] float32,
                  stored as t [BH, N C, C], built from 16 x 16 blocks.
@@ -18,21 +19,29 @@ NV blocks of BV = 64 columns and the key dim into NK blocks of BK = 64):
   _state_grads   grid (BH, NV); the reverse loop: stores the cotangent of the
                  state leaving each chunk (dh_out) and returns dh0.
   The backward's ``input_grads`` is three chunk-parallel kernels:
-  _value_grads   grid (BH, N, NV): recomputes U = T diag(beta) V - W_k S and
-                 its cotangent dU, stores both (float32 [BH, NC, Vp]) with dv
-                 and this block's share of dbeta.
-  _key_grads     grid (BH, N, NK), a loop over the NV value blocks: dq, the
-                 output / state part of dk, dW_k = -dU S^T and a share of
+  _value_grads   grid (BH, N, NV): recomputes U = T X and its cotangent dU,
+                 stores U and T^T dU (float32 [BH, NC, Vp]) with dv, and this
+                 block's shares of dbeta, dc (c below), dT = dU X^T and
+                 d(M o Q K^T) = scale dO U^T.
+  _key_grads     grid (BH, N, NK), a loop over the NV value blocks: the state
+                 parts of dq and dk (through S, dS' and X) and their share of
                  d log_g, for one key block.
-  _wy_grads      grid (BH, N): from dL (below) and dW_k, the rest of dk,
-                 dbeta and d log_g.
-  _value_grads and _key_grads also store their shares of dT (W_v's and one
-  key block's of W_k's); between them and _wy_grads, XLA sums the shares and
-  applies the closed-form VJP of the inverse, dL = -T^T dT T^T (strict lower
-  triangle, HIGHEST, batched over chunks: 2 C^3 FLOPs per chunk, and a
-  [BH, NC, C] float32 dT and dL through memory). Inside a kernel those two
-  [C, C] x [C, C] IEEE float32 products were FMA dots whose operand fragments
-  alone overflowed the registers.
+  _wy_grads      grid (BH, N): from dL (below) and d(M o Q K^T), the
+                 intra-chunk parts of dq and dk, the rest of dbeta and
+                 d log_g.
+  Between _value_grads and _wy_grads, XLA sums the per-block shares and applies
+  the closed-form VJP of the inverse, dL = -T^T dT T^T (strict lower triangle,
+  HIGHEST, batched over chunks: 2 C^3 FLOPs per chunk, and a [BH, NC, C]
+  float32 dT and dL through memory). Inside a kernel those two [C, C] x [C, C]
+  IEEE float32 products were FMA dots whose operand fragments alone overflowed
+  the registers.
+
+U is formed as T X with X = diag(beta) V - diag(c) (K S), c = beta exp(gamma):
+``chunk_tiles``' U = T diag(beta) V - W_k S with W_k = T diag(c) K,
+reassociated (W_k S = T (diag(c) (K S))), so no kernel forms W_k: one [C, C] x
+[C, BV] product with T instead of NK [C, C] x [C, BK] ones, and no [C, BK]
+float32 operand of a product with T. Likewise W_k^T dU = (diag(c) K)^T (T^T
+dU), and the W_k part of dT is folded into dT = dU X^T.
 
 Why this shape (registers and shared memory; measured with ptxas for sm_80 and
 sm_90a at K = V = 128, C = 64, bf16): a Triton dot holds its operand fragments
@@ -52,24 +61,25 @@ cotangent) could not stay on chip: split three ways, each kernel holds a few
 input dtype (see ``_qk``), halving those fragments for bf16.
 
 Cost of the split, per token and head at K = V = 128 (float32 intermediates):
-U, dU, dW_k and the first part of dk go through memory (4 (2 V + 2 K) = 2 KiB
-written, about 3 KiB read, next to about 1.5 KiB the single kernel wrote for
-its per-value-block shares of dq and dk). FLOPs drop: the [C, C] x [C, K] work
-on the key side and the inverse's VJP run once per chunk (per key block for dA)
-instead of once per value block.
+U, T^T dU and the state parts of dq and dk go through memory (4 (2 V + 2 K) =
+2 KiB written, about 3 KiB read), and the per-value-block shares of dT and
+d(M o Q K^T) (2 NV C floats each). FLOPs drop: the [C, C] x [C, K] work on the
+key side and the inverse's VJP run once per chunk instead of once per value
+block.
 
 Recompute vs store: T is computed once per chunk by _prepare and loaded by the
 other kernels ([C, C] float32, 16 KiB per chunk at C = 64) instead of being
-recomputed in each of them for each value block. W_k and the decay factors are
-recomputed where used (one [C, C] x [C, K] matmul and elementwise work). The
+recomputed in each of them for each value block. K S and the decay factors are
+recomputed where used (one [C, K] x [K, BV] matmul and elementwise work). The
 backward recomputes T and h_in (see ``pallas_vjp``).
 
 Numerics: all tiles are float32 after loading; matmuls on inputs run at
 ``tiles.precision_for(q.dtype)`` (IEEE float32 for float32 inputs, TF32 for
 bf16/f16), the inverse and its VJP always at IEEE float32, as in
 ``chunk_tiles``: every matmul here is one of ``chunk_tiles``'s with its
-contraction split into key or value blocks, or the VJP of one at the same
-precision. Every exponent of a decay is <= 0.
+contraction split into key or value blocks, reassociated as above (the
+intermediates K S and T^T dU take the rounding W_k and W_k^T dU took), or the
+VJP of one at the same precision. Every exponent of a decay is <= 0.
 """
 
 import functools
@@ -83,12 +93,16 @@ from lsm.ops.common import tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
-BV = 64  # value columns per tile / program
+# Value columns per tile / program, per kernel: 32 halves the loop kernels'
+# carried state blocks and every [C, BV] tile next to 64 (at K = V = 128,
+# _states' sm_80 spills 1,040 -> 496 B); 16 saved little more in _state_grads.
+BV = dict(states=32, output=32, state_grads=32, value_grads=32, key_grads=32)
 BK = 64  # key columns per tile: bounds every dot's operand fragments
 SUB = chunk_tiles.SUB  # rows of the inverse's blocks
 NUM_STAGES = 1  # the sequential loops load one chunk at a time
 # Warps per kernel: 8 everywhere measured best (fewest spills on sm_90a at
-# K = V = 128; 4 warps spill more in every kernel but _output on sm_80).
+# K = V = 128; 4 warps spill more in every kernel but _output on sm_80, and
+# make ptxas fall back to 32 registers in _key_grads on sm_80).
 NUM_WARPS = dict(prepare=8, states=8, output=8, state_grads=8, value_grads=8,
                  key_grads=8, wy_grads=8)
 
@@ -148,12 +162,21 @@ def _qk_from(q_ref, k_ref, rows=slice(None), precision=None):
              precision)
 
 
+def _key_state(b_k, b_s, precision):
+  """K S [C, BV] from [C, BK] key and [BK, BV] state blocks."""
+  return sum(tiles.mm(k_i, s_i, precision) for k_i, s_i in zip(b_k, b_s))
+
+
+def _wy_input(ks, b_v, b_beta, gt):
+  """X [C, BV] = diag(beta) V - diag(beta exp(gamma)) K S, so U = T X."""
+  return b_beta * b_v - (b_beta * gt.decay_in) * ks
+
+
 def _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision):
-  """U [C, BV] = T diag(beta) V - W_k S, W_k = T diag(beta exp(gamma)) K."""
-  c = b_beta * gt.decay_in
-  ws = sum(tiles.mm(tiles.mm(t, c * k_i, precision), s_i, precision)
-           for k_i, s_i in zip(b_k, b_s))
-  return tiles.mm(t, b_beta * b_v, precision) - ws
+  """U [C, BV] = T diag(beta) V - W_k S with W_k = T diag(beta exp(gamma)) K,
+  formed as T X (``_wy_input``): W_k S = T (diag(beta exp(gamma)) (K S))."""
+  return tiles.mm(t, _wy_input(_key_state(b_k, b_s, precision), b_v, b_beta,
+                               gt), precision)
 
 
 def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision):
@@ -189,10 +212,11 @@ def _state_grad(t, b_ds, b_q, b_k, qk, b_beta, b_g, b_do, *, scale,
   exp(gamma_C) dS' - W_k^T dU."""
   gt = chunk_tiles.gates(b_g)
   du = _pseudo_value_grad(b_ds, b_k, qk, scale * b_do, gt, precision)
+  # W_k^T dU = (diag(c) K)^T (T^T dU), c = beta exp(gamma).
+  tdu = tiles.mm_tn(t, du, precision)  # [C, BV]
   c = b_beta * gt.decay_in
   return [scale * tiles.mm_tn(gt.decay_in * q_i, b_do, precision)
-          + gt.decay_out * ds_i
-          - tiles.mm_tn(tiles.mm(t, c * k_i, precision), du, precision)
+          + gt.decay_out * ds_i - tiles.mm_tn(c * k_i, tdu, precision)
           for q_i, k_i, ds_i in zip(b_q, b_k, b_ds)]
 
 
@@ -329,103 +353,102 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
 
 
 def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
-                        h_ref, dh_ref, u_ref, du_ref, dv_ref, dbeta_ref, dt_ref,
-                        *, scale, precision):
+                        h_ref, dh_ref, u_ref, tdu_ref, dv_ref, dbeta_ref,
+                        dc_ref, dt_ref, da_ref, *, scale, precision):
   b_t = t_ref[...]  # [C, C]
   b_beta = beta_ref[...]  # [C, 1]
   b_v = v_ref[...].astype(_F32)  # [C, BV]
   b_k = _key_blocks(k_ref)  # [C, BK] each
   gt = chunk_tiles.gates(g_ref[...])
+  ks = _key_state(b_k, _state_blocks(h_ref), precision)  # [C, BV]
+  x = _wy_input(ks, b_v, b_beta, gt)  # [C, BV]
+  u = tiles.mm(b_t, x, precision)  # [C, BV]
+  u_ref[...] = u
+  b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
+  da_ref[...] = tiles.mm_nt(b_do, u, precision)  # this block's d(M o Q K^T)
   du = _pseudo_value_grad(
       _state_blocks(dh_ref),  # [BK, BV] each
       b_k, _qk_from(q_ref, k_ref, precision=precision),  # [C, BK] each, [C, C]
-      scale * do_ref[...].astype(_F32),  # [C, BV]
-      gt, precision)
-  du_ref[...] = du
-  # U = T (beta V) - ...: d(beta V) = T^T dU.
-  d_bv = tiles.mm_tn(b_t, du, precision)
-  dv_ref[...] = b_beta * d_bv
-  dbeta_ref[...] = jnp.sum(b_v * d_bv, axis=1, keepdims=True)
-  dt_ref[...] = tiles.mm_nt(du, b_beta * b_v, precision)  # W_v's share of dT
-  u_ref[...] = _pseudo_values(b_t, _state_blocks(h_ref), b_k, b_v, b_beta, gt,
-                              precision)
+      b_do, gt, precision)
+  dt_ref[...] = tiles.mm_nt(du, x, precision)  # U = T X: this block's dT
+  tdu = tiles.mm_tn(b_t, du, precision)  # dX = T^T dU
+  tdu_ref[...] = tdu
+  dv_ref[...] = b_beta * tdu
+  dbeta_ref[...] = jnp.sum(b_v * tdu, axis=1, keepdims=True)
+  # d c for c = beta exp(gamma) in X = beta V - c (K S).
+  dc_ref[...] = -jnp.sum(ks * tdu, axis=1, keepdims=True)
 
 
-def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, du_ref,
-                      h_ref, dh_ref, dq_ref, dk_ref, dwk_ref, dg_ref, dt_ref, *,
-                      scale, precision):
+def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, tdu_ref,
+                      h_ref, dh_ref, dq_ref, dk_ref, dg_ref, *, scale,
+                      precision):
   C, bk = q_ref.shape
   Vp = u_ref.shape[-1]
-  bv = min(BV, Vp)
+  bv = min(BV["key_grads"], Vp)
 
   def body(j, carry):
-    dqs, dke, dwk, da, d_out = carry
+    dqs, dke, dck, d_out = carry
     cols = pl.ds(j * bv, bv)
     b_s, b_ds = h_ref[:, cols], dh_ref[:, cols]  # [BK, BV]
-    b_u, b_du = u_ref[:, cols], du_ref[:, cols]  # [C, BV]
-    b_do = scale * do_ref[:, cols].astype(_F32)  # [C, BV]
-    return (dqs + tiles.mm_nt(b_do, b_s, precision),
-            dke + tiles.mm_nt(b_u, b_ds, precision),
-            dwk - tiles.mm_nt(b_du, b_s, precision),
-            da + tiles.mm_nt(b_do, b_u, precision),
+    return (dqs + tiles.mm_nt(do_ref[:, cols].astype(_F32), b_s, precision),
+            dke + tiles.mm_nt(u_ref[:, cols], b_ds, precision),
+            dck - tiles.mm_nt(tdu_ref[:, cols], b_s, precision),
             d_out + _total(b_s * b_ds))
 
-  zk, zc = jnp.zeros((C, bk), _F32), jnp.zeros((C, C), _F32)
-  # dqs = d(exp(gamma) o Q), dke = d(exp(gamma_C - gamma) o K), dwk = dW_k,
-  # da = d(M o Q K^T), all for this key block; d_out = d exp(gamma_C).
-  dqs, dke, dwk, da, d_out = jax.lax.fori_loop(
-      0, Vp // bv, body, (zk, zk, zk, zc, jnp.zeros((1, 1), _F32)))
-  dwk_ref[...] = dwk
+  zk = jnp.zeros((C, bk), _F32)
+  # dqs = d(exp(gamma) o Q) / scale, dke = d(exp(gamma_C - gamma) o K),
+  # dck = d(diag(c) K) through X = beta V - c (K S), all for this key block;
+  # d_out = d exp(gamma_C). The intra-chunk part d(M o Q K^T) is _wy_grads'.
+  dqs, dke, dck, d_out = jax.lax.fori_loop(
+      0, Vp // bv, body, (zk, zk, zk, jnp.zeros((1, 1), _F32)))
+  dqs = scale * dqs
   b_q, b_k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)  # [C, BK]
   b_g = g_ref[...]  # [C, 1]
   gt = chunk_tiles.gates(b_g)
-  # W_k = T diag(beta exp(gamma)) K: this key block's share of dT.
-  dt_ref[...] = tiles.mm_nt(dwk, (beta_ref[...] * gt.decay_in) * b_k, precision)
-  d_qk = gt.m * da  # [C, C]
-  dq_ref[...] = gt.decay_in * dqs + tiles.mm(d_qk, b_k, precision)
-  dk_ref[...] = gt.decay_to_end * dke + tiles.mm_tn(d_qk, b_q, precision)
+  dq_ref[...] = gt.decay_in * dqs
+  dk_ref[...] = (gt.decay_to_end * dke + (beta_ref[...] * gt.decay_in) * dck)
   dg_ref[...] = _gates_vjp(
-      b_g, da * _qk_from(q_ref, k_ref, precision=precision),
+      b_g, jnp.zeros((C, C), _F32),
       jnp.sum(b_q * dqs, axis=1, keepdims=True),
       jnp.sum(b_k * dke, axis=1, keepdims=True), d_out)
 
 
-def _wy_grads_kernel(k_ref, beta_ref, g_ref, t_ref, dl_ref, dwk_ref, dk_in_ref,
-                     dk_ref, dbeta_ref, dg_ref, *, precision):
+def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
+                     dq_in_ref, dk_in_ref, dq_ref, dk_ref, dbeta_ref, dg_ref, *,
+                     precision):
   C, Kp = k_ref.shape
   bk = min(BK, Kp)
-  b_t = t_ref[...]  # [C, C]
   b_beta, b_g = beta_ref[...], g_ref[...]  # [C, 1]
   gt = chunk_tiles.gates(b_g)
-  c = b_beta * gt.decay_in  # [C, 1]
-  keys = lambda ref, i: ref[:, pl.ds(i * bk, bk)].astype(_F32)  # [C, BK]
   dl = dl_ref[...]  # [C, C], strict lower
+  da = da_ref[...]  # [C, C]: d(M o Q K^T)
   # L = (beta M) o K K^T on the strict lower triangle.
-  kk = _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
-  d_bm = dl * kk
-  d_kk = dl * (b_beta * gt.m)
-  d_c = jnp.zeros((C, 1), _F32)
-  for i in range(Kp // bk):
-    k_i = keys(k_ref, i)
-    d_ck = tiles.mm_tn(b_t, keys(dwk_ref, i), precision)  # d(c o K)
-    d_c = d_c + jnp.sum(k_i * d_ck, axis=1, keepdims=True)
-    dk_ref[:, pl.ds(i * bk, bk)] = (
-        keys(dk_in_ref, i) + c * d_ck + tiles.mm(d_kk, k_i, precision)
-        + tiles.mm_tn(d_kk, k_i, precision))
+  d_bm = dl * _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
+  d_c = dc_ref[...]  # [C, 1], c = beta exp(gamma)
   dbeta_ref[...] = (jnp.sum(d_bm * gt.m, axis=1, keepdims=True)
                     + gt.decay_in * d_c)
-  zero_col = jnp.zeros((C, 1), _F32)
-  dg_ref[...] = _gates_vjp(b_g, d_bm * b_beta, b_beta * d_c, zero_col,
-                           jnp.zeros((1, 1), _F32))
+  dg_ref[...] = _gates_vjp(
+      b_g, d_bm * b_beta + da * _qk_from(q_ref, k_ref, precision=precision),
+      b_beta * d_c, jnp.zeros((C, 1), _F32), jnp.zeros((1, 1), _F32))
+  d_kk = dl * (b_beta * gt.m)  # [C, C]
+  d_kk = d_kk + d_kk.T  # K K^T is symmetric: one product per key block
+  d_qk = gt.m * da  # [C, C]
+  for i in range(Kp // bk):
+    cols = pl.ds(i * bk, bk)
+    k_i = k_ref[:, cols].astype(_F32)  # [C, BK]
+    dq_ref[:, cols] = dq_in_ref[:, cols] + tiles.mm(d_qk, k_i, precision)
+    dk_ref[:, cols] = (dk_in_ref[:, cols] + tiles.mm(d_kk, k_i, precision)
+                       + tiles.mm_tn(d_qk, q_ref[:, cols].astype(_F32),
+                                     precision))
 
 
 # ---------------------------------------------------------------- calls ---
 
 
-def _dims(q_or_k, v, chunk):
+def _dims(q_or_k, v, chunk, kernel):
   BH, Tp, Kp = q_or_k.shape
   Vp = v.shape[-1]
-  bv = min(BV, Vp)
+  bv = min(BV[kernel], Vp)
   return BH, Tp, Kp, Vp, bv, Tp // chunk, Vp // bv
 
 
@@ -446,7 +469,7 @@ def _prepare(k, beta, g, *, chunk, interpret):
 
 
 def _states(k, v, beta, g, t, h0, *, chunk, interpret):
-  BH, Tp, Kp, Vp, bv, N, NV = _dims(k, v, chunk)
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(k, v, chunk, "states")
   whole = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
   kernel = functools.partial(_states_kernel, C=chunk, N=N,
                              precision=tiles.precision_for(k.dtype))
@@ -475,7 +498,7 @@ def _chunk_specs(Kp, bv, chunk):
 
 
 def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
-  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk)
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk, "output")
   keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
@@ -489,7 +512,7 @@ def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
 
 
 def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
-  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk)
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk, "state_grads")
   whole = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
   kernel = functools.partial(_state_grads_kernel, C=chunk, N=N, scale=scale,
                              precision=tiles.precision_for(q.dtype))
@@ -508,7 +531,7 @@ def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
 
 def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  interpret):
-  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk)
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk, "value_grads")
   keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
   col_part = pl.BlockSpec((None, None, chunk, 1), lambda b, n, j: (j, b, n, 0))
   inv_part = pl.BlockSpec((None, None, chunk, chunk),
@@ -516,19 +539,20 @@ def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
   kernel = functools.partial(_value_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   per_value = jax.ShapeDtypeStruct((BH, Tp, Vp), _F32)
-  u, du, dv, dbeta, dt = pl.pallas_call(
+  per_block = jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32)
+  per_block_cc = jax.ShapeDtypeStruct((NV, BH, Tp, chunk), _F32)
+  u, tdu, dv, dbeta, dc, dt, da = pl.pallas_call(
       kernel, grid=(BH, N, NV),
       in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
-      out_specs=[vals, vals, vals, col_part, inv_part],
-      out_shape=[per_value, per_value, per_value,
-                 jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, chunk), _F32)],
+      out_specs=[vals, vals, vals, col_part, col_part, inv_part, inv_part],
+      out_shape=[per_value, per_value, per_value, per_block, per_block,
+                 per_block_cc, per_block_cc],
       compiler_params=_params("value_grads"), interpret=interpret,
       name="delta_rule_value_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
-  return u, du, dv, dbeta.sum(0), dt.sum(0)
+  return u, tdu, dv, dbeta.sum(0), dc.sum(0), dt.sum(0), da.sum(0)
 
 
-def _key_grads(q, k, beta, g, do, u, du, h_in, dh_out, *, scale, chunk,
+def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, scale, chunk,
                interpret):
   BH, Tp, Kp = q.shape
   Vp = u.shape[-1]
@@ -539,24 +563,21 @@ def _key_grads(q, k, beta, g, do, u, du, h_in, dh_out, *, scale, chunk,
   vals = pl.BlockSpec((None, chunk, Vp), lambda b, n, i: (b, n, 0))
   state = pl.BlockSpec((None, bk, Vp), lambda b, n, i: (b, n * NK + i, 0))
   col_part = pl.BlockSpec((None, None, chunk, 1), lambda b, n, i: (i, b, n, 0))
-  inv_part = pl.BlockSpec((None, None, chunk, chunk),
-                          lambda b, n, i: (i, b, n, 0))
   kernel = functools.partial(_key_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   per_key = jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)
-  dq, dk, dwk, dg, dt = pl.pallas_call(
+  dq, dk, dg = pl.pallas_call(
       kernel, grid=(BH, N, NK),
       in_specs=[keys, keys, col, col, vals, vals, vals, state, state],
-      out_specs=[keys, keys, keys, col_part, inv_part],
-      out_shape=[per_key, per_key, per_key,
-                 jax.ShapeDtypeStruct((NK, BH, Tp, 1), _F32),
-                 jax.ShapeDtypeStruct((NK, BH, Tp, chunk), _F32)],
+      out_specs=[keys, keys, col_part],
+      out_shape=[per_key, per_key,
+                 jax.ShapeDtypeStruct((NK, BH, Tp, 1), _F32)],
       compiler_params=_params("key_grads"), interpret=interpret,
-      name="delta_rule_key_grads")(q, k, beta, g, do, u, du, h_in, dh_out)
-  return dq, dk, dwk, dg.sum(0), dt.sum(0)
+      name="delta_rule_key_grads")(q, k, beta, g, do, u, tdu, h_in, dh_out)
+  return dq, dk, dg.sum(0)
 
 
-def _wy_grads(k, beta, g, t, dl, dwk, dk_in, *, chunk, interpret):
+def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, chunk, interpret):
   BH, Tp, Kp = k.shape
   row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n: (b, n, 0))
   kernel = functools.partial(_wy_grads_kernel,
@@ -564,12 +585,13 @@ def _wy_grads(k, beta, g, t, dl, dwk, dk_in, *, chunk, interpret):
   col = jax.ShapeDtypeStruct((BH, Tp, 1), _F32)
   return pl.pallas_call(
       kernel, grid=(BH, Tp // chunk),
-      in_specs=[row(Kp), row(1), row(1), row(chunk), row(chunk), row(Kp),
-                row(Kp)],
-      out_specs=[row(Kp), row(1), row(1)],
-      out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32), col, col],
+      in_specs=[row(Kp), row(Kp), row(1), row(1), row(chunk), row(chunk),
+                row(1), row(Kp), row(Kp)],
+      out_specs=[row(Kp), row(Kp), row(1), row(1)],
+      out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)] * 2 + [col, col],
       compiler_params=_params("wy_grads"), interpret=interpret,
-      name="delta_rule_wy_grads")(k, beta, g, t, dl, dwk, dk_in)
+      name="delta_rule_wy_grads")(q, k, beta, g, dl, da, dc, dq_in,
+                                                dk_in)
 
 
 def _inverse_vjp(t, dt, chunk):
@@ -585,12 +607,12 @@ def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  interpret):
   """``Kernels.input_grads`` as three kernels (see the module docstring)."""
   kw = dict(chunk=chunk, interpret=interpret)
-  u, du, dv, dbeta_v, dt_v = _value_grads(q, k, v, beta, g, t, do, h_in,
-                                          dh_out, scale=scale, **kw)
-  dq, dk_out, dwk, dg_out, dt_k = _key_grads(q, k, beta, g, do, u, du, h_in,
-                                             dh_out, scale=scale, **kw)
-  dk, dbeta, dg = _wy_grads(k, beta, g, t, _inverse_vjp(t, dt_v + dt_k, chunk),
-                            dwk, dk_out, **kw)
+  u, tdu, dv, dbeta_v, dc, dt, da = _value_grads(
+      q, k, v, beta, g, t, do, h_in, dh_out, scale=scale, **kw)
+  dq_out, dk_out, dg_out = _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out,
+                                      scale=scale, **kw)
+  dq, dk, dbeta, dg = _wy_grads(q, k, beta, g, _inverse_vjp(t, dt, chunk), da,
+                                dc, dq_out, dk_out, **kw)
   return dq, dk, dv, dbeta + dbeta_v, dg + dg_out
 
 
