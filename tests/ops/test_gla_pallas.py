@@ -27,6 +27,9 @@ SHAPES = {
     "T63_KneV": (2, 63, 2, 16, 24, 16),  # T % C != 0, K != V (V padded to 32)
     "T63_C64": (2, 63, 2, 16, 24, 64),  # four sub-chunks, T shorter than a chunk
     "Vsplit": (1, 70, 1, 16, 72, 32),  # V padded to 128: two V blocks on GPU
+    # K padded to 128: several key blocks in every GPU kernel (states, output,
+    # dv loop over them; dqkg has one program per block)
+    "Ksplit": (1, 40, 1, 80, 24, 32),
 }
 
 
@@ -45,6 +48,7 @@ def _check(impl, shape, *, interpret=True, dtype=jnp.float32, seed=0, **kwargs):
     ("T63_KneV", "channel"),
     ("T63_C64", "head"),
     ("Vsplit", "none"),
+    ("Ksplit", "channel"),
 ])
 def test_gpu_interpret_matches_reference_fp32(shape, gate):
   _check("pallas_triton", shape, gate=gate)
