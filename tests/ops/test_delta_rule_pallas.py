@@ -70,9 +70,10 @@ def test_tpu_interpret_matches_reference():
 
 # ------------------------------------------------------------- lowering ---
 
-# pallas_triton's backward input_grads is three kernels (see its docstring).
-KERNELS = ("prepare", "states", "output", "state_grads", "value_grads",
-           "key_grads", "wy_grads")
+# pallas_triton's backward state_grads is two kernels and its input_grads four
+# (see its docstring).
+KERNELS = ("prepare", "states", "output", "intra", "state_grads",
+           "value_grads", "key_grads", "wy_scalars", "wy_grads")
 
 
 def _vjp_fn(impl, chunk_size=64):
@@ -108,9 +109,9 @@ def test_gpu_lowers_for_cuda(D, target):
                                      target=target).as_text()
   for name in KERNELS:
     assert f"delta_rule_{name}" in text, name
-  # forward: prepare, states, output; backward: prepare, states, state_grads
-  # and the three input-gradient kernels
-  assert text.count("custom_call @__gpu$xla.gpu.triton") == 9
+  # forward: prepare, states, output; backward: prepare, states, intra,
+  # state_grads and the four input-gradient kernels
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 11
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -7,8 +7,8 @@ The organisation follows flash-linear-attention: a sequential pass produces the
 state entering every chunk, then chunk-parallel passes use it.
 
 Kernels (BH = batch x heads, N chunks of C tokens; the value dim is split into
-NV blocks of BV columns (``BV``, per kernel: 32) and the key dim into NK blocks
-of BK = 64; 8 warps each, ``NUM_WARPS``):
+NV blocks of BV columns (``BV``, per kernel: 16 or 32) and the key dim into NK
+blocks of BK = 64; warps per kernel in ``NUM_WARPS``, 8 but _wy_scalars' 4):
 
   _prepare       grid (BH, N): the chunk's T = (I + L)^{-1} [C, C] float32,
                  stored as t [BH, N C, C], built from 16 x 16 blocks.
@@ -16,9 +16,14 @@ of BK = 64; 8 warps each, ``NUM_WARPS``):
                  state as NK [BK, BV] float32 blocks, stores the state entering
                  each chunk (h_in [BH, N Kp, Vp]) and the final state.
   _output        grid (BH, N, NV): o of one chunk from h_in.
+  The backward's ``state_grads`` is two kernels:
+  _intra         grid (BH, N, NV): P = (M o Q K^T)^T (scale dO) [BH, NC, Vp]
+                 float32, the part of dU that does not depend on the carry.
   _state_grads   grid (BH, NV); the reverse loop: stores the cotangent of the
-                 state leaving each chunk (dh_out) and returns dh0.
-  The backward's ``input_grads`` is three chunk-parallel kernels:
+                 state leaving each chunk (dh_out) and returns dh0. It loads
+                 P, T, K, Q and dO where each is used (``_state_grad`` takes
+                 loaders), so no [C, C] product and few tiles are live at once.
+  The backward's ``input_grads`` is four chunk-parallel kernels:
   _value_grads   grid (BH, N, NV): recomputes U = T X and its cotangent dU,
                  stores U and T^T dU (float32 [BH, NC, Vp]) with dv, and this
                  block's shares of dbeta, dc (c below), dT = dU X^T and
@@ -26,10 +31,12 @@ of BK = 64; 8 warps each, ``NUM_WARPS``):
   _key_grads     grid (BH, N, NK), a loop over the NV value blocks: the state
                  parts of dq and dk (through S, dS' and X) and their share of
                  d log_g, for one key block.
-  _wy_grads      grid (BH, N): from dL (below) and d(M o Q K^T), the
-                 intra-chunk parts of dq and dk, the rest of dbeta and
-                 d log_g.
-  Between _value_grads and _wy_grads, XLA sums the per-block shares and applies
+  _wy_scalars    grid (BH, N): from dL (below) and d(M o Q K^T), the rest of
+                 dbeta and d log_g.
+  _wy_grads      grid (BH, N, NK): from dL and d(M o Q K^T), the intra-chunk
+                 parts of dq and dk for one key block (split from _wy_scalars:
+                 together they spilled 600-744 B on sm_90a).
+  Between _value_grads and _wy_scalars / _wy_grads, XLA sums the per-block shares and applies
   the closed-form VJP of the inverse, dL = -T^T dT T^T (strict lower triangle,
   HIGHEST, batched over chunks: 2 C^3 FLOPs per chunk, and a [BH, NC, C]
   float32 dT and dL through memory). Inside a kernel those two [C, C] x [C, C]
@@ -56,20 +63,23 @@ diagonal (C = 64: 16 products of 16 x 16 tiles instead of 15 substitution
 steps and 4 merge products of 64 x 64 tiles, so about 20 times fewer inverse
 FLOPs). The backward is written by hand, not ``jax.vjp`` of the tile math in
 one kernel, whose live set (every forward tile of the chunk plus every
-cotangent) could not stay on chip: split three ways, each kernel holds a few
+cotangent) could not stay on chip: split four ways, each kernel holds a few
 [C, 64] and [C, C] tiles at a time. Q K^T and K K^T take their operands in the
 input dtype (see ``_qk``), halving those fragments for bf16.
 
 Cost of the split, per token and head at K = V = 128 (float32 intermediates):
 U, T^T dU and the state parts of dq and dk go through memory (4 (2 V + 2 K) =
 2 KiB written, about 3 KiB read), and the per-value-block shares of dT and
-d(M o Q K^T) (2 NV C floats each). FLOPs drop: the [C, C] x [C, K] work on the
+d(M o Q K^T) (2 NV C floats each, NV = V / 16 in _value_grads; their sums
+dL and d(M o Q K^T) are read by both _wy_scalars and _wy_grads). FLOPs drop: the [C, C] x [C, K] work on the
 key side and the inverse's VJP run once per chunk instead of once per value
 block.
 
 Recompute vs store: T is computed once per chunk by _prepare and loaded by the
 other kernels ([C, C] float32, 16 KiB per chunk at C = 64) instead of being
-recomputed in each of them for each value block. K S and the decay factors are
+recomputed in each of them for each value block. _state_grads' loop loads P
+from _intra (V float32 per token) instead of recomputing M o Q K^T in each
+chunk's step. K S and the decay factors are
 recomputed where used (one [C, K] x [K, BV] matmul and elementwise work). The
 backward recomputes T and h_in (see ``pallas_vjp``).
 
@@ -93,18 +103,21 @@ from lsm.ops.common import tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
-# Value columns per tile / program, per kernel: 32 halves the loop kernels'
-# carried state blocks and every [C, BV] tile next to 64 (at K = V = 128,
-# _states' sm_80 spills 1,040 -> 496 B); 16 saved little more in _state_grads.
-BV = dict(states=32, output=32, state_grads=32, value_grads=32, key_grads=32)
+# Value columns per tile / program, per kernel (state_grads' also _intra's):
+# 32 halves the loop kernels' carried state blocks and every [C, BV] tile next
+# to 64; 16 in _states, _state_grads and _value_grads removes their last sm_90a
+# spills at K = V = 128 (44, 76 and 220 B at 32), at twice the programs (and,
+# in _value_grads, twice the per-block dT and d(M o Q K^T) shares).
+BV = dict(states=16, output=32, state_grads=16, value_grads=16, key_grads=32)
 BK = 64  # key columns per tile: bounds every dot's operand fragments
 SUB = chunk_tiles.SUB  # rows of the inverse's blocks
 NUM_STAGES = 1  # the sequential loops load one chunk at a time
-# Warps per kernel: 8 everywhere measured best (fewest spills on sm_90a at
-# K = V = 128; 4 warps spill more in every kernel but _output on sm_80, and
-# make ptxas fall back to 32 registers in _key_grads on sm_80).
-NUM_WARPS = dict(prepare=8, states=8, output=8, state_grads=8, value_grads=8,
-                 key_grads=8, wy_grads=8)
+# Warps per kernel: 8 measured best but in _wy_scalars (fewest spills on
+# sm_90a at K = V = 128; 4 warps spill more in every other kernel but _output
+# on sm_80, and make ptxas fall back to 32 registers in _key_grads on sm_80).
+# _wy_scalars at 4: no sm_90a spills (12-20 B at 8), 144 B on sm_80 at K = 128.
+NUM_WARPS = dict(prepare=8, intra=8, states=8, output=8, state_grads=8,
+                 value_grads=8, key_grads=8, wy_scalars=4, wy_grads=8)
 
 
 def _params(kernel):
@@ -197,27 +210,31 @@ def _chunk_output(t, b_s, b_q, b_k, qk, b_v, b_beta, b_g, *, scale, precision):
   return scale * (inter + tiles.mm(a, u, precision))
 
 
-def _pseudo_value_grad(b_ds, b_k, qk, b_do_s, gt, precision):
+def _decayed_key_state(b_ds, b_k, gt, precision):
+  """(exp(gamma_C - gamma) o K) dS' [C, BV]."""
+  return sum(tiles.mm(gt.decay_to_end * k_i, ds_i, precision)
+             for k_i, ds_i in zip(b_k, b_ds))
+
+
+def _pseudo_value_grad(b_ds, b_k, a, b_do_s, gt, precision):
   """dU [C, BV] = (M o Q K^T)^T dO_s + (exp(gamma_C - gamma) o K) dS', with
-  dO_s = scale dO and qk = Q K^T."""
-  a = gt.m * qk  # [C, C]
-  return tiles.mm_tn(a, b_do_s, precision) + sum(
-      tiles.mm(gt.decay_to_end * k_i, ds_i, precision)
-      for k_i, ds_i in zip(b_k, b_ds))
+  dO_s = scale dO and a = M o Q K^T."""
+  return (tiles.mm_tn(a, b_do_s, precision)
+          + _decayed_key_state(b_ds, b_k, gt, precision))
 
 
-def _state_grad(t, b_ds, b_q, b_k, qk, b_beta, b_g, b_do, *, scale,
-                precision):
+def _state_grad(t, b_ds, b_k, p, b_beta, b_g, qdo, *, precision):
   """``chunk_tiles.state_grad`` on blocks: dS = scale (exp(gamma) o Q)^T dO +
-  exp(gamma_C) dS' - W_k^T dU."""
+  exp(gamma_C) dS' - W_k^T dU; p = (M o Q K^T)^T dO_s, dU's first term, and
+  qdo(i) block i of scale (exp(gamma) o Q)^T dO. t, b_k, p and qdo are loaders
+  (called where used, so the loads are not all live at once)."""
   gt = chunk_tiles.gates(b_g)
-  du = _pseudo_value_grad(b_ds, b_k, qk, scale * b_do, gt, precision)
+  du = p() + _decayed_key_state(b_ds, b_k(), gt, precision)
   # W_k^T dU = (diag(c) K)^T (T^T dU), c = beta exp(gamma).
-  tdu = tiles.mm_tn(t, du, precision)  # [C, BV]
+  tdu = tiles.mm_tn(t(), du, precision)  # [C, BV]
   c = b_beta * gt.decay_in
-  return [scale * tiles.mm_tn(gt.decay_in * q_i, b_do, precision)
-          + gt.decay_out * ds_i - tiles.mm_tn(c * k_i, tdu, precision)
-          for q_i, k_i, ds_i in zip(b_q, b_k, b_ds)]
+  return [qdo(i) + gt.decay_out * ds_i - tiles.mm_tn(c * k_i, tdu, precision)
+          for i, (k_i, ds_i) in enumerate(zip(b_k(), b_ds))]
 
 
 def _gates_vjp(b_g, dm, d_in, d_to_end, d_out):
@@ -327,8 +344,15 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
   o_ref[...] = b_o.astype(o_ref.dtype)
 
 
-def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
-                        dh_out_ref, dh0_ref, *, C, N, scale, precision):
+def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision):
+  a = (chunk_tiles.gates(g_ref[...]).m
+       * _qk_from(q_ref, k_ref, precision=precision))  # [C, C]: M o Q K^T
+  p_ref[...] = tiles.mm_tn(a, scale * do_ref[...].astype(_F32), precision)
+
+
+def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
+                        dht_ref, dh_out_ref, dh0_ref, *, C, N, scale,
+                        precision):
   Kp = k_ref.shape[-1]
 
   def body(i, b_ds):
@@ -338,13 +362,16 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
     for m, ds_m in enumerate(b_ds):
       dh_out_ref[pl.ds(n * Kp + m * bk, bk), :] = ds_m
     return _state_grad(
-        t_ref[rows, :],  # [C, C]
+        lambda: t_ref[rows, :],  # [C, C]
         b_ds,
-        _key_blocks(q_ref, rows), _key_blocks(k_ref, rows),  # [C, BK] each
-        _qk_from(q_ref, k_ref, rows, precision),  # [C, C]
+        lambda: _key_blocks(k_ref, rows),  # [C, BK] each, loaded per use
+        lambda: p_ref[rows, :],  # [C, BV]: (M o Q K^T)^T dO_s
         _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
-        _rows(do_ref, rows),  # [C, BV]
-        scale=scale, precision=precision)
+        lambda m: scale * tiles.mm_tn(  # [BK, BV]
+            chunk_tiles.gates(_rows(g_ref, rows)).decay_in
+            * q_ref[rows, pl.ds(m * bk, bk)].astype(_F32),
+            _rows(do_ref, rows), precision),
+        precision=precision)
 
   b_ds = jax.lax.fori_loop(0, N, body, _state_blocks(dht_ref))  # [BK, BV] each
   bk = b_ds[0].shape[0]
@@ -368,7 +395,7 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
   da_ref[...] = tiles.mm_nt(b_do, u, precision)  # this block's d(M o Q K^T)
   du = _pseudo_value_grad(
       _state_blocks(dh_ref),  # [BK, BV] each
-      b_k, _qk_from(q_ref, k_ref, precision=precision),  # [C, BK] each, [C, C]
+      b_k, gt.m * _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       b_do, gt, precision)
   dt_ref[...] = tiles.mm_nt(du, x, precision)  # U = T X: this block's dT
   tdu = tiles.mm_tn(b_t, du, precision)  # dX = T^T dU
@@ -413,33 +440,33 @@ def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, tdu_ref,
       jnp.sum(b_k * dke, axis=1, keepdims=True), d_out)
 
 
-def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
-                     dq_in_ref, dk_in_ref, dq_ref, dk_ref, dbeta_ref, dg_ref, *,
-                     precision):
-  C, Kp = k_ref.shape
-  bk = min(BK, Kp)
+def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
+                       dbeta_ref, dg_ref, *, precision):
+  C = k_ref.shape[0]
   b_beta, b_g = beta_ref[...], g_ref[...]  # [C, 1]
   gt = chunk_tiles.gates(b_g)
-  dl = dl_ref[...]  # [C, C], strict lower
-  da = da_ref[...]  # [C, C]: d(M o Q K^T)
   # L = (beta M) o K K^T on the strict lower triangle.
-  d_bm = dl * _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
+  d_bm = dl_ref[...] * _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
   d_c = dc_ref[...]  # [C, 1], c = beta exp(gamma)
   dbeta_ref[...] = (jnp.sum(d_bm * gt.m, axis=1, keepdims=True)
                     + gt.decay_in * d_c)
+  # da = d(M o Q K^T)
   dg_ref[...] = _gates_vjp(
-      b_g, d_bm * b_beta + da * _qk_from(q_ref, k_ref, precision=precision),
+      b_g, d_bm * b_beta + da_ref[...] * _qk_from(q_ref, k_ref,
+                                                  precision=precision),
       b_beta * d_c, jnp.zeros((C, 1), _F32), jnp.zeros((1, 1), _F32))
-  d_kk = dl * (b_beta * gt.m)  # [C, C]
+
+
+def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dq_in_ref,
+                     dk_in_ref, dq_ref, dk_ref, *, precision):
+  gt = chunk_tiles.gates(g_ref[...])
+  d_kk = dl_ref[...] * (beta_ref[...] * gt.m)  # [C, C], dl strict lower
   d_kk = d_kk + d_kk.T  # K K^T is symmetric: one product per key block
-  d_qk = gt.m * da  # [C, C]
-  for i in range(Kp // bk):
-    cols = pl.ds(i * bk, bk)
-    k_i = k_ref[:, cols].astype(_F32)  # [C, BK]
-    dq_ref[:, cols] = dq_in_ref[:, cols] + tiles.mm(d_qk, k_i, precision)
-    dk_ref[:, cols] = (dk_in_ref[:, cols] + tiles.mm(d_kk, k_i, precision)
-                       + tiles.mm_tn(d_qk, q_ref[:, cols].astype(_F32),
-                                     precision))
+  d_qk = gt.m * da_ref[...]  # [C, C]: da = d(M o Q K^T)
+  k_i = k_ref[...].astype(_F32)  # [C, BK]
+  dq_ref[...] = dq_in_ref[...] + tiles.mm(d_qk, k_i, precision)
+  dk_ref[...] = (dk_in_ref[...] + tiles.mm(d_kk, k_i, precision)
+                 + tiles.mm_tn(d_qk, q_ref[...].astype(_F32), precision))
 
 
 # ---------------------------------------------------------------- calls ---
@@ -511,22 +538,38 @@ def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
       name="delta_rule_output")(q, k, v, beta, g, t, h_in)
 
 
+def _intra(q, k, g, do, *, scale, chunk, interpret):
+  """(M o Q K^T)^T dO_s [BH, NC, Vp] float32 of every chunk, dO_s = scale dO:
+  the part of _state_grads' dU that does not depend on the carried dS'."""
+  BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk, "state_grads")
+  keys, vals, col, _, _ = _chunk_specs(Kp, bv, chunk)
+  kernel = functools.partial(_intra_kernel, scale=scale,
+                             precision=tiles.precision_for(q.dtype))
+  return pl.pallas_call(
+      kernel, grid=(BH, N, NV),
+      in_specs=[keys, keys, col, vals], out_specs=vals,
+      out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), _F32),
+      compiler_params=_params("intra"), interpret=interpret,
+      name="delta_rule_intra")(q, k, g, do)
+
+
 def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
   BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk, "state_grads")
+  p = _intra(q, k, g, do, scale=scale, chunk=chunk, interpret=interpret)
   whole = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
+  vals = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
   kernel = functools.partial(_state_grads_kernel, C=chunk, N=N, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return pl.pallas_call(
       kernel, grid=(BH, NV),
-      in_specs=[whole(Kp), whole(Kp), whole(1), whole(1), whole(chunk),
-                pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
-                pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
+      in_specs=[whole(Kp), whole(Kp), whole(1), whole(1), whole(chunk), vals,
+                vals, pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_specs=[pl.BlockSpec((None, N * Kp, bv), lambda b, j: (b, 0, j)),
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       compiler_params=_params("state_grads"), interpret=interpret,
-      name="delta_rule_state_grads")(q, k, beta, g, t, do, dh_t)
+      name="delta_rule_state_grads")(q, k, beta, g, t, p, do, dh_t)
 
 
 def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
@@ -579,19 +622,32 @@ def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, scale, chunk,
 
 def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, chunk, interpret):
   BH, Tp, Kp = k.shape
+  bk = min(BK, Kp)
+  N, NK = Tp // chunk, Kp // bk
+  precision = tiles.precision_for(k.dtype)
   row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n: (b, n, 0))
-  kernel = functools.partial(_wy_grads_kernel,
-                             precision=tiles.precision_for(k.dtype))
   col = jax.ShapeDtypeStruct((BH, Tp, 1), _F32)
-  return pl.pallas_call(
-      kernel, grid=(BH, Tp // chunk),
+  dbeta, dg = pl.pallas_call(
+      functools.partial(_wy_scalars_kernel, precision=precision),
+      grid=(BH, N),
       in_specs=[row(Kp), row(Kp), row(1), row(1), row(chunk), row(chunk),
-                row(1), row(Kp), row(Kp)],
-      out_specs=[row(Kp), row(Kp), row(1), row(1)],
-      out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)] * 2 + [col, col],
+                row(1)],
+      out_specs=[row(1), row(1)],
+      out_shape=[col, col],
+      compiler_params=_params("wy_scalars"), interpret=interpret,
+      name="delta_rule_wy_scalars")(q, k, beta, g, dl, da, dc)
+  keys = pl.BlockSpec((None, chunk, bk), lambda b, n, i: (b, n, i))
+  rows = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n, i: (b, n, 0))
+  dq, dk = pl.pallas_call(
+      functools.partial(_wy_grads_kernel, precision=precision),
+      grid=(BH, N, NK),
+      in_specs=[keys, keys, rows(1), rows(1), rows(chunk), rows(chunk), keys,
+                keys],
+      out_specs=[keys, keys],
+      out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)] * 2,
       compiler_params=_params("wy_grads"), interpret=interpret,
-      name="delta_rule_wy_grads")(q, k, beta, g, dl, da, dc, dq_in,
-                                                dk_in)
+      name="delta_rule_wy_grads")(q, k, beta, g, dl, da, dq_in, dk_in)
+  return dq, dk, dbeta, dg
 
 
 def _inverse_vjp(t, dt, chunk):
@@ -605,7 +661,7 @@ def _inverse_vjp(t, dt, chunk):
 
 def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  interpret):
-  """``Kernels.input_grads`` as three kernels (see the module docstring)."""
+  """``Kernels.input_grads`` as four kernels (see the module docstring)."""
   kw = dict(chunk=chunk, interpret=interpret)
   u, tdu, dv, dbeta_v, dc, dt, da = _value_grads(
       q, k, v, beta, g, t, do, h_in, dh_out, scale=scale, **kw)
