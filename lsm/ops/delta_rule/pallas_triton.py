@@ -15,7 +15,11 @@ blocks of BK = 64; warps per kernel in ``NUM_WARPS``, 8 but _wy_scalars' 4):
   _states        grid (BH, NV); a ``fori_loop`` over the N chunks carries the
                  state as NK [BK, BV] float32 blocks, stores the state entering
                  each chunk (h_in [BH, N Kp, Vp]) and the final state.
-  _output        grid (BH, N, NV): o of one chunk from h_in.
+  _output        grid (BH, N, NV): o of one chunk from h_in, loading each
+                 key and state block where it is used (``_chunk_output``
+                 takes loaders: at K = 256 float32 all of q's and k's [C, BK]
+                 blocks live at once took 180 KiB of shared memory, over an
+                 A100's 163 KiB).
   The backward's ``state_grads`` is two kernels:
   _intra         grid (BH, N, NV): P = (M o Q K^T)^T (scale dO) [BH, NC, Vp]
                  float32, the part of dU that does not depend on the carry.
@@ -27,7 +31,9 @@ blocks of BK = 64; warps per kernel in ``NUM_WARPS``, 8 but _wy_scalars' 4):
   _value_grads   grid (BH, N, NV): recomputes U = T X and its cotangent dU,
                  stores U and T^T dU (float32 [BH, NC, Vp]) with dv, and this
                  block's shares of dbeta, dc (c below), dT = dU X^T and
-                 d(M o Q K^T) = scale dO U^T.
+                 d(M o Q K^T) = scale dO U^T. Key and state blocks are
+                 loaded per use as in _output (172 KiB at K = 256 float32
+                 with the key blocks kept).
   _key_grads     grid (BH, N, NK), a loop over the NV value blocks: the state
                  parts of dq and dk (through S, dS' and X) and their share of
                  d log_g, for one key block.
@@ -148,14 +154,34 @@ def _state_blocks(ref, row0=0, Kp=None, cols=slice(None)):
           for i in range(Kp // bk)]
 
 
+def _key_block(ref, rows=slice(None), dtype=_F32):
+  """Loader of column block i of rows ``rows`` of a [*, Kp] ref (``_key_blocks``'
+  block i), and the number of blocks: for kernels that load each block where
+  it is used instead of keeping all of them live."""
+  bk = min(BK, ref.shape[-1])
+
+  def load(i):
+    b = ref[rows, pl.ds(i * bk, bk)]
+    return b if dtype is None else b.astype(dtype)
+  return load, ref.shape[-1] // bk
+
+
+def _state_block(ref):
+  """Loader of row block i of a [Kp, *] state ref (``_state_blocks``' block
+  i)."""
+  bk = min(BK, ref.shape[0])
+  return lambda i: ref[pl.ds(i * bk, bk), :].astype(_F32)
+
+
 def _total(x):
   """Sum of a 2-D tile as [1, 1]."""
   return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 # ----------------------------------------------------- key-blocked tile math ---
-# ``chunk_tiles``'s functions with K split into blocks: b_q, b_k are lists of
-# [C, BK] tiles, b_s, b_ds lists of [BK, BV] state blocks.
+# ``chunk_tiles``'s functions with K split into blocks: b_q, b_k are sequences
+# (lists, or lazy ``map``s of loaders) of [C, BK] tiles, b_s, b_ds of [BK, BV]
+# state blocks.
 
 
 def _qk(b_q, b_k, precision):
@@ -200,13 +226,19 @@ def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision):
           for k_i, s_i in zip(b_k, b_s)]
 
 
-def _chunk_output(t, b_s, b_q, b_k, qk, b_v, b_beta, b_g, *, scale, precision):
-  """O [C, BV] = scale [diag(exp(gamma)) Q S + (M o Q K^T) U]; qk = Q K^T."""
+def _chunk_output(t, s, q, k, nk, qk, b_v, b_beta, b_g, *, scale, precision):
+  """O [C, BV] = scale [diag(exp(gamma)) Q S + (M o Q K^T) U]; qk = Q K^T.
+
+  t and qk are loaders, s(i), q(i), k(i) load block i of the state, q and k
+  (of nk): each tile is loaded where it is used, so the NK [C, BK] blocks of q
+  and k are not all live at once (at K = 256 float32 they overflowed an
+  A100's shared memory)."""
   gt = chunk_tiles.gates(b_g)
-  u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
-  a = gt.m * qk  # [C, C]
-  inter = sum(tiles.mm(gt.decay_in * q_i, s_i, precision)
-              for q_i, s_i in zip(b_q, b_s))
+  u = _pseudo_values(t(), map(s, range(nk)), map(k, range(nk)), b_v, b_beta,
+                     gt, precision)  # [C, BV]
+  a = gt.m * qk()  # [C, C]
+  inter = sum(tiles.mm(gt.decay_in * q(i), s(i), precision)
+              for i in range(nk))
   return scale * (inter + tiles.mm(a, u, precision))
 
 
@@ -333,11 +365,13 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
                    scale, precision):
+  q, nk = _key_block(q_ref)  # [C, BK] each
+  k, _ = _key_block(k_ref)
   b_o = _chunk_output(
-      t_ref[...],  # [C, C]
-      _state_blocks(h_ref),  # [BK, BV] each
-      _key_blocks(q_ref), _key_blocks(k_ref),  # [C, BK] each
-      _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
+      lambda: t_ref[...],  # [C, C]
+      _state_block(h_ref),  # [BK, BV] each
+      q, k, nk,
+      lambda: _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       v_ref[...].astype(_F32),  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision)
@@ -385,17 +419,22 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
   b_t = t_ref[...]  # [C, C]
   b_beta = beta_ref[...]  # [C, 1]
   b_v = v_ref[...].astype(_F32)  # [C, BV]
-  b_k = _key_blocks(k_ref)  # [C, BK] each
+  # Key and state blocks are loaded where used (map: one at a time), so the
+  # NK [C, BK] key blocks are not live across both products (at K = 256
+  # float32 they overflowed an A100's shared memory).
+  k, nk = _key_block(k_ref)  # [C, BK] each
   gt = chunk_tiles.gates(g_ref[...])
-  ks = _key_state(b_k, _state_blocks(h_ref), precision)  # [C, BV]
+  ks = _key_state(map(k, range(nk)), map(_state_block(h_ref), range(nk)),
+                  precision)  # [C, BV]
   x = _wy_input(ks, b_v, b_beta, gt)  # [C, BV]
   u = tiles.mm(b_t, x, precision)  # [C, BV]
   u_ref[...] = u
   b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
   da_ref[...] = tiles.mm_nt(b_do, u, precision)  # this block's d(M o Q K^T)
   du = _pseudo_value_grad(
-      _state_blocks(dh_ref),  # [BK, BV] each
-      b_k, gt.m * _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
+      map(_state_block(dh_ref), range(nk)),  # [BK, BV] each
+      map(k, range(nk)),
+      gt.m * _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       b_do, gt, precision)
   dt_ref[...] = tiles.mm_nt(du, x, precision)  # U = T X: this block's dT
   tdu = tiles.mm_tn(b_t, du, precision)  # dX = T^T dU
