@@ -205,19 +205,33 @@ def test_step_bad_state_dtype():
 @pytest.mark.parametrize("chunk, sub", [
     (64, 16), pytest.param(32, 16, marks=pytest.mark.slow),
     pytest.param(16, 16, marks=pytest.mark.slow)])
-def test_intra_chunk_forms_agree(chunk, sub):
-  """Both intra-chunk forms (one pivot; secondary chunking) where both are exact:
-  mild gates. The op picks one per call, so compare them directly, with VJPs."""
+def test_fast_and_stable_forms_agree(chunk, sub, monkeypatch):
+  del sub  # the op's own: min(chunk, 16)
+  """The chunked op's two forms (fast: one split per chunk and a hand-written
+  VJP; stable: secondary chunking, autodiff) where both are exact: mild gates.
+  The op picks one per call, so each is forced in turn; outputs, h_T and the
+  gradients of every input and of h0 must agree."""
   from lsm.ops.gla import chunked
-  ks = jax.random.split(jax.random.key(chunk), 5)
-  shape = (2, 3, chunk, 12)
-  q, k, g_raw = (jax.random.normal(key, shape) for key in ks[:3])
-  v = jax.random.normal(ks[3], (2, 3, chunk, 8))
-  g = jax.nn.log_sigmoid(g_raw + 2.0)
-  ct = jax.random.normal(ks[4], (2, 3, chunk, 8))
-  o1, pull1 = jax.vjp(chunked._intra_pivot, q, k, v, g)
-  o2, pull2 = jax.vjp(functools.partial(chunked._intra_secondary, sub=sub),
-                      q, k, v, g)
+  x = make_inputs(chunk, 2, 2 * chunk + 5, 3, 12, 8, gate="channel")
+
+  def run(x):
+    return gla(**x, chunk_size=chunk, impl="chunked")
+
+  results = []
+  for use_fast in (True, False):
+    monkeypatch.setattr(chunked, "_use_fast", lambda g, c, f=use_fast: f)
+    (o, h_t), pull = jax.vjp(run, x)
+    cts = (jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape),
+           jnp.sin(jnp.arange(h_t.size, dtype=jnp.float32)).reshape(h_t.shape))
+    (grads,) = pull(cts)
+    results.append((o, h_t, *(grads[n] for n in sorted(grads))))
   rtol = numerics.TOLERANCES[("invariant", "float32")]
-  numerics.assert_trees_close((o1, *pull1(ct)), (o2, *pull2(ct)), rtol=rtol,
-                              names=("o", "dq", "dk", "dv", "dlog_g"))
+  numerics.assert_trees_close(results[0], results[1], rtol=rtol,
+                              names=("o", "h_T", *(f"d{n}" for n in sorted(x))))
+  # The forcing works: at log_g = -50 per token the fast split overflows.
+  strong = dict(x, log_g=jnp.full_like(x["log_g"], -50.0))
+  finite = []
+  for use_fast in (True, False):
+    monkeypatch.setattr(chunked, "_use_fast", lambda g, c, f=use_fast: f)
+    finite.append(bool(jnp.all(jnp.isfinite(run(strong)[0]))))
+  assert finite == [False, True]

@@ -10,22 +10,36 @@ inside a chunk (b_t <= 0, non-increasing in t) and S the state entering the chun
 The chunk-to-chunk state pass is a ``lax.scan`` over N (elementwise decay plus a
 precomputed [K, V] summary per chunk); everything else is batched matmuls.
 
-Numerics, strong decay. Splitting exp(b_t - b_s) as exp(b_t) * exp(-b_s) overflows
-float32 once |b| > 88, e.g. log_g = -5 per step after 18 tokens. The inter-chunk
-terms only use exponents <= 0 (b_t, and b_C - b_s as a shifted reverse cumsum).
-Inside a chunk (``intra_chunk``) one of two exact forms runs, chosen per call:
-while no chunk decays by more than PIVOT_MAX_DECAY nats in any channel, a single
-pivot at the chunk's first token, q_t exp(b_t - b_1) and k_s exp(b_1 - b_s), makes
-the intra-chunk matrix one matmul (no overflow, rounding below 1.2e-6); otherwise
-secondary chunking as in flash-linear-attention: sub-chunks of c = 16 tokens,
-blocks below the diagonal pivoting on the gate sum just before their row block
-(all exponents <= 0), diagonal c x c blocks in log space, sum_k q_tk k_sk
-exp(b_tk - b_sk), exact for any decay. Masked exponents are replaced by 0 before
-``exp`` so that neither values nor gradients see inf. The diagonal t = s terms
-(weight exactly 1) are kept out of the gated products, and gate sums are cumsums
-of the gates rather than differences of cumsums, so d log_g has no cancelling
-O(1) terms when the decay is strong. Gradients come from autodiff, except the
-log-space block's own VJP.
+Two exact forms, one chosen per call (``lax.cond`` on the gates, inside a custom
+VJP so that the choice costs the common case nothing):
+
+* Fast form, while no chunk decays by more than PIVOT_MAX_DECAY nats in any
+  channel (typical learned gates, log-sigmoid / 16, decay about 3 nats per chunk
+  of 64): the plain split exp(b_t - b_s) = exp(b_t) exp(-b_s), so the intra-chunk
+  matrix is one masked matmul, and a hand-written VJP (``_fast_bwd``) that keeps
+  what plain autodiff would keep (the chunk states and the intra-chunk matrix).
+  Exponents reach at most the chunk decay D <= 20, so nothing overflows, and the
+  weights carry a relative rounding error of about D * 2**-24 < 1.2e-6.
+* Stable form, otherwise (strong decay): splitting overflows float32 once
+  |b| > 88, e.g. log_g = -5 per step after 18 tokens. The inter-chunk terms use
+  only exponents <= 0 (b_t, and b_C - b_s as a shifted reverse cumsum). Inside a
+  chunk, secondary chunking as in flash-linear-attention: sub-chunks of c = 16
+  tokens, blocks below the diagonal pivoting on the gate sum just before their
+  row block (all exponents <= 0), diagonal c x c blocks in log space,
+  sum_k q_tk k_sk exp(b_tk - b_sk), exact for any decay. Masked exponents are
+  replaced by 0 before ``exp`` so that neither values nor gradients see inf. The
+  diagonal t = s terms (weight exactly 1) are kept out of the gated products,
+  and gate sums are cumsums of the gates rather than differences of cumsums, so
+  d log_g has no cancelling O(1) terms when the decay is strong. Gradients from
+  autodiff of this form (recomputed in the backward pass; this path is rare),
+  except the log-space block's own VJP.
+
+Why a custom VJP: differentiated as it is, a ``lax.cond`` returns the residuals
+of both branches (the untaken one's zero-filled), and the stable form's are
+[..., m, C, K] tensors; measured on CPU (B=2, T=2048, H=4, K=64) the op took
+2x the plain form's time. Here the residuals are the inputs plus the fast
+form's (chunk states, intra-chunk matrix, decay factors; zeros on the stable
+path, whose backward recomputes), and the backward takes the same branch.
 
 All arithmetic is float32 with HIGHEST-precision matmuls (no TF32 on GPU);
 outputs are cast back to q's dtype.
@@ -40,7 +54,7 @@ from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SUB_CHUNK = 16  # sub-chunk length of the secondary-chunking form
-PIVOT_MAX_DECAY = 20.0  # largest chunk decay (nats) for the single-pivot form
+PIVOT_MAX_DECAY = 20.0  # largest chunk decay (nats) for the fast form
 
 
 def _einsum(spec, *xs):
@@ -98,26 +112,11 @@ def _diag_blocks_bwd(res, da):
 _diag_blocks_log.defvjp(_diag_blocks_fwd, _diag_blocks_bwd)
 
 
-def _strict_pivot(q, k, z):
-  """The same strictly-lower matrix as one matmul, pivoting on the first token:
-  q scaled by exp(z_t) <= 1, k by exp(-z_s) >= 1. Exact while -z_last, the
-  block's total decay, stays below PIVOT_MAX_DECAY (the caller checks)."""
-  a = _einsum("...tk,...sk->...ts", q * jnp.exp(z), k * jnp.exp(-z))
-  return jnp.where(_strict(q.shape[-2]), a, 0.0)
-
-
 def _local_gate_sums(g):
   """z_t = sum_{first < u <= t} g_u along axis -2, a cumsum with the first gate
   dropped rather than a difference of cumsums, so its gradient has no cancelling
   terms."""
   return jnp.cumsum(g.at[..., 0, :].set(0.0), axis=-2)
-
-
-def _intra_pivot(q, k, v, g):
-  """Intra-chunk output with one pivot per chunk: two matmuls. Exact when the
-  chunk's decay is at most PIVOT_MAX_DECAY in every channel."""
-  a = _with_diagonal(_strict_pivot(q, k, _local_gate_sums(g)), q, k)
-  return _einsum("...ts,...sv->...tv", a, v)
 
 
 def _intra_secondary(q, k, v, g, sub: int):
@@ -153,32 +152,9 @@ def _intra_secondary(q, k, v, g, sub: int):
   return o.reshape(*lead, C, V)
 
 
-def intra_chunk(q, k, v, g, sub: int):
-  """sum_{s<=t in chunk} (q_t * exp(b_t - b_s)) . k_s v_s for every t.
-
-  One choice per call: the single-pivot matmul form when every chunk's decay is
-  at most PIVOT_MAX_DECAY nats in every channel, secondary chunking otherwise.
-  Both are exact where used: the pivot's exponents reach the chunk decay D, so
-  exp(D) must not overflow, and its weights exp(z_t) exp(-z_s) carry a relative
-  rounding error of about D * 2**-24, so D <= 20 keeps them below 1.2e-6. Typical
-  learned gates (log-sigmoid / 16, about -0.05 per token) take the fast form;
-  log_g = -5 per token takes the exact one.
-
-  Args:
-    q, k: [..., C, K] float32; v: [..., C, V] float32.
-    g: [..., C, K] float32 log gates.
-    sub: sub-chunk length c for secondary chunking; C % c == 0.
-
-  Returns:
-    [..., C, V] float32.
-  """
-  decay = -jnp.min(jnp.sum(g[..., 1:, :], axis=-2))
-  return jax.lax.cond(decay <= PIVOT_MAX_DECAY, _intra_pivot,
-                      functools.partial(_intra_secondary, sub=sub), q, k, v, g)
-
-
 def chunk_states(k, v, g, h0):
-  """States entering each chunk and the final state.
+  """States entering each chunk and the final state (stable form: every
+  exponent <= 0).
 
   Args:
     k: [B, H, N, C, K], v: [B, H, N, C, V], g: [B, H, N, C, K] float32 log gates.
@@ -192,24 +168,178 @@ def chunk_states(k, v, g, h0):
   rev = jnp.cumsum(g[..., ::-1, :], axis=-2)[..., ::-1, :]  # sum_{u >= s} g_u
   to_end = jnp.concatenate([rev[..., 1:, :], jnp.zeros_like(rev[..., :1, :])], -2)
   u = _einsum("bhnck,bhncv->bhnkv", k * jnp.exp(to_end), v)
+  return _state_scan(jnp.exp(rev[..., 0, :]), u, h0)
 
+
+def _state_scan(decay, u, h0):
+  """h_{n+1} = decay_n h_n + u_n over the chunks: decay [B, H, N, K], u
+  [B, H, N, K, V] -> (h_in [B, H, N, K, V], h_T)."""
   def step(h, x):
-    decay, u_n = x
-    return decay[..., None] * h + u_n, h
+    d, u_n = x
+    return d[..., None] * h + u_n, h
 
-  xs = (jnp.moveaxis(jnp.exp(rev[..., 0, :]), 2, 0), jnp.moveaxis(u, 2, 0))
-  h_t, h_in = jax.lax.scan(step, h0, xs)
+  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 2, 0),
+                                      jnp.moveaxis(u, 2, 0)))
   return jnp.moveaxis(h_in, 0, 2), h_t
+
+
+def _stable(q, k, v, g, h0, *, scale, sub):
+  """The stable form: outputs [B, H, N, C, V] (scaled), h_T and the chunk
+  states h_in."""
+  h_in, h_t = chunk_states(k, v, g, h0)
+  o = _einsum("bhnck,bhnkv->bhncv", q * jnp.exp(jnp.cumsum(g, axis=3)), h_in)
+  # One chunk at a time (each rematerialised in the backward pass): the
+  # secondary form's [m, C, K] and [m, c, c, K] temporaries then exist for one
+  # chunk, not all N. XLA sizes the op's temporary buffer for the larger branch
+  # of the cond, so without this the fast path's fwd+bwd reserved 357 MiB at
+  # B=2, T=2048, H=4, K=64 (93 MiB with it; the plain form 40 MiB).
+  one_chunk = jax.checkpoint(lambda x: _intra_secondary(*x, sub=sub))
+  intra = jax.lax.map(one_chunk, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, g)))
+  o = o + jnp.moveaxis(intra, 0, 2)
+  return scale * o, h_t, h_in
+
+
+def _decay_factors(g):
+  """exp(b), exp(-b), exp(b_C - b) [B, H, N, C, K] of the fast form, b the
+  in-chunk cumsum of the gates. Kept as residuals: on CPU their exps cost about
+  as much as the forward's matmuls, and autodiff of the plain form keeps the
+  same number of arrays."""
+  b = jnp.cumsum(g, axis=3)
+  return jnp.exp(b), jnp.exp(-b), jnp.exp(b[..., -1:, :] - b)
+
+
+def _causal(n):
+  idx = jnp.arange(n)
+  return idx[:, None] >= idx[None, :]  # [C, C]
+
+
+def _fast(q, k, v, g, h0, *, scale):
+  """The fast form: outputs [B, H, N, C, V] (scaled), h_T, and the residuals of
+  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [B, H, N, C, C] and the
+  decay factors."""
+  factors = e_pos, e_neg, e_end = _decay_factors(g)
+  qe = q * e_pos
+  a = jnp.where(_causal(q.shape[3]),
+                _einsum("bhntk,bhnsk->bhnts", qe, k * e_neg), 0.0)
+  h_in, h_t = _state_scan(e_pos[..., -1, :],  # exp(b_C), the chunk's decay
+                          _einsum("bhnck,bhncv->bhnkv", k * e_end, v), h0)
+  o = _einsum("bhnts,bhnsv->bhntv", a, v) + _einsum("bhnck,bhnkv->bhncv", qe, h_in)
+  return scale * o, h_t, (h_in, a, factors)
+
+
+def _use_fast(g, chunk: int):
+  """True when no chunk decays by more than PIVOT_MAX_DECAY nats in any
+  channel (one scalar for the call). g: [B, T, H, K], T % chunk == 0."""
+  B, T, H, K = g.shape
+  per_chunk = jnp.sum(g.reshape(B, T // chunk, chunk, H, K), axis=2)
+  return -jnp.min(per_chunk) <= PIVOT_MAX_DECAY
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked(q, k, v, g, h0, scale, sub, chunk):
+  return _chunked_fwd(q, k, v, g, h0, scale, sub, chunk)[0]
+
+
+# Both conds below take the [B, T, H, D] arrays as they come and return them in
+# that layout, each branch doing its own chunking. Measured on XLA:CPU (B=2,
+# T=2048, H=4, K=64, the fast forward alone about 7 ms): chunk-layout operands
+# were materialised as transposed copies in front of the cond, and fast results
+# computed outside and passed through the cond were copied into its output
+# buffers; either way the forward took twice as long.
+
+
+def _chunked_fwd(q, k, v, g, h0, scale, sub, chunk):
+  """Forward on [B, T, H, D] inputs (T % chunk == 0): (o, h_T) and residuals
+  (the inputs and the fast form's; the stable backward recomputes)."""
+  T = q.shape[1]
+
+  def fast_branch(q, k, v, g, h0):
+    o, h_t, res = _fast(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+                        scale=scale)
+    return from_chunks(o, T), h_t, res
+
+  def stable_branch(q, k, v, g, h0):
+    o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+                        scale=scale, sub=sub)
+    return from_chunks(o, T), h_t, jax.tree.map(jnp.zeros_like, res_shapes)
+
+  res_shapes = jax.eval_shape(
+      lambda *x: fast_branch(*x)[2], q, k, v, g, h0)
+  fast = _use_fast(g, chunk)
+  o, h_t, res = jax.lax.cond(fast, fast_branch, stable_branch, q, k, v, g, h0)
+  return (o, h_t), (q, k, v, g, h0, res, fast)
+
+
+def _fast_bwd(scale, q, k, v, res, do, dh_t):
+  """VJP of ``_fast`` given its residuals (see the module docstring for the
+  forward: o = scale [a v + qe h_in], h_{n+1} = decay_n h_n + kd_n^T v_n with
+  qe = q exp(b), ke = k exp(-b), kd = k exp(b_C - b), decay = exp(b_C))."""
+  h_in, a, (e_pos, e_neg, e_end) = res
+  qe, ke, kd, decay = q * e_pos, k * e_neg, k * e_end, e_pos[..., -1, :]
+  dos = scale * do
+
+  # dh_out[n]: gradient for the state leaving chunk n; the carry ends as dh0.
+  # The per-chunk products are one batched matmul outside the sequential loop.
+  def step(dh, x):
+    d, w_n = x
+    return d[..., None] * dh + w_n, dh
+
+  w = _einsum("bhnck,bhncv->bhnkv", qe, dos)  # [B, H, N, K, V]
+  dh0, dh_out = jax.lax.scan(step, dh_t, (jnp.moveaxis(decay, 2, 0),
+                                          jnp.moveaxis(w, 2, 0)), reverse=True)
+  dh_out = jnp.moveaxis(dh_out, 0, 2)  # [B, H, N, K, V]
+
+  da = jnp.where(_causal(q.shape[3]), _einsum("bhntv,bhnsv->bhnts", dos, v), 0.0)
+  dv = (_einsum("bhnts,bhntv->bhnsv", a, dos)
+        + _einsum("bhnck,bhnkv->bhncv", kd, dh_out))
+  dqe = (_einsum("bhnts,bhnsk->bhntk", da, ke)
+         + _einsum("bhncv,bhnkv->bhnck", dos, h_in))
+  dke = _einsum("bhnts,bhntk->bhnsk", da, qe)
+  dkd = _einsum("bhncv,bhnkv->bhnck", v, dh_out)
+  # Through b_t = sum_{u <= t} g_u (qe: +b, ke: -b, kd: -b) and through the
+  # chunk total b_C (kd: +b_C; the state decay exp(b_C)), which every gate of
+  # the chunk enters.
+  db = dqe * qe - dke * ke - dkd * kd  # [B, H, N, C, K]
+  db_end = (jnp.sum(dkd * kd, axis=3)
+            + decay * jnp.sum(h_in * dh_out, axis=-1))  # [B, H, N, K]
+  dg = jnp.cumsum(db[..., ::-1, :], axis=3)[..., ::-1, :] + db_end[..., None, :]
+  return dqe * e_pos, dke * e_neg + dkd * e_end, dv, dg, dh0
+
+
+def _chunked_bwd(scale, sub, chunk, res, cts):
+  q, k, v, g, h0, fast_res, fast = res
+  do, dh_t = cts
+  T = q.shape[1]
+
+  def fast_branch(q, k, v, g, h0, fast_res, do, dh_t):
+    del g, h0
+    grads = _fast_bwd(scale, *(to_chunks(x, chunk) for x in (q, k, v)), fast_res,
+                      to_chunks(do, chunk), dh_t)
+    return (*(from_chunks(d, T) for d in grads[:4]), grads[4])
+
+  def stable_branch(q, k, v, g, h0, fast_res, do, dh_t):
+    del fast_res  # zeros on this path: it recomputes, being rare
+
+    def forward(q, k, v, g, h0):
+      o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+                          scale=scale, sub=sub)
+      return from_chunks(o, T), h_t
+
+    return jax.vjp(forward, q, k, v, g, h0)[1]((do, dh_t))
+
+  return jax.lax.cond(fast, fast_branch, stable_branch, q, k, v, g, h0, fast_res,
+                      do, dh_t)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64):
   """Chunked GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g`` already
   [B, T, H, K] and ``h0`` a float32 [B, H, K, V] array."""
   T, dtype = q.shape[1], q.dtype
-  f32 = jnp.float32
-  q, k, v, g = (to_chunks(pad_time(x.astype(f32), chunk_size), chunk_size)
-                for x in (q, k, v, log_g))  # [B, H, N, C, *]
-  h_in, h_t = chunk_states(k, v, g, h0)
-  o = _einsum("bhnck,bhnkv->bhncv", q * jnp.exp(jnp.cumsum(g, axis=3)), h_in)
-  o = o + intra_chunk(q, k, v, g, min(chunk_size, SUB_CHUNK))
-  return from_chunks(scale * o, T).astype(dtype), h_t
+  q, k, v, g = (pad_time(x.astype(jnp.float32), chunk_size)
+                for x in (q, k, v, log_g))  # [B, Tp, H, *]
+  o, h_t = _chunked(q, k, v, g, h0.astype(jnp.float32), float(scale),
+                    min(chunk_size, SUB_CHUNK), chunk_size)
+  return o[:, :T].astype(dtype), h_t
