@@ -44,14 +44,15 @@ import subprocess
 import sys
 import tempfile
 
+from lsm.ops.common import cuda_targets  # no jax at import (see its docstring)
+
 OPS = ("gla", "delta_rule")
 DIMS = (64, 128, 256)
 DTYPES = ("bfloat16", "float32")
-TARGETS = ("a100", "h100")
-SM = {"a100": 80, "h100": 90}
-# Opt-in dynamic shared memory per block (CUDA programming guide); the same
-# numbers as lsm.ops.common.cuda_targets, repeated so this side imports no jax.
-SMEM_LIMIT = {80: 166_912, 90: 232_448}
+TARGETS = tuple(sorted(cuda_targets.TARGETS))  # "a100", "h100"
+SM = {name: t.sm for name, t in cuda_targets.TARGETS.items()}
+# Opt-in dynamic shared memory per block, by compute capability.
+SMEM_LIMIT = {t.sm: t.smem_per_block for t in cuda_targets.TARGETS.values()}
 MAX_SM80_SPILL = 1024  # bytes of spill stores allowed on sm_80 at D <= 128, bf16
 STRICT_MAX_DIM = 128
 
@@ -124,8 +125,6 @@ def extract(ops, dims, dtypes, targets, chunk, T, out):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.triton import lowering as triton_lowering  # pylint: disable=g-import-not-at-top
-
-  from lsm.ops.common import cuda_targets  # pylint: disable=g-import-not-at-top
 
   warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated")
   os.makedirs(os.path.join(out, "ttir"), exist_ok=True)
@@ -247,11 +246,16 @@ def compile_all(out):
 # ---------------------------------------------------------- limits ---
 
 
+def _capability(sm: str) -> int:
+  """"sm_80" -> 80, "sm_90a" -> 90."""
+  return int(sm.removeprefix("sm_").rstrip("a"))
+
+
 def violations(rows):
   """Messages for every row outside the limits in the module docstring."""
   bad = []
   for r in rows:
-    sm = int(r.sm.removeprefix("sm_").rstrip("a"))
+    sm = _capability(r.sm)
     where = f"{r.kernel} D={r.D} {r.dtype} {r.sm}"
     if r.smem > SMEM_LIMIT[sm]:
       bad.append(f"{where}: {r.smem} B of shared memory > {SMEM_LIMIT[sm]}")
@@ -279,7 +283,7 @@ def markdown(rows):
     cols = []
     for sm in ("sm_80", "sm_90a"):
       r = by_sm.get(sm)
-      limit = SMEM_LIMIT[80 if sm == "sm_80" else 90]
+      limit = SMEM_LIMIT[_capability(sm)]
       cols.append("" if r is None else
                   f"{r.regs} / {r.spill_stores:,} / {r.smem:,}"
                   + (" **over**" if r.smem > limit else ""))

@@ -177,9 +177,9 @@ def test_tpu_kernels_match_reference(dtype):
 @pytest.mark.tpu
 def test_auto_picks_the_platform_kernel():
   from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
-  plat = _dispatch.preference(_dispatch.platform(), _dispatch.gpu_family())[0]
-  if plat == "pallas_mosaic_gpu":
-    plat = "pallas_triton"  # gla has no Mosaic GPU impl yet
+  from lsm.ops.gla import api as gla_api  # pylint: disable=g-import-not-at-top
+  plat = _dispatch.resolve_impl("auto", supported=gla_api._IMPLS, op="gla")
+  assert plat.startswith("pallas"), plat
   x = make_inputs(3, 1, 50, 2, 64, 64)
   o_auto, h_auto = jax.jit(functools.partial(gla, impl="auto"))(**x)
   o, h = jax.jit(functools.partial(gla, impl=plat))(**x)

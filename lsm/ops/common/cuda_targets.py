@@ -8,12 +8,14 @@ string picks the compute capability ("NVIDIA A100" -> sm_80, "NVIDIA H100" ->
 sm_90). The mesh axis is ``AxisType.Auto``: with ``Explicit`` the ops' own
 reshapes fail a sharding check. jax 0.10 needs none of this and always assumes
 sm_90 (``TARGETS`` then only names the kind; the lowering is the same).
+
+jax is imported inside the functions, so ``TARGETS`` can be read by a process
+that must not load jaxlib's MLIR (experiments/kernel_resources.py compiles with
+PyPI triton's).
 """
 
 import contextlib
 import dataclasses
-
-import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ TARGETS = {
 def abstract_gpu(target: str | Target):
   """Context manager: lowerings inside it target ``target`` (a ``TARGETS`` key
   or a ``Target``). A no-op on jax versions without abstract devices."""
+  import jax  # pylint: disable=g-import-not-at-top
   t = TARGETS[target] if isinstance(target, str) else target
   sh = jax.sharding
   if not hasattr(sh, "AbstractDevice"):
@@ -48,5 +51,6 @@ def abstract_gpu(target: str | Target):
 def lower_for_cuda(fn, *args, target: str | Target = "h100"):
   """``jax.jit(fn)`` lowered for CUDA at ``target`` on abstract ``args``
   (``jax.ShapeDtypeStruct``s); returns the ``Lowered`` object."""
+  import jax  # pylint: disable=g-import-not-at-top
   with abstract_gpu(target):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

@@ -13,11 +13,12 @@ precomputed [K, V] summary per chunk); everything else is batched matmuls.
 Two exact forms, one chosen per call (``lax.cond`` on the gates, inside a custom
 VJP so that the choice costs the common case nothing):
 
-* Fast form, while no chunk decays by more than PIVOT_MAX_DECAY nats in any
+* Fast form, while no chunk decays by more than FAST_MAX_DECAY nats in any
   channel (typical learned gates, log-sigmoid / 16, decay about 3 nats per chunk
   of 64): the plain split exp(b_t - b_s) = exp(b_t) exp(-b_s), so the intra-chunk
   matrix is one masked matmul, and a hand-written VJP (``_fast_bwd``) that keeps
-  what plain autodiff would keep (the chunk states and the intra-chunk matrix).
+  what plain autodiff would keep (the chunk states, the intra-chunk matrix and
+  the decay factors).
   Exponents reach at most the chunk decay D <= 20, so nothing overflows, and the
   weights carry a relative rounding error of about D * 2**-24 < 1.2e-6.
 * Stable form, otherwise (strong decay): splitting overflows float32 once
@@ -54,7 +55,7 @@ from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SUB_CHUNK = 16  # sub-chunk length of the secondary-chunking form
-PIVOT_MAX_DECAY = 20.0  # largest chunk decay (nats) for the fast form
+FAST_MAX_DECAY = 20.0  # largest chunk decay (nats) for the fast form
 
 
 def _einsum(spec, *xs):
@@ -199,6 +200,13 @@ def _stable(q, k, v, g, h0, *, scale, sub):
   return scale * o, h_t, h_in
 
 
+def _stable_timewise(q, k, v, g, h0, *, scale, sub, chunk):
+  """``_stable`` on [B, T, H, D] inputs (T % chunk == 0): o [B, T, H, V], h_T."""
+  o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+                      scale=scale, sub=sub)
+  return from_chunks(o, q.shape[1]), h_t
+
+
 def _decay_factors(g):
   """exp(b), exp(-b), exp(b_C - b) [B, H, N, C, K] of the fast form, b the
   in-chunk cumsum of the gates. Kept as residuals: on CPU their exps cost about
@@ -228,11 +236,11 @@ def _fast(q, k, v, g, h0, *, scale):
 
 
 def _use_fast(g, chunk: int):
-  """True when no chunk decays by more than PIVOT_MAX_DECAY nats in any
+  """True when no chunk decays by more than FAST_MAX_DECAY nats in any
   channel (one scalar for the call). g: [B, T, H, K], T % chunk == 0."""
   B, T, H, K = g.shape
   per_chunk = jnp.sum(g.reshape(B, T // chunk, chunk, H, K), axis=2)
-  return -jnp.min(per_chunk) <= PIVOT_MAX_DECAY
+  return -jnp.min(per_chunk) <= FAST_MAX_DECAY
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -258,10 +266,9 @@ def _chunked_fwd(q, k, v, g, h0, scale, sub, chunk):
                         scale=scale)
     return from_chunks(o, T), h_t, res
 
-  def stable_branch(q, k, v, g, h0):
-    o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
-                        scale=scale, sub=sub)
-    return from_chunks(o, T), h_t, jax.tree.map(jnp.zeros_like, res_shapes)
+  def stable_branch(*x):
+    return (*_stable_timewise(*x, scale=scale, sub=sub, chunk=chunk),
+            jax.tree.map(jnp.zeros_like, res_shapes))
 
   res_shapes = jax.eval_shape(
       lambda *x: fast_branch(*x)[2], q, k, v, g, h0)
@@ -319,12 +326,8 @@ def _chunked_bwd(scale, sub, chunk, res, cts):
 
   def stable_branch(q, k, v, g, h0, fast_res, do, dh_t):
     del fast_res  # zeros on this path: it recomputes, being rare
-
-    def forward(q, k, v, g, h0):
-      o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
-                          scale=scale, sub=sub)
-      return from_chunks(o, T), h_t
-
+    forward = functools.partial(_stable_timewise, scale=scale, sub=sub,
+                                chunk=chunk)
     return jax.vjp(forward, q, k, v, g, h0)[1]((do, dh_t))
 
   return jax.lax.cond(fast, fast_branch, stable_branch, q, k, v, g, h0, fast_res,
