@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lsm.ops import _dispatch
-from lsm.ops.ssm_scan import api, ssm_scan, ssm_scan_step
+from lsm.ops.ssm_scan import api, chunked, ssm_scan, ssm_scan_step
 from tests import numerics
 
 FAST_IMPLS = ["chunked"]
@@ -71,6 +71,49 @@ def test_matches_reference(impl, shape, dtype):
   assert [x.dtype for x in got] == [b.dtype, f32, a.dtype, b.dtype, f32]
   numerics.assert_trees_close(got, want, rtol=numerics.tolerance(impl, dtype),
                               names=[f"{impl} {n}" for n in _NAMES])
+
+
+@functools.cache
+def _form_forward_backward(form):
+  """``_forward_backward("chunked")`` with one form forced, whatever the
+  platform (the other is what a GPU or TPU runs)."""
+  def run(a, b, h0, dy, dh):
+    (y, h_t), vjp = jax.vjp(
+        lambda a, b, h0: chunked.ssm_scan(a, b, h0=h0, form=form), a, b, h0)
+    return (y, h_t, *vjp((dy, dh)))
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("form", chunked.FORMS)
+def test_each_chunked_form_matches_reference(form, shape, dtype):
+  a, b, h0, dy, dh = _inputs(shape, dtype)
+  got = _form_forward_backward(form)(a, b, h0, dy, dh)
+  f32 = jnp.float32
+  want = _forward_backward("reference")(a.astype(f32), b.astype(f32), h0,
+                                        dy.astype(f32), dh)
+  assert [x.dtype for x in got] == [b.dtype, f32, a.dtype, b.dtype, f32]
+  numerics.assert_trees_close(got, want, rtol=numerics.tolerance("chunked", dtype),
+                              names=[f"{form} {n}" for n in _NAMES])
+
+
+def test_chunked_picks_the_sequential_form_on_cpu():
+  """On CPU the lowered chunked scan is the loop (a while op), with no
+  associative scan left in it; forcing "associative" gives no loop."""
+  a, b, h0, dy, dh = _inputs((2, 16, 3), jnp.float32)
+  if _dispatch.platform() != "cpu":
+    pytest.skip("checks the CPU choice")
+  hlo = lambda f: f.lower(a, b, h0, dy, dh).as_text()
+  # One loop for the forward states, one for the backward adjoint.
+  assert hlo(_forward_backward("chunked")).count("stablehlo.while") == 2
+  assert "stablehlo.while" not in hlo(_form_forward_backward("associative"))
+
+
+def test_unknown_form_raises():
+  x = jnp.zeros((1, 2, 3))
+  with pytest.raises(ValueError, match="form='loop'"):
+    chunked.ssm_scan(x, x, h0=x[:, 0], form="loop")
 
 
 def test_reference_matches_numpy_loop():

@@ -34,7 +34,8 @@ def ssm_scan(a, b, *, h0=None, impl="auto"):
       rank 2.
     h0: optional [B, ...] float32 initial state (b's shape without T); zeros
       when None.
-    impl: "auto" | "reference" | "chunked" (a parallel prefix scan).
+    impl: "auto" | "reference" | "chunked" (a sequential in-place loop on
+      CPU, a parallel prefix scan elsewhere; see ``chunked.py``).
 
   Returns:
     y: [B, T, ...] in b.dtype, all states h_0 .. h_{T-1}; h_T: [B, ...] float32
