@@ -10,8 +10,8 @@ inside a chunk (b_t <= 0, non-increasing in t) and S the state entering the chun
 The chunk-to-chunk state pass is a ``lax.scan`` over N (elementwise decay plus a
 precomputed [K, V] summary per chunk); everything else is batched matmuls.
 
-Two exact forms, one chosen per call (``lax.cond`` on the gates, inside a custom
-VJP so that the choice costs the common case nothing):
+Two exact forms, one chosen per call from the gates, inside a custom VJP so
+that the choice costs the common case nothing (see "How the form is chosen"):
 
 * Fast form, while no chunk decays by more than FAST_MAX_DECAY nats in any
   channel (typical learned gates, log-sigmoid / 16, decay about 3 nats per chunk
@@ -35,12 +35,21 @@ VJP so that the choice costs the common case nothing):
   autodiff of this form (recomputed in the backward pass; this path is rare),
   except the log-space block's own VJP.
 
-Why a custom VJP: differentiated as it is, a ``lax.cond`` returns the residuals
-of both branches (the untaken one's zero-filled), and the stable form's are
-[..., m, C, K] tensors; measured on CPU (B=2, T=2048, H=4, K=64) the op took
-2x the plain form's time. Here the residuals are the inputs plus the fast
-form's (chunk states, intra-chunk matrix, decay factors; zeros on the stable
-path, whose backward recomputes), and the backward takes the same branch.
+How the form is chosen. The fast form always runs; the stable form runs only
+when a chunk decays too much, as the body of a ``lax.while_loop`` that makes
+zero or one trips and overwrites the fast form's (then overflowed) results in
+place. Measured on XLA:CPU (B=2, T=8192, H=4, K=64, fwd+bwd), both alternatives
+cost the common case:
+- ``lax.cond`` differentiated as it is returns the residuals of both branches
+  (the untaken one's zero-filled), and the stable form's are [..., m, C, K]
+  tensors: 2x the plain form's time at T=2048.
+- ``lax.cond`` inside the custom VJP copies every branch result into the cond's
+  output buffers (and chunk-layout operands into transposed copies in front of
+  it): four [B, T, H, D] arrays each way, 264 ms against 204 ms for the fast
+  form alone. A while loop's carry is updated in place instead: 132 ms against
+  129 ms.
+The residuals are the inputs plus the fast form's (chunk states, intra-chunk
+matrix, exp(b)); the stable backward recomputes its forward, being rare.
 
 All arithmetic is float32 with HIGHEST-precision matmuls (no TF32 on GPU);
 outputs are cast back to q's dtype.
@@ -191,9 +200,10 @@ def _stable(q, k, v, g, h0, *, scale, sub):
   o = _einsum("bhnck,bhnkv->bhncv", q * jnp.exp(jnp.cumsum(g, axis=3)), h_in)
   # One chunk at a time (each rematerialised in the backward pass): the
   # secondary form's [m, C, K] and [m, c, c, K] temporaries then exist for one
-  # chunk, not all N. XLA sizes the op's temporary buffer for the larger branch
-  # of the cond, so without this the fast path's fwd+bwd reserved 357 MiB at
-  # B=2, T=2048, H=4, K=64 (93 MiB with it; the plain form 40 MiB).
+  # chunk, not all N. XLA sizes the op's temporary buffer for both forms, so
+  # without this the fast path's fwd+bwd reserved 357 MiB at B=2, T=2048, H=4,
+  # K=64 (93 MiB with it, when the forms were branches of a cond; the plain
+  # form 40 MiB).
   one_chunk = jax.checkpoint(lambda x: _intra_secondary(*x, sub=sub))
   intra = jax.lax.map(one_chunk, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, g)))
   o = o + jnp.moveaxis(intra, 0, 2)
@@ -207,13 +217,14 @@ def _stable_timewise(q, k, v, g, h0, *, scale, sub, chunk):
   return from_chunks(o, q.shape[1]), h_t
 
 
-def _decay_factors(g):
-  """exp(b), exp(-b), exp(b_C - b) [B, H, N, C, K] of the fast form, b the
-  in-chunk cumsum of the gates. Kept as residuals: on CPU their exps cost about
-  as much as the forward's matmuls, and autodiff of the plain form keeps the
-  same number of arrays."""
-  b = jnp.cumsum(g, axis=3)
-  return jnp.exp(b), jnp.exp(-b), jnp.exp(b[..., -1:, :] - b)
+def _decay_factors(e_pos):
+  """exp(-b), exp(b_C - b) [B, H, N, C, K] of the fast form from e_pos = exp(b),
+  b the in-chunk cumsum of the gates. Only exp(b) is a residual; the backward
+  rederives these inside the fusions that use them. While the chunk decay is
+  <= FAST_MAX_DECAY, 1 / exp(b) and exp(b_C) / exp(b) are exact to a few ulps
+  (no overflow, no underflow)."""
+  e_neg = 1.0 / e_pos
+  return e_neg, e_pos[..., -1:, :] * e_neg
 
 
 def _causal(n):
@@ -223,16 +234,17 @@ def _causal(n):
 
 def _fast(q, k, v, g, h0, *, scale):
   """The fast form: outputs [B, H, N, C, V] (scaled), h_T, and the residuals of
-  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [B, H, N, C, C] and the
-  decay factors."""
-  factors = e_pos, e_neg, e_end = _decay_factors(g)
+  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [B, H, N, C, C] and
+  exp(b)."""
+  e_pos = jnp.exp(jnp.cumsum(g, axis=3))
+  e_neg, e_end = _decay_factors(e_pos)
   qe = q * e_pos
   a = jnp.where(_causal(q.shape[3]),
                 _einsum("bhntk,bhnsk->bhnts", qe, k * e_neg), 0.0)
   h_in, h_t = _state_scan(e_pos[..., -1, :],  # exp(b_C), the chunk's decay
                           _einsum("bhnck,bhncv->bhnkv", k * e_end, v), h0)
   o = _einsum("bhnts,bhnsv->bhntv", a, v) + _einsum("bhnck,bhnkv->bhncv", qe, h_in)
-  return scale * o, h_t, (h_in, a, factors)
+  return scale * o, h_t, (h_in, a, e_pos)
 
 
 def _use_fast(g, chunk: int):
@@ -248,32 +260,22 @@ def _chunked(q, k, v, g, h0, scale, sub, chunk):
   return _chunked_fwd(q, k, v, g, h0, scale, sub, chunk)[0]
 
 
-# Both conds below take the [B, T, H, D] arrays as they come and return them in
-# that layout, each branch doing its own chunking. Measured on XLA:CPU (B=2,
-# T=2048, H=4, K=64, the fast forward alone about 7 ms): chunk-layout operands
-# were materialised as transposed copies in front of the cond, and fast results
-# computed outside and passed through the cond were copied into its output
-# buffers; either way the forward took twice as long.
-
-
 def _chunked_fwd(q, k, v, g, h0, scale, sub, chunk):
   """Forward on [B, T, H, D] inputs (T % chunk == 0): (o, h_T) and residuals
   (the inputs and the fast form's; the stable backward recomputes)."""
   T = q.shape[1]
-
-  def fast_branch(q, k, v, g, h0):
-    o, h_t, res = _fast(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
-                        scale=scale)
-    return from_chunks(o, T), h_t, res
-
-  def stable_branch(*x):
-    return (*_stable_timewise(*x, scale=scale, sub=sub, chunk=chunk),
-            jax.tree.map(jnp.zeros_like, res_shapes))
-
-  res_shapes = jax.eval_shape(
-      lambda *x: fast_branch(*x)[2], q, k, v, g, h0)
   fast = _use_fast(g, chunk)
-  o, h_t, res = jax.lax.cond(fast, fast_branch, stable_branch, q, k, v, g, h0)
+  o, h_t, res = _fast(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+                      scale=scale)
+  o = from_chunks(o, T)
+
+  def stable(carry):
+    del carry
+    return False, *_stable_timewise(q, k, v, g, h0, scale=scale, sub=sub,
+                                    chunk=chunk)
+
+  _, o, h_t = jax.lax.while_loop(lambda c: c[0], stable,
+                                 (jnp.logical_not(fast), o, h_t))
   return (o, h_t), (q, k, v, g, h0, res, fast)
 
 
@@ -281,7 +283,8 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t):
   """VJP of ``_fast`` given its residuals (see the module docstring for the
   forward: o = scale [a v + qe h_in], h_{n+1} = decay_n h_n + kd_n^T v_n with
   qe = q exp(b), ke = k exp(-b), kd = k exp(b_C - b), decay = exp(b_C))."""
-  h_in, a, (e_pos, e_neg, e_end) = res
+  h_in, a, e_pos = res
+  e_neg, e_end = _decay_factors(e_pos)
   qe, ke, kd, decay = q * e_pos, k * e_neg, k * e_end, e_pos[..., -1, :]
   dos = scale * do
 
@@ -317,21 +320,18 @@ def _chunked_bwd(scale, sub, chunk, res, cts):
   q, k, v, g, h0, fast_res, fast = res
   do, dh_t = cts
   T = q.shape[1]
+  grads = _fast_bwd(scale, *(to_chunks(x, chunk) for x in (q, k, v)), fast_res,
+                    to_chunks(do, chunk), dh_t)
+  grads = (*(from_chunks(d, T) for d in grads[:4]), grads[4])
 
-  def fast_branch(q, k, v, g, h0, fast_res, do, dh_t):
-    del g, h0
-    grads = _fast_bwd(scale, *(to_chunks(x, chunk) for x in (q, k, v)), fast_res,
-                      to_chunks(do, chunk), dh_t)
-    return (*(from_chunks(d, T) for d in grads[:4]), grads[4])
-
-  def stable_branch(q, k, v, g, h0, fast_res, do, dh_t):
-    del fast_res  # zeros on this path: it recomputes, being rare
+  def stable(carry):
+    del carry
     forward = functools.partial(_stable_timewise, scale=scale, sub=sub,
                                 chunk=chunk)
-    return jax.vjp(forward, q, k, v, g, h0)[1]((do, dh_t))
+    return False, *jax.vjp(forward, q, k, v, g, h0)[1]((do, dh_t))
 
-  return jax.lax.cond(fast, fast_branch, stable_branch, q, k, v, g, h0, fast_res,
-                      do, dh_t)
+  return jax.lax.while_loop(lambda c: c[0], stable,
+                            (jnp.logical_not(fast), *grads))[1:]
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
