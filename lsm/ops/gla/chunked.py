@@ -181,16 +181,16 @@ def chunk_states(k, v, g, h0):
   return _state_scan(jnp.exp(rev[..., 0, :]), u, h0)
 
 
-def _state_scan(decay, u, h0):
-  """h_{n+1} = decay_n h_n + u_n over the chunks: decay [B, H, N, K], u
-  [B, H, N, K, V] -> (h_in [B, H, N, K, V], h_T)."""
+def _state_scan(decay, u, h0, axis: int = 2):
+  """h_{n+1} = decay_n h_n + u_n over the chunks (axis ``axis``): e.g. decay
+  [B, H, N, K], u [B, H, N, K, V] -> (h_in [B, H, N, K, V], h_T)."""
   def step(h, x):
     d, u_n = x
     return d[..., None] * h + u_n, h
 
-  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 2, 0),
-                                      jnp.moveaxis(u, 2, 0)))
-  return jnp.moveaxis(h_in, 0, 2), h_t
+  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, axis, 0),
+                                      jnp.moveaxis(u, axis, 0)))
+  return jnp.moveaxis(h_in, 0, axis), h_t
 
 
 def _stable(q, k, v, g, h0, *, scale, sub):
@@ -227,23 +227,37 @@ def _decay_factors(e_pos):
   return e_neg, e_pos[..., -1:, :] * e_neg
 
 
+def _to_lead_chunks(x, chunk: int):
+  """[B, T, H, D] (T % chunk == 0) -> [N, B, H, C, D]."""
+  B, T, H, D = x.shape
+  return x.reshape(B, T // chunk, chunk, H, D).transpose(1, 0, 3, 2, 4)
+
+
+def _from_lead_chunks(x):
+  """[N, B, H, C, D] -> [B, N * C, H, D]."""
+  N, B, H, C, D = x.shape
+  return x.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, D)
+
+
 def _causal(n):
   idx = jnp.arange(n)
   return idx[:, None] >= idx[None, :]  # [C, C]
 
 
 def _fast(q, k, v, g, h0, *, scale):
-  """The fast form: outputs [B, H, N, C, V] (scaled), h_T, and the residuals of
-  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [B, H, N, C, C] and
+  """The fast form on chunks [N, B, H, C, D] (chunk axis first: the state scans
+  then need no transposes): outputs [N, B, H, C, V] (scaled), h_T, and the residuals of
+  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [N, B, H, C, C] and
   exp(b)."""
   e_pos = jnp.exp(jnp.cumsum(g, axis=3))
   e_neg, e_end = _decay_factors(e_pos)
   qe = q * e_pos
   a = jnp.where(_causal(q.shape[3]),
-                _einsum("bhntk,bhnsk->bhnts", qe, k * e_neg), 0.0)
+                _einsum("nbhtk,nbhsk->nbhts", qe, k * e_neg), 0.0)
   h_in, h_t = _state_scan(e_pos[..., -1, :],  # exp(b_C), the chunk's decay
-                          _einsum("bhnck,bhncv->bhnkv", k * e_end, v), h0)
-  o = _einsum("bhnts,bhnsv->bhntv", a, v) + _einsum("bhnck,bhnkv->bhncv", qe, h_in)
+                          _einsum("nbhck,nbhcv->nbhkv", k * e_end, v), h0,
+                          axis=0)
+  o = _einsum("nbhts,nbhsv->nbhtv", a, v) + _einsum("nbhck,nbhkv->nbhcv", qe, h_in)
   return scale * o, h_t, (h_in, a, e_pos)
 
 
@@ -263,11 +277,10 @@ def _chunked(q, k, v, g, h0, scale, sub, chunk):
 def _chunked_fwd(q, k, v, g, h0, scale, sub, chunk):
   """Forward on [B, T, H, D] inputs (T % chunk == 0): (o, h_T) and residuals
   (the inputs and the fast form's; the stable backward recomputes)."""
-  T = q.shape[1]
   fast = _use_fast(g, chunk)
-  o, h_t, res = _fast(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+  o, h_t, res = _fast(*(_to_lead_chunks(x, chunk) for x in (q, k, v, g)), h0,
                       scale=scale)
-  o = from_chunks(o, T)
+  o = _from_lead_chunks(o)
 
   def stable(carry):
     del carry
@@ -294,24 +307,22 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t):
     d, w_n = x
     return d[..., None] * dh + w_n, dh
 
-  w = _einsum("bhnck,bhncv->bhnkv", qe, dos)  # [B, H, N, K, V]
-  dh0, dh_out = jax.lax.scan(step, dh_t, (jnp.moveaxis(decay, 2, 0),
-                                          jnp.moveaxis(w, 2, 0)), reverse=True)
-  dh_out = jnp.moveaxis(dh_out, 0, 2)  # [B, H, N, K, V]
+  w = _einsum("nbhck,nbhcv->nbhkv", qe, dos)  # [N, B, H, K, V]
+  dh0, dh_out = jax.lax.scan(step, dh_t, (decay, w), reverse=True)
 
-  da = jnp.where(_causal(q.shape[3]), _einsum("bhntv,bhnsv->bhnts", dos, v), 0.0)
-  dv = (_einsum("bhnts,bhntv->bhnsv", a, dos)
-        + _einsum("bhnck,bhnkv->bhncv", kd, dh_out))
-  dqe = (_einsum("bhnts,bhnsk->bhntk", da, ke)
-         + _einsum("bhncv,bhnkv->bhnck", dos, h_in))
-  dke = _einsum("bhnts,bhntk->bhnsk", da, qe)
-  dkd = _einsum("bhncv,bhnkv->bhnck", v, dh_out)
+  da = jnp.where(_causal(q.shape[3]), _einsum("nbhtv,nbhsv->nbhts", dos, v), 0.0)
+  dv = (_einsum("nbhts,nbhtv->nbhsv", a, dos)
+        + _einsum("nbhck,nbhkv->nbhcv", kd, dh_out))
+  dqe = (_einsum("nbhts,nbhsk->nbhtk", da, ke)
+         + _einsum("nbhcv,nbhkv->nbhck", dos, h_in))
+  dke = _einsum("nbhts,nbhtk->nbhsk", da, qe)
+  dkd = _einsum("nbhcv,nbhkv->nbhck", v, dh_out)
   # Through b_t = sum_{u <= t} g_u (qe: +b, ke: -b, kd: -b) and through the
   # chunk total b_C (kd: +b_C; the state decay exp(b_C)), which every gate of
   # the chunk enters.
-  db = dqe * qe - dke * ke - dkd * kd  # [B, H, N, C, K]
+  db = dqe * qe - dke * ke - dkd * kd  # [N, B, H, C, K]
   db_end = (jnp.sum(dkd * kd, axis=3)
-            + decay * jnp.sum(h_in * dh_out, axis=-1))  # [B, H, N, K]
+            + decay * jnp.sum(h_in * dh_out, axis=-1))  # [N, B, H, K]
   dg = jnp.cumsum(db[..., ::-1, :], axis=3)[..., ::-1, :] + db_end[..., None, :]
   return dqe * e_pos, dke * e_neg + dkd * e_end, dv, dg, dh0
 
@@ -319,10 +330,9 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t):
 def _chunked_bwd(scale, sub, chunk, res, cts):
   q, k, v, g, h0, fast_res, fast = res
   do, dh_t = cts
-  T = q.shape[1]
-  grads = _fast_bwd(scale, *(to_chunks(x, chunk) for x in (q, k, v)), fast_res,
-                    to_chunks(do, chunk), dh_t)
-  grads = (*(from_chunks(d, T) for d in grads[:4]), grads[4])
+  grads = _fast_bwd(scale, *(_to_lead_chunks(x, chunk) for x in (q, k, v)),
+                    fast_res, _to_lead_chunks(do, chunk), dh_t)
+  grads = (*(_from_lead_chunks(d) for d in grads[:4]), grads[4])
 
   def stable(carry):
     del carry
