@@ -19,6 +19,10 @@ ALLOWED = {
     "data": {"typing"},
     "tasks": {"data", "typing"},
     "train": {"ops", "parallel", "layers", "models", "data", "tasks", "typing"},
+    # After training (lsm-eval, lsm-generate, lsm-plot, the lm-eval adapter):
+    # reopens runs through lsm.train; train never imports it.
+    "eval": {"ops", "parallel", "layers", "models", "data", "tasks", "train",
+             "typing"},
 }
 # Top-level folders that are never imported by lsm.
 OUTSIDE = {"configs", "experiments", "launch", "notebooks", "tests"}

@@ -61,8 +61,8 @@ class DataConfig:
       may be sliced, e.g. "train[:1%]"; lm1b has "test", not "validation".
     document: local_text: "file" (one document per file) or "paragraph".
     validation_fraction: local_text: share of documents held out, in (0, 1).
-    tokenizer: "byte" or "sentencepiece".
-    tokenizer_path: the SentencePiece .model file (sentencepiece only).
+    tokenizer: "byte", "sentencepiece" or "hf" (Hugging Face tokenizers).
+    tokenizer_path: the SentencePiece .model file or the tokenizer.json (hf).
     seq_len: T, tokens per row of inputs/targets.
     batch_size: global batch in rows, split evenly over processes.
     seed: shuffling seed.
@@ -122,9 +122,10 @@ class DataConfig:
       value = getattr(self, field)
       if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"DataConfig: {field}={value!r}; expected None or a path")
-    if self.tokenizer == "sentencepiece" and self.tokenizer_path is None:
-      raise ValueError("DataConfig: tokenizer_path=None with tokenizer="
-                       "'sentencepiece'; expected the .model file path")
+    if self.tokenizer != "byte" and self.tokenizer_path is None:
+      what = {"hf": "tokenizer.json"}.get(self.tokenizer, ".model")
+      raise ValueError(f"DataConfig: tokenizer_path=None with tokenizer="
+                       f"{self.tokenizer!r}; expected the {what} file path")
     if self.tokenizer == "byte" and self.tokenizer_path is not None:
       raise ValueError(f"DataConfig: tokenizer_path={self.tokenizer_path!r} with "
                        "tokenizer='byte'; expected None")

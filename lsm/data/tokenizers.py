@@ -1,8 +1,10 @@
-"""Tokenizers: byte-level (no files) and SentencePiece (trained locally or loaded).
+"""Tokenizers: byte-level (no files), SentencePiece and Hugging Face ``tokenizers``
+(``tokenizer.json``, the format pretrained tokenizers ship in), the last two
+trained locally or loaded.
 
-Both share one interface: ``vocab_size, pad_id, bos_id, eos_id`` attributes,
+All share one interface: ``vocab_size, pad_id, bos_id, eos_id`` attributes,
 ``encode(text) -> int32 [n]`` (no BOS/EOS added; the packer appends EOS) and
-``decode(ids) -> str`` (special ids skipped). pad_id is 0 in both, so zero-filled
+``decode(ids) -> str`` (special ids skipped). pad_id is 0 in all, so zero-filled
 padding is padding whatever the tokenizer.
 """
 
@@ -17,7 +19,9 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # SentencePiece needs an unk id; the byte tokenizer never produces one.
 SP_UNK_ID = 3
 
-KINDS = ("byte", "sentencepiece")
+KINDS = ("byte", "sentencepiece", "hf")
+# Special tokens of train_hf_bpe, at the shared ids.
+HF_SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -170,8 +174,141 @@ def train_sentencepiece(files: Sequence[str], model_prefix: str, vocab_size: int
   return model_prefix + ".model"
 
 
+class HFTokenizer:
+  """A Hugging Face ``tokenizers`` file (tokenizer.json) behind the
+  ByteTokenizer interface.
+
+  pad must be id 0 (the packer pads with zeros) and an eos token must exist;
+  they are found by the usual names (``<pad>``, ``[PAD]``, ``<|endoftext|>``,
+  ``</s>``, ...). A tokenizer without a pad token at 0 is refused: retrain it
+  with ``train_hf_bpe`` or add one. The tokenizer is rebuilt from its JSON when
+  pickled, so it can travel to grain worker processes.
+  """
+
+  PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+  BOS_NAMES = ("<bos>", "<s>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>")
+  EOS_NAMES = ("<eos>", "</s>", "[EOS]", "<|endoftext|>", "<|end_of_text|>",
+               "[SEP]")
+
+  def __init__(self, path: str):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise ValueError(f"HFTokenizer: path={path!r} is not a file; expected a "
+                       "Hugging Face tokenizer.json (train one with train_hf_bpe)")
+    self.path = path
+    with open(path, encoding="utf-8") as f:
+      self._load(f.read())
+
+  def _load(self, text: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # pylint: disable=broad-except  (a Rust-side error)
+      raise ValueError(f"HFTokenizer: {self.path!r} is not a tokenizers JSON "
+                       f"file ({' '.join(str(e).split())[:200]}); expected a "
+                       "tokenizer.json") from None
+    self._json = text
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    find = lambda names: next((i for i in map(self._tok.token_to_id, names)  # noqa: E731
+                               if i is not None), None)
+    self.pad_id, self.bos_id, self.eos_id = (find(self.PAD_NAMES),
+                                             find(self.BOS_NAMES),
+                                             find(self.EOS_NAMES))
+    if self.pad_id != PAD_ID:
+      raise ValueError(f"HFTokenizer: {self.path!r} has pad id {self.pad_id} "
+                       f"(tokens {list(self.PAD_NAMES)}); expected {PAD_ID} "
+                       "(train it with train_hf_bpe)")
+    if self.eos_id is None:
+      raise ValueError(f"HFTokenizer: {self.path!r} has no eos token (one of "
+                       f"{list(self.EOS_NAMES)}); expected one (documents are "
+                       "separated by EOS)")
+    if self.bos_id is None:
+      self.bos_id = self.eos_id
+    self._special = {self.pad_id, self.bos_id, self.eos_id}
+
+  def __getstate__(self):
+    return {"path": self.path, "json": self._json}
+
+  def __setstate__(self, state):
+    self.path = state["path"]
+    self._load(state["json"])
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids, int32 [n], of ``text`` (no special tokens added)."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+      text = bytes(text).decode("utf-8", errors="replace")
+    elif not isinstance(text, str):
+      raise ValueError(f"encode: text is a {type(text).__name__}; expected str or bytes")
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids,
+                      dtype=np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ``ids``; pad/bos/eos are skipped."""
+    ids = _as_ids(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    return self._tok.decode([int(i) for i in ids if int(i) not in self._special],
+                            skip_special_tokens=False)
+
+  def __repr__(self):
+    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def train_hf_bpe(files: Sequence[str], vocab_size: int, *, path: str | None = None,
+                 min_frequency: int = 2) -> "HFTokenizer":
+  """Trains a byte-level BPE tokenizer (GPT-2 style) with ``tokenizers``.
+
+  Byte-level: every string encodes (no unknown token) and ``decode(encode(s))
+  == s``. Ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, then the 256 byte
+  symbols and the merges. Training reads the files in the given order and is
+  deterministic: the same files and options give the same tokenizer.json.
+
+  Args:
+    files: text files.
+    vocab_size: vocabulary size, including the 3 specials and 256 byte symbols.
+    path: where to write tokenizer.json; None keeps it in memory only
+      (``.path`` is None).
+    min_frequency: merges need a pair seen at least this often.
+
+  Returns:
+    The HFTokenizer (``data.tokenizer=hf`` with ``data.tokenizer_path=path``
+    uses the written file).
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  files = [os.fspath(f) for f in ([files] if isinstance(files, str) else files)]
+  if not files:
+    raise ValueError("train_hf_bpe: files is empty; expected text file paths")
+  for f in files:
+    if not os.path.isfile(f):
+      raise ValueError(f"train_hf_bpe: file {f!r} does not exist")
+  minimum = 256 + len(HF_SPECIALS)
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or (
+      vocab_size <= minimum):
+    raise ValueError(f"train_hf_bpe: vocab_size={vocab_size!r}; expected an int "
+                     f"> {minimum} (256 byte symbols + {len(HF_SPECIALS)} specials)")
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency,
+      special_tokens=list(HF_SPECIALS), show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train(files, trainer)
+  text = tok.to_str()
+  out = HFTokenizer.__new__(HFTokenizer)
+  out.path = None
+  if path is not None:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    out.path = path
+  out._load(text)  # pylint: disable=protected-access
+  return out
+
+
 def make_tokenizer(kind: str, path: str | None = None):
-  """The tokenizer ``kind`` ("byte" or "sentencepiece", which needs ``path``)."""
+  """The tokenizer ``kind`` ("byte"; "sentencepiece" or "hf", which need
+  ``path``: the .model file or the tokenizer.json)."""
   if kind == "byte":
     if path is not None:
       raise ValueError(f"make_tokenizer: path={path!r} with kind='byte'; expected "
@@ -182,4 +319,9 @@ def make_tokenizer(kind: str, path: str | None = None):
       raise ValueError("make_tokenizer: kind='sentencepiece' needs path, the "
                        ".model file; got None")
     return SentencePieceTokenizer(path)
+  if kind == "hf":
+    if path is None:
+      raise ValueError("make_tokenizer: kind='hf' needs path, the "
+                       "tokenizer.json file; got None")
+    return HFTokenizer(path)
   raise ValueError(f"make_tokenizer: kind={kind!r}; expected one of {list(KINDS)}")

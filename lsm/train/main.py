@@ -4,7 +4,12 @@ lsm-train --config=configs/gla.py:smoke=True --workdir=/tmp/gla \
   --config.optim.lr=1e-3 --config.train.num_steps=200
 
 (also ``python -m lsm.train``). The config is locked: a misspelt override key
-or a value of the wrong type stops the run before anything starts.
+or a value of the wrong type stops the run before anything starts. Every config
+value, data source and the workdir are checked before anything is written:
+bad input is one line (``lsm-train: error: model.n_heads=0: expected a positive
+int``), exit code 2; ``--traceback`` adds the traceback. A run that finishes
+prints a summary: final losses, throughput, where its files are, and the
+``lsm-eval`` / ``lsm-generate`` / ``lsm-plot`` commands for it.
 
 Several processes (hosts): start the same command in each; under SLURM, Open MPI
 or a TPU slice it joins them through ``jax.distributed`` by itself, elsewhere
@@ -12,14 +17,19 @@ add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. See
 lsm/train/distributed.py and launch/.
 """
 
+import json
 import logging
 import os
+import shlex
+import statistics
 import sys
+from pathlib import Path
 
-import jax
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from lsm.train import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
@@ -42,30 +52,199 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 _TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_s", 300, "Seconds to wait for the coordinator and for "
     "every process to join before stopping with an error.")
+_SUMMARY = flags.DEFINE_boolean(
+    "summary", True, "At the end, print the run's final losses, throughput, "
+    "files and the commands that evaluate, sample and plot it.")
+_SAMPLE_TOKENS = flags.DEFINE_integer(
+    "sample_tokens", 0, "With the summary: also print a sample of this many "
+    "tokens from the final model (text runs; 0 for none).", lower_bound=0)
+
+PROG = "lsm-train"
 
 
-_started = False
+def check_workdir(workdir: str) -> Path:
+  """The workdir may exist (as a directory) or be creatable; nothing is made."""
+  path = Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise cli.UsageError(f"--workdir={workdir}: is a file; expected a directory "
+                         "(created if missing)")
+  parent = path.absolute()
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise cli.UsageError(f"--workdir={workdir}: {parent} is a file; expected a "
+                         "directory path")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise cli.UsageError(f"--workdir={workdir}: {parent} is not writable; "
+                         "expected a directory this user can write")
+  return path
+
+
+def check_config(config, workdir: Path):
+  """Every section, the data source, tokenizer and task, without writing
+  anything; returns the typed RunConfig. Raises cli.UsageError (one line)."""
+  from lsm.data import text_builder
+  from lsm.data.pipeline import make_tokenizer_for, open_text_source
+  from lsm.tasks import make_task
+  from lsm.train import checkpoint as ckpt_lib
+  from lsm.train import loop
+
+  extra = sorted(set(config.keys()) - set(loop.SECTIONS))
+  if extra:
+    raise cli.UsageError(f"config sections {extra}: unknown; expected "
+                         f"{sorted(loop.SECTIONS)}")
+  for name, typ in loop.SECTIONS.items():
+    section = config.get(name)
+    if section is None:
+      continue
+    section = section.to_dict() if hasattr(section, "to_dict") else section
+    try:
+      typ(**section)
+    except (TypeError, ValueError) as e:
+      raise cli.UsageError(cli.section_message(name, e, section)) from None
+  try:
+    run = loop.RunConfig.from_config(config)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  data = run.data
+  if data.source == "local_text":
+    try:
+      text_builder.expand_globs(data.globs)
+    except ValueError as e:
+      raise cli.UsageError(f"data.globs={list(data.globs)}: {cli.one_line(e)}"
+                           .replace("build_local_text: ", "")) from None
+  elif data.source == "tfds":
+    try:
+      open_text_source(data, data.train_split)
+    except ValueError as e:
+      raise cli.UsageError(f"data.name={data.name!r}: {cli.one_line(e)}"
+                           .replace("DataConfig: ", "")) from None
+  vocab, what = None, ""
+  if data.source == "task":
+    try:
+      vocab, what = make_task(run.task).vocab_size, "task"
+    except ValueError as e:
+      raise cli.UsageError(f"task: {cli.one_line(e)}") from None
+  else:
+    try:
+      vocab, what = make_tokenizer_for(data).vocab_size, "tokenizer"
+    except (ValueError, OSError, RuntimeError) as e:
+      raise cli.UsageError(
+          f"data.tokenizer_path={data.tokenizer_path!r}: {cli.one_line(e)}") from None
+  if vocab is not None and vocab > run.model.vocab_size:
+    raise cli.UsageError(
+        f"model.vocab_size={run.model.vocab_size}: smaller than the {what}'s "
+        f"vocabulary ({vocab}); expected at least {vocab}")
+  # A workdir that holds another model's run is refused before config.json
+  # is overwritten (the trainer would refuse it at restore, after writing).
+  previous = workdir / "config.json"
+  if (not run.train.start_fresh and previous.is_file()
+      and any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))):
+    try:
+      saved = json.loads(previous.read_text()).get("model", {})
+    except (OSError, json.JSONDecodeError):
+      saved = {}
+    diff = ckpt_lib.config_diff(saved, loop._jsonable(run.model))
+    if diff:
+      raise cli.UsageError(
+          f"--workdir={workdir}: holds checkpoints of a different model "
+          f"(model.{diff[0]}{'; ...' if len(diff) > 1 else ''}); expected the "
+          "same model, another --workdir, or --config.train.start_fresh=True "
+          "(archives the old run)")
+  return run
+
+
+def check_mesh(run):
+  """The mesh against the devices, and the batch against the mesh."""
+  from lsm.parallel.mesh import make_mesh
+  from lsm.train import loop
+  try:
+    mesh = make_mesh(run.mesh)
+    loop._check_shapes(run, mesh, None, "")
+  except ValueError as e:
+    raise cli.UsageError(cli.one_line(e)) from None
 
 
 def main(argv):
-  global _started
-  _started = True
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_args(argv)
   # Orbax and grain log every file they write at INFO through absl; keep
   # theirs at WARNING and lsm's own at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("lsm").setLevel(logging.INFO)
-  from lsm.train import distributed  # after flag parsing: a bad flag fails fast
-  from lsm.train import loop
+  workdir = check_workdir(_WORKDIR.value)
+  run = check_config(_CONFIG.value, workdir)
+  import jax  # after the checks: bad input fails fast
+  from lsm.train import distributed, loop
   distributed.initialize(distributed.DistributedOptions(
       mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
       timeout_s=_TIMEOUT.value))
+  check_mesh(run)
   if jax.process_index() != 0:
     # Process 0 speaks for the run; the others only warn.
     logging.getLogger("lsm").setLevel(logging.WARNING)
-  loop.train(_CONFIG.value, _WORKDIR.value)
+  loop.train(_CONFIG.value, workdir)
+  if _SUMMARY.value and jax.process_index() == 0:
+    print(summary(workdir, run, sys.argv), flush=True)
+    if _SAMPLE_TOKENS.value and run.data.source != "task":
+      print(sample(workdir, _SAMPLE_TOKENS.value), flush=True)
+
+
+def _command(*parts: str) -> str:
+  return " ".join(shlex.quote(p) for p in parts)
+
+
+def summary(workdir: Path, run, argv) -> str:
+  """What the run reached and where its files are, with the commands that
+  evaluate, sample and compare it."""
+  from lsm.train.metrics import read_metrics
+  records = read_metrics(workdir / "metrics.jsonl")
+  train = [r for _, r in sorted(records.items()) if "loss" in r]
+  evals = [(s, r) for s, r in sorted(records.items())
+           if any(k.startswith("eval_") for k in r)]
+  lines = ["", f"== run {workdir} =="]
+  if train:
+    last = train[-1]
+    # The first record's rate includes compilation: report the median.
+    rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+    lines.append(f"step {last['step']}: train loss {last['loss']:.4f}"
+                 + (f", {statistics.median(rates):,.0f} tokens/s (median)"
+                    if rates else ""))
+  if evals:
+    step, rec = evals[-1]
+    shown = {k: v for k, v in rec.items() if k.startswith("eval_") and
+             (k.endswith("loss") or k.endswith("scaled_accuracy"))}
+    lines.append(f"step {step}: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.4f}" for k, v in sorted(shown.items())))
+  lines += [f"checkpoints  {workdir / 'checkpoints'}",
+            f"metrics      {workdir / 'metrics.jsonl'}",
+            f"tensorboard  tensorboard --logdir {workdir / 'tensorboard'}"]
+  bin_dir = Path(argv[0]).parent if argv and "/" in argv[0] else None
+  tool = lambda name: (str(bin_dir / name) if bin_dir and (  # noqa: E731
+      bin_dir / name).exists() else name)
+  lines.append("next:")
+  lines.append("  " + _command(tool("lsm-eval"), f"--workdir={workdir}"))
+  if run.data.source != "task":
+    lines.append("  " + _command(tool("lsm-generate"), f"--workdir={workdir}",
+                                 "--prompt=def ", "--max_new_tokens=200"))
+  lines.append("  " + _command(tool("lsm-plot"), str(workdir), "--metric=loss",
+                               f"--out={workdir / 'loss.png'}"))
+  return "\n".join(lines)
+
+
+def sample(workdir: Path, n_tokens: int, temperature: float = 0.8) -> str:
+  """A sample of ``n_tokens`` from the newest checkpoint, starting a document."""
+  import jax
+  import numpy as np
+  from lsm.models.decoding import generate
+  from lsm.train import restore
+  run = restore.open_run(workdir)
+  prompt = np.asarray([[run.tokenizer.eos_id]], np.int32)
+  out = generate(run.model, prompt, max_new_tokens=n_tokens,
+                 key=jax.random.key(0), temperature=temperature, top_k=40)
+  text = run.tokenizer.decode(np.asarray(out[0, 1:]))
+  return (f"sample ({n_tokens} tokens, temperature {temperature}, top-k 40, "
+          f"step {run.step}):\n{text}\n")
 
 
 def _config_package_on_path(argv: list[str]):
@@ -85,18 +264,7 @@ def _config_package_on_path(argv: list[str]):
 
 def run():
   _config_package_on_path(sys.argv)
-  try:
-    app.run(main)
-  except (AttributeError, KeyError) as e:
-    if _started:
-      raise
-    # ml_collections reports an override of a key the config does not have as
-    # an AttributeError during flag parsing, before main; say so plainly.
-    message = " ".join(str(e).replace("\\n", "\n").replace("\\'", "'")
-                       .replace("'", "").split())
-    print(f"FATAL Flags parsing error: a --config override names a key that "
-          f"the config does not have: {message}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main, PROG)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,63 @@ def test_train_sentencepiece_errors(sp_model, tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
     tokenizers.train_sentencepiece([str(tmp_path / "no.txt")], str(tmp_path / "m"),
                                    vocab_size=340)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory, sp_model):
+  corpus, _ = sp_model
+  path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+  return corpus, tokenizers.train_hf_bpe([str(corpus)], 400, path=str(path))
+
+
+def test_hf_bpe_round_trip(hf_model):
+  _, tok = hf_model
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (400, 0, 1, 2)
+  loaded = tokenizers.make_tokenizer("hf", tok.path)
+  # Byte-level: characters never seen in training ("€", the emoji) still encode.
+  for text in [*TEXTS, "alpha über model €", "naïve state 😀\n"]:
+    ids = loaded.encode(text)
+    assert ids.dtype == np.int32
+    assert np.all((ids > tok.eos_id) & (ids < tok.vocab_size)), text
+    assert loaded.decode(ids) == text
+    np.testing.assert_array_equal(loaded.encode(text.encode()), ids)
+  ids = loaded.encode("alpha beta")
+  assert loaded.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == "alpha beta"
+  assert len(loaded.encode("attention model")) < len("attention model")
+  again = pickle.loads(pickle.dumps(loaded))
+  np.testing.assert_array_equal(again.encode("linear state"),
+                                loaded.encode("linear state"))
+
+
+def test_hf_bpe_training_is_deterministic(hf_model, tmp_path):
+  corpus, tok = hf_model
+  again = tokenizers.train_hf_bpe([str(corpus)], 400, path=str(tmp_path / "t.json"))
+  assert (tmp_path / "t.json").read_text() == open(tok.path).read()
+  in_memory = tokenizers.train_hf_bpe([str(corpus)], 400)
+  assert in_memory.path is None
+  np.testing.assert_array_equal(in_memory.encode("über recurrent"),
+                                again.encode("über recurrent"))
+
+
+def test_hf_errors(hf_model, tmp_path):
+  corpus, _ = hf_model
+  with pytest.raises(ValueError, match="vocab_size=100"):
+    tokenizers.train_hf_bpe([str(corpus)], 100)
+  with pytest.raises(ValueError, match="does not exist"):
+    tokenizers.train_hf_bpe([str(tmp_path / "no.txt")], 400)
+  with pytest.raises(ValueError, match="needs path"):
+    tokenizers.make_tokenizer("hf")
+  with pytest.raises(ValueError, match="is not a file"):
+    tokenizers.make_tokenizer("hf", str(tmp_path / "none.json"))
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  with pytest.raises(ValueError, match="not a tokenizers JSON"):
+    tokenizers.HFTokenizer(str(bad))
+  # A tokenizer whose pad is not id 0 would turn the packer's zero padding into
+  # real tokens: refused.
+  import tokenizers as hf
+  t = hf.Tokenizer(hf.models.BPE())
+  t.add_special_tokens(["<eos>", "<pad>"])
+  t.save(str(tmp_path / "pad1.json"))
+  with pytest.raises(ValueError, match="pad id 1"):
+    tokenizers.HFTokenizer(str(tmp_path / "pad1.json"))

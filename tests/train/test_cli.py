@@ -106,3 +106,64 @@ def test_bad_override_is_a_clear_error(corpus, tmp_path, override, match):
   assert out.returncode != 0
   assert match in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+  """An existing workdir (a finished run) that bad commands must not touch."""
+  workdir = tmp_path_factory.mktemp("existing") / "run"
+  out = _run(_command(*corpus, workdir, "--config.train.num_steps=4",
+                      script=True), timeout=240)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+def _snapshot(workdir):
+  return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in workdir.rglob("*")}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.n_heads=0", "model.n_heads=0: expected a positive int"),
+    ("--config.train.num_steps=-3", "train.num_steps=-3: expected a positive int"),
+    ("--workdir={afile}", "--workdir={afile}: is a file; expected a directory"),
+    ("--config.model.d_model=64", "--workdir={workdir}: holds checkpoints of a "
+     "different model (model.d_model: checkpoint has 32, config has 64"),
+    ("--config.data.globs=('/nonexistent/*.txt',)",
+     "glob '/nonexistent/*.txt' matches no files; expected at least one text file"),
+    ("--config.data.tokenizer=hf", "data.tokenizer_path=None with tokenizer='hf': "
+     "expected the tokenizer.json file path"),
+    ("--config.model.mixer=gru", "model.mixer='gru': unknown mixer 'gru'"),
+    ("--config.data.batch_size=3", "data.batch_size=3 must split into "
+     "train.grad_accum=2"),
+    ("--config.optim.lrr=0.1", "--config.optim.lrr=0.1: the config has no field "
+     "optim.lrr; did you mean 'lr'?"),
+    ("--config.model.vocab_size=100", "model.vocab_size=100: smaller than the "
+     "tokenizer's vocabulary (259)"),
+])
+def test_bad_input_is_one_line_and_exit_2(corpus, finished_run, tmp_path,
+                                          override, message):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  fill = lambda s: s.format(afile=afile, workdir=finished_run)  # noqa: E731
+  extra = ["--config.train.grad_accum=2"] if "batch_size" in override else []
+  before = _snapshot(finished_run)
+  out = _run(_command(*corpus, finished_run, fill(override), *extra, script=True),
+             timeout=120)
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert out.stderr.startswith("lsm-train: error: "), out.stderr[-2000:]
+  assert out.stderr.count("\n") == 1 and fill(message) in out.stderr, out.stderr
+  assert _snapshot(finished_run) == before
+  if override != "--config.model.n_heads=0":
+    return
+  with_tb = _run(_command(*corpus, finished_run, fill(override), *extra,
+                          "--traceback", script=True), timeout=120)
+  assert with_tb.returncode == 2
+  assert "Traceback" in with_tb.stderr
+  assert with_tb.stderr.splitlines()[-1] == out.stderr.strip()
+
+
+def test_new_workdir_is_not_created_on_bad_input(corpus, tmp_path):
+  out = _run(_command(*corpus, tmp_path / "new", "--config.model.n_heads=0",
+                      script=True), timeout=120)
+  assert out.returncode == 2 and not (tmp_path / "new").exists()
