@@ -3,7 +3,13 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 Run from the repo root. Benchmarks the chunked vs reference impls of gla,
 delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
 into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan,
---repeats N, --markdown.
+--repeats N, --markdown, --segments.
+
+With --segments it prints a second kind of table instead: the chunked impl's
+fwd+bwd with ``segment_ids`` (packed documents, state resets) against the same
+call without, on the same inputs; documents are DOC_LEN tokens on average
+(lengths drawn from a geometric distribution, seeded), so starts fall anywhere
+in a chunk.
 
 For each op, sequence length T and impl ("chunked", "reference") it measures, in
 float32 on CPU at B=2, H=4, K=V=64:
@@ -41,6 +47,7 @@ import jax
 jax.config.update("jax_platforms", "cpu")
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from experiments.benchmarking import format_table, median_ms  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
@@ -51,6 +58,7 @@ B, H, K, V = 2, 4, 64, 64
 IMPLS = ("chunked", "reference")
 OPS = ("gla", "delta_rule", "ssm_scan")
 SEED = 0
+DOC_LEN = 512  # mean document length of the --segments rows
 # With --repeats 0 (default) the number of timed calls is chosen from the warm-up
 # call's time so that each measurement takes about TIME_BUDGET_S, clipped to
 # [MIN_REPEATS, MAX_REPEATS]: e.g. 3 calls for a 2 s reference fwd+bwd.
@@ -127,23 +135,34 @@ def plain_chunked_gla(q, k, v, log_g, chunk_size=64):
   return o, h_t
 
 
-def make_forward(op: str, impl: str):
+def make_segment_ids(T: int):
+  """int32 [B, T] document ids: lengths ~ geometric with mean DOC_LEN."""
+  rng = np.random.default_rng(SEED)
+  rows = []
+  for _ in range(B):
+    lengths = rng.geometric(1 / DOC_LEN, size=T)  # more than enough
+    rows.append(np.repeat(np.arange(1, T + 1), lengths)[:T])
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def make_forward(op: str, impl: str, segment_ids=None):
   """The op as a function of its array inputs, returning (output, final state)."""
   if op == "gla" and impl == "plain":
     return plain_chunked_gla
+  seg = {} if segment_ids is None else {"segment_ids": segment_ids}
   if op == "gla":
-    return lambda q, k, v, log_g: gla(q, k, v, log_g, impl=impl)
+    return lambda q, k, v, log_g: gla(q, k, v, log_g, impl=impl, **seg)
   if op == "delta_rule":
     return lambda q, k, v, beta, log_g: delta_rule(q, k, v, beta, log_g=log_g,
-                                                   impl=impl)
+                                                   impl=impl, **seg)
   if op == "ssm_scan":
-    return lambda a, b: ssm_scan(a, b, impl=impl)
+    return lambda a, b: ssm_scan(a, b, impl=impl, **seg)
   raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
 
-def make_forward_backward(op: str, impl: str, n_args: int):
+def make_forward_backward(op: str, impl: str, n_args: int, segment_ids=None):
   """Gradients of sum(output ** 2) with respect to all ``n_args`` inputs."""
-  forward = make_forward(op, impl)
+  forward = make_forward(op, impl, segment_ids)
 
   def loss(*args):
     out, _ = forward(*args)
@@ -152,15 +171,17 @@ def make_forward_backward(op: str, impl: str, n_args: int):
   return jax.grad(loss, argnums=tuple(range(n_args)))
 
 
-def bench_one(op: str, impl: str, T: int, repeats: int) -> dict:
+def bench_one(op: str, impl: str, T: int, repeats: int, segments=False) -> dict:
   """Times fwd and fwd+bwd of one (op, impl, T), and the fwd+bwd temp memory.
 
   Returns:
     dict with fwd_ms, fwdbwd_ms and temp_mib (None if XLA reports no analysis).
   """
   args = make_inputs(op, T)
-  fwd = jax.jit(make_forward(op, impl)).lower(*args).compile()
-  fwdbwd = jax.jit(make_forward_backward(op, impl, len(args))).lower(*args).compile()
+  ids = make_segment_ids(T) if segments else None
+  fwd = jax.jit(make_forward(op, impl, ids)).lower(*args).compile()
+  fwdbwd = jax.jit(make_forward_backward(op, impl, len(args), ids)).lower(
+      *args).compile()
   mem = fwdbwd.memory_analysis()
   temp_mib = None if mem is None else mem.temp_size_in_bytes / 2**20
   timed = lambda compiled: median_ms(compiled, repeats, TIME_BUDGET_S, MIN_REPEATS,
@@ -188,6 +209,17 @@ def row_cells(op: str, T: int, res: dict) -> list[str]:
           mib(c["temp_mib"]), mib(r["temp_mib"]), *plain]
 
 
+SEGMENT_COLUMNS = ("op", "T", "fwd+bwd chunked (ms)", "with segment_ids (ms)",
+                   "ratio", "temp chunked (MiB)", "temp with segment_ids (MiB)")
+
+
+def segment_row(op: str, T: int, plain: dict, packed: dict) -> list[str]:
+  mib = lambda x: "n/a" if x is None else f"{x:.1f}"
+  return [op, str(T), f"{plain['fwdbwd_ms']:.1f}", f"{packed['fwdbwd_ms']:.1f}",
+          f"{packed['fwdbwd_ms'] / plain['fwdbwd_ms']:.2f}x",
+          mib(plain["temp_mib"]), mib(packed["temp_mib"])]
+
+
 def main():
   parser = argparse.ArgumentParser(
       description="Chunked vs reference timings and memory of the lsm ops on CPU.")
@@ -201,6 +233,9 @@ def main():
                       f"warm-up time (about {TIME_BUDGET_S:g} s each)")
   parser.add_argument("--markdown", action="store_true",
                       help="print a Markdown table (for BENCHMARKS.md)")
+  parser.add_argument("--segments", action="store_true",
+                      help="chunked with vs without segment_ids (packed "
+                      f"documents of mean length {DOC_LEN}) instead")
   args = parser.parse_args()
 
   device = jax.devices()[0]
@@ -212,6 +247,18 @@ def main():
       f"repeats={args.repeats or 'auto'}; speedup = reference / chunked",
   ]
   rows = []
+  if args.segments:
+    header[1] += f"; documents of mean length {DOC_LEN}"
+    for op in args.ops:
+      for T in args.T:
+        plain, packed = (bench_one(op, "chunked", T, args.repeats, segments=s)
+                         for s in (False, True))
+        print(f"done {op} T={T}", file=sys.stderr, flush=True)
+        rows.append(segment_row(op, T, plain, packed))
+    print("\n".join(header))
+    print()
+    print(format_table(SEGMENT_COLUMNS, rows, args.markdown, left=2))
+    return
   for op in args.ops:
     for T in args.T:
       impls = IMPLS + (("plain",) if op == "gla" else ())

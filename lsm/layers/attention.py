@@ -29,7 +29,7 @@ def _rope(x, positions, base: float):
 
   Args:
     x: [B, T, H, K] queries or keys, K even.
-    positions: [T] int32 absolute positions.
+    positions: [T] or [B, T] int32 positions (per row for packed documents).
     base: the frequency base (10000 in the paper).
 
   Returns:
@@ -37,9 +37,10 @@ def _rope(x, positions, base: float):
   """
   half = x.shape[-1] // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, K/2]
-  cos = jnp.cos(angles)[None, :, None, :]  # [1, T, 1, K/2]
-  sin = jnp.sin(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, K/2]
+  angles = jnp.broadcast_to(angles, (x.shape[0], x.shape[1], half))
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, K/2]
+  sin = jnp.sin(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
   # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): x * cos + rotate_half(x) * sin.
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
           f"Attention: cache pos={pos} plus T={T} exceeds max_len={max_len}; "
           f"expected pos + T <= max_len")
 
-  def __call__(self, x, cache=None):
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """Causal attention over x, or over the cache followed by x.
 
     Without a cache, x holds positions 0..T-1. With one, x holds positions
@@ -169,9 +170,15 @@ class Attention(nnx.Module):
     the caller's responsibility: ``dynamic_update_slice`` clamps the start
     index, so an overflowing write would silently overwrite earlier positions.
 
+    Packed rows (no cache): with ``segment_ids`` a query attends only to keys
+    of its own document, and ``positions`` (the pipeline's, restarting at 0 in
+    each document) place RoPE, so each document is attended as if alone.
+
     Args:
       x: [B, T, D] inputs.
       cache: optional dict from ``init_cache`` (or a previous call).
+      segment_ids: optional int [B, T] document ids (lsm.data.packing).
+      positions: optional int [B, T] RoPE positions; 0..T-1 when None.
 
     Returns:
       (y [B, T, D] in x.dtype, the updated cache with pos + T, or None when no
@@ -179,18 +186,23 @@ class Attention(nnx.Module):
     """
     B, T, _ = x.shape
     if cache is not None:
+      if segment_ids is not None or positions is not None:
+        raise ValueError("Attention: segment_ids / positions are given with a "
+                         "cache; expected them only for a cacheless forward "
+                         "pass (decoding continues one sequence)")
       self._check_room(cache, T)
     q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
     k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
 
     if cache is None:
-      positions = jnp.arange(T, dtype=jnp.int32)
+      if positions is None:
+        positions = jnp.arange(T, dtype=jnp.int32)
       q = _rope(q, positions, self.rope_base)
       k = _rope(k, positions, self.rope_base)
       # Causal (sliding-window) attention; with a seq mesh axis, keys and values
       # are gathered over it (LASP-2H, lsm.parallel.sequence).
-      o = sequence.attention(q, k, v, window=self.window)
+      o = sequence.attention(q, k, v, window=self.window, segment_ids=segment_ids)
       new_cache = None
     else:
       max_len = cache["k"].shape[1]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.sharding import param
+from lsm.ops.common import segments
 from lsm.parallel import axes
 
 
@@ -37,19 +38,32 @@ class ShortConv(nnx.Module):
   def init_cache(self, batch: int, dtype=jnp.float32):
     return jnp.zeros((batch, self.width - 1, self.kernel[...].shape[1]), dtype)
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, C]; cache: optional [B, W-1, C] previous inputs (zeros = start).
+  def __call__(self, x, cache=None, *, segment_ids=None):
+    """x: [B, T, C]; cache: optional [B, W-1, C] previous inputs (zeros = start);
+    segment_ids: optional int [B, T] document ids of packed rows (a token
+    starts a document where its id differs from the previous token's): no tap
+    reads across a document start, so each document's first tokens see zeros
+    before them, as at the start of a sequence. The cache's inputs belong to
+    the first document.
     Returns (y [B, T, C] in x.dtype, new cache or None)."""
-    T = x.shape[1]
+    T, W = x.shape[1], self.width
     if cache is None:
       # A pad, not a concatenate with zeros: with T sharded over ``seq`` XLA
       # then moves only the (W-1)-token halos between neighbours instead of
       # resharding the whole input.
-      xp = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))  # [B, W-1+T, C]
+      xp = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))  # [B, W-1+T, C]
     else:
       xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
     w = self.kernel[...].astype(jnp.float32)
-    y = sum(xp[:, i:i + T].astype(jnp.float32) * w[i] for i in range(self.width))
+    taps = [xp[:, i:i + T].astype(jnp.float32) for i in range(W)]
+    if segment_ids is not None:
+      # Tap i reads token t - (W-1) + i: kept while no document starts in
+      # (t - (W-1) + i, t], i.e. the count of starts up to t is unchanged.
+      doc = jnp.cumsum(segments.resets(segment_ids).astype(jnp.int32), axis=1)
+      docp = jnp.pad(doc, ((0, 0), (W - 1, 0)))  # the padding (or cache) is doc 0
+      taps = [jnp.where((docp[:, i:i + T] == doc)[..., None], tap, 0.0)
+              for i, tap in enumerate(taps)]
+    y = sum(tap * w[i] for i, tap in enumerate(taps))
     y = self._act(y + self.bias[...]).astype(x.dtype)
     new_cache = None if cache is None else xp[:, T:]
     return y, new_cache

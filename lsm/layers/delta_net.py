@@ -94,7 +94,7 @@ class DeltaNet(nnx.Module):
   def _split(self, y):
     return y.reshape(*y.shape[:-1], self.n_heads, y.shape[-1] // self.n_heads)
 
-  def _qkv(self, x, conv_cache, step: bool):
+  def _qkv(self, x, conv_cache, step: bool, segment_ids=None):
     """Projections, short convs (sequence or one step), activations, heads."""
     qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
     new_cache = None
@@ -102,7 +102,7 @@ class DeltaNet(nnx.Module):
       outs, new_cache = [], []
       for i, (conv, y) in enumerate(zip(self.convs, qkv)):
         c = None if conv_cache is None else conv_cache[i]
-        y, c = conv.step(y, c) if step else conv(y, c)
+        y, c = conv.step(y, c) if step else conv(y, c, segment_ids=segment_ids)
         outs.append(y)
         new_cache.append(c)
       qkv = outs
@@ -140,17 +140,23 @@ class DeltaNet(nnx.Module):
       cache["conv"] = [conv.init_cache(batch) for conv in self.convs]
     return cache
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None). ``segment_ids``: optional
+    int [B, T] document ids of packed rows: the state and the short
+    convolutions restart at every document (``positions`` is accepted for the
+    mixer protocol and unused)."""
+    del positions
     conv_cache = None if cache is None else cache.get("conv")
     if cache is not None and self.convs is not None and conv_cache is None:
       raise ValueError(f"{type(self).__name__}: cache has no 'conv' entry")
-    q, k, v, conv_cache = self._qkv(x, conv_cache, step=False)
+    q, k, v, conv_cache = self._qkv(x, conv_cache, step=False,
+                                    segment_ids=segment_ids)
     beta, log_g = self._gates(x)
     h0 = None if cache is None else cache["h"]
     # sequence.delta_rule is the op, split over the mesh's seq axis if it has one.
     o, h_t = sequence.delta_rule(q, k, v, beta, log_g=log_g, h0=h0,
-                                 chunk_size=self.chunk_size, impl=self.impl)
+                                 chunk_size=self.chunk_size, impl=self.impl,
+                                 segment_ids=segment_ids)
     y = self._output(o, x)
     if cache is None:
       return y, None

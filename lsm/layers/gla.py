@@ -85,13 +85,16 @@ class GLA(nnx.Module):
     return {"h": jnp.zeros((batch, H, self.key_dim // H, self.value_dim // H),
                            jnp.float32)}
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None). ``segment_ids``: optional
+    int [B, T] document ids of packed rows: the state restarts at every
+    document (``positions`` is accepted for the mixer protocol and unused)."""
+    del positions
     q, k, v, gate, log_g = self._project(x)
     h0 = None if cache is None else cache["h"]
     # sequence.gla is the op, split over the mesh's seq axis when it has one.
     o, h_t = sequence.gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size,
-                          impl=self.impl)
+                          impl=self.impl, segment_ids=segment_ids)
     y = self._output(o, gate)
     return y, (None if cache is None else {"h": h_t})
 

@@ -105,19 +105,20 @@ class Mamba(nnx.Module):
 
   # -- pieces ------------------------------------------------------------------
 
-  def _gate_and_input(self, u, conv_cache):
+  def _gate_and_input(self, u, conv_cache, segment_ids=None):
     """in_proj and the short conv.
 
     Args:
       u: [B, T, D], any float dtype.
       conv_cache: optional [B, W-1, E] conv window.
+      segment_ids: optional int [B, T] document ids (the conv restarts).
 
     Returns:
       x: [B, T, E] conv output; z: [B, T, E] gate (both u.dtype); the conv cache
       (None when none was given).
     """
     xz = jnp.einsum("btd,dke->btke", u, self.in_proj[...].astype(u.dtype))
-    x, new_cache = self.conv(xz[:, :, 0], conv_cache)
+    x, new_cache = self.conv(xz[:, :, 0], conv_cache, segment_ids=segment_ids)
     if conv_cache is not None:
       # ShortConv hands the window back in x's dtype; keep the cache's own, so
       # a lax.scan over step has a carry of fixed dtype (bf16 x, f32 cache).
@@ -164,22 +165,26 @@ class Mamba(nnx.Module):
     return {"conv": self.conv.init_cache(batch),
             "h": jnp.zeros((batch, self.d_inner, self.state_size), jnp.float32)}
 
-  def __call__(self, u, cache=None):
+  def __call__(self, u, cache=None, *, segment_ids=None, positions=None):
     """Parallel over T through ssm_scan, from ``cache`` when given.
 
     Args:
       u: [B, T, D] input, any float dtype.
       cache: optional {"conv": [B, W-1, E], "h": [B, E, N] float32}.
+      segment_ids: optional int [B, T] document ids of packed rows: the state
+        and the short convolution restart at every document.
+      positions: accepted for the mixer protocol; unused.
 
     Returns:
       y: [B, T, D] in u.dtype; the updated cache when one was given, else None.
     """
+    del positions
     x, z, conv_cache = self._gate_and_input(
-        u, None if cache is None else cache["conv"])
+        u, None if cache is None else cache["conv"], segment_ids)
     a, b, c = self._ssm_inputs(x)
     # sequence.ssm_scan is the op, split over the mesh's seq axis if it has one.
     h, h_t = sequence.ssm_scan(a, b, h0=None if cache is None else cache["h"],
-                               impl=self.impl)
+                               impl=self.impl, segment_ids=segment_ids)
     y = self._output(h, c, x, z)
     return y, (None if cache is None else {"conv": conv_cache, "h": h_t})
 

@@ -253,14 +253,19 @@ class _DiagonalSSM(nnx.Module):
     del max_len
     return {"h": jnp.zeros((batch, self.d_model, self.state_size), jnp.float32)}
 
-  def __call__(self, x, cache=None):
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """Parallel over T: FFT convolution (mode="conv", no cache, no sequence
-    parallelism) or ssm_scan from ``cache["h"]`` (a zero state when there is no
-    cache).
+    parallelism, no documents) or ssm_scan from ``cache["h"]`` (a zero state
+    when there is no cache).
 
     Args:
       x: [B, T, D] input, any float dtype.
       cache: optional {"h": [B, H, N] float32} state before x.
+      segment_ids: optional int [B, T] document ids of packed rows: the state
+        restarts at every document. A convolution cannot restart, so with
+        segment ids the recurrent form runs, in either mode (exact; the same
+        function as the convolution on one document).
+      positions: accepted for the mixer protocol; unused.
 
     Returns:
       y: [B, T, D] in x.dtype; the updated cache when one was given, else None.
@@ -268,11 +273,13 @@ class _DiagonalSSM(nnx.Module):
     # Under sequence parallelism (mesh seq > 1) the recurrent form runs instead
     # of the FFT: the same function, but its communication is one state summary
     # per device, where an FFT over a sharded T would gather the whole sequence.
-    if cache is None and self.mode == "conv" and sequence.seq_size() == 1:
+    del positions
+    if (cache is None and self.mode == "conv" and sequence.seq_size() == 1
+        and segment_ids is None):
       s = self._conv(x.astype(jnp.float32))
       return self._output(s, x), None
     h0 = None if cache is None else cache["h"]
-    s, h_t = self._scan(x.astype(jnp.float32), h0)
+    s, h_t = self._scan(x.astype(jnp.float32), h0, segment_ids)
     return self._output(s, x), (None if cache is None else {"h": h_t})
 
   def step(self, x_t, cache):
@@ -318,12 +325,14 @@ class _DiagonalSSM(nnx.Module):
     x_f = jnp.fft.rfft(x, n=2 * t, axis=1)  # [B, T+1, H]
     return jnp.fft.irfft(x_f * k_f.T, n=2 * t, axis=1)[:, :t]
 
-  def _scan(self, x, h0):
+  def _scan(self, x, h0, segment_ids=None):
     """SSM output through ssm_scan in the rotating frame (module docstring).
 
     Args:
       x: [B, T, H] float32.
       h0: optional [B, H, N] float32 state.
+      segment_ids: optional int [B, T] document ids. A reset zeroes the
+        rotating-frame state g, hence h = phase * g: exact in this frame.
 
     Returns:
       [B, T, H] float32 output (without the D skip); [B, H, N] float32 state.
@@ -335,7 +344,8 @@ class _DiagonalSSM(nnx.Module):
     u = jnp.conj(phase) * db * x[..., None]  # [B, T, H, M]
     b = _join(u)  # [B, T, H, N]
     a = jnp.broadcast_to(jnp.tile(jnp.exp(log_r), 2), b.shape)
-    g, g_t = sequence.ssm_scan(a, b, h0=h0, impl=self.impl)  # split over seq
+    g, g_t = sequence.ssm_scan(a, b, h0=h0, impl=self.impl,  # split over seq
+                               segment_ids=segment_ids)
     h = phase * _split(g, m)  # [B, T, H, M]
     s = 2 * jnp.sum(jnp.real(c * h), axis=-1)
     return s, _join(phase[-1] * _split(g_t, m))

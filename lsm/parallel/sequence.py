@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from lsm.ops.common import segments as _segments
 from lsm.ops.delta_rule import delta_rule as _delta_rule_op
 from lsm.ops.gla import gla as _gla_op
 from lsm.ops.ssm_scan import ssm_scan as _ssm_scan_op
@@ -171,6 +172,15 @@ def _fold(summary, h0, apply, axis, like):
   return h_in, states[-1]
 
 
+def _with_resets(segment_ids):
+  """(segment_ids, their reset flags over the whole row), or (None, None).
+  The flags are taken before the split: whether a slice's first token starts a
+  document depends on the previous slice's last id."""
+  if segment_ids is None:
+    return None, None
+  return segment_ids, _segments.resets(segment_ids)
+
+
 def _shard_map(body, mesh, in_specs, out_specs):
   # check_vma=False: the ops are written for any caller and start their scans
   # from constants (zero states, identity matrices) that shard_map's type check
@@ -202,6 +212,15 @@ def _run(body, mesh, arrays, specs, out_specs):
 # -- GLA ----------------------------------------------------------------------
 
 
+def _reach(resets):
+  """bool [B, t]: no document starts in the slice up to and including t, so
+  the state entering the slice reaches t (M and Q are zero from the first
+  reset on); None without documents."""
+  if resets is None:
+    return None
+  return jnp.cumsum(resets.astype(jnp.int32), axis=1) == 0
+
+
 def _gla_gates(log_g, shape):
   """None, [B, T, H] or [B, T, H, K] log gates -> float32 [B, T, H, K]."""
   if log_g is None:
@@ -212,14 +231,18 @@ def _gla_gates(log_g, shape):
   return jnp.broadcast_to(log_g, shape)
 
 
-def gla_slice(q, k, v, log_g, h0, *, call, scale: float, axis: str):
+def gla_slice(q, k, v, log_g, h0, segment_ids=None, resets=None, *, call,
+              scale: float, axis: str):
   """One device's part of sequence-parallel GLA, inside shard_map (or a vmap
   with ``axis_name=axis``, which tests use to check it on one device).
 
   Args:
     q, k, v, log_g: this slice of the op's inputs, [B, t, H, *].
     h0: [B, H, K, V] float32 state before the first slice, or None for zeros.
-    call: the op, ``call(q, k, v, log_g, h0=...) -> (o, h_t)``.
+    segment_ids, resets: this slice of the row's document ids and of their
+      global reset flags (``segments.resets`` of the whole row: the slice's
+      first token may start a document), [B, t]; or None.
+    call: the op, ``call(q, k, v, log_g, h0=..., segment_ids=...) -> (o, h_t)``.
     scale: the query scale the op applies.
     axis: the sequence axis name.
 
@@ -227,25 +250,32 @@ def gla_slice(q, k, v, log_g, h0, *, call, scale: float, axis: str):
     o: [B, t, H, V] in q.dtype; h_T: [B, H, K, V] float32 after the last slice.
   """
   V = v.shape[-1]
-  o0, d = call(q, k, v, log_g, h0=None)  # zero start: [B, t, H, V], [B, H, K, V]
+  # zero start: [B, t, H, V], [B, H, K, V]
+  o0, d = call(q, k, v, log_g, h0=None, segment_ids=segment_ids)
   cum = jnp.cumsum(_gla_gates(log_g, q.shape), axis=1)  # [B, t, H, K]
   decay = jnp.exp(cum[:, -1])  # [B, H, K]: the slice's total decay
+  reach = _reach(resets)  # [B, t]: the incoming state still reaches t
+  if reach is not None:
+    decay = jnp.where(reach[:, -1, None, None], decay, 0.0)
   summary = jnp.concatenate([d, decay[..., None]], axis=-1)  # [B, H, K, V + 1]
   apply = lambda x, h: x[..., V:] * h + x[..., :V]  # noqa: E731
   h_in, h_t = _fold(summary, h0, apply, axis, d)
   q_eff = scale * q.astype(jnp.float32) * jnp.exp(cum)
+  if reach is not None:
+    q_eff = jnp.where(reach[..., None, None], q_eff, 0.0)
   o = o0.astype(jnp.float32) + _einsum("bthk,bhkv->bthv", q_eff, h_in)
   return o.astype(q.dtype), h_t
 
 
 def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
-        axis: str = SEQ_AXIS):
+        segment_ids=None, axis: str = SEQ_AXIS):
   """``lsm.ops.gla.gla``, sequence-parallel over ``axis`` when the current mesh
   has it with size > 1 (module docstring); the op itself otherwise.
 
   Args:
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_g: [B, T, H, K], [B, T, H] or None;
-      h0: optional [B, H, K, V] float32; scale, chunk_size, impl: as the op.
+      h0: optional [B, H, K, V] float32; scale, chunk_size, impl, segment_ids:
+      as the op (documents may start anywhere, slice edges included).
     axis: the mesh axis that splits T.
 
   Returns:
@@ -254,29 +284,34 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   n = seq_size(axis)
   call = functools.partial(_gla_op, scale=scale, chunk_size=chunk_size, impl=impl)
   if n == 1:
-    return call(q, k, v, log_g, h0=h0)
-  jax.eval_shape(lambda *a: call(*a[:4], h0=a[4]), q, k, v, log_g, h0)  # checks
+    return call(q, k, v, log_g, h0=h0, segment_ids=segment_ids)
+  jax.eval_shape(lambda *a: call(*a[:4], h0=a[4], segment_ids=a[5]),
+                 q, k, v, log_g, h0, segment_ids)  # the op's own checks
   B, T, H, K = q.shape
   _check_length("gla", T, n, axis)
   s = K ** -0.5 if scale is None else float(scale)
   mesh = _mesh()
   bs, hs = _layout(mesh, B, H)
   body = functools.partial(gla_slice, call=call, scale=s, axis=axis)
-  x_spec, st_spec = P(bs, axis, hs), P(bs, hs)
-  return _run(body, mesh, (q, k, v, log_g, h0),
-              (x_spec, x_spec, x_spec, x_spec, st_spec), (x_spec, st_spec))
+  x_spec, st_spec, seg_spec = P(bs, axis, hs), P(bs, hs), P(bs, axis)
+  return _run(body, mesh, (q, k, v, log_g, h0, *_with_resets(segment_ids)),
+              (x_spec, x_spec, x_spec, x_spec, st_spec, seg_spec, seg_spec),
+              (x_spec, st_spec))
 
 
 # -- delta rule ---------------------------------------------------------------
 
 
-def delta_rule_slice(q, k, v, beta, log_g, h0, *, call, axis: str):
+def delta_rule_slice(q, k, v, beta, log_g, h0, segment_ids=None, resets=None, *,
+                     call, axis: str):
   """One device's part of the sequence-parallel delta rule (as ``gla_slice``).
 
   Args:
     q, k, v, beta, log_g: this slice of the op's inputs (log_g may be None).
     h0: [B, H, K, V] float32 state before the first slice, or None for zeros.
-    call: the op, ``call(q, k, v, beta, log_g=..., h0=...) -> (o, h_t)``.
+    segment_ids, resets: as in ``gla_slice``.
+    call: the op, ``call(q, k, v, beta, log_g=..., h0=..., segment_ids=...)
+      -> (o, h_t)``.
     axis: the sequence axis name.
 
   Returns:
@@ -289,7 +324,19 @@ def delta_rule_slice(q, k, v, beta, log_g, h0, *, call, axis: str):
   v_aug = jnp.concatenate([jnp.zeros((B, t, H, K), v.dtype), v], axis=-1)
   eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, H, K, K))
   h_aug = jnp.concatenate([eye, jnp.zeros((B, H, K, V), jnp.float32)], axis=-1)
-  o_aug, summary = call(q, k, v_aug, beta, log_g=log_g, h0=h_aug)  # [.., K + V]
+  o_aug, summary = call(q, k, v_aug, beta, log_g=log_g, h0=h_aug,
+                        segment_ids=segment_ids)  # [.., K + V]
+  if resets is not None:
+    # The op's resets zero the identity columns after any document start but
+    # the slice's first token, which the op cannot see: a document that starts
+    # there drops the incoming state altogether (M = 0 and Q = 0).
+    keep = jnp.logical_not(resets[:, 0])
+    summary = jnp.concatenate(
+        [jnp.where(keep[:, None, None, None], summary[..., :K], 0.0),
+         summary[..., K:]], axis=-1)
+    o_aug = jnp.concatenate(
+        [jnp.where(keep[:, None, None, None], o_aug[..., :K], 0),
+         o_aug[..., K:]], axis=-1)
 
   def apply(x, h):  # S_out = M S_in + D
     return _einsum("bhkj,bhjv->bhkv", x[..., :K], h) + x[..., K:]
@@ -301,14 +348,14 @@ def delta_rule_slice(q, k, v, beta, log_g, h0, *, call, axis: str):
 
 
 def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
-               impl="auto", axis: str = SEQ_AXIS):
+               impl="auto", segment_ids=None, axis: str = SEQ_AXIS):
   """``lsm.ops.delta_rule.delta_rule``, sequence-parallel over ``axis`` when the
   current mesh has it with size > 1 (module docstring); the op otherwise.
 
   Args:
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] in [0, 2]; log_g:
       optional [B, T, H]; h0: optional [B, H, K, V] float32; scale, chunk_size,
-      impl: as the op.
+      impl, segment_ids: as the op.
     axis: the mesh axis that splits T.
 
   Returns:
@@ -318,17 +365,18 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   call = functools.partial(_delta_rule_op, scale=scale, chunk_size=chunk_size,
                            impl=impl)
   if n == 1:
-    return call(q, k, v, beta, log_g=log_g, h0=h0)
-  jax.eval_shape(lambda *a: call(*a[:4], log_g=a[4], h0=a[5]),
-                 q, k, v, beta, log_g, h0)  # the op's own argument checks
+    return call(q, k, v, beta, log_g=log_g, h0=h0, segment_ids=segment_ids)
+  jax.eval_shape(lambda *a: call(*a[:4], log_g=a[4], h0=a[5], segment_ids=a[6]),
+                 q, k, v, beta, log_g, h0, segment_ids)  # the op's own checks
   B, T, H, _ = q.shape
   _check_length("delta_rule", T, n, axis)
   mesh = _mesh()
   bs, hs = _layout(mesh, B, H)
   body = functools.partial(delta_rule_slice, call=call, axis=axis)
-  x_spec, st_spec = P(bs, axis, hs), P(bs, hs)
-  return _run(body, mesh, (q, k, v, beta, log_g, h0),
-              (x_spec, x_spec, x_spec, x_spec, x_spec, st_spec), (x_spec, st_spec))
+  x_spec, st_spec, seg_spec = P(bs, axis, hs), P(bs, hs), P(bs, axis)
+  return _run(body, mesh,
+              (q, k, v, beta, log_g, h0, *_with_resets(segment_ids)),
+              (x_spec,) * 5 + (st_spec, seg_spec, seg_spec), (x_spec, st_spec))
 
 
 # -- diagonal SSM scan --------------------------------------------------------
@@ -354,18 +402,24 @@ _cumprod = jax.checkpoint(
     lambda a: jax.lax.associative_scan(jnp.multiply, a, axis=1))
 
 
-def ssm_scan_slice(a, b, h0, *, call, axis: str):
+def ssm_scan_slice(a, b, h0, resets=None, *, call, axis: str):
   """One device's part of the sequence-parallel SSM scan (as ``gla_slice``).
 
   Args:
     a, b: this slice of the op's inputs, [B, t, ...].
     h0: [B, ...] float32 state before the first slice, or None for zeros.
+    resets: this slice of the row's reset flags (``segments.resets`` of the
+      whole row), [B, t], or None. A reset is a_t = 0 (exact for this scan),
+      applied here, so the op and the transition both see it.
     call: the op, ``call(a, b, h0=...) -> (y, h_t)``.
     axis: the sequence axis name.
 
   Returns:
     y: [B, t, ...] in b.dtype; h_T: [B, ...] float32 after the last slice.
   """
+  if resets is not None:
+    a = jnp.where(resets.reshape(*resets.shape, *(1,) * (a.ndim - 2)),
+                  jnp.zeros((), a.dtype), a)
   y0, d = call(a, b, h0=None)
   cum = _cumprod(a.astype(jnp.float32))  # [B, t, ...]
   summary = jnp.stack([cum[:, -1], d])  # [2, B, ...]
@@ -375,14 +429,15 @@ def ssm_scan_slice(a, b, h0, *, call, axis: str):
   return y.astype(b.dtype), h_t
 
 
-def ssm_scan(a, b, *, h0=None, impl="auto", axis: str = SEQ_AXIS):
+def ssm_scan(a, b, *, h0=None, impl="auto", segment_ids=None,
+             axis: str = SEQ_AXIS):
   """``lsm.ops.ssm_scan.ssm_scan``, sequence-parallel over ``axis`` when the
   current mesh has it with size > 1 (module docstring); the op otherwise.
 
   Args:
     a: [B, T, ...] decays in [-1, 1]; b: [B, T, ...] inputs; h0: optional
-      [B, ...] float32; impl: as the op. The first trailing dim (heads or
-      channels) is split over ``tensor`` where it divides.
+      [B, ...] float32; impl, segment_ids: as the op. The first trailing dim
+      (heads or channels) is split over ``tensor`` where it divides.
     axis: the mesh axis that splits T.
 
   Returns:
@@ -391,8 +446,9 @@ def ssm_scan(a, b, *, h0=None, impl="auto", axis: str = SEQ_AXIS):
   n = seq_size(axis)
   call = functools.partial(_ssm_scan_op, impl=impl)
   if n == 1:
-    return call(a, b, h0=h0)
-  jax.eval_shape(lambda *x: call(x[0], x[1], h0=x[2]), a, b, h0)  # checks
+    return call(a, b, h0=h0, segment_ids=segment_ids)
+  jax.eval_shape(lambda *x: call(x[0], x[1], h0=x[2], segment_ids=x[3]),
+                 a, b, h0, segment_ids)  # the op's own checks
   B, T = b.shape[:2]
   _check_length("ssm_scan", T, n, axis)
   mesh = _mesh()
@@ -402,18 +458,41 @@ def ssm_scan(a, b, *, h0=None, impl="auto", axis: str = SEQ_AXIS):
   body = functools.partial(ssm_scan_slice, call=call, axis=axis)
   x_spec = P(bs, axis, hs) if hs is not None else P(bs, axis)
   st_spec = P(bs, hs) if hs is not None else P(bs)
-  return _run(body, mesh, (a, b, h0), (x_spec, x_spec, st_spec), (x_spec, st_spec))
+  resets = None if segment_ids is None else _segments.resets(segment_ids)
+  return _run(body, mesh, (a, b, h0, resets),
+              (x_spec, x_spec, st_spec, P(bs, axis)), (x_spec, st_spec))
 
 
 # -- softmax attention (hybrid stacks) ----------------------------------------
 
 
-def attention_slice(q, k, v, *, window: int | None, axis: str):
+def _attention_mask(q_pos, k_pos, window, q_doc=None, k_doc=None):
+  """bool [B or 1, 1, t, S]: causal, within the window, and (with documents)
+  in the query's document. q_pos [t], k_pos [S]; q_doc [B, t], k_doc [B, S]."""
+  mask = k_pos[None, :] <= q_pos[:, None]  # [t, S]
+  if window is not None:
+    mask &= k_pos[None, :] > q_pos[:, None] - window
+  mask = mask[None, None]
+  if q_doc is not None:
+    mask = mask & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+  return mask
+
+
+def document_index(segment_ids):
+  """int32 [B, T]: the number of document starts up to each token (packed
+  rows; ``lsm.ops.common.segments``): equal for two tokens iff they are in one
+  document."""
+  return jnp.cumsum(_segments.resets(segment_ids).astype(jnp.int32), axis=1)
+
+
+def attention_slice(q, k, v, doc=None, *, window: int | None, axis: str):
   """One device's part of sequence-parallel causal attention: its query slice
   against all keys and values, gathered in one collective, in global positions.
 
   Args:
     q: [B, t, N, D] this slice's queries; k, v: [B, t, N_kv, D].
+    doc: this slice of ``document_index`` of the whole row, [B, t], or None;
+      gathered like the keys (a second, O(T)-int collective).
     window: sliding-window length, or None.
     axis: the sequence axis name.
 
@@ -423,15 +502,14 @@ def attention_slice(q, k, v, *, window: int | None, axis: str):
   t = q.shape[1]
   kv = jax.lax.all_gather(jnp.stack([k, v]), axis, axis=2, tiled=True)
   q_pos = jax.lax.axis_index(axis) * t + jnp.arange(t)
-  k_pos = jnp.arange(kv.shape[2])
-  mask = k_pos[None, :] <= q_pos[:, None]  # [t, T]
-  if window is not None:
-    mask &= k_pos[None, :] > q_pos[:, None] - window
-  return jax.nn.dot_product_attention(q, kv[0], kv[1], mask=mask[None, None],
+  k_doc = None if doc is None else jax.lax.all_gather(doc, axis, axis=1, tiled=True)
+  mask = _attention_mask(q_pos, jnp.arange(kv.shape[2]), window, doc, k_doc)
+  return jax.nn.dot_product_attention(q, kv[0], kv[1], mask=mask,
                                       implementation=None)
 
 
-def attention(q, k, v, *, window: int | None = None, axis: str = SEQ_AXIS):
+def attention(q, k, v, *, window: int | None = None, segment_ids=None,
+              axis: str = SEQ_AXIS):
   """Causal softmax attention, ``jax.nn.dot_product_attention(q, k, v,
   is_causal=True, local_window_size=(window - 1, 0) or None)``, with keys and
   values all-gathered over ``axis`` when the current mesh has it with size > 1
@@ -441,6 +519,8 @@ def attention(q, k, v, *, window: int | None = None, axis: str = SEQ_AXIS):
     q: [B, T, N, D] queries; k, v: [B, T, N_kv, D], N_kv dividing N (grouped
       query attention, as jax.nn.dot_product_attention groups heads).
     window: sliding-window length W (positions t-W+1..t), or None.
+    segment_ids: optional int [B, T] document ids of packed rows: a query
+      attends only to keys of its own document.
     axis: the mesh axis that splits T.
 
   Returns:
@@ -448,7 +528,16 @@ def attention(q, k, v, *, window: int | None = None, axis: str = SEQ_AXIS):
   """
   n = seq_size(axis)
   local = None if window is None else (window - 1, 0)
+  doc = None
+  if segment_ids is not None:
+    _segments.check("attention", segment_ids, *q.shape[:2])
+    doc = document_index(segment_ids)
   if n == 1:
+    if doc is not None:
+      pos = jnp.arange(q.shape[1])
+      return jax.nn.dot_product_attention(
+          q, k, v, mask=_attention_mask(pos, pos, window, doc, doc),
+          implementation=None)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                         local_window_size=local,
                                         implementation=None)
@@ -461,4 +550,4 @@ def attention(q, k, v, *, window: int | None = None, axis: str = SEQ_AXIS):
   bs, hs = _layout(mesh, B, k.shape[2])
   body = functools.partial(attention_slice, window=window, axis=axis)
   spec = P(bs, axis, hs)
-  return _shard_map(body, mesh, (spec, spec, spec), spec)(q, k, v)
+  return _run(body, mesh, (q, k, v, doc), (spec, spec, spec, P(bs, axis)), spec)

@@ -5,7 +5,9 @@ sequence parallelism (lsm.parallel.sequence) against one device.
    meshes with seq = 2, 4 and 8 (combined with data and tensor axes): outputs,
    final states and the gradients of every input and of h0 equal the
    single-device op within the float32 "invariant" tolerance, at T / seq not a
-   multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays.
+   multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays;
+   and the linear ops on packed rows (segment_ids) with document starts inside
+   slices, several in one slice, at slice edges, and slices without one.
 2. Compiled HLO of one layer's forward + backward on seq = 8: exactly one
    all-gather and one reduce-scatter per linear op, no other collective, of the
    same byte size at T = 1024 and T = 4096.
@@ -56,7 +58,17 @@ _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "c64": 8, "c128": 16, "s64": 
           "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 
 
-def _inputs(seed, B, T, H, K, V, *, gate: str, h0: bool):
+def _segment_ids(B, T):
+  """Packed rows of documents (T = 40): starts inside slices, several in one
+  slice, exactly at slice edges of every mesh here (10, 20), and slices with
+  none."""
+  assert (B, T) == (2, 40), (B, T)
+  lengths = ((10, 3, 1, 26), (20, 7, 13))
+  return jnp.asarray(np.stack([np.repeat(np.arange(1, len(n) + 1), n)
+                               for n in lengths]), jnp.int32)
+
+
+def _inputs(seed, B, T, H, K, V, *, gate: str, h0: bool, segments=False):
   """Seeded inputs: keys unit-norm, strong per-channel decay, beta in [0, 2],
   signed SSM decays with exact zeros. numpy's generator: compiling jax.random's
   costs more than the checks."""
@@ -78,6 +90,12 @@ def _inputs(seed, B, T, H, K, V, *, gate: str, h0: bool):
   if h0:
     x["h0"] = f32(n(B, H, K, V))
     x["h0_ssm"] = f32(n(B, H, K))
+  if segments:
+    x["segment_ids"] = _segment_ids(B, T)
+    # Mild decays, so that a state wrongly carried across a start would show.
+    for name in ("log_g", "log_g_head"):
+      if x[name] is not None:
+        x[name] = 0.05 * x[name]
   return x
 
 
@@ -95,14 +113,17 @@ def _ops(mod, chunk: int, impl: str = "chunked"):
   return {
       "gla": lambda x: (mod.gla if is_seq else gla)(
           x["q"], x["k"], x["v"], x.get("log_g"), h0=x.get("h0"), chunk_size=chunk,
-          impl=impl),
+          impl=impl, segment_ids=x.get("segment_ids")),
       "gated_delta_rule": lambda x: (mod.delta_rule if is_seq else delta_rule)(
           x["q"], x["k"], x["v"], x["beta"], log_g=x["log_g_head"],
-          h0=x.get("h0"), chunk_size=chunk, impl=impl),
+          h0=x.get("h0"), chunk_size=chunk, impl=impl,
+          segment_ids=x.get("segment_ids")),
       "delta_rule": lambda x: (mod.delta_rule if is_seq else delta_rule)(
-          x["q"], x["k"], x["v"], x["beta"], chunk_size=chunk, impl=impl),
+          x["q"], x["k"], x["v"], x["beta"], chunk_size=chunk, impl=impl,
+          segment_ids=x.get("segment_ids")),
       "ssm_scan": lambda x: (mod.ssm_scan if is_seq else ssm_scan)(
-          x["a"], x["b"], h0=x.get("h0_ssm"), impl=impl),
+          x["a"], x["b"], h0=x.get("h0_ssm"), impl=impl,
+          segment_ids=x.get("segment_ids")),
       "attention": attention,
   }
 
@@ -112,9 +133,11 @@ def _grads_fn(ops, names):
   cotangents on every output (so final states count too)."""
   def run(x):
     out = {}
+    seg = x.get("segment_ids")  # not differentiated
     for name in names:
-      arrays = {k: v for k, v in x.items() if v is not None}
-      ys, pull = jax.vjp(ops[name], arrays)
+      arrays = {k: v for k, v in x.items()
+                if v is not None and k != "segment_ids"}
+      ys, pull = jax.vjp(lambda a: ops[name]({**a, "segment_ids": seg}), arrays)
       cts = tuple(jnp.cos(0.37 * jnp.arange(y.size, dtype=jnp.float32) + i
                           ).reshape(y.shape) for i, y in enumerate(ys))
       out[name] = (ys, pull(cts)[0])
@@ -137,8 +160,9 @@ def _mesh(shape):
   return make_mesh(MeshConfig(shape=shape))
 
 
-def check_ops(results, *, names, shape_args, gate, h0, chunk, tag):
-  x = _inputs(0, *shape_args, gate=gate, h0=h0)
+def check_ops(results, *, names, shape_args, gate, h0, chunk, tag,
+              segments=False):
+  x = _inputs(0, *shape_args, gate=gate, h0=h0, segments=segments)
   t0 = time.perf_counter()
   expected = _grads_fn(_ops(None, chunk), names)(x)
   for shape in MESHES:
@@ -269,6 +293,9 @@ def main(slow: bool):
     check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan", "attention"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="default")
+    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan"),
+              shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
+              tag="documents", segments=True)
     t1 = time.perf_counter()
     check_hlo(results)
     t2 = time.perf_counter()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsm.ops.common import segments
 from lsm.ops.delta_rule import delta_rule
 from lsm.ops.gla import gla
 from lsm.ops.ssm_scan import ssm_scan
@@ -102,6 +103,60 @@ def test_slices_compose_into_the_whole_sequence(name):
   y_e, h_e = jax.jit(whole)(x)
   numerics.assert_close(y, y_e, rtol=RTOL, what=f"{name} output")
   for i in range(N):  # every slice computes the same final state
+    numerics.assert_close(h_t[:, i], h_e, rtol=RTOL, what=f"{name} h_T slice {i}")
+
+
+# Packed rows (T = 40, N = 4 slices of 10): document starts inside slices,
+# several in one slice, exactly at slice edges (10, 20, 30), slices with none.
+_LENGTHS = ((10, 3, 1, 26), (20, 7, 3, 10))
+_SEGMENT_IDS = jnp.asarray(np.stack(
+    [np.repeat(np.arange(1, len(n) + 1), n) for n in _LENGTHS]), jnp.int32)
+
+DOC_CASES = {
+    "gla": (lambda ids, resets, x, h0: sequence.gla_slice(
+        x["q"], x["k"], x["v"], x["log_g"], h0, ids, resets,
+        call=functools.partial(gla, scale=K ** -0.5, chunk_size=16, impl=IMPL),
+        scale=K ** -0.5, axis=sequence.SEQ_AXIS),
+            lambda x: gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"],
+                          chunk_size=16, impl=IMPL, segment_ids=_SEGMENT_IDS)),
+    "gated_delta_rule": (lambda ids, resets, x, h0: sequence.delta_rule_slice(
+        x["q"], x["k"], x["v"], x["beta"], x["log_g_head"], h0, ids, resets,
+        call=functools.partial(delta_rule, chunk_size=16, impl=IMPL),
+        axis=sequence.SEQ_AXIS),
+                         lambda x: delta_rule(
+                             x["q"], x["k"], x["v"], x["beta"],
+                             log_g=x["log_g_head"], h0=x["h0"], chunk_size=16,
+                             impl=IMPL, segment_ids=_SEGMENT_IDS)),
+    "ssm_scan": (lambda ids, resets, x, h0: sequence.ssm_scan_slice(
+        x["a"], x["q"], h0[..., 0], resets,
+        call=functools.partial(ssm_scan, impl=IMPL), axis=sequence.SEQ_AXIS),
+                 lambda x: ssm_scan(x["a"], x["q"], h0=x["h0"][..., 0],
+                                    impl=IMPL, segment_ids=_SEGMENT_IDS)),
+}
+
+
+@pytest.mark.parametrize("name", list(DOC_CASES))
+def test_slices_compose_with_documents(name):
+  """Each slice sees its part of the row's document ids and the reset flags of
+  the whole row (a slice's first token may start a document); composed, they
+  give the op on the whole packed row."""
+  slice_fn, whole = DOC_CASES[name]
+  # Mild decays, so that a state wrongly carried across a start would show.
+  x = {n: v * 0.05 if n.startswith("log_g") else v for n, v in _inputs().items()}
+  resets = segments.resets(_SEGMENT_IDS)
+
+  def emulate(x):
+    per_slice = lambda a: a.reshape(a.shape[0], N, T // N, *a.shape[2:])
+    xs = {k: per_slice(v) for k, v in x.items() if k != "h0"}
+    return jax.vmap(lambda ids, r, xs: slice_fn(ids, r, xs, x["h0"]),
+                    in_axes=1, out_axes=1, axis_name=sequence.SEQ_AXIS)(
+                        per_slice(_SEGMENT_IDS), per_slice(resets), xs)
+
+  y, h_t = jax.jit(emulate)(x)
+  y = y.reshape(y.shape[0], T, *y.shape[3:])
+  y_e, h_e = jax.jit(whole)(x)
+  numerics.assert_close(y, y_e, rtol=RTOL, what=f"{name} output")
+  for i in range(N):
     numerics.assert_close(h_t[:, i], h_e, rtol=RTOL, what=f"{name} h_T slice {i}")
 
 

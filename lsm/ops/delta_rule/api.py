@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 from lsm.ops import _dispatch
-from lsm.ops.common import checks, kernel_shapes
+from lsm.ops.common import checks, kernel_shapes, segments
 from lsm.ops.delta_rule import chunked, pallas_triton, pallas_tpu, reference
 
 _IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
@@ -21,7 +21,7 @@ def _per_head(op, name, x, shape, letters, *, default=None):
 
 
 def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
-               impl="auto", interpret=False):
+               impl="auto", interpret=False, segment_ids=None):
   """DeltaNet, or Gated DeltaNet with ``log_g``. Matches ``reference.delta_rule``;
   the math is there.
 
@@ -40,6 +40,11 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
       platform, slow; for tests). For "pallas_tpu" it may also be a
       ``pltpu.InterpretParams()``, which emulates TPU memory semantics.
+    segment_ids: optional int [B, T] document ids of packed rows (a token
+      starts a document where its id differs from the previous token's): the
+      state entering each document is zero, h0 applies to the first document of
+      each row. "reference" and "chunked" only for now; "auto" then picks
+      "chunked".
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
@@ -54,10 +59,10 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
   checks.check_scale(_OP, scale)
   checks.check_chunk_size(_OP, chunk_size)
-  name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
+  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T)
   scale = K ** -0.5 if scale is None else float(scale)
-  kwargs = _dispatch.pallas_kwargs(_OP, name, interpret)
-  if kwargs:
+  kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
+  if "interpret" in kwargs:
     kernel_shapes.check(_OP, name, chunk_size=chunk_size, K=K, V=V)
   return _IMPLS[name](q, k, v, beta, log_g, h0=h0, scale=scale,
                       chunk_size=chunk_size, **kwargs)

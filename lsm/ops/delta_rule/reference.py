@@ -12,6 +12,10 @@ per head (0 without gating: plain DeltaNet, S_t = S_{t-1} + beta_t k_t (v_t -
 k_t^T S_{t-1})^T). S_0 = h0 (zeros when absent), scale defaults to K^{-1/2}, and
 the output at t sees token t.
 
+Packed documents (``segment_ids``, see ``lsm.ops.common.segments``): where token
+t starts a document (t > 0), S_{t-1} is replaced by 0 in the update; h0 enters
+the row's first document only, and the final state is the state after T-1.
+
 Negative eigenvalues: with ||k_t|| = 1 the transition I - beta_t k_t k_t^T has
 eigenvalue 1 - beta_t along k_t, so beta_t in [0, 2] gives eigenvalues in
 [-1, 1] (Grazzi et al. 2024); nothing here assumes beta <= 1. Keys are expected to
@@ -54,17 +58,23 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, log_g_t, h, *, scale: float):
 
 
 def delta_rule(q, k, v, beta, log_g, *, h0, scale: float,
-               chunk_size: int | None = None):
+               chunk_size: int | None = None, resets=None):
   """The delta rule over a sequence, token by token. Arguments as in
   ``lsm.ops.delta_rule.delta_rule`` with ``log_g`` already a float32 [B, T, H]
-  array and ``h0`` a float32 array; chunk_size is ignored."""
+  array and ``h0`` a float32 array; chunk_size is ignored. ``resets`` (bool
+  [B, T], ``segments.resets(segment_ids)``) zeroes the state entering each
+  document's first token."""
   del chunk_size
   f32 = jnp.float32
+  if resets is None:
+    resets = jnp.zeros(q.shape[:2], bool)
   xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, beta, log_g))
 
   def body(h, x):
+    *x, reset = x
+    h = jnp.where(reset[:, None, None, None], 0.0, h)
     o_t, h = delta_rule_step(*x, h, scale=scale)
     return h, o_t
 
-  h_t, o = jax.lax.scan(body, h0, xs)
+  h_t, o = jax.lax.scan(body, h0, (*xs, jnp.moveaxis(resets, 1, 0)))
   return jnp.moveaxis(o, 0, 1).astype(q.dtype), h_t

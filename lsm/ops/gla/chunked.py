@@ -60,6 +60,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lsm.ops.common import segments
 from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -129,12 +130,14 @@ def _local_gate_sums(g):
   return jnp.cumsum(g.at[..., 0, :].set(0.0), axis=-2)
 
 
-def _intra_secondary(q, k, v, g, sub: int):
+def _intra_secondary(q, k, v, g, same, sub: int):
   """Intra-chunk output by secondary chunking: exact for any decay.
 
   Row block i (c = sub tokens) against earlier blocks pivots on r_i, the gate sum
   just before block i: q_t exp(b_t - r_i) and k_s exp(r_i - b_s), both exponents
   <= 0. Diagonal c x c blocks are formed in log space (``_diag_blocks_log``).
+  ``same`` (bool [..., C, C], or None without documents) keeps only pairs in
+  one document.
   """
   *lead, C, K = q.shape
   V = v.shape[-1]
@@ -144,6 +147,11 @@ def _intra_secondary(q, k, v, g, sub: int):
   vs = v.reshape(*lead, m, sub, V)
   gs = g.reshape(*lead, m, sub, K)
   a = _with_diagonal(_diag_blocks_log(qs, ks, _local_gate_sums(gs)), qs, ks)
+  if same is not None:
+    rows = same.reshape(*same.shape[:-2], m, sub, C)  # [..., m, c, C]
+    blocks = rows.reshape(*rows.shape[:-1], m, sub)  # [..., m, c, m, c]
+    diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+    a = jnp.where(diag, a, 0.0)  # [..., m, c, c]
   o = _einsum("...mts,...msv->...mtv", a, vs)  # [..., m, c, V]
   if m == 1:
     return o.reshape(*lead, C, V)
@@ -157,18 +165,22 @@ def _intra_secondary(q, k, v, g, sub: int):
   expo = jnp.where(before[:, :, None], r[..., :, None, :] - b[..., None, :, :], 0.0)
   k_hat = k[..., None, :, :] * jnp.exp(expo)  # [..., m, C, K]
   a_off = _einsum("...mtk,...msk->...mts", q_hat, k_hat)  # [..., m, c, C]
-  a_off = jnp.where(before[:, None, :], a_off, 0.0)
+  keep = before[:, None, :] if same is None else before[:, None, :] & rows
+  a_off = jnp.where(keep, a_off, 0.0)
   o = o + _einsum("...mts,...sv->...mtv", a_off, v)
   return o.reshape(*lead, C, V)
 
 
-def chunk_states(k, v, g, h0):
+def chunk_states(k, v, g, h0, tail=None, carry_out=None):
   """States entering each chunk and the final state (stable form: every
   exponent <= 0).
 
   Args:
     k: [B, H, N, C, K], v: [B, H, N, C, V], g: [B, H, N, C, K] float32 log gates.
     h0: [B, H, K, V] float32.
+    tail, carry_out: with documents, bool [B, 1, N, C, 1] (tokens that reach
+      the state leaving the chunk) and [B, 1, N, 1] (the incoming state does);
+      None without.
 
   Returns:
     h_in: [B, H, N, K, V] state before each chunk; h_T: [B, H, K, V].
@@ -177,8 +189,10 @@ def chunk_states(k, v, g, h0):
   # by one (not b_C - b_s, whose gradient for s = C would cancel two O(1) terms).
   rev = jnp.cumsum(g[..., ::-1, :], axis=-2)[..., ::-1, :]  # sum_{u >= s} g_u
   to_end = jnp.concatenate([rev[..., 1:, :], jnp.zeros_like(rev[..., :1, :])], -2)
-  u = _einsum("bhnck,bhncv->bhnkv", k * jnp.exp(to_end), v)
-  return _state_scan(jnp.exp(rev[..., 0, :]), u, h0)
+  kd, decay = k * jnp.exp(to_end), jnp.exp(rev[..., 0, :])
+  if tail is not None:
+    kd, decay = jnp.where(tail, kd, 0.0), jnp.where(carry_out, decay, 0.0)
+  return _state_scan(decay, _einsum("bhnck,bhncv->bhnkv", kd, v), h0)
 
 
 def _state_scan(decay, u, h0, axis: int = 2):
@@ -193,11 +207,18 @@ def _state_scan(decay, u, h0, axis: int = 2):
   return jnp.moveaxis(h_in, 0, axis), h_t
 
 
-def _stable(q, k, v, g, h0, *, scale, sub):
+def _stable(q, k, v, g, h0, masks, *, scale, sub):
   """The stable form: outputs [B, H, N, C, V] (scaled), h_T and the chunk
-  states h_in."""
-  h_in, h_t = chunk_states(k, v, g, h0)
-  o = _einsum("bhnck,bhnkv->bhncv", q * jnp.exp(jnp.cumsum(g, axis=3)), h_in)
+  states h_in. ``masks``: ``segments.chunk_masks`` ([B, N, ...]) or None."""
+  same = carry = tail = carry_out = None
+  if masks is not None:
+    same, carry, tail = (x[:, None] for x in masks)  # broadcast over H
+    carry, tail, carry_out = carry[..., None], tail[..., None], carry[..., -1:]
+  h_in, h_t = chunk_states(k, v, g, h0, tail, carry_out)
+  q_in = q * jnp.exp(jnp.cumsum(g, axis=3))
+  if carry is not None:
+    q_in = jnp.where(carry, q_in, 0.0)
+  o = _einsum("bhnck,bhnkv->bhncv", q_in, h_in)
   # One chunk at a time (each rematerialised in the backward pass): the
   # secondary form's [m, C, K] and [m, c, c, K] temporaries then exist for one
   # chunk, not all N. XLA sizes the op's temporary buffer for both forms, so
@@ -205,14 +226,16 @@ def _stable(q, k, v, g, h0, *, scale, sub):
   # K=64 (93 MiB with it, when the forms were branches of a cond; the plain
   # form 40 MiB).
   one_chunk = jax.checkpoint(lambda x: _intra_secondary(*x, sub=sub))
-  intra = jax.lax.map(one_chunk, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, g)))
+  per_chunk = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, g))
+  per_chunk += (None if same is None else jnp.moveaxis(same, 2, 0),)
+  intra = jax.lax.map(one_chunk, per_chunk)
   o = o + jnp.moveaxis(intra, 0, 2)
   return scale * o, h_t, h_in
 
 
-def _stable_timewise(q, k, v, g, h0, *, scale, sub, chunk):
+def _stable_timewise(q, k, v, g, h0, masks, *, scale, sub, chunk):
   """``_stable`` on [B, T, H, D] inputs (T % chunk == 0): o [B, T, H, V], h_T."""
-  o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0,
+  o, h_t, _ = _stable(*(to_chunks(x, chunk) for x in (q, k, v, g)), h0, masks,
                       scale=scale, sub=sub)
   return from_chunks(o, q.shape[1]), h_t
 
@@ -244,20 +267,44 @@ def _causal(n):
   return idx[:, None] >= idx[None, :]  # [C, C]
 
 
-def _fast(q, k, v, g, h0, *, scale):
+def _lead_masks(masks):
+  """``segments.chunk_masks`` ([B, N, ...]) in the fast form's layout: same
+  [N, B, 1, C, C], carry and tail [N, B, 1, C, 1], carry_out [N, B, 1, 1]
+  (whether the incoming state leaves the chunk). None stays None."""
+  if masks is None:
+    return None
+  same, carry, tail = (jnp.swapaxes(x, 0, 1)[:, :, None] for x in masks)
+  carry, tail = carry[..., None], tail[..., None]
+  return same, carry, tail, carry[..., -1, :]
+
+
+def _fast(q, k, v, g, h0, masks, *, scale):
   """The fast form on chunks [N, B, H, C, D] (chunk axis first: the state scans
-  then need no transposes): outputs [N, B, H, C, V] (scaled), h_T, and the residuals of
-  ``_fast_bwd``: h_in, the masked intra-chunk matrix a [N, B, H, C, C] and
-  exp(b)."""
+  then need no transposes): outputs [N, B, H, C, V] (scaled), h_T, and the
+  residuals of ``_fast_bwd``: h_in, the masked intra-chunk matrix a
+  [N, B, H, C, C] and exp(b). ``masks``: ``_lead_masks`` or None.
+
+  With documents every term is cut by a mask (see ``segments``): a keeps pairs
+  in one document, the incoming state reaches only tokens before the chunk's
+  first reset (carry), only the last document's tokens reach the outgoing
+  state (tail), and the incoming state leaves the chunk only if no reset is in
+  it (carry_out)."""
   e_pos = jnp.exp(jnp.cumsum(g, axis=3))
   e_neg, e_end = _decay_factors(e_pos)
-  qe = q * e_pos
-  a = jnp.where(_causal(q.shape[3]),
-                _einsum("nbhtk,nbhsk->nbhts", qe, k * e_neg), 0.0)
-  h_in, h_t = _state_scan(e_pos[..., -1, :],  # exp(b_C), the chunk's decay
-                          _einsum("nbhck,nbhcv->nbhkv", k * e_end, v), h0,
+  qe, kd, decay = q * e_pos, k * e_end, e_pos[..., -1, :]  # exp(b_C): decay
+  keep = _causal(q.shape[3])
+  q_in = qe
+  if masks is not None:
+    same, carry, tail, carry_out = masks
+    keep = keep & same
+    q_in = jnp.where(carry, qe, 0.0)
+    kd = jnp.where(tail, kd, 0.0)
+    decay = jnp.where(carry_out, decay, 0.0)
+  a = jnp.where(keep, _einsum("nbhtk,nbhsk->nbhts", qe, k * e_neg), 0.0)
+  h_in, h_t = _state_scan(decay, _einsum("nbhck,nbhcv->nbhkv", kd, v), h0,
                           axis=0)
-  o = _einsum("nbhts,nbhsv->nbhtv", a, v) + _einsum("nbhck,nbhkv->nbhcv", qe, h_in)
+  o = _einsum("nbhts,nbhsv->nbhtv", a, v) + _einsum("nbhck,nbhkv->nbhcv", q_in,
+                                                    h_in)
   return scale * o, h_t, (h_in, a, e_pos)
 
 
@@ -269,37 +316,48 @@ def _use_fast(g, chunk: int):
   return -jnp.min(per_chunk) <= FAST_MAX_DECAY
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunked(q, k, v, g, h0, scale, sub, chunk):
-  return _chunked_fwd(q, k, v, g, h0, scale, sub, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked(q, k, v, g, h0, resets, scale, sub, chunk):
+  return _chunked_fwd(q, k, v, g, h0, resets, scale, sub, chunk)[0]
 
 
-def _chunked_fwd(q, k, v, g, h0, scale, sub, chunk):
-  """Forward on [B, T, H, D] inputs (T % chunk == 0): (o, h_T) and residuals
-  (the inputs and the fast form's; the stable backward recomputes)."""
+def _chunked_fwd(q, k, v, g, h0, resets, scale, sub, chunk):
+  """Forward on [B, T, H, D] inputs (T % chunk == 0; ``resets`` bool [B, T] or
+  None): (o, h_T) and residuals (the inputs and the fast form's; the stable
+  backward recomputes)."""
+  masks = None if resets is None else segments.chunk_masks(resets, chunk)
   fast = _use_fast(g, chunk)
   o, h_t, res = _fast(*(_to_lead_chunks(x, chunk) for x in (q, k, v, g)), h0,
-                      scale=scale)
+                      _lead_masks(masks), scale=scale)
   o = _from_lead_chunks(o)
 
   def stable(carry):
     del carry
-    return False, *_stable_timewise(q, k, v, g, h0, scale=scale, sub=sub,
+    return False, *_stable_timewise(q, k, v, g, h0, masks, scale=scale, sub=sub,
                                     chunk=chunk)
 
   _, o, h_t = jax.lax.while_loop(lambda c: c[0], stable,
                                  (jnp.logical_not(fast), o, h_t))
-  return (o, h_t), (q, k, v, g, h0, res, fast)
+  return (o, h_t), (q, k, v, g, h0, resets, res, fast)
 
 
-def _fast_bwd(scale, q, k, v, res, do, dh_t):
+def _fast_bwd(scale, q, k, v, res, do, dh_t, masks):
   """VJP of ``_fast`` given its residuals (see the module docstring for the
   forward: o = scale [a v + qe h_in], h_{n+1} = decay_n h_n + kd_n^T v_n with
-  qe = q exp(b), ke = k exp(-b), kd = k exp(b_C - b), decay = exp(b_C))."""
+  qe = q exp(b), ke = k exp(-b), kd = k exp(b_C - b), decay = exp(b_C); with
+  documents, ``_fast``'s masks on each term)."""
   h_in, a, e_pos = res
   e_neg, e_end = _decay_factors(e_pos)
   qe, ke, kd, decay = q * e_pos, k * e_neg, k * e_end, e_pos[..., -1, :]
   dos = scale * do
+  keep = _causal(q.shape[3])
+  q_in, kd_out = qe, kd
+  if masks is not None:
+    same, carry, tail, carry_out = masks
+    keep = keep & same
+    q_in = jnp.where(carry, qe, 0.0)
+    kd_out = jnp.where(tail, kd, 0.0)
+    decay = jnp.where(carry_out, decay, 0.0)
 
   # dh_out[n]: gradient for the state leaving chunk n; the carry ends as dh0.
   # The per-chunk products are one batched matmul outside the sequential loop.
@@ -307,16 +365,19 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t):
     d, w_n = x
     return d[..., None] * dh + w_n, dh
 
-  w = _einsum("nbhck,nbhcv->nbhkv", qe, dos)  # [N, B, H, K, V]
+  w = _einsum("nbhck,nbhcv->nbhkv", q_in, dos)  # [N, B, H, K, V]
   dh0, dh_out = jax.lax.scan(step, dh_t, (decay, w), reverse=True)
 
-  da = jnp.where(_causal(q.shape[3]), _einsum("nbhtv,nbhsv->nbhts", dos, v), 0.0)
+  da = jnp.where(keep, _einsum("nbhtv,nbhsv->nbhts", dos, v), 0.0)
   dv = (_einsum("nbhts,nbhtv->nbhsv", a, dos)
-        + _einsum("nbhck,nbhkv->nbhcv", kd, dh_out))
-  dqe = (_einsum("nbhts,nbhsk->nbhtk", da, ke)
-         + _einsum("nbhcv,nbhkv->nbhck", dos, h_in))
-  dke = _einsum("nbhts,nbhtk->nbhsk", da, qe)
+        + _einsum("nbhck,nbhkv->nbhcv", kd_out, dh_out))
+  dq_in = _einsum("nbhcv,nbhkv->nbhck", dos, h_in)
   dkd = _einsum("nbhcv,nbhkv->nbhck", v, dh_out)
+  if masks is not None:
+    dq_in = jnp.where(carry, dq_in, 0.0)
+    dkd = jnp.where(tail, dkd, 0.0)
+  dqe = _einsum("nbhts,nbhsk->nbhtk", da, ke) + dq_in
+  dke = _einsum("nbhts,nbhtk->nbhsk", da, qe)
   # Through b_t = sum_{u <= t} g_u (qe: +b, ke: -b, kd: -b) and through the
   # chunk total b_C (kd: +b_C; the state decay exp(b_C)), which every gate of
   # the chunk enters.
@@ -328,31 +389,37 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t):
 
 
 def _chunked_bwd(scale, sub, chunk, res, cts):
-  q, k, v, g, h0, fast_res, fast = res
+  q, k, v, g, h0, resets, fast_res, fast = res
   do, dh_t = cts
+  masks = None if resets is None else segments.chunk_masks(resets, chunk)
   grads = _fast_bwd(scale, *(_to_lead_chunks(x, chunk) for x in (q, k, v)),
-                    fast_res, _to_lead_chunks(do, chunk), dh_t)
+                    fast_res, _to_lead_chunks(do, chunk), dh_t,
+                    _lead_masks(masks))
   grads = (*(_from_lead_chunks(d) for d in grads[:4]), grads[4])
 
   def stable(carry):
     del carry
-    forward = functools.partial(_stable_timewise, scale=scale, sub=sub,
-                                chunk=chunk)
+    forward = functools.partial(_stable_timewise, masks=masks, scale=scale,
+                                sub=sub, chunk=chunk)
     return False, *jax.vjp(forward, q, k, v, g, h0)[1]((do, dh_t))
 
-  return jax.lax.while_loop(lambda c: c[0], stable,
-                            (jnp.logical_not(fast), *grads))[1:]
+  grads = jax.lax.while_loop(lambda c: c[0], stable,
+                             (jnp.logical_not(fast), *grads))[1:]
+  return (*grads, None)  # no cotangent for the reset flags
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64):
+def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64, resets=None):
   """Chunked GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g`` already
-  [B, T, H, K] and ``h0`` a float32 [B, H, K, V] array."""
+  [B, T, H, K], ``h0`` a float32 [B, H, K, V] array and ``resets`` None or
+  ``segments.resets(segment_ids)``."""
   T, dtype = q.shape[1], q.dtype
   q, k, v, g = (pad_time(x.astype(jnp.float32), chunk_size)
                 for x in (q, k, v, log_g))  # [B, Tp, H, *]
-  o, h_t = _chunked(q, k, v, g, h0.astype(jnp.float32), float(scale),
+  if resets is not None:
+    resets = jnp.pad(resets, ((0, 0), (0, q.shape[1] - T)))
+  o, h_t = _chunked(q, k, v, g, h0.astype(jnp.float32), resets, float(scale),
                     min(chunk_size, SUB_CHUNK), chunk_size)
   return o[:, :T].astype(dtype), h_t

@@ -7,7 +7,12 @@ For each batch element and head, with a float32 state S_t in R^{K x V}:
 
 q_t, k_t and log_g_t are rows in R^K, v_t is a row in R^V, S_0 = h0 (zeros when
 absent) and scale defaults to K^{-1/2}. The output at t sees token t itself.
-log_g_t <= 0 is a per-channel log forget gate (GLA, Yang et al. 2023). The public
+log_g_t <= 0 is a per-channel log forget gate (GLA, Yang et al. 2023).
+
+Packed documents (``segment_ids``, see ``lsm.ops.common.segments``): where token
+t starts a document (t > 0), S_{t-1} is replaced by 0 in the update, so no
+document sees another's tokens; h0 enters the row's first document only, and
+the final state is the state after token T-1. The public
 ``gla`` also accepts one gate per head, ``[B, T, H]`` (RetNet, Lightning Attention,
 Mamba2-style decay), and no gate (plain linear attention); both are broadcast to
 ``[B, T, H, K]`` before any impl sees them, so every impl has one code path.
@@ -44,17 +49,23 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
   return o_t.astype(q_t.dtype), h
 
 
-def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int | None = None):
+def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int | None = None,
+        resets=None):
   """GLA over a sequence, token by token. Arguments as in ``lsm.ops.gla.gla``,
   with ``log_g`` already [B, T, H, K] and ``h0`` a float32 array; chunk_size is
-  ignored."""
+  ignored. ``resets`` (bool [B, T], ``segments.resets(segment_ids)``) zeroes the
+  state entering each document's first token."""
   del chunk_size
   f32 = jnp.float32
+  if resets is None:
+    resets = jnp.zeros(q.shape[:2], bool)
   xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (q, k, v, log_g))
 
   def body(h, x):
+    *x, reset = x
+    h = jnp.where(reset[:, None, None, None], 0.0, h)
     o_t, h = gla_step(*x, h, scale=scale)
     return h, o_t
 
-  h_t, o = jax.lax.scan(body, h0, xs)
+  h_t, o = jax.lax.scan(body, h0, (*xs, jnp.moveaxis(resets, 1, 0)))
   return jnp.moveaxis(o, 0, 1).astype(q.dtype), h_t

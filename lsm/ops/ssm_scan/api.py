@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from lsm.ops import _dispatch
-from lsm.ops.common import checks
+from lsm.ops.common import checks, segments
 from lsm.ops.ssm_scan import chunked, reference
 
 _IMPLS = {"reference": reference.ssm_scan, "chunked": chunked.ssm_scan}
@@ -17,7 +16,7 @@ def _letters(ndim: int, lead: str) -> tuple[str, ...]:
   return (*lead, *(("D",) if n == 1 else (f"D{i + 1}" for i in range(n))))
 
 
-def ssm_scan(a, b, *, h0=None, impl="auto"):
+def ssm_scan(a, b, *, h0=None, impl="auto", segment_ids=None):
   """Diagonal SSM scan h_t = a_t * h_{t-1} + b_t. Matches ``reference.ssm_scan``;
   the math is there.
 
@@ -36,6 +35,10 @@ def ssm_scan(a, b, *, h0=None, impl="auto"):
       when None.
     impl: "auto" | "reference" | "chunked" (a sequential in-place loop on
       CPU, a parallel prefix scan elsewhere; see ``chunked.py``).
+    segment_ids: optional int [B, T] document ids of packed rows (a token
+      starts a document where its id differs from the previous token's): the
+      state entering each document is zero, h0 applies to the first document of
+      each row.
 
   Returns:
     y: [B, T, ...] in b.dtype, all states h_0 .. h_{T-1}; h_T: [B, ...] float32
@@ -51,8 +54,8 @@ def ssm_scan(a, b, *, h0=None, impl="auto"):
   if h0 is None:
     h0 = jnp.zeros(state_shape, jnp.float32)
   checks.check_state(_OP, "h0", h0, state_shape, _letters(len(state_shape), "B"))
-  name = _dispatch.resolve_impl(impl, supported=_IMPLS, op=_OP)
-  return _IMPLS[name](a, b, h0=h0)
+  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, *shape[:2])
+  return _IMPLS[name](a, b, h0=h0, **kwargs)
 
 
 def ssm_scan_step(a_t, b_t, h):

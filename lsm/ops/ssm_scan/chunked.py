@@ -118,11 +118,18 @@ _scan = jax.custom_vjp(lambda a, b, h0, form: _scan_fwd(a, b, h0, form)[0],
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def ssm_scan(a, b, *, h0, form=None):
+def ssm_scan(a, b, *, h0, resets=None, form=None):
   """Diagonal SSM scan. Arguments as in ``lsm.ops.ssm_scan.ssm_scan``, with
-  ``h0`` a float32 array. ``form`` ("sequential" | "associative") forces one
-  form on any platform (for tests); None picks by platform as described above.
+  ``h0`` a float32 array and ``resets`` None or ``segments.resets(segment_ids)``.
+  ``form`` ("sequential" | "associative") forces one form on any platform (for
+  tests); None picks by platform as described above.
+
+  A reset is a_t = 0 at a document's first token (h_t = b_t): exact, and a's
+  gradient there is 0, as the output does not depend on it.
   """
   if form is not None and form not in FORMS:
     raise ValueError(f"ssm_scan: form={form!r}; expected one of {FORMS} or None")
+  if resets is not None:
+    a = jnp.where(resets.reshape(*resets.shape, *(1,) * (a.ndim - 2)),
+                  jnp.zeros((), a.dtype), a)
   return _scan(a, b, h0, form)

@@ -13,6 +13,10 @@ broadcast to the state's shape by the layer) and that negative-eigenvalue linear
 RNNs call with a_t in [-1, 0). Any impl must therefore work without logs of a
 or divisions by a.
 
+Packed documents (``segment_ids``, see ``lsm.ops.common.segments``): where token
+t starts a document (t > 0), h_{t-1} is replaced by 0, so h_t = b_t; h0 enters
+the row's first document only.
+
 This module is a token-by-token ``lax.scan`` in float32. It is the ground truth
 the fast impls are tested against, not a fast path.
 """
@@ -38,15 +42,21 @@ def ssm_scan_step(a_t, b_t, h):
   return h.astype(b_t.dtype), h
 
 
-def ssm_scan(a, b, *, h0):
+def ssm_scan(a, b, *, h0, resets=None):
   """Diagonal SSM scan over a sequence, token by token. Arguments as in
-  ``lsm.ops.ssm_scan.ssm_scan``, with ``h0`` a float32 array."""
+  ``lsm.ops.ssm_scan.ssm_scan``, with ``h0`` a float32 array. ``resets`` (bool
+  [B, T], ``segments.resets(segment_ids)``) zeroes the state entering each
+  document's first token."""
   f32 = jnp.float32
+  if resets is None:
+    resets = jnp.zeros(b.shape[:2], bool)
   xs = tuple(jnp.moveaxis(x.astype(f32), 1, 0) for x in (a, b))
 
   def body(h, x):
-    y_t, h = ssm_scan_step(*x, h)
+    a_t, b_t, reset = x
+    h = jnp.where(reset.reshape(-1, *(1,) * (h.ndim - 1)), 0.0, h)
+    y_t, h = ssm_scan_step(a_t, b_t, h)
     return h, y_t
 
-  h_t, y = jax.lax.scan(body, h0, xs)
+  h_t, y = jax.lax.scan(body, h0, (*xs, jnp.moveaxis(resets, 1, 0)))
   return jnp.moveaxis(y, 0, 1).astype(b.dtype), h_t
