@@ -10,7 +10,9 @@ at this length, evaluated at 1x, 2x and 4x), num_pairs (MQAR), vocab (MQAR
 vocabulary: 512 at CPU scale, 8192 for Zoology's grid), steps, batch_size, lr,
 seed, smoke. The standard MQAR grid runs size 64-1024 and num_pairs 4-256 at
 vocab 8192 (GPU scale). Short convolutions stay on (DeltaNet's conv_width 4),
-as recall needs them.
+as recall needs them. Any mixer of lsm.layers.MIXERS works (lightning, retnet,
+based, hedgehog and mom with their defaults: Based's window is 64 tokens, all
+of a size=64 sequence).
 """
 
 import ml_collections

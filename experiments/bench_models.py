@@ -10,7 +10,10 @@ Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers, 4
 heads, SwiGLU MLPs, tied embeddings) with vocab_size=256 (byte level, the
 trainer's default tokenizer; the 32000-token head of configs/lm.py is too slow on
 CPU), impl="chunked" (ignored by attention), chunk_size 64, float32, every
-mixer's default options, parameters from ``nnx.Rngs(0)``.
+mixer's default options, parameters from ``nnx.Rngs(0)``. The linear-attention
+family (lightning, retnet, based, hedgehog, mom) runs with its paper defaults:
+Based's feature dim 16 (state 273 per head) and its 64-token window branch, MoM's
+4 gated-delta memories (top 2) plus the shared one, so 5 states per head.
 
 1. Training throughput. For each mixer and sequence length T, batch
    B = 8192 // T (B * T = 8192 tokens per step, or --tokens): wall time of one

@@ -5,6 +5,15 @@ PYTHONPATH=. .venv/bin/python experiments/recall.py --tasks mqar \
   --models deltanet:1 gla mamba:positive --seeds 0 1 2 --lrs 1e-3 3e-3 \
   --steps 2000 --out runs/recall
 
+The linear-attention family beside its baselines (issue 20's CPU-scale run;
+the Based paper's ordering, attention >= Based > plain linear attention, is the
+reference; results in BENCHMARKS.md):
+
+PYTHONPATH=. .venv/bin/python experiments/recall.py --tasks mqar \
+  --models attention based hedgehog mom retnet deltanet:1 gla --seeds 0 \
+  --lrs 3e-3 --steps 500 --batch 32 \
+  --extra "size=64,num_pairs=8,vocab=512,n_heads=2" --out runs/recall_family
+
 CPU scale (the issue's learnability check): sequence length 64, 8 pairs,
 vocabulary 512, short convolutions on (configs/recall.py defaults). Zoology's
 grid (lengths 64-1024, 4-256 pairs, vocabulary 8192) is GPU scale: pass

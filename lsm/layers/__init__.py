@@ -14,13 +14,20 @@ otherwise. Linear mixers' caches are O(1) in the context length (recurrent state
 conv window); attention's is a KV buffer of ``max_len``. Mixers call the ops in
 lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
 Every parameter carries logical axis names (lsm.parallel.axes) as sharding
-metadata; the trainer maps them to mesh axes.
+metadata; the trainer maps them to mesh axes. A mixer with an auxiliary loss
+(MoM's load balancing) sows it as the ``nnx.Intermediate`` ``aux_loss`` inside
+``nnx.capture``; lsm.models.lm.logits_and_aux_loss sums them for the trainer.
 """
 
 from lsm.layers.attention import Attention
+from lsm.layers.based import Based
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.gla import GLA
+from lsm.layers.hedgehog import Hedgehog
+from lsm.layers.lightning import Lightning
 from lsm.layers.mamba import Mamba
+from lsm.layers.mom import MoM
+from lsm.layers.retnet import RetNet
 from lsm.layers.ssm import LSSL, S4D
 
 # Mixer name (as written in configs) -> class. An explicit dict, no registry.
@@ -32,4 +39,10 @@ MIXERS = {
     "s4d": S4D,
     "mamba": Mamba,
     "attention": Attention,
+    # The rest of the linear-attention family, on the gla and delta_rule ops.
+    "lightning": Lightning,
+    "retnet": RetNet,
+    "based": Based,
+    "hedgehog": Hedgehog,
+    "mom": MoM,
 }

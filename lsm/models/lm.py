@@ -101,11 +101,16 @@ class LMConfig:
 class Block(nnx.Module):
   """x + mixer(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs,
+               layer_index: int = 0):
     kwargs = {"n_heads": cfg.n_heads, "impl": cfg.impl,
               **cfg.mixer_kwargs.get(mixer, {})}
-    if "chunk_size" in _signature(layers.MIXERS[mixer]):
+    signature = _signature(layers.MIXERS[mixer])
+    if "chunk_size" in signature:
       kwargs.setdefault("chunk_size", cfg.chunk_size)
+    if "layer_index" in signature:  # depth-dependent mixers (Lightning's decays)
+      kwargs.setdefault("layer_index", layer_index)
+      kwargs.setdefault("n_layers", cfg.n_layers)
     self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.mixer = layers.MIXERS[mixer](cfg.d_model, **kwargs, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.mlp_width else None
@@ -139,7 +144,8 @@ class LanguageModel(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
                            embedding_init=sharded(nnx.initializers.normal(0.02),
                                                   axes.VOCAB, axes.EMBED))
-    self.blocks = nnx.List([Block(m, cfg, rngs=rngs) for m in cfg.layer_mixers])
+    self.blocks = nnx.List([Block(m, cfg, rngs=rngs, layer_index=i)
+                            for i, m in enumerate(cfg.layer_mixers)])
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
         cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
@@ -173,6 +179,23 @@ class LanguageModel(nnx.Module):
       x, c = blk.step(x, c)
       new_cache.append(c)
     return self._logits(x), new_cache
+
+
+def logits_and_aux_loss(model: nnx.Module, tokens):
+  """``model(tokens)`` (no cache), with the sum of the auxiliary losses its
+  mixers sow (``nnx.Intermediate`` named ``aux_loss``: MoM's weighted
+  load-balancing loss), collected by ``nnx.capture``.
+
+  Returns:
+    (logits float32 [B, T, vocab], aux float32 scalar; 0 without such mixers).
+  """
+  (logits, _), inter = nnx.capture(lambda m, t: m(t), nnx.Intermediate)(
+      model, tokens)
+  aux = jnp.zeros((), jnp.float32)
+  for path, value in jax.tree_util.tree_leaves_with_path(inter):
+    if any(getattr(p, "key", None) == "aux_loss" for p in path):
+      aux = aux + jnp.asarray(value, jnp.float32)
+  return logits, aux
 
 
 def count_params(model: nnx.Module) -> int:

@@ -6,6 +6,10 @@ vectors (norm scales, biases, decay parameters) stay float32, since they set the
 recurrences' decay rates, where bf16's 8 mantissa bits would move eigenvalues.
 Gradients reach the float32 masters through the cast.
 
+The objective is the masked token cross entropy plus the mixers' auxiliary
+losses (lsm.models.lm.logits_and_aux_loss: MoM's load balancing, 0 for other
+mixers); ``loss`` reports the cross entropy alone and ``aux_loss`` the rest.
+
 A non-finite loss or gradient norm skips the update: parameters and optimiser
 state keep their old values, ``bad_steps`` counts the streak and ``skipped`` the
 total; the loop stops the run when the streak grows too long.
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lsm.models.lm import logits_and_aux_loss
 from lsm.models.loss import cross_entropy
 from lsm.train.state import Setup
 
@@ -32,13 +37,21 @@ def _logits(graphdef, params, batch, dtype):
 
 
 def _sums(graphdef, params, batch, dtype):
-  """(sum of token losses, (sum of correct, number of target tokens))."""
-  logits = _logits(graphdef, params, batch, dtype)
+  """(sum of token losses + aux * count, (sum of correct, number of target
+  tokens, sum of token losses, aux * count)).
+
+  aux is the sum of the mixers' auxiliary losses (MoM's load balancing; 0 for
+  other models), weighted by the target-token count so that dividing by the
+  total count, as the step does, adds the (count-weighted mean) aux loss to the
+  mean token loss, with or without gradient accumulation."""
+  model = nnx.merge(graphdef, _cast(params, dtype))
+  logits, aux = logits_and_aux_loss(model, batch["inputs"])
   mask = batch["mask"].astype(jnp.float32)
   loss, acc = cross_entropy(logits, batch["targets"], mask)
   # cross_entropy divides by max(count, 1); multiplying back gives exact sums.
   denom = jnp.maximum(jnp.sum(mask), 1.0)
-  return loss * denom, (acc * denom, jnp.sum(mask))
+  loss_sum, aux_sum = loss * denom, aux * denom
+  return loss_sum + aux_sum, (acc * denom, jnp.sum(mask), loss_sum, aux_sum)
 
 
 def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int = 1,
@@ -68,10 +81,13 @@ def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int =
 
   def step(state, batch):
     params = state["params"]
-    (loss_sum, (correct, count)), grads = gradients(params, batch)
+    (_, (correct, count, loss_sum, aux_sum)), grads = gradients(params, batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    # loss: the token cross entropy alone (comparable across mixers); the
+    # gradient is that of loss + aux_loss.
+    loss, aux_loss = loss_sum / denom, aux_sum / denom
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -86,7 +102,8 @@ def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int =
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
     metrics = {
-        "loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
+        "loss": loss, "aux_loss": aux_loss, "accuracy": correct / denom,
+        "grad_norm": grad_norm,
         # The update of this step used the schedule at the count of applied
         # (not skipped) updates.
         "lr": schedule(state["step"] - state["skipped"]),

@@ -1,13 +1,20 @@
-"""GLA, DeltaNet and Gated DeltaNet layers: parallel == prefill + decoding,
-chunked == reference, negative eigenvalues, sharding metadata, bad arguments."""
+"""GLA, DeltaNet, Gated DeltaNet and the rest of the linear-attention family
+(Lightning, RetNet, Based, Hedgehog, MoM): parallel == prefill + decoding,
+chunked == reference, negative eigenvalues, sharding metadata, bad arguments.
+Family-specific properties are in test_linear_attention_family.py."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from lsm.layers.based import Based
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.gla import GLA
+from lsm.layers.hedgehog import Hedgehog
+from lsm.layers.lightning import Lightning
+from lsm.layers.mom import MoM
+from lsm.layers.retnet import RetNet
 from tests import numerics
 
 D, H, B, T, SPLIT = 32, 4, 2, 13, 6
@@ -17,6 +24,13 @@ LAYERS = {
     "delta_net_signed": (DeltaNet, dict(beta_scale=2.0)),
     "delta_net_noconv": (DeltaNet, dict(conv_width=0, output_gate=False)),
     "gated_delta_net": (GatedDeltaNet, dict(beta_scale=2.0)),
+    "lightning": (Lightning, dict(layer_index=1, n_layers=4)),
+    "retnet": (RetNet, {}),
+    "based": (Based, {}),  # window 64 > T: the window branch is full attention
+    "based_window4": (Based, dict(window=4)),  # the ring buffer wraps around
+    "hedgehog": (Hedgehog, {}),
+    "mom": (MoM, {}),
+    "mom_gla": (MoM, dict(memory="gla", shared_memory=False, top_k=1)),
 }
 RTOL = numerics.TOLERANCES[("invariant", "float32")]
 
@@ -102,6 +116,23 @@ def test_every_param_has_logical_axes(name):
     (DeltaNet, dict(n_heads=4, beta_scale=3.0), r"beta_scale=3.0; expected a value in \(0, 2\]"),
     (DeltaNet, dict(n_heads=5), r"DeltaNet: n_heads=5"),
     (GatedDeltaNet, dict(n_heads=4, gated=False), r"gated=False"),
+    (Lightning, dict(n_heads=5), r"Lightning: n_heads=5; expected a positive "
+     r"divisor of d_model=32"),
+    (Lightning, dict(n_heads=4, layer_index=3, n_layers=3),
+     r"layer_index=3, n_layers=3; expected 0 <= layer_index < n_layers"),
+    (Lightning, dict(n_heads=4, gate_act="relu"), r"gate_act='relu'"),
+    (RetNet, dict(n_heads=32), r"RetNet: n_heads=32; .*even key head width"),
+    (RetNet, dict(n_heads=4, rope_base=0.0), r"rope_base=0.0; expected > 0"),
+    (Based, dict(n_heads=3), r"Based: n_heads=3"),
+    (Based, dict(n_heads=4, feature_dim=0), r"feature_dim=0; expected a positive"),
+    (Based, dict(n_heads=4, window=-1), r"window=-1; expected None, 0"),
+    (Hedgehog, dict(n_heads=6), r"Hedgehog: n_heads=6"),
+    (Hedgehog, dict(n_heads=4, feature_dim=0), r"feature_dim=0"),
+    (MoM, dict(n_heads=4, top_k=5), r"top_k=5; expected 1 <= top_k <= "
+     r"n_memories=4"),
+    (MoM, dict(n_heads=4, memory="lstm"), r"memory='lstm'; expected one of"),
+    (MoM, dict(n_heads=4, n_memories=0), r"n_memories=0; expected a positive"),
+    (MoM, dict(n_heads=3), r"MoM: n_heads=3"),
 ])
 def test_bad_arguments(cls, kwargs, match):
   with pytest.raises(ValueError, match=match):

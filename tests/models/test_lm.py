@@ -56,6 +56,35 @@ def test_prefill_and_decode_equal_parallel_logits():
                         what="decoded logits")
 
 
+FAMILY = ("lightning", "retnet", "based", "hedgehog", "mom")
+
+
+def test_linear_attention_family_decodes_the_parallel_logits():
+  """A stack of every family mixer (Based with a 4-token window, so decoding
+  wraps its ring): prefill + step logits equal the parallel pass's, and the
+  chunked model's equal the reference model's."""
+  cfg = lambda impl: LMConfig(  # noqa: E731
+      vocab_size=61, d_model=32, n_layers=len(FAMILY), n_heads=4, pattern=FAMILY,
+      impl=impl, chunk_size=16, mixer_kwargs={"based": {"window": 4}})
+  model = LanguageModel(cfg("chunked"), rngs=nnx.Rngs(0))
+  tok = _tokens(seed=4)
+  logits = _logits(model, tok)
+  pre, cache = nnx.jit(lambda m, t, c: m(t, c))(model, tok[:, :5],
+                                                model.init_cache(2, 14))
+  outs = [pre]
+  step = nnx.jit(lambda m, t, c: m.step(t, c))
+  for t in range(5, 14):
+    lt, cache = step(model, tok[:, t], cache)
+    outs.append(lt[:, None])
+  numerics.assert_close(jnp.concatenate(outs, axis=1), logits,
+                        rtol=numerics.TOLERANCES[("invariant", "float32")],
+                        what="decoded logits")
+  reference = LanguageModel(cfg("reference"), rngs=nnx.Rngs(0))
+  numerics.assert_close(logits, _logits(reference, tok),
+                        rtol=numerics.tolerance("chunked", jnp.float32),
+                        what="chunked vs reference logits")
+
+
 def test_chunked_and_reference_give_the_same_logits():
   tok = _tokens(seed=1)
   numerics.assert_close(_logits(_model("chunked"), tok),
@@ -140,9 +169,37 @@ def _mamba(d, h, n=16, expand=2, width=4):
           + e * d)  # in_proj, conv, B/C, low-rank dt, dt_bias, A, D, out_proj
 
 
+def _lightning(d, h):
+  return 5 * d * d  # q, k, v, u, o; SRMSNorm has no parameters
+
+
+def _retnet(d, h):
+  dv = 2 * d  # expand_v = 2
+  return 2 * d * d + 3 * d * dv + 2 * dv  # q, k; v, g, o; GroupNorm scale, bias
+
+
+def _based(d, h, f=16):
+  return 2 * d * h * f + 2 * d * d + _attention(d, h)  # q, k; v, o; window branch
+
+
+def _hedgehog(d, h):
+  k = d // h
+  return 4 * d * d + 2 * (h * k * k + h * k)  # q, k, v, o; two maps W, b
+
+
+def _mom(d, h, m=4, conv=4):
+  s = m + 1  # routed memories + the shared one; key and value widths d each
+  return (d * m + d * d + 2 * s * d * d  # router, q, per-memory k and v
+          + (conv + 1) * (d + 2 * s * d)  # short convs on q, k, v
+          + 2 * d * s * h + 2 * s * h  # beta and decay projections, A_log, dt_bias
+          + d // h + 2 * d * d)  # norm scale, output gate, output projection
+
+
 MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, h: _delta(d, h, False),
                "gated_delta_net": lambda d, h: _delta(d, h, True),
-               "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba}
+               "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba,
+               "lightning": _lightning, "retnet": _retnet, "based": _based,
+               "hedgehog": _hedgehog, "mom": _mom}
 
 
 def closed_form(cfg: LMConfig) -> int:

@@ -1,0 +1,126 @@
+"""Multi-scale retention (Sun et al. 2023, "Retentive Network: A Successor to
+Transformer for Large Language Models"). The recurrence is lsm.ops.gla with one
+fixed gate per head; this module only projects, rotates, normalises and gates.
+
+The paper's equations (retention in its recurrent form, and multi-scale
+retention with its gated output):
+
+  q = R(x W_Q), k = R(x W_K), v = x W_V,
+  S_t = gamma_h S_{t-1} + k_t^T v_t,   o_t = q_t S_t / sqrt(K),
+  gamma_h = 1 - 2^{-5-h},  h = 0..H-1,
+  Y = GroupNorm_H(concat_h o^h),  MSR(X) = (swish(X W_G) (.) Y) W_O,
+
+with R the rotary part of xPos (Sun et al. 2022) at absolute positions; the
+value and gate widths are 2D (the paper's V = 2d, ``expand_v``). GroupNorm has one
+group per head and a learnable per-channel scale and bias.
+
+Simplified: R is plain rotary (rotate-half RoPE, lsm.layers.attention), without
+xPos's exponential length scaling, whose role the fixed decays gamma_h already
+play (as in the RetNet release). The parallel form's extra normalisations (scaling
+the decay matrix by its row sums, clamping the retention scores)
+are dropped: GroupNorm after the retention is invariant to the per-head scale
+they fix, up to its epsilon.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm.layers.attention import _rope
+from lsm.layers.sharding import param, sharded
+from lsm.ops.gla import gla_step
+from lsm.parallel import axes, sequence
+
+
+def retention_log_decays(n_heads: int):
+  """log gamma_h = log(1 - 2^{-5-h}), float32 [H]."""
+  return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(n_heads, dtype=jnp.float32))))
+
+
+class RetNet(nnx.Module):
+  """Multi-scale retention mixer: [B, T, D] -> [B, T, D] (protocol in
+  lsm/layers/__init__.py). The cache carries the state and the position.
+
+  Args:
+    d_model: width D.
+    n_heads: heads H; D and D * expand_v must divide by H, the key head width
+      must be even (rotary pairs).
+    expand_v: value (and gate) width relative to D (paper: 2).
+    rope_base: rotary frequency base.
+    eps: GroupNorm epsilon.
+    chunk_size, impl: as lsm.ops.gla.gla.
+  """
+
+  def __init__(self, d_model: int, *, n_heads: int, expand_v: float = 2.0,
+               rope_base: float = 10000.0, eps: float = 1e-5,
+               chunk_size: int = 64, impl: str = "auto", rngs: nnx.Rngs):
+    value_dim = int(d_model * expand_v)
+    if (n_heads < 1 or d_model % n_heads or value_dim % n_heads
+        or (d_model // n_heads) % 2):
+      raise ValueError(f"RetNet: n_heads={n_heads!r}; expected a positive divisor "
+                       f"of d_model={d_model} and of the value width {value_dim} "
+                       "with an even key head width")
+    if rope_base <= 0:
+      raise ValueError(f"RetNet: rope_base={rope_base!r}; expected > 0")
+    self.n_heads, self.d_model, self.value_dim = n_heads, d_model, value_dim
+    self.rope_base, self.eps = float(rope_base), float(eps)
+    self.chunk_size, self.impl = chunk_size, impl
+    init = nnx.initializers.lecun_normal()
+
+    def linear(i, o, ax_in, ax_out):
+      return nnx.Linear(i, o, use_bias=False, rngs=rngs,
+                        kernel_init=sharded(init, ax_in, ax_out))
+
+    self.q_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)
+    self.k_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)
+    self.v_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
+    self.g_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
+    self.o_proj = linear(value_dim, d_model, axes.HEADS, axes.EMBED)
+    self.gn_scale = param(jnp.ones((value_dim,), jnp.float32), axes.HEADS)
+    self.gn_bias = param(jnp.zeros((value_dim,), jnp.float32), axes.HEADS)
+
+  def _split(self, y, x):
+    return y.reshape(*y.shape[:-1], self.n_heads, -1).astype(x.dtype)
+
+  def _project(self, x, positions):
+    """x: [B, T, D], positions [T] -> q, k [B, T, H, K], v, log_g [B, T, H]."""
+    q = _rope(self._split(self.q_proj(x), x), positions, self.rope_base)
+    k = _rope(self._split(self.k_proj(x), x), positions, self.rope_base)
+    log_g = jnp.broadcast_to(retention_log_decays(self.n_heads),
+                             (*x.shape[:-1], self.n_heads))
+    return q, k, self._split(self.v_proj(x), x), log_g
+
+  def _output(self, o, x):
+    o = o.astype(jnp.float32)  # [..., H, V / H]
+    mean = jnp.mean(o, -1, keepdims=True)
+    var = jnp.mean(jnp.square(o - mean), -1, keepdims=True)
+    o = ((o - mean) * jax.lax.rsqrt(var + self.eps)).reshape(*o.shape[:-2], -1)
+    o = o * self.gn_scale[...] + self.gn_bias[...]
+    o = jax.nn.silu(self.g_proj(x).astype(jnp.float32)) * o
+    return self.o_proj(o.astype(x.dtype)).astype(x.dtype)
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    del max_len  # O(1) in the context length
+    H = self.n_heads
+    return {"h": jnp.zeros((batch, H, self.d_model // H, self.value_dim // H),
+                           jnp.float32),
+            "pos": jnp.zeros((), jnp.int32)}
+
+  def __call__(self, x, cache=None):
+    """x: [B, T, D] at positions pos..pos+T-1 (pos = 0 without a cache) ->
+    (y [B, T, D], cache or None)."""
+    T = x.shape[1]
+    pos = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
+    q, k, v, log_g = self._project(x, pos + jnp.arange(T, dtype=jnp.int32))
+    h0 = None if cache is None else cache["h"]
+    o, h_t = sequence.gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size,
+                          impl=self.impl)
+    y = self._output(o, x)
+    return y, (None if cache is None else {"h": h_t, "pos": pos + T})
+
+  def step(self, x_t, cache):
+    """x_t: [B, D] -> (y_t [B, D], cache)."""
+    pos = cache["pos"]
+    q, k, v, log_g = self._project(x_t[:, None], pos[None])
+    o, h = gla_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], cache["h"])
+    return self._output(o, x_t), {"h": h, "pos": pos + 1}

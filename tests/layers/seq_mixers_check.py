@@ -1,0 +1,87 @@
+"""Run by test_linear_attention_family.py in a fresh process with 8 forced CPU
+devices: each mixer of the linear-attention family (lightning, retnet, based,
+hedgehog, mom with both memory types) on a mesh with seq = 8 (LASP-2 through
+lsm.parallel.sequence) against the same layer on one device: outputs and the
+gradients of every parameter and of the input within the float32 "invariant"
+tolerance. T = 40: 5 tokens per device, not a multiple of the chunk (16), and
+Based's window (8) spans device boundaries. Prints one JSON line; raises on a
+mismatch.
+"""
+
+import json
+import os
+import time
+
+# Compile time dominates; the optimisation level does not change float32 results
+# beyond summation order, which the tolerance covers.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lsm import layers  # noqa: E402
+from lsm.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
+from tests import numerics  # noqa: E402
+
+RTOL = numerics.TOLERANCES[("invariant", "float32")]
+D, H, B, T = 32, 2, 2, 40
+CASES = {
+    "lightning": ("lightning", dict(layer_index=1, n_layers=3)),
+    "retnet": ("retnet", {}),
+    "based": ("based", dict(window=8)),
+    "hedgehog": ("hedgehog", {}),
+    "mom": ("mom", {}),
+    "mom_gla": ("mom", dict(memory="gla")),
+}
+
+
+def grads_fn(graphdef):
+  """jit(params, x, cotangent) -> (y, d params, d x)."""
+  def loss(params, x, ct):
+    y, _ = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * ct), y
+
+  def run(params, x, ct):
+    (_, y), (g_p, g_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        params, x, ct)
+    return y, g_p, g_x
+  return jax.jit(run)
+
+
+def main():
+  assert len(jax.devices()) == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+  mesh = make_mesh(MeshConfig(shape={"seq": 8}))
+  results = {}
+  with jax.default_matmul_precision("highest"):
+    for name, (mixer, kwargs) in CASES.items():
+      t0 = time.perf_counter()
+      layer = layers.MIXERS[mixer](D, n_heads=H, impl="chunked", chunk_size=16,
+                                   rngs=nnx.Rngs(0), **kwargs)
+      graphdef, params = nnx.split(layer)
+      expected = grads_fn(graphdef)(params, x, ct)
+      with jax.set_mesh(mesh):
+        fn = grads_fn(graphdef)
+        hlo = fn.lower(params, x, ct).compile().as_text()
+        actual = fn(params, x, ct)
+      # The state summaries cross devices: LASP-2 ran, not a replicated op.
+      gathers = hlo.count(" all-gather(") + hlo.count(" all-gather-start(")
+      assert gathers >= 1, f"{name}: no all-gather in the sequence-parallel HLO"
+      numerics.assert_close(actual[0], expected[0], rtol=RTOL, what=f"{name} y")
+      numerics.assert_pytrees_close(actual[1], expected[1], rtol=RTOL,
+                                    what=f"{name} dparams")
+      numerics.assert_close(actual[2], expected[2], rtol=RTOL, what=f"{name} dx")
+      results[name] = {"s": round(time.perf_counter() - t0, 1),
+                       "all_gathers": gathers}
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
