@@ -71,6 +71,8 @@ def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
               # None: local_text builds into <workdir>/tfds.
               data_dir=placeholder(str), train_split="train",
               eval_split="validation", validation_fraction=0.05,
+              # Restart every mixer at each packed document (segment ids).
+              reset_at_boundaries=True,
               # None: one record shard per process (lsm.data.pipeline).
               shards=placeholder(int))
   if spec == "embedded":

@@ -75,6 +75,11 @@ class DataConfig:
     num_threads: threads reading and tokenizing records (0: in the caller).
     prefetch_buffer_size: records read ahead by those threads.
     prefetch_batches: batches assembled ahead in a background thread; 0: none.
+    reset_at_boundaries: text sources: the model sees each packed row's
+      segment_ids and positions, so every mixer restarts at each document start
+      (recurrent states, short convolutions, attention, RoPE positions), as at
+      inference on one document; False trains across the boundaries as if the
+      row were one sequence. Task rows hold one example each and carry none.
     shards: record shards, each read by its own pipeline into
       batch_size // shards rows of every batch; process i of n reads shards
       i * shards / n .. (i + 1) * shards / n - 1 and stacks their rows. None:
@@ -101,6 +106,7 @@ class DataConfig:
   num_threads: int = 4
   prefetch_buffer_size: int = 64
   prefetch_batches: int = 2
+  reset_at_boundaries: bool = True
   shards: int | None = None
 
   def __post_init__(self):
@@ -144,7 +150,7 @@ class DataConfig:
                                     or self.batch_size % self.shards):
       raise ValueError(f"DataConfig: shards={self.shards!r}; expected None or a "
                        f"positive int dividing batch_size={self.batch_size}")
-    for field in ("shuffle", "download"):
+    for field in ("shuffle", "download", "reset_at_boundaries"):
       value = getattr(self, field)
       if not isinstance(value, bool):
         raise ValueError(f"DataConfig: {field}={value!r}; expected a bool")

@@ -95,13 +95,15 @@ def data_config(run_data, spec: str, split: str | None, out: Path):
   raise cli.UsageError(f"--data={spec}: expected run, text:GLOB or tfds:NAME")
 
 
-def _position_sums(graphdef, state, inputs, targets, mask):
-  """Per-position sums over rows: nll [T], correct [T], count [T]."""
+def _position_sums(graphdef, state, inputs, targets, mask, documents=None):
+  """Per-position sums over rows: nll [T], correct [T], count [T].
+  ``documents``: {segment_ids, positions} of packed rows, for a run trained
+  with data.reset_at_boundaries (each document on its own), or None."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   model = nnx.merge(graphdef, state)
-  logits = model(inputs)[0]
+  logits = model(inputs, **(documents or {}))[0]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   w = mask.astype(jnp.float32)
@@ -119,16 +121,19 @@ def _jitted(graphdef):
   return jax.jit(functools.partial(_position_sums, graphdef))
 
 
-def position_sums(model, batches, bar=None) -> dict:
-  """Sums of ``_position_sums`` over ``batches`` (numpy dicts), as numpy."""
+def position_sums(model, batches, bar=None, documents: bool = False) -> dict:
+  """Sums of ``_position_sums`` over ``batches`` (numpy dicts), as numpy; with
+  ``documents`` the model sees the rows' segment_ids and positions."""
   import jax
   import numpy as np
   from flax import nnx
   graphdef, state = nnx.split(model)
   fn, total = _jitted(graphdef), None
   for batch in batches:
+    docs = ({k: batch[k] for k in ("segment_ids", "positions")}
+            if documents else None)
     out = jax.device_get(fn(state, batch["inputs"], batch["targets"],
-                            batch["mask"]))
+                            batch["mask"], docs))
     out = {k: np.asarray(v, np.float64) for k, v in out.items()}
     total = out if total is None else {k: total[k] + out[k] for k in out}
     if bar is not None:
@@ -190,7 +195,8 @@ def evaluate_lm(run, lengths, *, data, split, eval_tokens, batch_tokens, bucket,
       if not batches:
         raise cli.UsageError(f"--split={split}: no rows of {length} tokens")
       bar.total -= n_batches - len(batches)
-      sums = position_sums(run.model, batches, bar)
+      sums = position_sums(run.model, batches, bar,
+                           documents=data.reset_at_boundaries)
       results[str(length)] = {**summarize_lm(sums, length, bucket),
                               "batch_rows": cfg.batch_size,
                               "batches": len(batches)}

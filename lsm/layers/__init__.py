@@ -8,9 +8,16 @@ with any of them:
   cache = mixer.init_cache(batch, max_len)  # empty-context cache (a dict of arrays)
   y, cache = mixer(x, cache)              # parallel over T from ``cache``: prefill
   y_t, cache = mixer.step(x_t, cache)     # x_t: [B, D], one token: decoding
+  y, _ = mixer(x, segment_ids=ids, positions=pos)  # packed rows (see below)
 
 ``__call__`` returns the updated cache when it was given one and None
-otherwise. Linear mixers' caches are O(1) in the context length (recurrent state,
+otherwise. Packed rows (lsm.data.packing): ``segment_ids`` (int [B, T]; a token
+starts a document where its id differs from the previous token's) make every
+mixer run each document on its own: recurrent states restart (the ops'
+``segment_ids``), short convolutions read no token of an earlier document,
+attention attends within the document, and RoPE takes ``positions`` (int
+[B, T], restarting per document). Mixers without positions accept and ignore
+them. The state in a given cache enters the row's first document. Linear mixers' caches are O(1) in the context length (recurrent state,
 conv window); attention's is a KV buffer of ``max_len``. Mixers call the ops in
 lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
 Every parameter carries logical axis names (lsm.parallel.axes) as sharding

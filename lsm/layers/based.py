@@ -58,7 +58,7 @@ def taylor_feature_map(x):
 
 
 def normalized_linear_attention(q, k, v, *, h0=None, chunk_size=64, impl="auto",
-                                eps=1e-6):
+                                eps=1e-6, segment_ids=None):
   """y_t = q_t S_t / (q_t z_t + eps), S_t = sum_{s<=t} k_s^T v_s, z_t = sum k_s.
 
   One ungated GLA call on [v, 1]: the extra value column accumulates z.
@@ -67,7 +67,8 @@ def normalized_linear_attention(q, k, v, *, h0=None, chunk_size=64, impl="auto",
     q, k: [B, T, H, F] non-negative-kernel features (the caller's feature map).
     v: [B, T, H, V].
     h0: optional [B, H, F, V + 1] float32 state (S and z side by side).
-    chunk_size, impl: as lsm.ops.gla.gla.
+    chunk_size, impl, segment_ids: as lsm.ops.gla.gla (with documents, S and z
+      both restart at every document).
 
   Returns:
     y: [B, T, H, V] in v.dtype; h_T: [B, H, F, V + 1] float32.
@@ -75,7 +76,8 @@ def normalized_linear_attention(q, k, v, *, h0=None, chunk_size=64, impl="auto",
   ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
   v_aug = jnp.concatenate([v, ones], axis=-1)
   o, h_t = sequence.gla(q.astype(v.dtype), k.astype(v.dtype), v_aug, None,
-                        h0=h0, scale=1.0, chunk_size=chunk_size, impl=impl)
+                        h0=h0, scale=1.0, chunk_size=chunk_size, impl=impl,
+                        segment_ids=segment_ids)
   return _divide(o, eps).astype(v.dtype), h_t
 
 
@@ -195,17 +197,24 @@ class Based(nnx.Module):
     y = attn.o_proj(o.reshape(B, T, attn.n_heads * attn.head_dim)).astype(x.dtype)
     return y, {"k": k_all[:, T:], "v": v_all[:, T:], "pos": pos + T}
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None). Packed rows (no cache):
+    ``segment_ids`` (int [B, T] document ids) restart the linear state at every
+    document and confine the window branch to the query's document, whose
+    ``positions`` (int [B, T]) place its RoPE."""
     q, k, v = self._features(x)
     h0 = None if cache is None else cache["h"]
     o, h_t = normalized_linear_attention(q, k, v, h0=h0, chunk_size=self.chunk_size,
-                                         impl=self.impl, eps=self.eps)
+                                         impl=self.impl, eps=self.eps,
+                                         segment_ids=segment_ids)
     y = self._linear_out(o, x)
     new = None if cache is None else {"h": h_t}
     if self.attn is not None:
       if cache is None:
-        y = y + self.attn(x)[0]
+        y = y + self.attn(x, segment_ids=segment_ids, positions=positions)[0]
+      elif segment_ids is not None or positions is not None:
+        raise ValueError("Based: segment_ids / positions are given with a cache; "
+                         "expected them only for a cacheless forward pass")
       else:
         y_w, new["window"] = self._window_attend(x, cache["window"])
         y = y + y_w

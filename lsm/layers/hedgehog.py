@@ -178,15 +178,19 @@ class Hedgehog(nnx.Module):
     return {"h": jnp.zeros((batch, self.n_heads, 2 * self.feature_dim,
                             self.head_dim + 1), jnp.float32)}
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None). ``segment_ids``: optional int
+    [B, T] document ids of packed rows: the state restarts at every document
+    (``positions`` is accepted for the mixer protocol and unused)."""
+    del positions
     q, k = self.qk(x)
     phi_q, phi_k = self.features(q, k)
     v = self._split(self.v_proj(x)).astype(x.dtype)
     h0 = None if cache is None else cache["h"]
     o, h_t = normalized_linear_attention(phi_q, phi_k, v, h0=h0,
                                          chunk_size=self.chunk_size,
-                                         impl=self.impl, eps=self.eps)
+                                         impl=self.impl, eps=self.eps,
+                                         segment_ids=segment_ids)
     return self._output(o, x), (None if cache is None else {"h": h_t})
 
   def step(self, x_t, cache):

@@ -115,12 +115,16 @@ class Lightning(nnx.Module):
     K = self.d_model // self.n_heads
     return {"h": jnp.zeros((batch, self.n_heads, K, K), jnp.float32)}
 
-  def __call__(self, x, cache=None):
-    """x: [B, T, D] -> (y [B, T, D], cache or None)."""
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    """x: [B, T, D] -> (y [B, T, D], cache or None). ``segment_ids``: optional int
+    [B, T] document ids of packed rows: the state restarts at every document
+    (``positions`` is accepted for the mixer protocol and unused)."""
+    del positions
     q, k, v, log_g = self._project(x)
     h0 = None if cache is None else cache["h"]
     o, h_t = sequence.gla(q, k, v, log_g, h0=h0, scale=1.0,
-                          chunk_size=self.chunk_size, impl=self.impl)
+                          chunk_size=self.chunk_size, impl=self.impl,
+                          segment_ids=segment_ids)
     return self._output(o, x), (None if cache is None else {"h": h_t})
 
   def step(self, x_t, cache):

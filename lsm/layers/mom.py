@@ -177,14 +177,14 @@ class MoM(nnx.Module):
     n = self.n_heads * (slots or 1)
     return y.reshape(*y.shape[:-1], n, y.shape[-1] // n)
 
-  def _qkv(self, x, conv_cache, step: bool):
+  def _qkv(self, x, conv_cache, step: bool, segment_ids=None):
     qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
     new_cache = None
     if self.convs is not None:
       outs, new_cache = [], []
       for i, (conv, y) in enumerate(zip(self.convs, qkv)):
         c = None if conv_cache is None else conv_cache[i]
-        y, c = conv.step(y, c) if step else conv(y, c)
+        y, c = conv.step(y, c) if step else conv(y, c, segment_ids=segment_ids)
         outs.append(y)
         new_cache.append(c)
       qkv = outs
@@ -254,13 +254,18 @@ class MoM(nnx.Module):
     h = cache["h"]
     return h.reshape(h.shape[0], self.n_slots, self.n_heads, *h.shape[2:])
 
-  def __call__(self, x, cache=None):
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """x: [B, T, D] -> (y [B, T, D], cache or None). Stores the weighted
-    load-balancing loss as the Intermediate ``aux_loss``."""
+    load-balancing loss as the Intermediate ``aux_loss``. ``segment_ids``:
+    optional int [B, T] document ids of packed rows: every memory and the short
+    convolutions restart at every document (``positions`` is accepted for the
+    mixer protocol and unused)."""
+    del positions
     conv_cache = None if cache is None else cache.get("conv")
     if cache is not None and self.convs is not None and conv_cache is None:
       raise ValueError("MoM: cache has no 'conv' entry")
-    q, k, v, conv_cache = self._qkv(x, conv_cache, step=False)
+    q, k, v, conv_cache = self._qkv(x, conv_cache, step=False,
+                                    segment_ids=segment_ids)
     probs, chosen, weights, mask = self._routing(x)
     # Recorded only inside nnx.capture (the trainer's forward); elsewhere a
     # no-op, so calling the layer never changes its state.
@@ -271,11 +276,12 @@ class MoM(nnx.Module):
     h0 = None if cache is None else cache["h"]
     if self.memory == "gated_delta":
       o, h_t = sequence.delta_rule(q, k, v, beta, log_g=log_g, h0=h0,
-                                   chunk_size=self.chunk_size, impl=self.impl)
+                                   chunk_size=self.chunk_size, impl=self.impl,
+                                   segment_ids=segment_ids)
     else:
       k = jnp.where(self._per_head(mask)[..., None], k, jnp.zeros_like(k))
       o, h_t = sequence.gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size,
-                            impl=self.impl)
+                            impl=self.impl, segment_ids=segment_ids)
     y = self._output(self._mix(o, weights), x)
     if cache is None:
       return y, None

@@ -106,15 +106,23 @@ class RetNet(nnx.Module):
                            jnp.float32),
             "pos": jnp.zeros((), jnp.int32)}
 
-  def __call__(self, x, cache=None):
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """x: [B, T, D] at positions pos..pos+T-1 (pos = 0 without a cache) ->
-    (y [B, T, D], cache or None)."""
+    (y [B, T, D], cache or None). Packed rows (no cache): ``segment_ids``
+    (int [B, T] document ids) restart the retention state at every document
+    and ``positions`` (int [B, T], restarting per document) place the rotary
+    part, so each document is retained as if alone."""
     T = x.shape[1]
+    if cache is not None and (segment_ids is not None or positions is not None):
+      raise ValueError("RetNet: segment_ids / positions are given with a cache; "
+                       "expected them only for a cacheless forward pass")
     pos = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
-    q, k, v, log_g = self._project(x, pos + jnp.arange(T, dtype=jnp.int32))
+    if positions is None:
+      positions = pos + jnp.arange(T, dtype=jnp.int32)
+    q, k, v, log_g = self._project(x, positions)
     h0 = None if cache is None else cache["h"]
     o, h_t = sequence.gla(q, k, v, log_g, h0=h0, chunk_size=self.chunk_size,
-                          impl=self.impl)
+                          impl=self.impl, segment_ids=segment_ids)
     y = self._output(o, x)
     return y, (None if cache is None else {"h": h_t, "pos": pos + T})
 

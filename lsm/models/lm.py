@@ -119,8 +119,9 @@ class Block(nnx.Module):
   def _mlp(self, x):
     return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
-  def __call__(self, x, cache=None):
-    y, cache = self.mixer(self.mixer_norm(x), cache)
+  def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
+    y, cache = self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids,
+                          positions=positions)
     return self._mlp(x + y), cache
 
   def step(self, x_t, cache):
@@ -137,6 +138,9 @@ class LanguageModel(nnx.Module):
 
   ``model(tokens)`` -> float32 logits [B, T, vocab]; ``init_cache`` / ``step``
   follow the mixer protocol (lsm/layers/__init__.py) for decoding.
+  ``model(tokens, segment_ids=..., positions=...)`` runs packed rows with every
+  document on its own (states, convolutions and attention restart at each
+  document start; RoPE at the pipeline's per-document positions).
   """
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
@@ -161,12 +165,15 @@ class LanguageModel(nnx.Module):
     """One cache per layer; linear mixers' are O(1) in ``max_len``."""
     return [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
 
-  def __call__(self, tokens, cache=None):
-    """tokens: int [B, T] -> (logits float32 [B, T, vocab], cache or None)."""
+  def __call__(self, tokens, cache=None, *, segment_ids=None, positions=None):
+    """tokens: int [B, T] -> (logits float32 [B, T, vocab], cache or None).
+    segment_ids, positions: optional int [B, T] of packed rows (lsm.data.packing;
+    every mixer restarts at each document start)."""
     x = self.embed(tokens)
     new_cache = None if cache is None else []
     for i, blk in enumerate(self.blocks):
-      x, c = blk(x, None if cache is None else cache[i])
+      x, c = blk(x, None if cache is None else cache[i], segment_ids=segment_ids,
+                 positions=positions)
       if cache is not None:
         new_cache.append(c)
     return self._logits(x), new_cache
@@ -181,16 +188,17 @@ class LanguageModel(nnx.Module):
     return self._logits(x), new_cache
 
 
-def logits_and_aux_loss(model: nnx.Module, tokens):
-  """``model(tokens)`` (no cache), with the sum of the auxiliary losses its
+def logits_and_aux_loss(model: nnx.Module, tokens, **kwargs):
+  """``model(tokens, **kwargs)`` (no cache; kwargs: segment_ids, positions),
+  with the sum of the auxiliary losses its
   mixers sow (``nnx.Intermediate`` named ``aux_loss``: MoM's weighted
   load-balancing loss), collected by ``nnx.capture``.
 
   Returns:
     (logits float32 [B, T, vocab], aux float32 scalar; 0 without such mixers).
   """
-  (logits, _), inter = nnx.capture(lambda m, t: m(t), nnx.Intermediate)(
-      model, tokens)
+  (logits, _), inter = nnx.capture(lambda m, t: m(t, **kwargs),
+                                   nnx.Intermediate)(model, tokens)
   aux = jnp.zeros((), jnp.float32)
   for path, value in jax.tree_util.tree_leaves_with_path(inter):
     if any(getattr(p, "key", None) == "aux_loss" for p in path):

@@ -268,6 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     log.info("resumed from step %d", start)
 
   def put(batch):
+    if not run.data.reset_at_boundaries:  # rows as single sequences
+      batch = {k: v for k, v in batch.items() if k not in step_lib.DOCUMENT_KEYS}
     return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
             for k, v in batch.items()}
 

@@ -31,9 +31,18 @@ def _cast(params, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
+# Packed-document keys a batch may carry (text rows with
+# data.reset_at_boundaries); the model then restarts at each document.
+DOCUMENT_KEYS = ("segment_ids", "positions")
+
+
+def _documents(batch) -> dict:
+  return {k: batch[k] for k in DOCUMENT_KEYS if k in batch}
+
+
 def _logits(graphdef, params, batch, dtype):
   model = nnx.merge(graphdef, _cast(params, dtype))
-  return model(batch["inputs"])[0]
+  return model(batch["inputs"], **_documents(batch))[0]
 
 
 def _sums(graphdef, params, batch, dtype):
@@ -45,7 +54,7 @@ def _sums(graphdef, params, batch, dtype):
   total count, as the step does, adds the (count-weighted mean) aux loss to the
   mean token loss, with or without gradient accumulation."""
   model = nnx.merge(graphdef, _cast(params, dtype))
-  logits, aux = logits_and_aux_loss(model, batch["inputs"])
+  logits, aux = logits_and_aux_loss(model, batch["inputs"], **_documents(batch))
   mask = batch["mask"].astype(jnp.float32)
   loss, acc = cross_entropy(logits, batch["targets"], mask)
   # cross_entropy divides by max(count, 1); multiplying back gives exact sums.

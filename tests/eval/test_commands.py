@@ -69,7 +69,10 @@ def _nll_by_position(model, batches):
   """Independent: numpy log-softmax of the model's logits, per target."""
   nll, count = 0.0, 0.0
   for b in batches:
-    logits = np.asarray(model(b["inputs"])[0], np.float64)
+    # The smoke runs train with data.reset_at_boundaries (the default): each
+    # packed document on its own.
+    logits = np.asarray(model(b["inputs"], segment_ids=b["segment_ids"],
+                              positions=b["positions"])[0], np.float64)
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     picked = np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]

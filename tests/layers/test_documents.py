@@ -27,6 +27,8 @@ CASES = {
     "gla": {}, "delta_net": {}, "gated_delta_net": {}, "mamba": {},
     "lssl": {}, "s4d": {}, "attention": {},
     "attention_window": dict(window=4),
+    "lightning": {}, "retnet": {}, "hedgehog": {}, "mom": {},
+    "based": dict(window=4),  # its window branch inside documents
 }
 
 
@@ -80,6 +82,11 @@ def test_packed_row_equals_documents_alone(case):
   numerics.assert_close(y, y_e, rtol=RTOL, what=f"{case} output")
   numerics.assert_close(dx, dx_e, rtol=RTOL, what=f"{case} dx")
   numerics.assert_pytrees_close(dp, dp_e, rtol=RTOL, what=f"{case} dparams")
+
+
+def test_every_mixer_is_covered():
+  names = {c.removesuffix("_window") for c in CASES}
+  assert names == set(layers.MIXERS), sorted(set(layers.MIXERS) - names)
 
 
 def test_attention_rejects_documents_with_a_cache():
