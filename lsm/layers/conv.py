@@ -72,3 +72,26 @@ class ShortConv(nnx.Module):
     """x_t: [B, C]; cache: [B, W-1, C]. Returns (y_t [B, C], cache)."""
     y, cache = self(x_t[:, None], cache)
     return y[:, 0], cache
+
+
+def apply_each(convs, xs, cache, *, step: bool, segment_ids=None):
+  """One ShortConv per input (e.g. the q, k, v convolutions of DeltaNet and
+  MoM): whole sequences, or one decoding step each with ``step``.
+
+  Args:
+    convs: ShortConv modules, one per input.
+    xs: their inputs, [B, T, C_i] (or [B, C_i] with ``step``).
+    cache: a list of their caches, or None (sequences only).
+    step: decode one token per input.
+    segment_ids: optional int [B, T] document ids (sequences only).
+
+  Returns:
+    (outputs, the list of new caches; entries None without a cache).
+  """
+  outs, new_cache = [], []
+  for i, (conv, x) in enumerate(zip(convs, xs)):
+    c = None if cache is None else cache[i]
+    y, c = conv.step(x, c) if step else conv(x, c, segment_ids=segment_ids)
+    outs.append(y)
+    new_cache.append(c)
+  return outs, new_cache

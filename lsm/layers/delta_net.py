@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lsm.layers import conv
 from lsm.layers.conv import ShortConv
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import param, sharded
@@ -99,13 +100,8 @@ class DeltaNet(nnx.Module):
     qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
     new_cache = None
     if self.convs is not None:
-      outs, new_cache = [], []
-      for i, (conv, y) in enumerate(zip(self.convs, qkv)):
-        c = None if conv_cache is None else conv_cache[i]
-        y, c = conv.step(y, c) if step else conv(y, c, segment_ids=segment_ids)
-        outs.append(y)
-        new_cache.append(c)
-      qkv = outs
+      qkv, new_cache = conv.apply_each(self.convs, qkv, conv_cache, step=step,
+                                       segment_ids=segment_ids)
     else:
       qkv = [jax.nn.silu(y) for y in qkv]
     # float32 kernels promote bf16 activations; the op takes the activation dtype.

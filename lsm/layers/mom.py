@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lsm.layers import conv
 from lsm.layers.conv import ShortConv
 from lsm.layers.delta_net import _l2norm
 from lsm.layers.norm import RMSNorm
@@ -181,13 +182,8 @@ class MoM(nnx.Module):
     qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
     new_cache = None
     if self.convs is not None:
-      outs, new_cache = [], []
-      for i, (conv, y) in enumerate(zip(self.convs, qkv)):
-        c = None if conv_cache is None else conv_cache[i]
-        y, c = conv.step(y, c) if step else conv(y, c, segment_ids=segment_ids)
-        outs.append(y)
-        new_cache.append(c)
-      qkv = outs
+      qkv, new_cache = conv.apply_each(self.convs, qkv, conv_cache, step=step,
+                                       segment_ids=segment_ids)
     elif self.memory == "gated_delta":
       qkv = [jax.nn.silu(y) for y in qkv]
     q, k, v = (y.astype(x.dtype) for y in qkv)

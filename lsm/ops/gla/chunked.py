@@ -278,6 +278,19 @@ def _lead_masks(masks):
   return same, carry, tail, carry[..., -1, :]
 
 
+def _cut(masks, qe, kd, decay):
+  """The fast form's terms cut by ``_lead_masks`` (see ``_fast``): (the
+  intra-chunk keep mask, qe as it reads the incoming state, kd as it writes the
+  outgoing one, the chunk decay of the incoming state). No masks: causal and
+  the terms as they are."""
+  keep = _causal(qe.shape[3])
+  if masks is None:
+    return keep, qe, kd, decay
+  same, carry, tail, carry_out = masks
+  return (keep & same, jnp.where(carry, qe, 0.0), jnp.where(tail, kd, 0.0),
+          jnp.where(carry_out, decay, 0.0))
+
+
 def _fast(q, k, v, g, h0, masks, *, scale):
   """The fast form on chunks [N, B, H, C, D] (chunk axis first: the state scans
   then need no transposes): outputs [N, B, H, C, V] (scaled), h_T, and the
@@ -291,15 +304,9 @@ def _fast(q, k, v, g, h0, masks, *, scale):
   it (carry_out)."""
   e_pos = jnp.exp(jnp.cumsum(g, axis=3))
   e_neg, e_end = _decay_factors(e_pos)
-  qe, kd, decay = q * e_pos, k * e_end, e_pos[..., -1, :]  # exp(b_C): decay
-  keep = _causal(q.shape[3])
-  q_in = qe
-  if masks is not None:
-    same, carry, tail, carry_out = masks
-    keep = keep & same
-    q_in = jnp.where(carry, qe, 0.0)
-    kd = jnp.where(tail, kd, 0.0)
-    decay = jnp.where(carry_out, decay, 0.0)
+  qe = q * e_pos
+  # exp(b_C): the chunk's decay
+  keep, q_in, kd, decay = _cut(masks, qe, k * e_end, e_pos[..., -1, :])
   a = jnp.where(keep, _einsum("nbhtk,nbhsk->nbhts", qe, k * e_neg), 0.0)
   h_in, h_t = _state_scan(decay, _einsum("nbhck,nbhcv->nbhkv", kd, v), h0,
                           axis=0)
@@ -350,14 +357,7 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t, masks):
   e_neg, e_end = _decay_factors(e_pos)
   qe, ke, kd, decay = q * e_pos, k * e_neg, k * e_end, e_pos[..., -1, :]
   dos = scale * do
-  keep = _causal(q.shape[3])
-  q_in, kd_out = qe, kd
-  if masks is not None:
-    same, carry, tail, carry_out = masks
-    keep = keep & same
-    q_in = jnp.where(carry, qe, 0.0)
-    kd_out = jnp.where(tail, kd, 0.0)
-    decay = jnp.where(carry_out, decay, 0.0)
+  keep, q_in, kd_out, decay = _cut(masks, qe, kd, decay)
 
   # dh_out[n]: gradient for the state leaving chunk n; the carry ends as dh0.
   # The per-chunk products are one batched matmul outside the sequential loop.
@@ -374,6 +374,7 @@ def _fast_bwd(scale, q, k, v, res, do, dh_t, masks):
   dq_in = _einsum("nbhcv,nbhkv->nbhck", dos, h_in)
   dkd = _einsum("nbhcv,nbhkv->nbhck", v, dh_out)
   if masks is not None:
+    _, carry, tail, _ = masks
     dq_in = jnp.where(carry, dq_in, 0.0)
     dkd = jnp.where(tail, dkd, 0.0)
   dqe = _einsum("nbhts,nbhsk->nbhtk", da, ke) + dq_in
