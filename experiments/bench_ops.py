@@ -3,7 +3,7 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 Run from the repo root. Benchmarks the chunked vs reference impls of gla,
 delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
 into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan,
---repeats N, --markdown, --segments.
+--repeats N, --markdown, --segments, --selective, --blocks.
 
 With --segments it prints a second kind of table instead: the chunked impl's
 fwd+bwd with ``segment_ids`` (packed documents, state resets) against the same
@@ -33,6 +33,21 @@ analysis. Times are the median of the timed calls, each ended by
 - delta_rule: q, v ~ N(0, 1); k ~ N(0, 1) L2-normalised over K; beta ~ U[0, 1]
   and log_g = log_sigmoid(N(0, 1) + 2), both [B, T, H].
 - ssm_scan: a ~ U[-1, 1] and b ~ N(0, 1), both [B, T, H, K].
+
+With --selective it prints the selective scan (Mamba's recurrence and readout)
+instead, at the Mamba block's shapes of the 20m preset (B=1, E = 2 * 384 = 768
+channels, N=16): ``selective_scan(impl="chunked")`` against the path the Mamba
+layer took before it existed (``ssm_path``: decays and inputs materialised as
+[B, T, E, N], ``ssm_scan(impl="chunked")``, readout with C), fwd, fwd+bwd (of
+sum(y ** 2) w.r.t. x, dt, A, B, C, D) and the fwd+bwd temp memory. Inputs:
+x, B, C ~ N(0, 1), dt = softplus(N(0, 1) - 2), A = -exp(N(0, 1)), D = 1.
+
+With --blocks: one mixer layer of the 20m preset (d_model 384, 4 heads, each
+mixer's defaults, impl="chunked", chunk 64; B=1, u ~ N(0, 1) [1, T, 384]):
+fwd+bwd (of sum(y ** 2) w.r.t. the input and every parameter) time and temp
+memory for GLA, Mamba, LSSL and S4D (conv mode), and the temp memory (compiled
+only, not run) of the layers' former forms: Mamba through ``ssm_path`` and
+LSSL / S4D with the unblocked [T, H, M] Vandermonde kernel.
 """
 
 import argparse
@@ -52,6 +67,7 @@ import numpy as np  # noqa: E402
 from experiments.benchmarking import format_table, median_ms  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
 from lsm.ops.gla import gla  # noqa: E402
+from lsm.ops.selective_scan import selective_scan  # noqa: E402
 from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
 
 B, H, K, V = 2, 4, 64, 64
@@ -220,6 +236,128 @@ def segment_row(op: str, T: int, plain: dict, packed: dict) -> list[str]:
           mib(plain["temp_mib"]), mib(packed["temp_mib"])]
 
 
+# -- --selective: the selective scan against the former ssm_scan path ----------
+
+SEL_E, SEL_N = 768, 16  # Mamba block of the 20m preset: E = 2 * 384
+
+
+def selective_inputs(T: int):
+  """(x, dt, A, B, C, D) float32 at B=1, E=SEL_E, N=SEL_N (module docstring)."""
+  k = jax.random.split(jax.random.key(SEED), 5)
+  n = lambda key, shape: jax.random.normal(key, shape, jnp.float32)  # noqa: E731
+  return (n(k[0], (1, T, SEL_E)), jax.nn.softplus(n(k[1], (1, T, SEL_E)) - 2.0),
+          -jnp.exp(n(k[2], (SEL_E, SEL_N))), n(k[3], (1, T, SEL_N)),
+          n(k[4], (1, T, SEL_N)), jnp.ones((SEL_E,), jnp.float32))
+
+
+def ssm_path(x, dt, A, B, C, D):
+  """The Mamba layer's recurrence before selective_scan: [B, T, E, N] decays and
+  inputs, ``ssm_scan`` (chunked), then the readout. Returns (y, h_T)."""
+  a = jnp.exp(dt[..., None] * A)
+  b = (dt * x)[..., None] * B[:, :, None]
+  h, h_t = ssm_scan(a, b, impl="chunked")
+  return jnp.einsum("bten,btn->bte", h, C) + D * x, h_t
+
+
+def selective_path(x, dt, A, B, C, D):
+  return selective_scan(x, dt, A, B, C, D=D, impl="chunked")
+
+
+def bench_fn(forward, args, repeats: int, run: bool = True) -> dict:
+  """fwd and fwd+bwd (sum of squared first output, every argument) times and
+  the fwd+bwd temp memory; with ``run=False`` only the memory (compiled, not
+  executed)."""
+  def loss(*a):
+    return jnp.sum(jnp.square(forward(*a)[0]))
+
+  fwdbwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(
+      *args).compile()
+  mem = fwdbwd.memory_analysis()
+  out = dict(temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20)
+  if run:
+    fwd = jax.jit(forward).lower(*args).compile()
+    timed = lambda c: median_ms(c, repeats, TIME_BUDGET_S, MIN_REPEATS,  # noqa: E731
+                                MAX_REPEATS, prepare=lambda: args)
+    out.update(fwd_ms=timed(fwd), fwdbwd_ms=timed(fwdbwd))
+  return out
+
+
+SELECTIVE_COLUMNS = ("T", "fwd selective (ms)", "fwd ssm path (ms)",
+                     "fwd+bwd selective (ms)", "fwd+bwd ssm path (ms)",
+                     "fwd+bwd speedup", "temp selective (MiB)",
+                     "temp ssm path (MiB)")
+
+
+def selective_row(T: int, new: dict, old: dict) -> list[str]:
+  return [str(T), f"{new['fwd_ms']:.1f}", f"{old['fwd_ms']:.1f}",
+          f"{new['fwdbwd_ms']:.1f}", f"{old['fwdbwd_ms']:.1f}",
+          f"{old['fwdbwd_ms'] / new['fwdbwd_ms']:.1f}x",
+          f"{new['temp_mib']:.1f}", f"{old['temp_mib']:.1f}"]
+
+
+# -- --blocks: one mixer layer ---------------------------------------------------
+
+BLOCK_D, BLOCK_HEADS = 384, 4  # the 20m preset
+
+
+def _old_kernel(self, length):
+  """LSSL / S4D kernel with the whole [L, H, M] Vandermonde matrix (the form
+  before lsm.layers.ssm blocked it)."""
+  from lsm.layers import ssm  # pylint: disable=g-import-not-at-top
+  log_r, theta, cdb, _, _ = self._discretize()
+  return ssm._kernel_block(log_r, theta, cdb, jnp.arange(length, dtype=jnp.int32))
+
+
+def _old_mamba_call(self, u, cache=None, *, segment_ids=None, positions=None):
+  """Mamba.__call__ through ``ssm_path`` (no cache, no documents)."""
+  del cache, segment_ids, positions
+  x, z, _ = self._gate_and_input(u, None)
+  x32, dt, a, b, c = self._ssm_inputs(x)
+  y, _ = ssm_path(x32, dt, a, b, c, self.d[...])
+  return self._output(y, x, z), None
+
+
+def make_block(name: str):
+  """(layer, label) for a --blocks row; "old_*" are the former forms."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lsm import layers  # pylint: disable=g-import-not-at-top
+  base = name.removeprefix("old_")
+  cls = layers.MIXERS[base]
+  if name.startswith("old_"):
+    patch = {"__call__": _old_mamba_call} if base == "mamba" else {
+        "kernel": _old_kernel}
+    cls = type(f"Old{cls.__name__}", (cls,), patch)
+  return cls(BLOCK_D, n_heads=BLOCK_HEADS, impl="chunked", rngs=nnx.Rngs(SEED))
+
+
+BLOCKS = ("gla", "mamba", "old_mamba", "lssl", "old_lssl", "s4d", "old_s4d")
+BLOCK_COLUMNS = ("layer", "T", "fwd+bwd (ms)", "temp (MiB)")
+
+
+def bench_block(name: str, T: int, repeats: int) -> dict:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  layer = make_block(name)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  u = jax.random.normal(jax.random.key(SEED), (1, T, BLOCK_D), jnp.float32)
+
+  def loss(params, u):
+    return jnp.sum(jnp.square(nnx.merge(graphdef, params, rest)(u)[0]))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, u).compile()
+  mem = compiled.memory_analysis()
+  out = dict(temp_mib=None if mem is None else mem.temp_size_in_bytes / 2**20)
+  if not name.startswith("old_"):
+    out["fwdbwd_ms"] = median_ms(compiled, repeats, TIME_BUDGET_S, MIN_REPEATS,
+                                 MAX_REPEATS, prepare=lambda: (params, u))
+  return out
+
+
+def block_row(name: str, T: int, res: dict) -> list[str]:
+  ms = res.get("fwdbwd_ms")
+  return [name, str(T), "not run" if ms is None else f"{ms:.0f}",
+          "n/a" if res["temp_mib"] is None else f"{res['temp_mib']:.0f}"]
+
+
 def main():
   parser = argparse.ArgumentParser(
       description="Chunked vs reference timings and memory of the lsm ops on CPU.")
@@ -236,6 +374,12 @@ def main():
   parser.add_argument("--segments", action="store_true",
                       help="chunked with vs without segment_ids (packed "
                       f"documents of mean length {DOC_LEN}) instead")
+  parser.add_argument("--selective", action="store_true",
+                      help="selective_scan against the former ssm_scan path "
+                      "instead (see the module docstring)")
+  parser.add_argument("--blocks", nargs="*", choices=BLOCKS, default=None,
+                      help="one mixer layer's fwd+bwd instead (all of "
+                      f"{BLOCKS} when given without names)")
   args = parser.parse_args()
 
   device = jax.devices()[0]
@@ -247,6 +391,30 @@ def main():
       f"repeats={args.repeats or 'auto'}; speedup = reference / chunked",
   ]
   rows = []
+  if args.selective or args.blocks is not None:
+    if args.selective:
+      header[1] = (f"float32, B=1, E={SEL_E}, N={SEL_N}, chunk_size=64; repeats="
+                   f"{args.repeats or 'auto'}; speedup = ssm path / selective")
+      for T in args.T:
+        inputs = selective_inputs(T)
+        new, old = (bench_fn(f, inputs, args.repeats)
+                    for f in (selective_path, ssm_path))
+        print(f"done selective T={T}", file=sys.stderr, flush=True)
+        rows.append(selective_row(T, new, old))
+      columns = SELECTIVE_COLUMNS
+    else:
+      header[1] = (f"float32, one layer, B=1, d_model={BLOCK_D}, "
+                   f"{BLOCK_HEADS} heads, impl=chunked; repeats="
+                   f"{args.repeats or 'auto'}; old_* compiled only")
+      for name in args.blocks or BLOCKS:
+        for T in args.T:
+          rows.append(block_row(name, T, bench_block(name, T, args.repeats)))
+          print(f"done {name} T={T}", file=sys.stderr, flush=True)
+      columns = BLOCK_COLUMNS
+    print("\n".join(header))
+    print()
+    print(format_table(columns, rows, args.markdown, left=1))
+    return
   if args.segments:
     header[1] += f"; documents of mean length {DOC_LEN}"
     for op in args.ops:

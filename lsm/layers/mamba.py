@@ -14,9 +14,12 @@ With E = expand * d_model inner channels and N = state_size, per token t:
 
 b_t = dt_t B_t x_t is Mamba's simplified ZOH (Euler for B). The signed range maps
 Mamba's decay from [0, 1] onto [-1, 1] as Grazzi et al. do, which lets one layer
-flip the sign of its state (parity, modular counting). The recurrence runs
-through ``lsm.ops.ssm_scan`` over the [B, T, E, N] states (``ssm_scan_step``
-when decoding).
+flip the sign of its state (parity, modular counting). The recurrence and the
+readout h_t C_t + D x_t run through ``lsm.ops.selective_scan`` (through
+``lsm.parallel.sequence``, so a mesh's seq axis splits T), which never writes
+the [B, T, E, N] decays or states (the chunked impl keeps one state per chunk
+boundary and recomputes a chunk's states in the backward pass), and
+``selective_scan_step`` when decoding.
 """
 
 import math
@@ -28,11 +31,21 @@ from flax import nnx
 
 from lsm.layers.conv import ShortConv
 from lsm.layers.sharding import param
-from lsm.layers.ssm import check_impl
-from lsm.ops.ssm_scan import ssm_scan_step
+from lsm.ops.selective_scan import selective_scan, selective_scan_step
 from lsm.parallel import axes, sequence
 
 EIGENVALUE_RANGES = ("positive", "signed")
+
+
+def _check_impl(layer: str, impl: str) -> None:
+  """Fails at construction on an impl ``selective_scan`` does not know (the
+  op's message lists the choices). eval_shape only traces."""
+  z = jax.ShapeDtypeStruct((1, 1, 1), jnp.float32)
+  a = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  try:
+    jax.eval_shape(lambda x, a: selective_scan(x, x, a, x, x, impl=impl), z, a)
+  except ValueError as e:
+    raise ValueError(f"{layer}: {e}") from None
 
 
 class Mamba(nnx.Module):
@@ -48,31 +61,35 @@ class Mamba(nnx.Module):
     eigenvalue_range: "positive" (a_t in [0, 1], Mamba) or "signed" (a_t in
       [-1, 1]).
     dt_min, dt_max: range of the log-uniform initial step size.
-    impl: the ``ssm_scan`` impl.
+    impl: the ``selective_scan`` impl.
+    chunk_size: tokens per chunk of the chunked selective scan (memory: one
+      [B, E, N] state per chunk boundary, one chunk's states at a time).
   """
 
   def __init__(self, d_model: int, *, n_heads: int | None = None,
                state_size: int = 16, expand: int = 2, conv_width: int = 4,
                eigenvalue_range: str = "positive", dt_min: float = 1e-3,
-               dt_max: float = 1e-1, impl: str = "auto", rngs: nnx.Rngs):
+               dt_max: float = 1e-1, impl: str = "auto", chunk_size: int = 64,
+               rngs: nnx.Rngs):
     del n_heads  # one state per inner channel; accepted for a uniform constructor
     name = "Mamba"
     if eigenvalue_range not in EIGENVALUE_RANGES:
       raise ValueError(f"{name}: eigenvalue_range={eigenvalue_range!r} is not one "
                        f"of {sorted(EIGENVALUE_RANGES)}")
     for arg, value in (("state_size", state_size), ("expand", expand),
-                       ("conv_width", conv_width)):
+                       ("conv_width", conv_width), ("chunk_size", chunk_size)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: {arg}={value!r}; expected a positive int")
     if not 0 < dt_min <= dt_max:
       raise ValueError(f"{name}: dt_min={dt_min!r}, dt_max={dt_max!r}; expected "
                        "0 < dt_min <= dt_max")
-    check_impl(name, impl)
+    _check_impl(name, impl)
     self.d_model = d_model
     self.d_inner = e = expand * d_model
     self.state_size = n = state_size
     self.eigenvalue_range = eigenvalue_range
     self.impl = impl
+    self.chunk_size = chunk_size
     rank = math.ceil(d_model / 16)
 
     f32 = jnp.float32
@@ -126,34 +143,33 @@ class Mamba(nnx.Module):
     return x, xz[:, :, 1], new_cache
 
   def _ssm_inputs(self, x):
-    """Decays, scan inputs and readout from the conv output x: [B, T, E].
+    """The selective scan's inputs from the conv output x: [B, ..., E].
 
     Returns:
-      a: [B, T, E, N] float32 decays; b: [B, T, E, N] float32 inputs
-      dt * B_t * x; c: [B, T, N] float32 readout C_t.
+      x32: x in float32; dt: [B, ..., E] float32 step sizes; A: [E, N] float32
+      (-exp(A_log)); b, c: [B, ..., N] float32 input and readout vectors B_t,
+      C_t. The decays exp(dt A) are formed inside the op.
     """
     x32 = x.astype(jnp.float32)
     dt = jax.nn.softplus(x32 @ self.dt_down[...] @ self.dt_up[...]
-                         + self.dt_bias[...])  # [B, T, E]
-    bc = jnp.einsum("bte,ekn->btkn", x32, self.bc_proj[...])
-    a = jnp.exp(dt[..., None] * -jnp.exp(self.a_log[...]))  # in (0, 1]
-    if self.eigenvalue_range == "signed":
-      a = 2 * a - 1
-    b = (dt * x32)[..., None] * bc[:, :, None, 0]
-    return a, b, bc[:, :, 1]
+                         + self.dt_bias[...])
+    bc = jnp.einsum("...e,ekn->...kn", x32, self.bc_proj[...])
+    return x32, dt, -jnp.exp(self.a_log[...]), bc[..., 0, :], bc[..., 1, :]
 
-  def _output(self, h, c, x, z):
-    """h: [B, T, E, N] float32 states; c: [B, T, N]; x, z: [B, T, E].
+  def _output(self, y, x, z):
+    """y: [B, T, E] float32 scan output (skip included); z: [B, T, E] gate.
     Returns [B, T, D] in x.dtype."""
-    y = jnp.einsum("bten,btn->bte", h, c) + self.d[...] * x.astype(jnp.float32)
     y = y * jax.nn.silu(z.astype(jnp.float32))
     return (y @ self.out_proj[...]).astype(x.dtype)
 
   def decays(self, u):
     """The decays a_t the layer would apply to u (no cache): [B, T, D] ->
-    [B, T, E, N] float32, in [0, 1] ("positive") or [-1, 1] ("signed")."""
+    [B, T, E, N] float32, in [0, 1] ("positive") or [-1, 1] ("signed"). For
+    analysis: the forward pass never forms this array."""
     x, _, _ = self._gate_and_input(u, None)
-    return self._ssm_inputs(x)[0]
+    _, dt, a, _, _ = self._ssm_inputs(x)
+    a = jnp.exp(dt[..., None] * a)  # in (0, 1]
+    return 2 * a - 1 if self.eigenvalue_range == "signed" else a
 
   # -- protocol ----------------------------------------------------------------
 
@@ -166,7 +182,7 @@ class Mamba(nnx.Module):
             "h": jnp.zeros((batch, self.d_inner, self.state_size), jnp.float32)}
 
   def __call__(self, u, cache=None, *, segment_ids=None, positions=None):
-    """Parallel over T through ssm_scan, from ``cache`` when given.
+    """Parallel over T through selective_scan, from ``cache`` when given.
 
     Args:
       u: [B, T, D] input, any float dtype.
@@ -181,15 +197,21 @@ class Mamba(nnx.Module):
     del positions
     x, z, conv_cache = self._gate_and_input(
         u, None if cache is None else cache["conv"], segment_ids)
-    a, b, c = self._ssm_inputs(x)
-    # sequence.ssm_scan is the op, split over the mesh's seq axis if it has one.
-    h, h_t = sequence.ssm_scan(a, b, h0=None if cache is None else cache["h"],
-                               impl=self.impl, segment_ids=segment_ids)
-    y = self._output(h, c, x, z)
+    x32, dt, a, b, c = self._ssm_inputs(x)
+    # x in float32: the scan's output comes back in its dtype, and the gate and
+    # out_proj below run in float32 (as before this layer used selective_scan).
+    # sequence.selective_scan is the op, split over the mesh's seq axis if it
+    # has one.
+    y, h_t = sequence.selective_scan(
+        x32, dt, a, b, c, D=self.d[...],
+        h0=None if cache is None else cache["h"], chunk_size=self.chunk_size,
+        impl=self.impl, eigenvalue_range=self.eigenvalue_range,
+        segment_ids=segment_ids)
+    y = self._output(y, x, z)
     return y, (None if cache is None else {"conv": conv_cache, "h": h_t})
 
   def step(self, u_t, cache):
-    """One token through ShortConv.step and ssm_scan_step.
+    """One token through ShortConv.step and selective_scan_step.
 
     Args:
       u_t: [B, D] input, any float dtype.
@@ -202,7 +224,8 @@ class Mamba(nnx.Module):
     x, conv_cache = self.conv.step(xz[:, 0], cache["conv"])
     conv_cache = conv_cache.astype(cache["conv"].dtype)  # as in _gate_and_input
     z = xz[:, 1]
-    a, b, c = self._ssm_inputs(x[:, None])
-    _, h = ssm_scan_step(a[:, 0], b[:, 0], cache["h"])
-    y = self._output(h[:, None], c, x[:, None], z[:, None])[:, 0]
+    x32, dt, a, b, c = self._ssm_inputs(x)
+    y, h = selective_scan_step(x32, dt, a, b, c, cache["h"], D=self.d[...],
+                               eigenvalue_range=self.eigenvalue_range)
+    y = self._output(y[:, None], x[:, None], z[:, None])[:, 0]
     return y, {"conv": conv_cache, "h": h}

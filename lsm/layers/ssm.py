@@ -19,7 +19,8 @@ and two computation modes give the same function of the input:
 
 * "conv" (training): with a zero initial state the layer is a causal
   convolution with the kernel K_l = 2 Re(sum_m C_m dB_m dA_m^l), l < T,
-  computed by a Vandermonde product and applied with an FFT of length 2T.
+  computed by a Vandermonde product in blocks of steps (never the whole
+  [T, H, M] matrix; see ``kernel``) and applied with an FFT of length 2T.
 * "recurrent": the recurrence above through ``lsm.ops.ssm_scan`` (prefill from a
   cache, and whenever mode="recurrent") and ``ssm_scan_step`` (decoding).
 
@@ -150,6 +151,19 @@ def _split(h, m: int):
 def _join(z):
   """complex [..., M] -> [..., 2M] float32 real storage [Re z, Im z]."""
   return jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-1).astype(jnp.float32)
+
+
+# Steps of the convolution kernel formed at once (see _DiagonalSSM.kernel):
+# [KERNEL_BLOCK, H, M] complex64 is 25 MB at H = 384, M = 32.
+KERNEL_BLOCK = 256
+
+
+def _kernel_block(log_r, theta, cdb, steps):
+  """2 Re(sum_m cdb_m dA_m^l) for l in ``steps`` [L] int32: [H, L] float32,
+  with dA^l = |dA|^l e^{i l theta} (log_r, theta, cdb: [H, M])."""
+  vand = (jnp.exp(steps.astype(jnp.float32)[:, None, None] * log_r)
+          * _rotation(theta, steps))  # [L, H, M]
+  return 2 * jnp.real(jnp.einsum("hm,lhm->hl", cdb, vand))
 
 
 class _DiagonalSSM(nnx.Module):
@@ -308,12 +322,23 @@ class _DiagonalSSM(nnx.Module):
   # -- the two computation modes ----------------------------------------------
 
   def kernel(self, length: int):
-    """The convolution kernel K_l = 2 Re(sum_m C_m dB_m dA_m^l): [H, L] float32."""
+    """The convolution kernel K_l = 2 Re(sum_m C_m dB_m dA_m^l): [H, L] float32.
+
+    The Vandermonde matrix dA_m^l is [L, H, M] complex: 0.8 GB per layer at
+    L = 8192, H = 384, M = 32, and autodiff would keep it and its cotangent.
+    So it is formed in blocks of KERNEL_BLOCK steps under ``lax.map``, each
+    block contracted with C dB at once and rematerialised in the backward pass
+    (``jax.checkpoint``): one block's [KERNEL_BLOCK, H, M] lives at a time, and
+    the residuals are the [H, L] kernel's inputs only. The steps of a block are
+    absolute times, so ``_rotation``'s exact phases are unchanged.
+    """
     log_r, theta, cdb, _, _ = self._discretize()
-    l = jnp.arange(length, dtype=jnp.int32)
-    # dA^l = |dA|^l e^{i l theta}: the Vandermonde matrix, [L, H, M].
-    vand = jnp.exp(l.astype(jnp.float32)[:, None, None] * log_r) * _rotation(theta, l)
-    return 2 * jnp.real(jnp.einsum("hm,lhm->hl", cdb, vand))
+    block = min(KERNEL_BLOCK, length)
+    n = -(-length // block)
+    steps = jnp.arange(n * block, dtype=jnp.int32).reshape(n, block)
+    body = jax.checkpoint(_kernel_block, prevent_cse=False)
+    k = jax.lax.map(lambda l: body(log_r, theta, cdb, l), steps)  # [n, H, block]
+    return jnp.moveaxis(k, 0, 1).reshape(k.shape[1], n * block)[:, :length]
 
   def _conv(self, x):
     """SSM output from a zero state by FFT convolution: [B, T, H] float32 ->

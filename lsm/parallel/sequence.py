@@ -1,11 +1,12 @@
 r"""LASP-2 sequence parallelism (Sun et al. 2025) on the ``seq`` mesh axis.
 
 Each public function here has the signature of the op it wraps (``gla``,
-``delta_rule``, ``ssm_scan``, and causal softmax ``attention`` for hybrid
-stacks). When the current mesh (``jax.sharding.get_abstract_mesh()``, set by
-``jax.set_mesh``) has a ``seq`` axis of size n > 1, the sequence dimension is
-split into n contiguous slices of T / n tokens, one per device, and the op runs
-under ``jax.shard_map``; otherwise the op is called directly, unchanged (no mesh,
+``delta_rule``, ``ssm_scan``, ``selective_scan``, and causal softmax
+``attention`` for hybrid stacks). When the current mesh
+(``jax.sharding.get_abstract_mesh()``, set by ``jax.set_mesh``) has a ``seq``
+axis of size n > 1, the sequence dimension is split into n contiguous slices of
+T / n tokens, one per device, and the op runs under ``jax.shard_map``;
+otherwise the op is called directly, unchanged (no mesh,
 or seq == 1, costs nothing). Layers call these instead of the ops, so setting
 ``mesh.seq > 1`` in a config shards the sequence with no change to model code.
 
@@ -41,6 +42,14 @@ the slice's transition and Q_t S is the readout of the carried state. Per slice
   no logs, so signed and zero decays are exact; recomputed in the backward
   pass, see ``_cumprod``), stacked with D as [2, B, ...];
   Q_t = prod_{s<=t} a_s elementwise.
+* Selective scan (Mamba): M = prod_t a_t with a_t = exp(dt_t A) (or its signed
+  form) and D, stacked as [2, B, E, N], both from ONE op call on a doubled state,
+  [A | A], B' = [B | 0], C' = 0 and h0 = [0 | 1] (the second half is the decay
+  product, exact for zero and signed decays). Here the outputs are not
+  corrected by Q_t S, which would be the [B, t, E, N] decay products this op
+  exists not to write: the op runs a second time from the gathered state S_i
+  and gives the outputs directly. Two op calls, the first with 2N state
+  entries, and still O(E N) communication.
 
 This runs the local op once, not twice: adding Q_t S_i to the zero-start output
 is the same function as rerunning the op from S_i (the recurrences are affine in
@@ -87,6 +96,7 @@ from jax.sharding import PartitionSpec as P
 from lsm.ops.common import segments as _segments
 from lsm.ops.delta_rule import delta_rule as _delta_rule_op
 from lsm.ops.gla import gla as _gla_op
+from lsm.ops.selective_scan import selective_scan as _selective_scan_op
 from lsm.ops.ssm_scan import ssm_scan as _ssm_scan_op
 
 SEQ_AXIS = "seq"
@@ -461,6 +471,91 @@ def ssm_scan(a, b, *, h0=None, impl="auto", segment_ids=None,
   resets = None if segment_ids is None else _segments.resets(segment_ids)
   return _run(body, mesh, (a, b, h0, resets),
               (x_spec, x_spec, st_spec, P(bs, axis)), (x_spec, st_spec))
+
+
+# -- selective scan (Mamba) --------------------------------------------------
+
+
+def selective_scan_slice(x, dt, A, B, C, D, h0, segment_ids=None, resets=None, *,
+                         call, axis: str):
+  """One device's part of the sequence-parallel selective scan (as
+  ``gla_slice``).
+
+  Args:
+    x, dt: this slice's [B, t, E]; A: [E, N]; B, C: [B, t, N] or [B, t, G, N];
+      D: [E] or None.
+    h0: [B, E, N] float32 state before the first slice, or None for zeros.
+    segment_ids, resets: this slice of the row's document ids and of their
+      global reset flags (``segments.resets`` of the whole row), [B, t]; or
+      None. The op sees the ids, so resets inside the slice are its own; a
+      document that starts at the slice's first token (which the op cannot
+      tell) drops the incoming state: M = 0 and a zero entering state.
+    call: the op, ``call(x, dt, A, B, C, D=..., h0=..., segment_ids=...) ->
+      (y, h_t)``.
+    axis: the sequence axis name.
+
+  Returns:
+    y: [B, t, E] in x.dtype; h_T: [B, E, N] float32 after the last slice.
+  """
+  N = A.shape[-1]
+  grouped = B.ndim == 4
+  B2 = B if grouped else B[:, :, None]
+  B2 = jnp.concatenate([B2, jnp.zeros_like(B2)], axis=-1)  # [B, t, G, 2N]
+  shape = (x.shape[0], x.shape[-1], N)
+  h2 = jnp.concatenate([jnp.zeros(shape, jnp.float32),
+                        jnp.ones(shape, jnp.float32)], axis=-1)
+  # Final state [D | M]: zero-start state and decay product (module docstring).
+  _, s = call(x, dt, jnp.concatenate([A, A], axis=-1), B2, jnp.zeros_like(B2),
+              D=None, h0=h2, segment_ids=segment_ids)
+  d, m = s[..., :N], s[..., N:]
+  keep = None if resets is None else jnp.logical_not(resets[:, 0])[:, None, None]
+  if keep is not None:
+    m = jnp.where(keep, m, 0.0)
+  apply = lambda v, h: v[0] * h + v[1]  # noqa: E731
+  h_in, h_t = _fold(jnp.stack([m, d]), h0, apply, axis, d)
+  if keep is not None:
+    h_in = jnp.where(keep, h_in, 0.0)
+  y, _ = call(x, dt, A, B, C, D=D, h0=h_in, segment_ids=segment_ids)
+  return y, h_t
+
+
+def selective_scan(x, dt, A, B, C, *, D=None, h0=None, chunk_size=64, impl="auto",
+                   eigenvalue_range="positive", segment_ids=None,
+                   axis: str = SEQ_AXIS):
+  """``lsm.ops.selective_scan.selective_scan``, sequence-parallel over ``axis``
+  when the current mesh has it with size > 1 (module docstring); the op
+  otherwise.
+
+  Args:
+    x, dt: [B, T, E]; A: [E, N]; B, C: [B, T, N] or [B, T, G, N]; D: optional
+      [E]; h0: optional [B, E, N] float32; chunk_size, impl, eigenvalue_range,
+      segment_ids: as the op. E is split over ``tensor`` where it divides (G
+      too, for grouped B and C).
+    axis: the mesh axis that splits T.
+
+  Returns:
+    y: [B, T, E] in x.dtype; h_T: [B, E, N] float32.
+  """
+  n = seq_size(axis)
+  call = functools.partial(_selective_scan_op, chunk_size=chunk_size, impl=impl,
+                           eigenvalue_range=eigenvalue_range)
+  if n == 1:
+    return call(x, dt, A, B, C, D=D, h0=h0, segment_ids=segment_ids)
+  jax.eval_shape(lambda *a: call(*a[:5], D=a[5], h0=a[6], segment_ids=a[7]),
+                 x, dt, A, B, C, D, h0, segment_ids)  # the op's own checks
+  Bsz, T, E = x.shape
+  _check_length("selective_scan", T, n, axis)
+  mesh = _mesh()
+  grouped = B.ndim == 4
+  # Channels split over ``tensor``; grouped B and C split with them (a split
+  # of G groups is one of E = G P channels), shared ones are replicated.
+  bs, hs = _layout(mesh, Bsz, B.shape[2] if grouped else E)
+  body = functools.partial(selective_scan_slice, call=call, axis=axis)
+  x_spec, st_spec, seg_spec = P(bs, axis, hs), P(bs, hs), P(bs, axis)
+  bc_spec = P(bs, axis, hs) if grouped else P(bs, axis)
+  return _run(body, mesh, (x, dt, A, B, C, D, h0, *_with_resets(segment_ids)),
+              (x_spec, x_spec, P(hs), bc_spec, bc_spec, P(hs), st_spec, seg_spec,
+               seg_spec), (x_spec, st_spec))
 
 
 # -- softmax attention (hybrid stacks) ----------------------------------------

@@ -1,6 +1,7 @@
-"""Mamba: decoding against the parallel forward, ssm_scan impls against each
-other, the decay ranges of both eigenvalue modes, finite gradients, sharding
-metadata and constructor errors.
+"""Mamba: decoding against the parallel forward, selective_scan impls against
+each other and against the layer's former path (materialised decays through
+ssm_scan), the decay ranges of both eigenvalue modes, finite gradients, the
+compiled memory bound, sharding metadata and constructor errors.
 
 Compiles dominate the run time on CPU, so each test jits one function that
 computes everything it compares."""
@@ -13,6 +14,7 @@ from flax import nnx
 
 from lsm.layers import mamba
 from lsm.layers.mamba import Mamba
+from lsm.ops.ssm_scan import ssm_scan
 from tests import numerics
 from tests.layers import decoding
 
@@ -81,6 +83,74 @@ def test_impls_agree(eigenvalue_range):
   numerics.assert_close(h_c, h_r, rtol=rtol, what="h")
 
 
+def _materialised(m, u, h0):
+  """The layer as it was before selective_scan: decays and inputs formed as
+  [B, T, E, N] arrays, the states from lsm.ops.ssm_scan (reference), the
+  readout h_t C_t + D x_t, then the gate and out_proj."""
+  x, z, _ = m._gate_and_input(u, None)
+  x32 = x.astype(jnp.float32)
+  dt = jax.nn.softplus(x32 @ m.dt_down[...] @ m.dt_up[...] + m.dt_bias[...])
+  bc = jnp.einsum("bte,ekn->btkn", x32, m.bc_proj[...])
+  a = jnp.exp(dt[..., None] * -jnp.exp(m.a_log[...]))
+  if m.eigenvalue_range == "signed":
+    a = 2 * a - 1
+  b = (dt * x32)[..., None] * bc[:, :, None, 0]
+  h, h_t = ssm_scan(a, b, h0=h0, impl="reference")
+  y = jnp.einsum("bten,btn->bte", h, bc[:, :, 1]) + m.d[...] * x32
+  y = y * jax.nn.silu(z.astype(jnp.float32))
+  return (y @ m.out_proj[...]).astype(u.dtype), h_t
+
+
+@pytest.mark.parametrize("eigenvalue_range", RANGES)
+def test_matches_the_materialised_ssm_scan_path(eigenvalue_range):
+  """Same outputs, final state and parameter gradients as the former path
+  (chunk 4, so T = 13 spans several chunks and a partial one)."""
+  layer = _layer(eigenvalue_range, chunk_size=4, impl="chunked")
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  h0 = jax.random.normal(jax.random.key(7), (B, E, N))
+  w = jax.random.normal(jax.random.key(8), (B, T, D))
+
+  def new_path(m, u):  # the layer's call from state h0 (empty conv window)
+    y, cache = m(u, {"conv": m.conv.init_cache(u.shape[0]), "h": h0})
+    return y, cache["h"]
+
+  def both(params, u):
+    out = []
+    for f in (new_path, lambda m, u: _materialised(m, u, h0)):
+      def loss(p):
+        y, h_t = f(nnx.merge(graphdef, p, rest), u)
+        return jnp.sum(w * y) + jnp.sum(jnp.sin(h_t)), (y, h_t)
+      (_, (y, h_t)), g = jax.value_and_grad(loss, has_aux=True)(params)
+      out.append((y, h_t, g))
+    return out
+
+  (y, h_t, g), (y_e, h_e, g_e) = jax.jit(both)(params, _x(9))
+  rtol = numerics.tolerance("chunked", jnp.float32)
+  numerics.assert_close(y, y_e, rtol=rtol, what="y")
+  numerics.assert_close(h_t, h_e, rtol=rtol, what="h_T")
+  numerics.assert_pytrees_close(g, g_e, rtol=rtol, what="grad ")
+
+
+def test_memory_does_not_hold_the_states():
+  """Compiled fwd+bwd temp memory of the layer at T = 4096 (E = 32, N = 64):
+  below 3/4 of ONE [B, T, E, N] float32 array; with the reference impl (which
+  keeps every state) above two, so the bound is one materialising breaks."""
+  Tm, Nm = 4096, 64
+  states = Tm * E * Nm * 4
+
+  def temp(impl):
+    m = Mamba(D, state_size=Nm, impl=impl, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    f = jax.grad(lambda p, u: jnp.sum(nnx.merge(graphdef, p, rest)(u)[0] ** 2))
+    u = jax.ShapeDtypeStruct((1, Tm, D), jnp.float32)
+    return jax.jit(f).lower(params, u).compile().memory_analysis(
+        ).temp_size_in_bytes
+
+  chunked, reference = temp("chunked"), temp("reference")
+  assert chunked < 0.75 * states, (chunked, states)
+  assert reference > 2 * states, (reference, states)
+
+
 @pytest.mark.parametrize("eigenvalue_range", RANGES)
 def test_decay_range_and_finite_gradients(eigenvalue_range):
   layer = _layer(eigenvalue_range)
@@ -121,6 +191,7 @@ def test_every_param_has_sharding_metadata():
     (dict(state_size=0), ["state_size", "positive int"]),
     (dict(expand=1.5), ["expand", "positive int"]),
     (dict(conv_width=0), ["conv_width", "positive int"]),
+    (dict(chunk_size=0), ["chunk_size", "positive int"]),
     (dict(impl="cuda"), ["impl", "chunked", "reference"]),
     (dict(dt_min=0.0), ["dt_min", "dt_max"]),
 ], ids=lambda v: str(v) if isinstance(v, dict) else "")

@@ -1,16 +1,17 @@
 """Run by test_sequence.py in a fresh process with 8 forced CPU devices: LASP-2
 sequence parallelism (lsm.parallel.sequence) against one device.
 
-1. Every op wrapper (GLA, delta rule, diagonal SSM scan, softmax attention) on
-   meshes with seq = 2, 4 and 8 (combined with data and tensor axes): outputs,
-   final states and the gradients of every input and of h0 equal the
+1. Every op wrapper (GLA, delta rule, diagonal SSM scan, selective scan, softmax
+   attention) on meshes with seq = 2, 4 and 8 (combined with data and tensor
+   axes): outputs, final states and the gradients of every input and of h0 equal the
    single-device op within the float32 "invariant" tolerance, at T / seq not a
    multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays;
    and the linear ops on packed rows (segment_ids) with document starts inside
    slices, several in one slice, at slice edges, and slices without one.
 2. Compiled HLO of one layer's forward + backward on seq = 8: exactly one
    all-gather and one reduce-scatter per linear op, no other collective, of the
-   same byte size at T = 1024 and T = 4096.
+   same byte size at T = 1024 and T = 4096; the selective scan on its own
+   (besides those two, only the all-reduces of its A and D gradients).
 3. A full train step of a hybrid LM on mesh (data=2, seq=4) equals the same
    step on one device, and its HLO holds one all-gather per mixer layer.
 
@@ -42,6 +43,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from lsm.models.lm import LMConfig  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
 from lsm.ops.gla import gla  # noqa: E402
+from lsm.ops.selective_scan import selective_scan  # noqa: E402
 from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
 from lsm.parallel import sequence  # noqa: E402
 from lsm.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -90,6 +92,16 @@ def _inputs(seed, B, T, H, K, V, *, gate: str, h0: bool, segments=False):
   if h0:
     x["h0"] = f32(n(B, H, K, V))
     x["h0_ssm"] = f32(n(B, H, K))
+  # Selective scan (drawn after the others, which keep their values): x, dt
+  # [B, T, E = H K]; A [E, V]; B, C shared [B, T, V] and grouped [B, T, H, V];
+  # D [E]. dt up to 3: signed decays reach -1.
+  E = H * K
+  x["ss_x"], x["ss_dt"] = f32(n(B, T, E)), f32(rng.uniform(0.0, 3.0, (B, T, E)))
+  x["ss_A"], x["ss_D"] = f32(-rng.uniform(0.2, 2.0, (E, V))), f32(n(E))
+  x["ss_B"], x["ss_C"] = f32(n(B, T, V)), f32(n(B, T, V))
+  x["ss_Bg"], x["ss_Cg"] = f32(n(B, T, H, V)), f32(n(B, T, H, V))
+  if h0:
+    x["h0_ss"] = f32(n(B, E, V))
   if segments:
     x["segment_ids"] = _segment_ids(B, T)
     # Mild decays, so that a state wrongly carried across a start would show.
@@ -124,6 +136,15 @@ def _ops(mod, chunk: int, impl: str = "chunked"):
       "ssm_scan": lambda x: (mod.ssm_scan if is_seq else ssm_scan)(
           x["a"], x["b"], h0=x.get("h0_ssm"), impl=impl,
           segment_ids=x.get("segment_ids")),
+      "selective_scan": lambda x: (mod.selective_scan if is_seq else selective_scan)(
+          x["ss_x"], x["ss_dt"], x["ss_A"], x["ss_B"], x["ss_C"], D=x["ss_D"],
+          h0=x.get("h0_ss"), chunk_size=4, impl=impl, eigenvalue_range="signed",
+          segment_ids=x.get("segment_ids")),
+      "selective_scan_grouped": lambda x: (
+          mod.selective_scan if is_seq else selective_scan)(
+              x["ss_x"], x["ss_dt"], x["ss_A"], x["ss_Bg"], x["ss_Cg"],
+              h0=x.get("h0_ss"), chunk_size=4, impl=impl,
+              segment_ids=x.get("segment_ids")),
       "attention": attention,
   }
 
@@ -233,6 +254,51 @@ def check_hlo(results):
     assert large[3] == 4 * small[3], (kind, small, large)  # attention: O(T)
 
 
+def check_hlo_selective_scan(results):
+  """The selective scan's forward + backward on seq = 8: one all-gather of the
+  [2, B, E, N] summaries and its reduce-scatter, the same bytes at T = 1024 and
+  4096. Its other collectives are all-reduces: over seq, of the A and D
+  gradients only (parameters replicated over the slices; independent of T);
+  and over ``tensor`` alone, of the B and C gradients, which every channel
+  shares while the channels are split over ``tensor`` (a real reduction when
+  tensor > 1; here tensor = 1 and it moves nothing)."""
+  B, E, N = 2, 32, 16
+  f = lambda x, dt, a, b, c, d: sequence.selective_scan(  # noqa: E731
+      x, dt, a, b, c, D=d, chunk_size=64, impl="chunked")
+
+  def loss(*a):
+    return sum(jnp.sum(y * y) for y in f(*a))
+
+  mesh = _mesh({"seq": 8})
+  found, over_seq = {}, {}
+  for T in (1024, 4096):
+    shapes = ((B, T, E), (B, T, E), (E, N), (B, T, N), (B, T, N), (E,))
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    with jax.set_mesh(mesh):
+      text = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(
+          *args).compile().as_text()
+    found[T] = sorted(collectives(text))
+    # (bytes, reduced mesh axes) of every all-reduce
+    reduces = [re.search(r"replica_groups=mesh\[[^\]]*\] \{([^}]*)\}", line)
+               for line in text.splitlines() if COLLECTIVE.search(line)
+               and COLLECTIVE.search(line).group(1) == "all-reduce"]
+    assert all(reduces), text
+    over_seq[T] = ["'seq'" in r.group(1) for r in reduces]
+    assert sum(over_seq[T]) <= 1, (T, reduces)
+    assert all("'seq'" in r.group(1) or r.group(1) == "'tensor'"
+               for r in reduces), (T, [r.group(1) for r in reduces])
+  results["hlo_selective_scan"] = {str(t): f for t, f in found.items()}
+  summary = 8 * 2 * B * E * N * 4
+  for T, f in found.items():
+    kinds = sorted(k for k, _ in f)
+    assert set(kinds) == {"all-gather", "reduce-scatter", "all-reduce"}, (T, f)
+    assert [s for k, s in f if k == "all-gather"] == [summary], (T, f, summary)
+    assert [s for k, s in f if k == "reduce-scatter"] == [summary // 8], (T, f)
+  # The all-reduce over seq: dA [E, N] and dD [E], combined, at every T.
+  reduced = {T: [s for k, s in f if k == "all-reduce"] for T, f in found.items()}
+  assert min(reduced[1024]) == min(reduced[4096]) == (E * N + E) * 4, found
+
+
 def check_train_step(results, pattern):
   """A hybrid LM's train step on (data=2, seq=4) equals one device's, and its
   HLO holds one all-gather and one reduce-scatter per mixer layer."""
@@ -290,21 +356,25 @@ def main(slow: bool):
   results = {}
   t0 = time.perf_counter()
   with jax.default_matmul_precision("highest"):
-    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan", "attention"),
+    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan", "attention",
+                              "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="default")
-    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan"),
+    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan",
+                              "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="documents", segments=True)
     t1 = time.perf_counter()
     check_hlo(results)
+    check_hlo_selective_scan(results)
     t2 = time.perf_counter()
     check_train_step(results, ("gated_delta_net", "attention"))
     results["hlo_s"] = round(t2 - t1, 1)
     results["train_step_s"] = round(time.perf_counter() - t2, 1)
     if slow:
       check_train_step(results, ("gla", "mamba", "s4d", "delta_net", "attention"))
-      check_ops(results, names=("gla", "delta_rule", "ssm_scan"),
+      check_ops(results, names=("gla", "delta_rule", "ssm_scan",
+                                "selective_scan_grouped"),
                 shape_args=(2, 72, 2, 16, 8), gate="head", h0=False, chunk=16,
                 tag="head_gate")
       check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan",

@@ -24,6 +24,7 @@ import pytest
 from lsm.ops.common import segments
 from lsm.ops.delta_rule import delta_rule
 from lsm.ops.gla import gla
+from lsm.ops.selective_scan import selective_scan
 from lsm.ops.ssm_scan import ssm_scan
 from lsm.parallel import sequence
 from lsm.parallel.mesh import resolve_shape
@@ -160,6 +161,56 @@ def test_slices_compose_with_documents(name):
     numerics.assert_close(h_t[:, i], h_e, rtol=RTOL, what=f"{name} h_T slice {i}")
 
 
+@functools.cache
+def _selective_inputs(seed=0):
+  """x, dt [B, T, E]; A [E, S]; B, C [B, T, G, S] (G = 2 groups); D [E]; h0
+  [B, E, S]. dt reaches 3, so signed decays 2 exp(dt A) - 1 reach -1."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  E, S, G = 6, 3, 2
+  return {"x": f32(rng.standard_normal((B, T, E))),
+          "dt": f32(rng.uniform(0.0, 3.0, (B, T, E))),
+          "A": f32(-rng.uniform(0.2, 2.0, (E, S))),
+          "B": f32(rng.standard_normal((B, T, G, S))),
+          "C": f32(rng.standard_normal((B, T, G, S))),
+          "D": f32(rng.standard_normal((E,))),
+          "h0": f32(rng.standard_normal((B, E, S)))}
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "documents"])
+def test_selective_scan_slices_compose(documents):
+  """As test_slices_compose_into_the_whole_sequence (and with documents):
+  signed decays, grouped B and C, a skip D and h0."""
+  x = _selective_inputs()
+  ids = _SEGMENT_IDS if documents else None
+  call = functools.partial(selective_scan, impl=IMPL, chunk_size=4,
+                           eigenvalue_range="signed")
+  seq = ("x", "dt", "B", "C")
+
+  def emulate(x):
+    per_slice = lambda a: a.reshape(a.shape[0], N, T // N, *a.shape[2:])  # noqa: E731
+    extra = () if ids is None else (per_slice(ids),
+                                     per_slice(segments.resets(ids)))
+
+    def one(*args):
+      xs, docs = args[:len(seq)], args[len(seq):]
+      return sequence.selective_scan_slice(
+          *xs[:2], x["A"], *xs[2:], x["D"], x["h0"], *docs, call=call,
+          axis=sequence.SEQ_AXIS)
+
+    return jax.vmap(one, in_axes=1, out_axes=1, axis_name=sequence.SEQ_AXIS)(
+        *(per_slice(x[n]) for n in seq), *extra)
+
+  y, h_t = jax.jit(emulate)(x)
+  y = y.reshape(y.shape[0], T, *y.shape[3:])
+  y_e, h_e = jax.jit(lambda x: call(x["x"], x["dt"], x["A"], x["B"], x["C"],
+                                    D=x["D"], h0=x["h0"], segment_ids=ids))(x)
+  numerics.assert_close(y, y_e, rtol=RTOL, what="selective_scan output")
+  for i in range(N):
+    numerics.assert_close(h_t[:, i], h_e, rtol=RTOL,
+                          what=f"selective_scan h_T slice {i}")
+
+
 def test_attention_slices_see_global_causal_positions():
   x = _inputs()
   q = jnp.concatenate([x["q"], x["k"]], axis=2)  # 4 query heads, 2 kv heads
@@ -193,10 +244,14 @@ def _abstract_mesh(seq: int):
                                    axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "attention"])
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "selective_scan",
+                                "attention"])
 def test_length_not_divisible_by_seq_raises_before_compiling(op):
   x = _inputs()
+  s = _selective_inputs()
   calls = {
+      "selective_scan": lambda: sequence.selective_scan(
+          s["x"], s["dt"], s["A"], s["B"], s["C"]),
       "gla": lambda: sequence.gla(x["q"], x["k"], x["v"]),
       "delta_rule": lambda: sequence.delta_rule(x["q"], x["k"], x["v"],
                                                 x["beta"]),
@@ -225,15 +280,19 @@ def _shard_map_avals(jaxpr):
   return out
 
 
-@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "attention"])
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "selective_scan",
+                                "attention"])
 def test_no_zero_size_array_crosses_a_shard_map(op):
   # jax/jaxlib 0.11.2 (2026-12-01): XLA CPU's compile segfaults in Shardy
   # (ManualComputationUnusedInputsPattern) on a shard_map that uses a zero-size
   # operand; autodiff residuals of associative_scan are such arrays (the
   # sequence.ssm_scan workaround). Checked here on the traced vjp (T / seq =
   # 10 gives them), without compiling or a second device.
-  x = _inputs()
+  x = {**_inputs(), **{"ss_" + k: v for k, v in _selective_inputs().items()}}
   calls = {
+      "selective_scan": lambda x: sequence.selective_scan(
+          x["ss_x"], x["ss_dt"], x["ss_A"], x["ss_B"], x["ss_C"], D=x["ss_D"],
+          h0=x["ss_h0"], chunk_size=4, impl="chunked"),
       "gla": lambda x: sequence.gla(x["q"], x["k"], x["v"], x["log_g"],
                                     h0=x["h0"], chunk_size=16, impl="chunked"),
       "delta_rule": lambda x: sequence.delta_rule(
