@@ -1,5 +1,5 @@
 r"""Language model pretraining over any mixer stack (the general entry point;
-gla.py, delta_net.py, gated_delta_net.py, mamba.py, lightning.py, retnet.py,
+gla.py, delta_net.py, gated_delta_net.py, mamba.py, mamba2.py, lightning.py, retnet.py,
 based.py, hedgehog.py, mom.py and hybrid.py fix the mixer).
 
 lsm-train --config=configs/lm.py:mixer=gla,smoke=True --workdir=runs/lm

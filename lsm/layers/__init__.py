@@ -33,6 +33,7 @@ from lsm.layers.gla import GLA
 from lsm.layers.hedgehog import Hedgehog
 from lsm.layers.lightning import Lightning
 from lsm.layers.mamba import Mamba
+from lsm.layers.mamba2 import Mamba2
 from lsm.layers.mom import MoM
 from lsm.layers.retnet import RetNet
 from lsm.layers.ssm import LSSL, S4D
@@ -45,6 +46,8 @@ MIXERS = {
     "lssl": LSSL,
     "s4d": S4D,
     "mamba": Mamba,
+    # Mamba-2 (SSD): scalar decay per head, on the gla op.
+    "mamba2": Mamba2,
     "attention": Attention,
     # The rest of the linear-attention family, on the gla and delta_rule ops.
     "lightning": Lightning,

@@ -37,6 +37,7 @@ CASES = {
     "hedgehog": ("hedgehog", {}),
     "mom": ("mom", {}),
     "mom_gla": ("mom", dict(memory="gla")),
+    "mamba2": ("mamba2", dict(state_size=8)),
 }
 
 

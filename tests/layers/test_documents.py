@@ -27,7 +27,7 @@ CASES = {
     "gla": {}, "delta_net": {}, "gated_delta_net": {}, "mamba": {},
     "lssl": {}, "s4d": {}, "attention": {},
     "attention_window": dict(window=4),
-    "lightning": {}, "retnet": {}, "hedgehog": {}, "mom": {},
+    "lightning": {}, "retnet": {}, "hedgehog": {}, "mom": {}, "mamba2": {},
     "based": dict(window=4),  # its window branch inside documents
 }
 

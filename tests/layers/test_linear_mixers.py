@@ -13,6 +13,7 @@ from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.gla import GLA
 from lsm.layers.hedgehog import Hedgehog
 from lsm.layers.lightning import Lightning
+from lsm.layers.mamba2 import Mamba2
 from lsm.layers.mom import MoM
 from lsm.layers.retnet import RetNet
 from tests import numerics
@@ -25,6 +26,7 @@ LAYERS = {
     "delta_net_noconv": (DeltaNet, dict(conv_width=0, output_gate=False)),
     "gated_delta_net": (GatedDeltaNet, dict(beta_scale=2.0)),
     "lightning": (Lightning, dict(layer_index=1, n_layers=4)),
+    "mamba2": (Mamba2, dict(state_size=8)),
     "retnet": (RetNet, {}),
     "based": (Based, {}),  # window 64 > T: the window branch is full attention
     "based_window4": (Based, dict(window=4)),  # the ring buffer wraps around

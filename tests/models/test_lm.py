@@ -169,6 +169,12 @@ def _mamba(d, h, n=16, expand=2, width=4):
           + e * d)  # in_proj, conv, B/C, low-rank dt, dt_bias, A, D, out_proj
 
 
+def _mamba2(d, h, n=64, expand=2, width=4):
+  e = expand * d
+  return (d * (2 * e + 2 * n + h) + (width + 1) * (e + 2 * n)  # in_proj, conv
+          + 3 * h + e // h + e * d)  # dt_bias, A_log, D; norm; out_proj
+
+
 def _lightning(d, h):
   return 5 * d * d  # q, k, v, u, o; SRMSNorm has no parameters
 
@@ -197,7 +203,7 @@ def _mom(d, h, m=4, conv=4):
 
 MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, h: _delta(d, h, False),
                "gated_delta_net": lambda d, h: _delta(d, h, True),
-               "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba,
+               "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba, "mamba2": _mamba2,
                "lightning": _lightning, "retnet": _retnet, "based": _based,
                "hedgehog": _hedgehog, "mom": _mom}
 
