@@ -59,7 +59,7 @@ class ShortConv(nnx.Module):
     if segment_ids is not None:
       # Tap i reads token t - (W-1) + i: kept while no document starts in
       # (t - (W-1) + i, t], i.e. the count of starts up to t is unchanged.
-      doc = jnp.cumsum(segments.resets(segment_ids).astype(jnp.int32), axis=1)
+      doc = segments.document_index(segment_ids)
       docp = jnp.pad(doc, ((0, 0), (W - 1, 0)))  # the padding (or cache) is doc 0
       taps = [jnp.where((docp[:, i:i + T] == doc)[..., None], tap, 0.0)
               for i, tap in enumerate(taps)]

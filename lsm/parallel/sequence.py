@@ -428,8 +428,7 @@ def ssm_scan_slice(a, b, h0, resets=None, *, call, axis: str):
     y: [B, t, ...] in b.dtype; h_T: [B, ...] float32 after the last slice.
   """
   if resets is not None:
-    a = jnp.where(resets.reshape(*resets.shape, *(1,) * (a.ndim - 2)),
-                  jnp.zeros((), a.dtype), a)
+    a = _segments.zero_at_resets(a, resets)
   y0, d = call(a, b, h0=None)
   cum = _cumprod(a.astype(jnp.float32))  # [B, t, ...]
   summary = jnp.stack([cum[:, -1], d])  # [2, B, ...]
@@ -573,20 +572,14 @@ def _attention_mask(q_pos, k_pos, window, q_doc=None, k_doc=None):
   return mask
 
 
-def document_index(segment_ids):
-  """int32 [B, T]: the number of document starts up to each token (packed
-  rows; ``lsm.ops.common.segments``): equal for two tokens iff they are in one
-  document."""
-  return jnp.cumsum(_segments.resets(segment_ids).astype(jnp.int32), axis=1)
-
-
 def attention_slice(q, k, v, doc=None, *, window: int | None, axis: str):
   """One device's part of sequence-parallel causal attention: its query slice
   against all keys and values, gathered in one collective, in global positions.
 
   Args:
     q: [B, t, N, D] this slice's queries; k, v: [B, t, N_kv, D].
-    doc: this slice of ``document_index`` of the whole row, [B, t], or None;
+    doc: this slice of ``segments.document_index`` of the whole row, [B, t],
+      or None;
       gathered like the keys (a second, O(T)-int collective).
     window: sliding-window length, or None.
     axis: the sequence axis name.
@@ -626,7 +619,7 @@ def attention(q, k, v, *, window: int | None = None, segment_ids=None,
   doc = None
   if segment_ids is not None:
     _segments.check("attention", segment_ids, *q.shape[:2])
-    doc = document_index(segment_ids)
+    doc = _segments.document_index(segment_ids)
   if n == 1:
     if doc is not None:
       pos = jnp.arange(q.shape[1])

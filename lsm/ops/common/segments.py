@@ -44,6 +44,20 @@ def resets(segment_ids):
   return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
+def document_index(segment_ids):
+  """int32 [B, T]: the number of document starts up to each token; equal for
+  two tokens iff they are in one document."""
+  return jnp.cumsum(resets(segment_ids).astype(jnp.int32), axis=1)
+
+
+def zero_at_resets(a, reset):
+  """Decays a [B, T, ...] with a_t = 0 where ``reset`` (bool [B, T]): for an
+  elementwise scan h_t = a_t h_{t-1} + b_t that is exactly the reset, and a's
+  gradient there is 0, as nothing depends on it."""
+  return jnp.where(reset.reshape(*reset.shape, *(1,) * (a.ndim - 2)),
+                   jnp.zeros((), a.dtype), a)
+
+
 def chunk_masks(reset, chunk: int):
   """The masks of a chunked form, for flags ``reset`` bool [B, Tp] (Tp % chunk
   == 0, padding flagged False).

@@ -43,6 +43,8 @@ dtypes.
 import jax
 import jax.numpy as jnp
 
+from lsm.ops.common import segments
+
 FORMS = ("sequential", "associative")
 
 
@@ -130,6 +132,5 @@ def ssm_scan(a, b, *, h0, resets=None, form=None):
   if form is not None and form not in FORMS:
     raise ValueError(f"ssm_scan: form={form!r}; expected one of {FORMS} or None")
   if resets is not None:
-    a = jnp.where(resets.reshape(*resets.shape, *(1,) * (a.ndim - 2)),
-                  jnp.zeros((), a.dtype), a)
+    a = segments.zero_at_resets(a, resets)
   return _scan(a, b, h0, form)
