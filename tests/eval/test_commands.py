@@ -54,7 +54,7 @@ def smoke(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
   corpus = runs.write_corpus(root / "text")
   gla = train(root / "gla", corpus, root / "tfds", "gla", 30, "--sample_tokens=40")
-  attn = train(root / "attn", corpus, root / "tfds", "attention", 10)
+  train(root / "attn", corpus, root / "tfds", "attention", 10)
   return {"root": root, "gla": root / "gla", "attn": root / "attn",
           "train_stdout": gla.stdout}
 

@@ -20,7 +20,6 @@ from lsm.layers.based import (Based, normalized_linear_attention,
                               taylor_feature_map)
 from lsm.layers.hedgehog import (Hedgehog, attention_distillation_loss,
                                  hedgehog_feature_map)
-from lsm.layers.lightning import Lightning
 from lsm.layers.mom import MoM, load_balancing_loss, route
 from lsm.layers.retnet import RetNet, retention_log_decays
 from lsm.models.lm import LanguageModel, LMConfig, logits_and_aux_loss

@@ -16,7 +16,7 @@ from flax import nnx
 
 from lsm.data.packing import PackIterDataset
 from lsm.data.pipeline import DataConfig
-from lsm.models.lm import LanguageModel, LMConfig
+from lsm.models.lm import LMConfig
 from lsm.parallel.mesh import MeshConfig, make_mesh
 from lsm.train import optim
 from lsm.train import state as state_lib
