@@ -93,8 +93,8 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   Args (``:arg``): mixer (a name in lsm.layers.MIXERS, or "hybrid": three
   delta_net layers then one attention layer, repeated), size (SIZES), impl,
   vocab_size (0: the byte tokenizer's BYTE_VOCAB), beta_scale (DeltaNet
-  eigenvalue range: 2 gives [-1, 1]), eigenvalues (Mamba decays: positive or
-  signed), data (see data_section), seq_len, batch_size, steps (0 for the
+  eigenvalue range: 2 gives [-1, 1]), eigenvalues (Mamba and Mamba-2 decays:
+  positive or signed), data (see data_section), seq_len, batch_size, steps (0 for the
   preset), smoke (tiny shapes that train on a CPU in under a minute).
   """
   arg = parse_arg(arg, **{**dict(
@@ -173,7 +173,9 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
 
 
 def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
-  """Eigenvalue ranges: DeltaNet beta_scale (2: [-1, 1]), Mamba decays."""
+  """Eigenvalue ranges: DeltaNet beta_scale (2: [-1, 1]), Mamba and Mamba-2
+  decays."""
   return {"delta_net": {"beta_scale": beta_scale},
           "gated_delta_net": {"beta_scale": beta_scale},
-          "mamba": {"eigenvalue_range": eigenvalues}}
+          "mamba": {"eigenvalue_range": eigenvalues},
+          "mamba2": {"eigenvalue_range": eigenvalues}}

@@ -6,8 +6,8 @@ results.md and (with matplotlib) accuracy_vs_length.png.
 
 Models are named MIXER:VALUE: deltanet:1 (beta in [0, 1]: eigenvalues of
 I - beta k k^T in [0, 1]), deltanet:2 (beta in [0, 2]: [-1, 1]),
-mamba:positive / mamba:signed (decays in (0, 1) / (-1, 1)), or any lsm mixer
-name with an optional beta_scale.
+mamba:positive / mamba:signed (decays in (0, 1) / (-1, 1)), mamba2:positive /
+mamba2:signed likewise, or any lsm mixer name with an optional beta_scale.
 """
 
 import csv
@@ -17,12 +17,13 @@ import sys
 
 from lsm.train import loop
 
+
 def model_arg(model: str) -> str:
   mixer, _, value = model.partition(":")
   if mixer == "deltanet":
     return f"mixer=delta_net,beta_scale={float(value or 1)}"
-  if mixer == "mamba":
-    return f"mixer=mamba,eigenvalues={value or 'positive'}"
+  if mixer in ("mamba", "mamba2"):
+    return f"mixer={mixer},eigenvalues={value or 'positive'}"
   return f"mixer={mixer}" + (f",beta_scale={float(value)}" if value else "")
 
 

@@ -19,12 +19,14 @@ parallelism from the op.
 Simplified: one group (B and C shared by all heads: the paper's ngroups = 1
 default); the norm is RMSNorm per head (the paper's grouped RMSNorm with one
 group per head); no dt clamping (dt_min / dt_max only shape the init here,
-log-uniform in [1e-3, 1e-1] as in the paper); decays in (0, 1] only. A signed
-option (a_t in [-1, 1], as for Mamba's ``eigenvalue_range="signed"``) needs
-signed scalar gates in ``gla``, which it does not have: the chunked form works
-with log-gates, and a sign would have to be carried beside them as a parity per
-chunk. Not built; use ``mamba`` with ``eigenvalue_range="signed"`` or Gated
-DeltaNet with ``beta_scale=2`` for negative eigenvalues.
+log-uniform in [1e-3, 1e-1] as in the paper).
+
+Negative eigenvalues: ``eigenvalue_range="signed"`` uses a_t = 2 exp(dt_t A) - 1
+in [-1, 1], as Mamba's option of the same name (Grazzi et al. 2025). The gla op
+takes log-gates, so the layer runs it on |a_t| with q and k multiplied by the
+running sign parity s_t and the final state by s_T (lsm/ops/gla/signed.py: an
+exact identity, no new kernel; the parity is a cumulative sum over the whole
+row, taken before LASP-2 splits it).
 """
 
 import math
@@ -36,8 +38,10 @@ from flax import nnx
 from lsm.layers.conv import ShortConv
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import param, sharded
-from lsm.ops.gla import gla_step
+from lsm.ops.gla import gla_step, signed
 from lsm.parallel import axes, sequence
+
+EIGENVALUE_RANGES = ("positive", "signed")
 
 
 class Mamba2(nnx.Module):
@@ -51,13 +55,19 @@ class Mamba2(nnx.Module):
     state_size: N, the state rows per head (shared B, C width).
     expand: E / D.
     conv_width: width of the short convolution on (x, B, C).
+    eigenvalue_range: "positive" (a_t = exp(dt_t A) in (0, 1], the paper) or
+      "signed" (a_t = 2 exp(dt_t A) - 1 in [-1, 1]).
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
   def __init__(self, d_model: int, *, n_heads: int, state_size: int = 64,
-               expand: int = 2, conv_width: int = 4, chunk_size: int = 64,
+               expand: int = 2, conv_width: int = 4,
+               eigenvalue_range: str = "positive", chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
     e = expand * d_model
+    if eigenvalue_range not in EIGENVALUE_RANGES:
+      raise ValueError(f"Mamba2: eigenvalue_range={eigenvalue_range!r}; expected "
+                       f"one of {list(EIGENVALUE_RANGES)}")
     for name, value in (("n_heads", n_heads), ("state_size", state_size),
                         ("expand", expand), ("conv_width", conv_width)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -67,6 +77,7 @@ class Mamba2(nnx.Module):
                        f"inner width expand * d_model = {e}")
     self.n_heads, self.state_size, self.inner = n_heads, state_size, e
     self.chunk_size, self.impl = chunk_size, impl
+    self.eigenvalue_range = eigenvalue_range
     init = nnx.initializers.lecun_normal()
     width = 2 * e + 2 * state_size + n_heads  # z, x, B, C, dt
     self.in_proj = nnx.Linear(d_model, width, use_bias=False, rngs=rngs,
@@ -93,17 +104,20 @@ class Mamba2(nnx.Module):
   def _ssd_inputs(self, xbc, dt, dtype):
     """Conv output xBC [..., E + 2N] and raw dt [..., H] -> the gla operands
     q = C, k = dt B [..., H, N], v = x [..., H, P] (``dtype``) and log_g =
-    dt A [..., H] float32, plus x for the D skip."""
+    log |a| [..., H] float32, x for the D skip, and the decays' signs
+    (bool [..., H], a_t < 0; None for "positive")."""
     e, n, h = self.inner, self.state_size, self.n_heads
     x, b, c = xbc[..., :e], xbc[..., e:e + n], xbc[..., e + n:]
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # [..., H]
-    log_g = -jnp.exp(self.A_log[...]) * dt
+    log_g, negative = -jnp.exp(self.A_log[...]) * dt, None
+    if self.eigenvalue_range == "signed":
+      log_g, negative = signed.signed_log_decay(log_g)
     heads = lambda y: jnp.broadcast_to(  # noqa: E731
         y[..., None, :], (*y.shape[:-1], h, y.shape[-1]))
     q = heads(c.astype(jnp.float32))
     k = heads(b.astype(jnp.float32)) * dt[..., None]
     v = x.reshape(*x.shape[:-1], h, e // h)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype), log_g, v
+    return q, k, v.astype(dtype), log_g, v, negative
 
   def _output(self, o, v, z, dtype):
     """o, v [..., H, P], z [..., E] -> [..., D]: D skip, gate, norm, out_proj."""
@@ -131,11 +145,16 @@ class Mamba2(nnx.Module):
     z, xbc, dt = self._split(u)
     conv_cache = None if cache is None else cache["conv"]
     xbc, new_conv = self.conv(xbc, conv_cache, segment_ids=segment_ids)
-    q, k, v, log_g, x = self._ssd_inputs(xbc, dt, u.dtype)
+    q, k, v, log_g, x, negative = self._ssd_inputs(xbc, dt, u.dtype)
+    if negative is not None:  # signed decays: the parity identity of ops/gla/signed.py
+      sign = signed.parity(negative)[..., None]  # [B, T, H, 1]
+      q, k = q * sign, k * sign
     h0 = None if cache is None else cache["h"]
-    o, h_t = sequence.gla(q, k, v, log_g, h0=h0, scale=1.0,
-                          chunk_size=self.chunk_size, impl=self.impl,
+    o, h_t = sequence.gla(q.astype(u.dtype), k.astype(u.dtype), v, log_g, h0=h0,
+                          scale=1.0, chunk_size=self.chunk_size, impl=self.impl,
                           segment_ids=segment_ids)
+    if negative is not None:
+      h_t = h_t * sign[:, -1, :, :, None]  # H_T = s_T H'_T
     y = self._output(o, x, z, u.dtype)
     if cache is None:
       return y, None
@@ -145,7 +164,14 @@ class Mamba2(nnx.Module):
     """u_t: [B, D] -> (y_t [B, D], cache)."""
     z, xbc, dt = self._split(u_t)
     xbc, conv_cache = self.conv.step(xbc, cache["conv"])
-    q, k, v, log_g, x = self._ssd_inputs(xbc, dt, u_t.dtype)
-    o, h = gla_step(q, k, v, log_g, cache["h"], scale=1.0)
+    q, k, v, log_g, x, negative = self._ssd_inputs(xbc, dt, u_t.dtype)
+    if negative is None:
+      o, h = gla_step(q.astype(u_t.dtype), k.astype(u_t.dtype), v, log_g,
+                      cache["h"], scale=1.0)
+    else:  # a h + k v = sign (|a| h + sign k v); o = q (a h + k v)
+      sign = jnp.where(negative, -1.0, 1.0)[..., None]  # [B, H, 1]
+      o, h = gla_step((q * sign).astype(u_t.dtype), (k * sign).astype(u_t.dtype),
+                      v, log_g, cache["h"], scale=1.0)
+      h = h * sign[..., None]
     return self._output(o, x, z, u_t.dtype), {
         "conv": conv_cache.astype(cache["conv"].dtype), "h": h}

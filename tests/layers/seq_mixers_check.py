@@ -38,6 +38,7 @@ CASES = {
     "mom": ("mom", {}),
     "mom_gla": ("mom", dict(memory="gla")),
     "mamba2": ("mamba2", dict(state_size=8)),
+    "mamba2_signed": ("mamba2", dict(state_size=8, eigenvalue_range="signed")),
 }
 
 

@@ -28,6 +28,7 @@ CASES = {
     "lssl": {}, "s4d": {}, "attention": {},
     "attention_window": dict(window=4),
     "lightning": {}, "retnet": {}, "hedgehog": {}, "mom": {}, "mamba2": {},
+    "mamba2_signed": dict(eigenvalue_range="signed"),
     "based": dict(window=4),  # its window branch inside documents
 }
 
@@ -39,7 +40,7 @@ def _ids_and_positions():
 
 
 def _mixer(case: str):
-  name = case.removesuffix("_window")
+  name = case.removesuffix("_window").removesuffix("_signed")
   kwargs = dict(n_heads=2, impl="chunked", rngs=nnx.Rngs(0), **CASES[case])
   if "chunk_size" in layers.MIXERS[name].__init__.__code__.co_varnames:
     kwargs["chunk_size"] = 8
@@ -85,7 +86,7 @@ def test_packed_row_equals_documents_alone(case):
 
 
 def test_every_mixer_is_covered():
-  names = {c.removesuffix("_window") for c in CASES}
+  names = {c.removesuffix("_window").removesuffix("_signed") for c in CASES}
   assert names == set(layers.MIXERS), sorted(set(layers.MIXERS) - names)
 
 

@@ -304,4 +304,4 @@ def test_eight_device_sequence_parallel_equals_one_device():
   assert out.returncode == 0, out.stderr[-4000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(result) == {"lightning", "retnet", "based", "hedgehog", "mom",
-                         "mom_gla", "mamba2"}
+                         "mom_gla", "mamba2", "mamba2_signed"}

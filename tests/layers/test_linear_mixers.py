@@ -27,6 +27,7 @@ LAYERS = {
     "gated_delta_net": (GatedDeltaNet, dict(beta_scale=2.0)),
     "lightning": (Lightning, dict(layer_index=1, n_layers=4)),
     "mamba2": (Mamba2, dict(state_size=8)),
+    "mamba2_signed": (Mamba2, dict(state_size=8, eigenvalue_range="signed")),
     "retnet": (RetNet, {}),
     "based": (Based, {}),  # window 64 > T: the window branch is full attention
     "based_window4": (Based, dict(window=4)),  # the ring buffer wraps around
