@@ -346,9 +346,14 @@ class _DiagonalSSM(nnx.Module):
     t = x.shape[1]
     k = self.kernel(t)  # [H, T]
     # Length 2T makes the circular convolution a linear (hence causal) one.
-    k_f = jnp.fft.rfft(k, n=2 * t, axis=-1)  # [H, T+1]
-    x_f = jnp.fft.rfft(x, n=2 * t, axis=1)  # [B, T+1, H]
-    return jnp.fft.irfft(x_f * k_f.T, n=2 * t, axis=1)[:, :t]
+    # One forward transform for the kernel and the input together, so every
+    # FFT of a train step depends on the previous one: on XLA:CPU (jax 0.11.2)
+    # an FFT runs on an intra-op pool worker and waits for the same pool, and
+    # as many concurrent FFTs as workers deadlock the step (seen on 2 cores:
+    # rfft(K) beside rfft(x), or one layer's kernel FFT beside another's).
+    z_f = jnp.fft.rfft(jnp.concatenate([k.T[None], x], axis=0), n=2 * t,
+                       axis=1)  # [1 + B, T+1, H]
+    return jnp.fft.irfft(z_f[1:] * z_f[:1], n=2 * t, axis=1)[:, :t]
 
   def _scan(self, x, h0, segment_ids=None):
     """SSM output through ssm_scan in the rotating frame (module docstring).
