@@ -89,10 +89,15 @@ def _structs(D, dtype, B=1, T=130, H=2):  # T pads to 192: not a power of 2
                                           s((B, H, D, D), jnp.float32)])
 
 
-def _vjp_fn(impl):
+def _vjp_fn(impl, documents=False):
   def f(q, k, v, log_g, h0, do, dh):
+    ids = None
+    if documents:  # three documents per row, starts inside chunks
+      ids = jnp.broadcast_to(jnp.arange(q.shape[1]) * 3 // q.shape[1],
+                             q.shape[:2]).astype(jnp.int32)
     (o, h_t), pullback = jax.vjp(
-        lambda *a: gla(*a[:4], h0=a[4], impl=impl), q, k, v, log_g, h0)
+        lambda *a: gla(*a[:4], h0=a[4], impl=impl, segment_ids=ids),
+        q, k, v, log_g, h0)
     return o, h_t, pullback((do, dh))
   return f
 
@@ -119,10 +124,22 @@ def test_gpu_lowers_for_cuda(D, dtype, target):
   assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
 
 
-@pytest.mark.parametrize("D, dtype", [(64, jnp.float32), (128, jnp.bfloat16)])
-def test_tpu_exports_for_mosaic(D, dtype):
-  """Forward and backward kernels lower to Mosaic without a TPU."""
-  exported = jax.export.export(jax.jit(_vjp_fn("pallas_tpu")),
+@pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
+def test_gpu_lowers_for_cuda_with_documents(target):
+  """The kernels with their document masks (segment_ids) lower too."""
+  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton", documents=True),
+                                     *_structs(128, jnp.bfloat16),
+                                     target=target).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
+
+
+@pytest.mark.parametrize("D, dtype, documents", [(64, jnp.float32, False),
+                                                 (128, jnp.bfloat16, False),
+                                                 (128, jnp.bfloat16, True)])
+def test_tpu_exports_for_mosaic(D, dtype, documents):
+  """Forward and backward kernels lower to Mosaic without a TPU (with the
+  document masks too)."""
+  exported = jax.export.export(jax.jit(_vjp_fn("pallas_tpu", documents)),
                                platforms=["tpu"])(*_structs(D, dtype))
   text = exported.mlir_module()
   assert text.count("tpu_custom_call") == 4

@@ -109,6 +109,8 @@ def _runner(op: str, impl: str, chunk: int | None, packed: bool):
         kw["impl"] = impl
         if op != "ssm_scan":
           kw["chunk_size"] = chunk
+        if impl.startswith("pallas"):  # each backend's interpret mode on CPU
+          kw["interpret"] = True
       f = lambda x: _call(op, x, **kw)
     else:
       f = lambda x: _separately(op, x)
@@ -132,7 +134,19 @@ CASES = [
     )
     if not (op == "ssm_scan" and chunk == 64)  # ssm_scan has no chunk size
 ] + [("ssm_scan", "chunked-associative", None, "float32", "strong"),
-     ("ssm_scan", "chunked-sequential", None, "float32", "strong")]
+     ("ssm_scan", "chunked-sequential", None, "float32", "strong")] + [
+    # The Pallas kernels in interpret mode: chunk 16 (boundaries at a chunk's
+    # first and last token, several in one chunk) and 32 (two sub-chunks per
+    # chunk, so the pair masks cross sub-chunk blocks); both backends share
+    # the tile math, the TPU kernels get their plumbing checked once.
+    (op, impl, chunk, dtype, decay)
+    for op in ("gla", "delta_rule")
+    for impl, chunk, dtype, decay in (
+        ("pallas_triton", 16, "float32", "mild"),
+        ("pallas_triton", 32, "float32", "strong"),
+        ("pallas_triton", 32, "bfloat16", "mild"),
+        ("pallas_tpu", 32, "float32", "mild"),
+    )]
 
 
 @pytest.mark.parametrize("op, impl, chunk, dtype, decay", CASES,
@@ -151,7 +165,8 @@ def test_packed_row_equals_documents_run_alone(op, impl, chunk, dtype, decay):
   got = _runner(op, impl, chunk, True)(x_in, cts)
   want = _runner(op, "reference", None, False)(
       x_32, tuple(c.astype(jnp.float32) for c in cts))
-  family = "chunked" if impl.startswith("chunked") else "invariant"
+  family = ("chunked" if impl.startswith("chunked") else
+            "pallas" if impl.startswith("pallas") else "invariant")
   rtol = numerics.TOLERANCES[(family, dt.name)]
   names = sorted(x)
   assert got[0].dtype == dt and got[1].dtype == jnp.float32

@@ -19,10 +19,11 @@ every term of a chunk is cut:
 
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from lsm.ops import _dispatch
 
-# Impls that take ``resets``; the Pallas kernels do not have the masks yet.
+# Impls that take ``resets`` unless an op says otherwise (``resolve``).
 IMPLS_WITH_RESETS = ("reference", "chunked")
 
 
@@ -76,12 +77,112 @@ def chunk_masks(reset, chunk: int):
   return same, carry, tail
 
 
-def resolve(op: str, impl: str, impls, segment_ids, batch: int, length: int):
+def kernel_docs(reset, chunk: int):
+  """The chunk-local document index of every token, as the Pallas kernels read
+  it: d_t = the number of document starts in t's chunk up to and including t
+  (0 until the chunk's first reset), float32 (exact for the small integers).
+
+  Two layouts of the same values, so a kernel never transposes a vector: a
+  column per token, ``cols`` [B, Tp, 1] (tiles [C, 1] or [16, 1]), and a row per
+  chunk, ``rows`` [B, N, 1, C] (tiles [1, C] or [1, 16]; a whole chunk per
+  block, which also meets TPU block-shape rules for any C). ``reset``: bool
+  [B, Tp], Tp % chunk == 0, padding flagged False.
+  """
+  B, Tp = reset.shape
+  r = reset.reshape(B, Tp // chunk, chunk).astype(jnp.float32)
+  doc = jnp.cumsum(r, axis=-1)
+  return doc.reshape(B, Tp, 1), doc[:, :, None, :]
+
+
+class DocTiles:
+  """The masks of ``chunk_masks`` inside a kernel, read from the refs of
+  ``kernel_docs`` for one chunk: ``col_ref`` with the chunk's [C, 1] column at
+  rows ``start`` .. ``start + C`` (a whole-chunk block, or a whole-sequence
+  block with a dynamic ``start``), and optionally ``row_ref`` with its [1, C]
+  row (needed only for the pair mask ``same``). Tiles are loaded with static
+  or ``pl.ds`` slices of the refs, which both Pallas lowerings accept, when a
+  mask first needs them.
+
+  Every mask is a bool tile, applied with ``cut`` / ``jnp.where`` (never as a
+  -inf gate): same(i, j) [sub, sub]; carry(i), tail(i) [sub, 1] for sub-block
+  i; carry_all(), tail_all() [C, 1] for the whole chunk; carry_out() [1, 1].
+  """
+
+  def __init__(self, col_ref, row_ref=None, *, chunk: int, sub: int, start=0):
+    self._col_ref, self._row_ref = col_ref, row_ref
+    self.chunk, self.sub, self.start = chunk, sub, start
+    self._tiles = {}
+
+  def _load(self, key, fn):
+    if key not in self._tiles:
+      self._tiles[key] = fn()
+    return self._tiles[key]
+
+  def _col(self, i=None):
+    """[sub, 1] column of sub-block i, or the chunk's [C, 1] column."""
+    if i is None:
+      return self._load("col", lambda: self._col_ref[pl.ds(self.start, self.chunk), :])
+    return self._load(("col", i), lambda: self._col_ref[
+        pl.ds(self.start + i * self.sub, self.sub), :])
+
+  def _row(self, j):
+    return self._load(("row", j),
+                      lambda: self._row_ref[:, pl.ds(j * self.sub, self.sub)])
+
+  @property
+  def last(self):
+    """[1, 1]: the document index of the chunk's last token."""
+    return self._load("last", lambda: self._col_ref[
+        pl.ds(self.start + self.chunk - 1, 1), :])
+
+  def same(self, i: int, j: int):
+    """[sub, sub]: token t of block i and s of block j share a document."""
+    return self._col(i) == self._row(j)
+
+  def carry(self, i: int):
+    """[sub, 1]: the state entering the chunk reaches token t of block i."""
+    return self._col(i) == 0.0
+
+  def tail(self, j: int):
+    """[sub, 1]: token s of block j reaches the state leaving the chunk."""
+    return self._col(j) == self.last
+
+  def carry_all(self):
+    return self._col() == 0.0
+
+  def tail_all(self):
+    return self._col() == self.last
+
+  def carry_out(self):
+    """[1, 1]: the state entering the chunk leaves it (no reset inside)."""
+    return self.last == 0.0
+
+
+def doc_tiles(refs, n_docs: int, *, chunk: int, sub: int, start=0):
+  """(DocTiles or None, the remaining refs) from a kernel's refs that start
+  with ``n_docs`` document refs: 0 (no documents), 1 (cols) or 2 (cols, rows),
+  in the order ``kernel_docs`` returns them."""
+  if not n_docs:
+    return None, refs
+  row_ref = refs[1] if n_docs == 2 else None
+  return (DocTiles(refs[0], row_ref, chunk=chunk, sub=sub, start=start),
+          refs[n_docs:])
+
+
+def cut(mask, x):
+  """x where ``mask`` (broadcast), else 0; x unchanged when mask is None (no
+  documents)."""
+  return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def resolve(op: str, impl: str, impls, segment_ids, batch: int, length: int,
+            with_resets=IMPLS_WITH_RESETS):
   """The impl name and its extra keyword arguments for an op call.
 
   Without ``segment_ids``: ``_dispatch.resolve_impl`` and no extras. With them:
-  checks them, resolves ``impl`` among IMPLS_WITH_RESETS ("auto" picks
-  "chunked" on every platform) and passes ``resets=``.
+  checks them, resolves ``impl`` among the op's impls that take resets
+  (``with_resets``; "auto" picks among those as it would without documents)
+  and passes ``resets=``.
 
   Raises:
     ValueError: bad ``segment_ids``, or an explicit impl without resets.
@@ -90,10 +191,10 @@ def resolve(op: str, impl: str, impls, segment_ids, batch: int, length: int):
     return _dispatch.resolve_impl(impl, supported=impls, op=op), {}
   check(op, segment_ids, batch, length)
   if impl == _dispatch.AUTO:
-    impls = [n for n in impls if n in IMPLS_WITH_RESETS]
+    impls = [n for n in impls if n in with_resets]
   name = _dispatch.resolve_impl(impl, supported=impls, op=op)
-  if name not in IMPLS_WITH_RESETS:
+  if name not in with_resets:
     raise ValueError(f"{op}: impl={impl!r} does not take segment_ids yet; "
-                     f"expected one of {[_dispatch.AUTO, *IMPLS_WITH_RESETS]} "
+                     f"expected one of {[_dispatch.AUTO, *with_resets]} "
                      "with segment_ids")
   return name, {"resets": resets(segment_ids)}

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 
 SUB = 16
 _F32 = jnp.float32
@@ -135,27 +135,41 @@ def diag_blocks_grads(qs, ks, zs, das):
   return jax.lax.fori_loop(0, n, body, (zero, zero))
 
 
-def state_update(k, v, g, st, prec):
+def state_update(k, v, g, st, prec, docs=None):
   """State after a chunk: st [V, K] -> exp(b_C) S + sum_s (k_s exp(b_C - b_s))^T v_s,
   transposed. k, g: [C, K]; v: [C, V] float32 (C any multiple of 16, or the
-  full chunk as one block)."""
+  full chunk as one block). ``docs``: the chunk's ``segments.DocTiles`` or
+  None: then only the last document's keys enter, and S only without a reset
+  in the chunk."""
   to_end = tiles.suffix_sum_rows(g, _GATE_PREC)
   total = jnp.sum(g, axis=0, keepdims=True)
-  return st * jnp.exp(total) + tiles.mm_tn(v, k * jnp.exp(to_end), prec)
+  k_end = k * jnp.exp(to_end)
+  decay = jnp.exp(total)
+  if docs is not None:
+    k_end = segments.cut(docs.tail_all(), k_end)
+    decay = segments.cut(docs.carry_out(), decay)
+  return st * decay + tiles.mm_tn(v, k_end, prec)
 
 
-def state_grad_update(q, do, g, dst, prec):
+def state_grad_update(q, do, g, dst, prec, docs=None):
   """Gradient for the state entering a chunk from the gradient ``dst`` [V, K] for
   the state leaving it: exp(b_C) dS + (q exp(b))^T do, transposed. q, g [C, K];
-  do [C, V] already multiplied by the query scale."""
+  do [C, V] already multiplied by the query scale. ``docs``: as
+  ``state_update`` (the queries before the chunk's first reset read S)."""
   b = tiles.cumsum_rows(g, _GATE_PREC)
   total = jnp.sum(g, axis=0, keepdims=True)
-  return dst * jnp.exp(total) + tiles.mm_tn(do, q * jnp.exp(b), prec)
+  q_b = q * jnp.exp(b)
+  decay = jnp.exp(total)
+  if docs is not None:
+    q_b = segments.cut(docs.carry_all(), q_b)
+    decay = segments.cut(docs.carry_out(), decay)
+  return dst * decay + tiles.mm_tn(do, q_b, prec)
 
 
-def intra_weights(qs, ks, gs, prec):
+def intra_weights(qs, ks, gs, prec, docs=None):
   """The intra-chunk weights A_ts = sum_k q_tk k_sk exp(b_tk - b_sk), s <= t, as
-  [16, 16] blocks ``a[(i, j)]`` for j <= i (blocks above the diagonal are zero).
+  [16, 16] blocks ``a[(i, j)]`` for j <= i (blocks above the diagonal are zero);
+  with ``docs`` (``segments.DocTiles``), zero unless t and s share a document.
 
   A is a sum over key channels, so called on a block of key columns (``qs``,
   ``ks``, ``gs`` [16, BK]) it gives that block's share, and the shares add up.
@@ -169,10 +183,12 @@ def intra_weights(qs, ks, gs, prec):
        for i in range(n) for j in range(i)}
   for i in range(n):
     a[(i, i)] = diag_block(qs[i], ks[i], sums.z[i])
+  if docs is not None:
+    a = {(i, j): jnp.where(docs.same(i, j), x, 0.0) for (i, j), x in a.items()}
   return a
 
 
-def chunk_output(qs, ks, gs, v_blocks, prec):
+def chunk_output(qs, ks, gs, v_blocks, prec, docs=None):
   """Unscaled outputs of one chunk.
 
   o_t = (q_t exp(b_t)) S + sum_{s <= t} (q_t exp(b_t - b_s)) . k_s v_s.
@@ -186,6 +202,7 @@ def chunk_output(qs, ks, gs, v_blocks, prec):
       sub-chunk blocks of v, st [BV, K] those rows of the transposed state
       entering the chunk.
     prec: matmul precision for the data.
+    docs: the chunk's ``segments.DocTiles``, or None (no documents).
 
   Returns:
     One list of [16, BV] row blocks per value block.
@@ -194,7 +211,9 @@ def chunk_output(qs, ks, gs, v_blocks, prec):
   n = len(qs)
   q_state = [qs[i] * jnp.exp(sums.z[i]) * jnp.exp(sums.before(i))
              for i in range(n)]  # q_t exp(b_t)
-  a = intra_weights(qs, ks, gs, prec)
+  if docs is not None:
+    q_state = [segments.cut(docs.carry(i), x) for i, x in enumerate(q_state)]
+  a = intra_weights(qs, ks, gs, prec, docs)
   out = []
   for vs, st in v_blocks:
     rows = []
@@ -207,7 +226,7 @@ def chunk_output(qs, ks, gs, v_blocks, prec):
   return out
 
 
-def chunk_grads(qs, ks, gs, v_blocks, prec):
+def chunk_grads(qs, ks, gs, v_blocks, prec, docs=None):
   """Gradients inside one chunk, lists of row blocks.
 
   The gate gradient is complete per chunk: g_t (t in the chunk) reaches the loss
@@ -240,10 +259,17 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
       scaled); st [BV, K] those rows of the transposed state entering the chunk;
       dst [BV, K] of the gradient for the state leaving it.
     prec: matmul precision for the data (not the gates).
+    docs: the chunk's ``segments.DocTiles``, or None. With documents every
+      term is cut as in the forward; each cut term is a 0/1 multiple, so the
+      gate-gradient sums above hold with the cut terms' parts left out.
 
   Returns:
     dq, dk, dg: lists of [16, K]; dv: one list of [16, BV] per value block.
   """
+  cut = (lambda mask, x: x) if docs is None else segments.cut  # noqa: E731
+  same = (lambda i, j: None) if docs is None else docs.same  # noqa: E731
+  carry = (lambda i: None) if docs is None else docs.carry  # noqa: E731
+  tail = (lambda j: None) if docs is None else docs.tail  # noqa: E731
   sums = GateSums(gs)
   n = len(qs)
   strict = _strict(SUB)
@@ -251,8 +277,8 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
   q_in = [qs[i] * dec[i] for i in range(n)]
   dec_between = {(j, i): jnp.exp(sums.between(j, i))
                  for i in range(n) for j in range(i)}
-  k_end = [ks[j] * jnp.exp(sums.to_end(j)) for j in range(n)]
-  diag = [diag_block(qs[i], ks[i], sums.z[i]) for i in range(n)]
+  k_end = [cut(tail(j), ks[j] * jnp.exp(sums.to_end(j))) for j in range(n)]
+  diag = [cut(same(i, i), diag_block(qs[i], ks[i], sums.z[i])) for i in range(n)]
   zeros = [jnp.zeros_like(q) for q in qs]
   dq, dk, dk_out, da_tt = list(zeros), list(zeros), list(zeros), [0.0] * n
   leaving = 0.0
@@ -262,21 +288,25 @@ def chunk_grads(qs, ks, gs, v_blocks, prec):
     leaving = leaving + jnp.sum(st * dst, axis=0, keepdims=True)
     for i in range(n):
       do = dos[i]
-      dk_out[i] = dk_out[i] + tiles.mm(vs[i], dst, prec)
-      dq[i] = dq[i] + tiles.mm(do, st, prec) * (dec[i] * jnp.exp(sums.before(i)))
+      dk_out[i] = dk_out[i] + cut(tail(i), tiles.mm(vs[i], dst, prec))
+      dq[i] = dq[i] + cut(carry(i), tiles.mm(do, st, prec)
+                          * (dec[i] * jnp.exp(sums.before(i))))
       for j in range(i):
         k_in = ks[j] * dec_between[(j, i)]
-        da = tiles.mm_nt(do, vs[j], prec)  # [16, 16]
-        dv[j] = dv[j] + tiles.mm_tn(tiles.mm_nt(q_in[i], k_in, prec), do, prec)
+        da = cut(same(i, j), tiles.mm_nt(do, vs[j], prec))  # [16, 16]
+        dv[j] = dv[j] + tiles.mm_tn(
+            cut(same(i, j), tiles.mm_nt(q_in[i], k_in, prec)), do, prec)
         dq[i] = dq[i] + tiles.mm(da, k_in, prec) * dec[i]
         dk[j] = dk[j] + tiles.mm_tn(da, q_in[i], prec) * dec_between[(j, i)]
       dv[i] = dv[i] + tiles.mm_tn(diag[i], do, prec)
-      da = jnp.where(strict, tiles.mm_nt(do, vs[i], prec), 0.0)
+      da = jnp.where(strict, cut(same(i, i), tiles.mm_nt(do, vs[i], prec)), 0.0)
       dq_d, dk_d = diag_block_grads(qs[i], ks[i], sums.z[i], da)
       dq[i], dk[i] = dq[i] + dq_d, dk[i] + dk_d
       da_tt[i] = da_tt[i] + jnp.sum(do * vs[i], axis=1, keepdims=True)  # [16, 1]
     dv_blocks.append(dv)
 
+  if docs is not None:
+    leaving = segments.cut(docs.carry_out(), leaving)
   dq, dk, dg = finish_grads(sums, qs, ks, dq, dk, dk_out, da_tt, leaving)
   return dq, dk, dg, dv_blocks
 

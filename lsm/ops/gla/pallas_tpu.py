@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 from lsm.ops.gla import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
@@ -72,8 +72,30 @@ def _per_chunk_state_spec(Vp, Kp, *, reverse_of=None):
                       lambda b, h, n: (b, h, N - 1 - n, 0, 0))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, st_ref, *,
-                    C, scale, prec):
+def _doc_specs(C, N, docs, *, reverse=False, rows=True):
+  """BlockSpecs of ``segments.kernel_docs`` (cols [B, Tp, 1], rows
+  [B, N, 1, C]) at chunk n (or N - 1 - n) of a (B, H, N) grid; [] without
+  documents."""
+  if docs is None:
+    return []
+  at = (lambda n: N - 1 - n) if reverse else (lambda n: n)  # noqa: E731
+  specs = [pl.BlockSpec((None, C, 1), lambda b, h, n: (b, at(n), 0))]
+  if rows:
+    specs.append(pl.BlockSpec((None, None, 1, C), lambda b, h, n: (b, at(n), 0, 0)))
+  return specs
+
+
+def _doc_args(docs, rows=True):
+  return [] if docs is None else list(docs if rows else docs[:1])
+
+
+def _doc_tiles(refs, n_docs, C):
+  return segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, *refs, C, scale, prec,
+                    n_docs):
+  docs, (o_ref, ht_ref, st_ref) = _doc_tiles(refs, n_docs, C)
   n = pl.program_id(2)
 
   @pl.when(n == 0)
@@ -86,11 +108,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, st_ref, *
   gs = chunk_tiles.load_sub_blocks(g_ref, n_sub)
   st = st_ref[...]  # [V, K]
   (outs,) = chunk_tiles.chunk_output(chunk_tiles.load_sub_blocks(q_ref, n_sub),
-                                     ks, gs, [(vs, st)], prec)
+                                     ks, gs, [(vs, st)], prec, docs)
   for i, o in enumerate(outs):
     o_ref[pl.ds(i * SUB, SUB), :] = (scale * o).astype(o_ref.dtype)
   st = chunk_tiles.state_update(k_ref[...].astype(_F32), v_ref[...].astype(_F32),
-                                g_ref[...], st, prec)
+                                g_ref[...], st, prec, docs)
   st_ref[...] = st
 
   @pl.when(n == pl.num_programs(2) - 1)
@@ -98,27 +120,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, st_ref, *
     ht_ref[...] = st
 
 
-def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
+def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
   q, k, v, g = (_heads_first(x) for x in (q, k, v, g))
   B, H, Tp, Kp = q.shape
   Vp = v.shape[-1]
   C = chunk_size
   o, h_tt = pl.pallas_call(
       functools.partial(_forward_kernel, C=C, scale=scale,
-                        prec=tiles.precision_for(q.dtype)),
+                        prec=tiles.precision_for(q.dtype),
+                        n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
       in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Kp), _chunk_spec(C, Vp),
-                _chunk_spec(C, Kp), _state_spec(Vp, Kp)],
+                _chunk_spec(C, Kp), _state_spec(Vp, Kp),
+                *_doc_specs(C, Tp // C, docs)],
       out_specs=[_chunk_spec(C, Vp), _state_spec(Vp, Kp)],
       out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Vp), q.dtype),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
       scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
       compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_forward_tpu",
-  )(q, k, v, g, h0t)
+  )(q, k, v, g, h0t, *_doc_args(docs))
   return _heads_first(o), h_tt
 
 
-def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, st_ref, *, prec):
+def _states_kernel(k_ref, v_ref, g_ref, h0_ref, *refs, C, prec, n_docs):
+  docs, (hin_ref, st_ref) = _doc_tiles(refs, n_docs, C)
+
   @pl.when(pl.program_id(2) == 0)
   def _():
     st_ref[...] = h0_ref[...]
@@ -127,29 +153,32 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, st_ref, *, prec):
   hin_ref[...] = st
   st_ref[...] = chunk_tiles.state_update(k_ref[...].astype(_F32),
                                          v_ref[...].astype(_F32), g_ref[...], st,
-                                         prec)
+                                         prec, docs)
 
 
-def states(k, v, g, h0t, *, scale, chunk_size, interpret):
+def states(k, v, g, h0t, *, docs, scale, chunk_size, interpret):
   del scale
   k, v, g = (_heads_first(x) for x in (k, v, g))
   B, H, Tp, Kp = k.shape
   Vp = v.shape[-1]
   C, N = chunk_size, Tp // chunk_size
   return pl.pallas_call(
-      functools.partial(_states_kernel, prec=tiles.precision_for(k.dtype)),
+      functools.partial(_states_kernel, C=C, prec=tiles.precision_for(k.dtype),
+                        n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, N),
       in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Vp), _chunk_spec(C, Kp),
-                _state_spec(Vp, Kp)],
+                _state_spec(Vp, Kp), *_doc_specs(C, N, docs, rows=False)],
       out_specs=_per_chunk_state_spec(Vp, Kp),
       out_shape=jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
       scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
       compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_states_tpu",
-  )(k, v, g, h0t)
+  )(k, v, g, h0t, *_doc_args(docs, rows=False))
 
 
-def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, dst_ref, *,
-                    scale, prec):
+def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, *refs, C, scale, prec,
+                    n_docs):
+  docs, (dout_ref, dh0_ref, dst_ref) = _doc_tiles(refs, n_docs, C)
+
   @pl.when(pl.program_id(2) == 0)
   def _():
     dst_ref[...] = dht_ref[...]
@@ -158,7 +187,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, dst_ref, *
   dout_ref[...] = dst
   dst = chunk_tiles.state_grad_update(q_ref[...].astype(_F32),
                                       scale * do_ref[...].astype(_F32), g_ref[...],
-                                      dst, prec)
+                                      dst, prec, docs)
   dst_ref[...] = dst
 
   @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
@@ -166,34 +195,37 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, dst_ref, *
     dh0_ref[...] = dst
 
 
-def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
+def dstates(q, do, g, dh_tt, *, docs, scale, chunk_size, interpret):
   q, do, g = (_heads_first(x) for x in (q, do, g))
   B, H, Tp, Kp = q.shape
   Vp = do.shape[-1]
   C, N = chunk_size, Tp // chunk_size
   return pl.pallas_call(
-      functools.partial(_dstates_kernel, scale=scale,
-                        prec=tiles.precision_for(q.dtype)),
+      functools.partial(_dstates_kernel, C=C, scale=scale,
+                        prec=tiles.precision_for(q.dtype),
+                        n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, N),
       in_specs=[_chunk_spec(C, Kp, reverse_of=N), _chunk_spec(C, Vp, reverse_of=N),
-                _chunk_spec(C, Kp, reverse_of=N), _state_spec(Vp, Kp)],
+                _chunk_spec(C, Kp, reverse_of=N), _state_spec(Vp, Kp),
+                *_doc_specs(C, N, docs, reverse=True, rows=False)],
       out_specs=[_per_chunk_state_spec(Vp, Kp, reverse_of=N), _state_spec(Vp, Kp)],
       out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
       scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
       compiler_params=_SEQUENTIAL, interpret=interpret, name="gla_dstates_tpu",
-  )(q, do, g, dh_tt)
+  )(q, do, g, dh_tt, *_doc_args(docs, rows=False))
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
-                  dq_ref, dk_ref, dv_ref, dg_ref, *, C, scale, prec):
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref, *refs,
+                  C, scale, prec, n_docs):
+  docs, (dq_ref, dk_ref, dv_ref, dg_ref) = _doc_tiles(refs, n_docs, C)
   n_sub = C // SUB
   load = functools.partial(chunk_tiles.load_sub_blocks, n_sub=n_sub)
   dos = [scale * d for d in load(do_ref)]
   # One block of value columns: VMEM holds a whole [V, K] state pair easily.
   dq, dk, dg, (dv,) = chunk_tiles.chunk_grads(
       load(q_ref), load(k_ref), load(g_ref),
-      [(load(v_ref), dos, hin_ref[...], dout_ref[...])], prec)
+      [(load(v_ref), dos, hin_ref[...], dout_ref[...])], prec, docs)
   for i in range(n_sub):
     rows = pl.ds(i * SUB, SUB)
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
@@ -202,7 +234,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref,
     dg_ref[rows, :] = dg[i]
 
 
-def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
+def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   q, k, v, g, do = (_heads_first(x) for x in (q, k, v, g, do))
   B, H, Tp, Kp = q.shape
   Vp = v.shape[-1]
@@ -211,16 +243,18 @@ def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
   sspec = _per_chunk_state_spec(Vp, Kp)
   out = pl.pallas_call(
       functools.partial(_grads_kernel, C=C, scale=scale,
-                        prec=tiles.precision_for(q.dtype)),
+                        prec=tiles.precision_for(q.dtype),
+                        n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec],
+      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec,
+                *_doc_specs(C, Tp // C, docs)],
       out_specs=[kspec, kspec, vspec, kspec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(q.shape, _F32)],
       compiler_params=_PARALLEL, interpret=interpret, name="gla_grads_tpu",
-  )(q, k, v, g, do, h_in, dh_out)
+  )(q, k, v, g, do, h_in, dh_out, *_doc_args(docs))
   return tuple(_heads_first(x) for x in out)
 
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 from lsm.ops.gla import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
@@ -107,22 +107,46 @@ def _whole_time_spec(Tp, width, which):
   return pl.BlockSpec((None, Tp, None, width), lambda b, h, x, y: (b, 0, h, y))
 
 
-def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hin_ref, ht_ref, *, C, N, prec):
+def _doc_specs(C, docs, *, whole_time=None, rows=True):
+  """BlockSpecs of ``segments.kernel_docs`` (cols [B, Tp, 1], rows
+  [B, N, 1, C]) for grids (B, H, N, ...): chunk n's [C, 1] column and [1, C]
+  row, or (``whole_time=Tp``, for the sequential kernels) the whole [Tp, 1]
+  column. [] without documents."""
+  if docs is None:
+    return []
+  if whole_time is not None:
+    return [pl.BlockSpec((None, whole_time, 1), lambda b, *_: (b, 0, 0))]
+  specs = [pl.BlockSpec((None, C, 1), lambda b, h, n, *_: (b, n, 0))]
+  if rows:
+    specs.append(pl.BlockSpec((None, None, 1, C), lambda b, h, n, *_: (b, n, 0, 0)))
+  return specs
+
+
+def _doc_args(docs, rows=True):
+  return [] if docs is None else list(docs if rows else docs[:1])
+
+
+def _states_kernel(k_ref, v_ref, g_ref, h0_ref, *refs, C, N, prec, n_docs):
+  col_ref = refs[0] if n_docs else None
+  hin_ref, ht_ref = refs[n_docs:]
+
   def body(n, st):
     hin_ref[n] = st  # [BV, BK]
     t0 = pl.multiple_of(n * C, C)
     b_k = k_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
     b_v = v_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
     b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
-    return chunk_tiles.state_update(b_k, b_v, b_g, st, prec)
+    docs = (None if col_ref is None else
+            segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
+    return chunk_tiles.state_update(b_k, b_v, b_g, st, prec, docs)
 
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
 
 
-def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret, name):
+def _state_pass(kernel, a, b, g, h_last, *, docs, chunk_size, interpret, name):
   """Shared launch of the two sequential kernels: inputs a [.., K], b [.., V],
-  g [.., K]; h_last [B, H, V, K]. Returns per-chunk states [B, H, N, V, K] and
-  the state after the loop."""
+  g [.., K]; h_last [B, H, V, K]; docs (``pallas_vjp``). Returns per-chunk
+  states [B, H, N, V, K] and the state after the loop."""
   B, Tp, H, Kp = a.shape
   Vp = b.shape[-1]
   N = Tp // chunk_size
@@ -131,17 +155,19 @@ def _state_pass(kernel, a, b, g, h_last, *, chunk_size, interpret, name):
   state_spec = pl.BlockSpec((None, None, BV, BK), lambda b_, h, iv, ik: (b_, h, iv, ik))
   return pl.pallas_call(
       functools.partial(kernel, C=chunk_size, N=N,
-                        prec=tiles.precision_for(a.dtype)),
+                        prec=tiles.precision_for(a.dtype),
+                        n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Vp // BV, Kp // BK),
       in_specs=[_whole_time_spec(Tp, BK, 3), _whole_time_spec(Tp, BV, 2),
-                _whole_time_spec(Tp, BK, 3), state_spec],
+                _whole_time_spec(Tp, BK, 3), state_spec,
+                *_doc_specs(chunk_size, docs, whole_time=Tp)],
       out_specs=[pl.BlockSpec((None, None, N, BV, BK),
                               lambda b_, h, iv, ik: (b_, h, 0, iv, ik)),
                  state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
       compiler_params=tiling.params(), interpret=interpret, name=name,
-  )(a, b, g, h_last)
+  )(a, b, g, h_last, *_doc_args(docs, rows=False))
 
 
 def _cols(i, width):
@@ -162,7 +188,8 @@ def _chunk_spec(C, width, col_axis=None):
   return pl.BlockSpec((None, C, None, width), lambda b, h, n, x: (b, n, h, x))
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, a_ref, *, C, BK, prec):
+def _intra_kernel(q_ref, k_ref, g_ref, *refs, C, BK, prec, n_docs):
+  docs, (a_ref,) = segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
   rows = _sub_rows(C)
   n = len(rows)
 
@@ -175,31 +202,38 @@ def _intra_kernel(q_ref, k_ref, g_ref, a_ref, *, C, BK, prec):
   zero = jnp.zeros((SUB, SUB), _F32)
   a = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body,
                         {(i, j): zero for i in range(n) for j in range(i + 1)})
+  if docs is not None:  # pairs in one document only
+    a = {(i, j): jnp.where(docs.same(i, j), x, 0.0) for (i, j), x in a.items()}
   for i in range(n):
     for j in range(n):
       a_ref[rows[i], rows[j]] = a[(i, j)] if j <= i else zero  # [16, 16]
 
 
-def _intra(q, k, g, *, chunk_size, interpret):
+def _intra(q, k, g, *, docs, chunk_size, interpret):
   """A [B, T, H, C] float32: row t holds the chunk's weights A_ts (zero for
-  s > t), summed over key blocks of BK inside the program."""
+  s > t, and with documents for s in another one), summed over key blocks of
+  BK inside the program."""
   B, Tp, H, Kp = q.shape
   C = chunk_size
   kspec = _chunk_spec(C, Kp)
   return pl.pallas_call(
       functools.partial(_intra_kernel, C=C, BK=min(Kp, TILING["gla_intra"].bk),
-                        prec=tiles.precision_for(q.dtype)),
+                        prec=tiles.precision_for(q.dtype),
+                        n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, kspec],
+      in_specs=[kspec, kspec, kspec, *_doc_specs(C, docs)],
       out_specs=_chunk_spec(C, C),
       out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), _F32),
       compiler_params=TILING["gla_intra"].params(), interpret=interpret,
       name="gla_intra",
-  )(q, k, g)
+  )(q, k, g, *_doc_args(docs))
 
 
-def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, o_ref, *, BK, scale,
-                   prec):
+def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, *refs, BK, scale, prec,
+                   n_docs):
+  C = q_ref.shape[0]
+  docs, (o_ref,) = segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
+
   def body(ik, o):
     cols = _cols(ik, BK)
     b_q = q_ref[:, cols].astype(_F32)  # [C, BK]
@@ -210,14 +244,20 @@ def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, o_ref, *, BK, scale,
 
   b_a = a_ref[...]  # [C, C]
   b_v = v_ref[...].astype(_F32)  # [C, BV]
-  o = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body, tiles.mm(b_a, b_v, prec))
+  if docs is None:
+    o = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body, tiles.mm(b_a, b_v, prec))
+  else:  # the incoming state reaches the tokens before the first reset only
+    o_state = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body,
+                                jnp.zeros(o_ref.shape, _F32))
+    o = tiles.mm(b_a, b_v, prec) + segments.cut(docs.carry_all(), o_state)
   o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
-  h_in, h_tt = _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
-                           interpret=interpret, name="gla_states")
-  a = _intra(q, k, g, chunk_size=chunk_size, interpret=interpret)
+def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
+  h_in, h_tt = _state_pass(_states_kernel, k, v, g, h0t, docs=docs,
+                           chunk_size=chunk_size, interpret=interpret,
+                           name="gla_states")
+  a = _intra(q, k, g, docs=docs, chunk_size=chunk_size, interpret=interpret)
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
   tiling = TILING["gla_output"]
@@ -225,26 +265,32 @@ def forward(q, k, v, g, h0t, *, scale, chunk_size, interpret):
   kspec = _chunk_spec(C, Kp)
   o = pl.pallas_call(
       functools.partial(_output_kernel, BK=min(Kp, tiling.bk), scale=scale,
-                        prec=tiles.precision_for(q.dtype)),
+                        prec=tiles.precision_for(q.dtype),
+                        n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Tp // C, Vp // BV),
       in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
                 pl.BlockSpec((None, None, None, BV, Kp),
-                             lambda b, h, n, iv: (b, h, n, iv, 0))],
+                             lambda b, h, n, iv: (b, h, n, iv, 0)),
+                *_doc_specs(C, docs, rows=False)],
       out_specs=_chunk_spec(C, BV, 3),
       out_shape=jax.ShapeDtypeStruct((B, Tp, H, Vp), q.dtype),
       compiler_params=tiling.params(), interpret=interpret, name="gla_output",
-  )(q, g, v, a, h_in)
+  )(q, g, v, a, h_in, *_doc_args(docs, rows=False))
   return o, h_tt
 
 
-def states(k, v, g, h0t, *, scale, chunk_size, interpret):
+def states(k, v, g, h0t, *, docs, scale, chunk_size, interpret):
   del scale
-  return _state_pass(_states_kernel, k, v, g, h0t, chunk_size=chunk_size,
-                     interpret=interpret, name="gla_states")[0]
+  return _state_pass(_states_kernel, k, v, g, h0t, docs=docs,
+                     chunk_size=chunk_size, interpret=interpret,
+                     name="gla_states")[0]
 
 
-def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, *, C, N,
-                    prec, scale):
+def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, *refs, C, N, prec, scale,
+                    n_docs):
+  col_ref = refs[0] if n_docs else None
+  dout_ref, dh0_ref = refs[n_docs:]
+
   def body(i, dst):
     n = N - 1 - i
     dout_ref[n] = dst  # [BV, BK]
@@ -252,19 +298,24 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dout_ref, dh0_ref, *, C, N,
     b_q = q_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
     b_do = scale * do_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
     b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
-    return chunk_tiles.state_grad_update(b_q, b_do, b_g, dst, prec)
+    docs = (None if col_ref is None else
+            segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
+    return chunk_tiles.state_grad_update(b_q, b_do, b_g, dst, prec, docs)
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...])
 
 
-def dstates(q, do, g, dh_tt, *, scale, chunk_size, interpret):
+def dstates(q, do, g, dh_tt, *, docs, scale, chunk_size, interpret):
   return _state_pass(functools.partial(_dstates_kernel, scale=scale), q, do, g,
-                     dh_tt, chunk_size=chunk_size, interpret=interpret,
-                     name="gla_dstates")
+                     dh_tt, docs=docs, chunk_size=chunk_size,
+                     interpret=interpret, name="gla_dstates")
 
 
-def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, dv_ref, *, BK, scale,
-               prec):
+def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, *refs, BK, scale, prec,
+               n_docs):
+  C = k_ref.shape[0]
+  docs, (dv_ref,) = segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
+
   def body(ik, dv):
     cols = _cols(ik, BK)
     b_k = k_ref[:, cols].astype(_F32)  # [C, BK]
@@ -275,13 +326,20 @@ def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, dv_ref, *, BK, scale,
 
   b_a = a_ref[...]  # [C, C]
   b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
-  dv = jax.lax.fori_loop(0, k_ref.shape[-1] // BK, body,
-                         tiles.mm_tn(b_a, b_do, prec))
+  if docs is None:
+    dv = jax.lax.fori_loop(0, k_ref.shape[-1] // BK, body,
+                           tiles.mm_tn(b_a, b_do, prec))
+  else:  # only the last document's values reach the state leaving the chunk
+    dv_state = jax.lax.fori_loop(0, k_ref.shape[-1] // BK, body,
+                                 jnp.zeros(dv_ref.shape, _F32))
+    dv = tiles.mm_tn(b_a, b_do, prec) + segments.cut(docs.tail_all(), dv_state)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, dq_ref,
-                 dk_ref, dg_ref, *, C, BV, scale, prec):
+def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, *refs, C,
+                 BV, scale, prec, n_docs):
+  docs, (dq_ref, dk_ref, dg_ref) = segments.doc_tiles(refs, n_docs, chunk=C,
+                                                      sub=SUB)
   rows = _sub_rows(C)
   n = len(rows)
 
@@ -307,6 +365,11 @@ def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, dq_ref,
           jnp.zeros((1, BK), _F32))
   da, da_tt, dq_st, dk_st, leaving = jax.lax.fori_loop(
       0, v_ref.shape[-1] // BV, body, init)
+  if docs is not None:  # the forward's cuts, on each term's gradient
+    da = {(i, j): jnp.where(docs.same(i, j), x, 0.0) for (i, j), x in da.items()}
+    dq_st = [segments.cut(docs.carry(i), x) for i, x in enumerate(dq_st)]
+    dk_st = [segments.cut(docs.tail(i), x) for i, x in enumerate(dk_st)]
+    leaving = segments.cut(docs.carry_out(), leaving)
 
   qs, ks, gs = (chunk_tiles.load_sub_blocks(r, n) for r in (q_ref, k_ref, g_ref))
   sums = chunk_tiles.GateSums(gs)
@@ -321,25 +384,27 @@ def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, dq_ref,
     dg_ref[r, :] = dg[i]
 
 
-def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
+def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   B, Tp, H, Kp = q.shape
   Vp = v.shape[-1]
   C = chunk_size
   prec = tiles.precision_for(q.dtype)
-  a = _intra(q, k, g, chunk_size=C, interpret=interpret)
+  a = _intra(q, k, g, docs=docs, chunk_size=C, interpret=interpret)
   kspec = _chunk_spec(C, Kp)
   t_dv, t_dqkg = TILING["gla_dv"], TILING["gla_dqkg"]
   BV = min(Vp, t_dv.bv)
   dv = pl.pallas_call(
-      functools.partial(_dv_kernel, BK=min(Kp, t_dv.bk), scale=scale, prec=prec),
+      functools.partial(_dv_kernel, BK=min(Kp, t_dv.bk), scale=scale, prec=prec,
+                        n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Tp // C, Vp // BV),
       in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
                 pl.BlockSpec((None, None, None, BV, Kp),
-                             lambda b, h, n, iv: (b, h, n, iv, 0))],
+                             lambda b, h, n, iv: (b, h, n, iv, 0)),
+                *_doc_specs(C, docs, rows=False)],
       out_specs=_chunk_spec(C, BV, 3),
       out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
       compiler_params=t_dv.params(), interpret=interpret, name="gla_dv",
-  )(k, g, do, a, dh_out)
+  )(k, g, do, a, dh_out, *_doc_args(docs, rows=False))
   BK = min(Kp, t_dqkg.bk)
   kblock = _chunk_spec(C, BK, 3)
   vspec = _chunk_spec(C, Vp)
@@ -347,16 +412,17 @@ def grads(q, k, v, g, do, h_in, dh_out, *, scale, chunk_size, interpret):
                        lambda b, h, n, ik: (b, h, n, 0, ik))
   dq, dk, dg = pl.pallas_call(
       functools.partial(_dqkg_kernel, C=C, BV=min(Vp, t_dqkg.bv), scale=scale,
-                        prec=prec),
+                        prec=prec, n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C, Kp // BK),
-      in_specs=[kblock, kblock, kblock, vspec, vspec, sspec, sspec],
+      in_specs=[kblock, kblock, kblock, vspec, vspec, sspec, sspec,
+                *_doc_specs(C, docs)],
       out_specs=[kblock, kblock, kblock],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(q.shape, _F32)],
       compiler_params=t_dqkg.params(), interpret=interpret,
       name="gla_dqkg",
-  )(q, k, g, v, do, h_in, dh_out)
+  )(q, k, g, v, do, h_in, dh_out, *_doc_args(docs))
   return dq, dk, dv, dg
 
 

@@ -3,7 +3,10 @@ gate gradient's sequence-long suffix sum.
 
 A backend (``pallas_triton``, ``pallas_tpu``) supplies four launchers on padded
 [B, T, H, D] arrays (T a multiple of the chunk, K and V powers of two >= 16;
-states transposed to [B, H, V, K], see ``chunk_tiles``):
+states transposed to [B, H, V, K], see ``chunk_tiles``), each also taking
+``docs``: None, or the (cols, rows) document index of packed rows from
+``segments.kernel_docs``, which every kernel turns into the masks of
+``segments.DocTiles``:
 
   forward(q, k, v, g, h0t)          -> o (q's dtype), h_Tt
   states(k, v, g, h0t)              -> h_in [B, H, N, V, K], the state entering
@@ -34,7 +37,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from lsm.ops.common import kernel_shapes
+from lsm.ops.common import kernel_shapes, segments
 
 
 def make_gla(**launchers):
@@ -42,31 +45,32 @@ def make_gla(**launchers):
   from a backend's four launchers (keywords forward, states, dstates, grads)."""
   backend = types.SimpleNamespace(**launchers)
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-  def core(q, k, v, g, h0t, scale, chunk_size, interpret):
-    return backend.forward(q, k, v, g, h0t, scale=scale, chunk_size=chunk_size,
-                           interpret=interpret)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+  def core(q, k, v, g, h0t, docs, scale, chunk_size, interpret):
+    return backend.forward(q, k, v, g, h0t, docs=docs, scale=scale,
+                           chunk_size=chunk_size, interpret=interpret)
 
-  def core_fwd(q, k, v, g, h0t, scale, chunk_size, interpret):
-    o, h_tt = core(q, k, v, g, h0t, scale, chunk_size, interpret)
-    return (o, h_tt), (q, k, v, g, h0t)
+  def core_fwd(q, k, v, g, h0t, docs, scale, chunk_size, interpret):
+    o, h_tt = core(q, k, v, g, h0t, docs, scale, chunk_size, interpret)
+    return (o, h_tt), (q, k, v, g, h0t, docs)
 
   def core_bwd(scale, chunk_size, interpret, res, cts):
-    q, k, v, g, h0t = res
+    q, k, v, g, h0t, docs = res
     do, dh_tt = cts
-    kw = dict(scale=scale, chunk_size=chunk_size, interpret=interpret)
+    kw = dict(docs=docs, scale=scale, chunk_size=chunk_size, interpret=interpret)
     h_in = backend.states(k, v, g, h0t, **kw)
     dh_out, dh0t = backend.dstates(q, do, g, dh_tt, **kw)
     dq, dk, dv, dg = backend.grads(q, k, v, g, do, h_in, dh_out, **kw)
-    return dq, dk, dv, dg, dh0t
+    return dq, dk, dv, dg, dh0t, jax.tree.map(jnp.zeros_like, docs)
 
   core.defvjp(core_fwd, core_bwd)
 
   def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
-          interpret=False):
+          interpret=False, resets=None):
     """Pallas GLA. Arguments as in ``lsm.ops.gla.gla`` (``log_g`` already
-    float32 [B, T, H, K], ``h0`` float32 [B, H, K, V]); the api has checked
-    chunk_size and the head dims against ``kernel_shapes``."""
+    float32 [B, T, H, K], ``h0`` float32 [B, H, K, V], ``resets`` None or
+    ``segments.resets(segment_ids)``); the api has checked chunk_size and the
+    head dims against ``kernel_shapes``."""
     T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
     Kp, Vp = kernel_shapes.padded_dim(K), kernel_shapes.padded_dim(V)
     Tp = kernel_shapes.num_chunks(T, chunk_size) * chunk_size
@@ -76,8 +80,12 @@ def make_gla(**launchers):
 
     h0t = jnp.swapaxes(h0, 2, 3)
     h0t = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0t, 2, Vp), 3, Kp)
+    docs = None
+    if resets is not None:  # padded tokens join the last document, unchanged
+      docs = segments.kernel_docs(
+          kernel_shapes.pad_axis(resets, 1, Tp), chunk_size)
     o, h_tt = core(pad(q, Kp), pad(k, Kp), pad(v, Vp), pad(log_g, Kp), h0t,
-                   scale, chunk_size, interpret)
+                   docs, scale, chunk_size, interpret)
     return o[:, :T, :, :V], jnp.swapaxes(h_tt, 2, 3)[:, :, :K, :V]
 
   return gla
