@@ -76,11 +76,19 @@ KERNELS = ("prepare", "states", "output", "intra", "state_grads",
            "value_grads", "key_grads", "wy_scalars", "wy_grads")
 
 
-def _vjp_fn(impl, chunk_size=64):
+def _three_documents(q):
+  """int [B, T] ids: three documents per row, starts inside chunks."""
+  T = q.shape[1]
+  return jnp.broadcast_to(jnp.arange(T) * 3 // T, q.shape[:2]).astype(jnp.int32)
+
+
+def _vjp_fn(impl, chunk_size=64, documents=False):
   def f(q, k, v, beta, log_g, h0, do, dh):
+    ids = _three_documents(q) if documents else None
     (o, h), pullback = jax.vjp(
         lambda *a: delta_rule(*a[:4], log_g=a[4], h0=a[5], impl=impl,
-                              chunk_size=chunk_size), q, k, v, beta, log_g, h0)
+                              chunk_size=chunk_size, segment_ids=ids),
+        q, k, v, beta, log_g, h0)
     return o, h, pullback((do, dh))
   return f
 
@@ -114,14 +122,24 @@ def test_gpu_lowers_for_cuda(D, target):
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 11
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_tpu_lowers_for_mosaic(D):
-  """Forward and backward kernels lower through Mosaic (no TPU needed)."""
+@pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
+def test_gpu_lowers_for_cuda_with_documents(target):
+  """The kernels with their document masks (segment_ids) lower too."""
+  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton", documents=True),
+                                     *_structs(128, jnp.bfloat16),
+                                     target=target).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 11
+
+
+@pytest.mark.parametrize("D, documents", [(64, False), (128, False), (128, True)])
+def test_tpu_lowers_for_mosaic(D, documents):
+  """Forward and backward kernels lower through Mosaic (no TPU needed), with
+  the document masks too."""
   args = _structs(D, jnp.bfloat16)
   # forward: prepare, states, output; backward: prepare, states, state_grads,
   # input_grads (T and h_in recomputed, see pallas_vjp).
   for f, a, n in ((_fwd_fn("pallas_tpu"), args[:6], 3),
-                  (_vjp_fn("pallas_tpu"), args, 7)):
+                  (_vjp_fn("pallas_tpu", documents=documents), args, 7)):
     exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*a)
     assert exported.mlir_module().count("tpu_custom_call") == n
 

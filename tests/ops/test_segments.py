@@ -220,9 +220,13 @@ _Q = jnp.zeros((2, 5, 1, 4))
      r"gla: segment_ids has shape \(2, 4\); expected \[B, T\] = \(2, 5\)"),
     (lambda: gla(_Q, _Q, _Q, segment_ids=jnp.ones((2, 5))),
      "gla: segment_ids has dtype float32; expected an integer dtype"),
-    (lambda: delta_rule(_Q, _Q, _Q, _Q[..., 0], impl="pallas_triton",
-                        segment_ids=jnp.ones((2, 5), jnp.int32)),
-     "delta_rule: impl='pallas_triton' does not take segment_ids yet"),
+    # An impl without the masks (none of gla's and delta_rule's today) is
+    # refused by name, never run without them.
+    (lambda: segments.resolve("gla", "pallas_mosaic_gpu",
+                              ("chunked", "pallas_mosaic_gpu"),
+                              jnp.ones((2, 5), jnp.int32), 2, 5,
+                              with_resets=("reference", "chunked")),
+     "gla: impl='pallas_mosaic_gpu' does not take segment_ids yet"),
     (lambda: ssm_scan(_Q, _Q, segment_ids=jnp.ones((5,), jnp.int32)),
      "ssm_scan: segment_ids has shape"),
 ], ids=["shape", "dtype", "pallas", "ssm_rank"])

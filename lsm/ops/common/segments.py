@@ -17,11 +17,14 @@ every term of a chunk is cut:
   the chunk. The incoming state itself leaves the chunk iff carry[C - 1].
 """
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
 from lsm.ops import _dispatch
+from lsm.ops.common import tiles
 
 # Impls that take ``resets`` unless an op says otherwise (``resolve``).
 IMPLS_WITH_RESETS = ("reference", "chunked")
@@ -99,7 +102,8 @@ class DocTiles:
   ``kernel_docs`` for one chunk: ``col_ref`` with the chunk's [C, 1] column at
   rows ``start`` .. ``start + C`` (a whole-chunk block, or a whole-sequence
   block with a dynamic ``start``), and optionally ``row_ref`` with its [1, C]
-  row (needed only for the pair mask ``same``). Tiles are loaded with static
+  row (the pair masks ``same`` then read it; without it they form the row
+  from the column by a masked sum). Tiles are loaded with static
   or ``pl.ds`` slices of the refs, which both Pallas lowerings accept, when a
   mask first needs them.
 
@@ -125,9 +129,21 @@ class DocTiles:
     return self._load(("col", i), lambda: self._col_ref[
         pl.ds(self.start + i * self.sub, self.sub), :])
 
-  def _row(self, j):
-    return self._load(("row", j),
-                      lambda: self._row_ref[:, pl.ds(j * self.sub, self.sub)])
+  def _row(self, j=None):
+    """[1, sub] row of sub-block j, or the chunk's [1, C] row: from the row
+    ref, or without one from the column by a masked sum (no transpose)."""
+    if self._row_ref is not None:
+      if j is None:
+        return self._load("row", lambda: self._row_ref[...])
+      return self._load(("row", j), lambda: self._row_ref[
+          :, pl.ds(j * self.sub, self.sub)])
+
+    def from_col():
+      width = self.chunk if j is None else self.sub
+      r = tiles.iota((self.chunk, width), 0)
+      c = tiles.iota((self.chunk, width), 1) + (0 if j is None else j * self.sub)
+      return jnp.sum(jnp.where(r == c, self._col(), 0.0), axis=0, keepdims=True)
+    return self._load(("row", j), from_col)
 
   @property
   def last(self):
@@ -146,6 +162,15 @@ class DocTiles:
   def tail(self, j: int):
     """[sub, 1]: token s of block j reaches the state leaving the chunk."""
     return self._col(j) == self.last
+
+  def same_all(self):
+    """[C, C]: tokens t and s of the chunk share a document."""
+    return self._col() == self._row()
+
+  def chunk_masks(self):
+    """(same [C, C], carry [C, 1], tail [C, 1], carry_out [1, 1]), the
+    chunk's masks as values (for tile functions under ``jax.vjp``)."""
+    return self.same_all(), self.carry_all(), self.tail_all(), self.carry_out()
 
   def carry_all(self):
     return self._col() == 0.0
@@ -167,6 +192,29 @@ def doc_tiles(refs, n_docs: int, *, chunk: int, sub: int, start=0):
   row_ref = refs[1] if n_docs == 2 else None
   return (DocTiles(refs[0], row_ref, chunk=chunk, sub=sub, start=start),
           refs[n_docs:])
+
+
+def with_doc_ref(kernel, n_inputs: int, has_docs: bool):
+  """A Pallas kernel body that takes its document ref by keyword: the launcher
+  appends the ``kernel_docs`` column as input ``n_inputs`` (after the kernel's
+  own inputs) when ``has_docs``; ``kernel(*refs, doc_ref=ref or None)``."""
+  if not has_docs:
+    return functools.partial(kernel, doc_ref=None)
+
+  def body(*refs):
+    return kernel(*refs[:n_inputs], *refs[n_inputs + 1:], doc_ref=refs[n_inputs])
+  return body
+
+
+def pallas_call(kernel, n_inputs: int, docs, in_specs, doc_spec, args, **kwargs):
+  """``pl.pallas_call(kernel, in_specs=..., **kwargs)(*args)``, with the
+  ``kernel_docs`` column ``docs`` (or None) appended as input ``n_inputs``
+  under ``doc_spec`` and handed to ``kernel`` as ``doc_ref`` (see
+  ``with_doc_ref``)."""
+  extra = [] if docs is None else [docs]
+  return pl.pallas_call(
+      with_doc_ref(kernel, n_inputs, docs is not None),
+      in_specs=[*in_specs, *([doc_spec] if extra else [])], **kwargs)(*args, *extra)
 
 
 def cut(mask, x):

@@ -43,8 +43,8 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     segment_ids: optional int [B, T] document ids of packed rows (a token
       starts a document where its id differs from the previous token's): the
       state entering each document is zero, h0 applies to the first document of
-      each row. "reference" and "chunked" only for now; "auto" then picks
-      "chunked".
+      each row. Every impl takes them (the Pallas kernels cut their tiles
+      with the same masks as "chunked").
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
@@ -59,7 +59,8 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
   checks.check_scale(_OP, scale)
   checks.check_chunk_size(_OP, chunk_size)
-  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T)
+  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T,
+                                  with_resets=tuple(_IMPLS))
   scale = K ** -0.5 if scale is None else float(scale)
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
   if "interpret" in kwargs:

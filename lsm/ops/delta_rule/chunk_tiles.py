@@ -60,12 +60,21 @@ class Gates(NamedTuple):
   decay_out: jax.Array  # [1, 1] exp(gamma_C)
 
 
-def gates(b_g) -> Gates:
+def gates(b_g, masks=None) -> Gates:
   """Decay factors from the chunk's log gates b_g [C, 1] (<= 0).
 
   Every exponent is <= 0 and masked exponents are zeroed before ``exp``, so
   neither the values nor their gradients overflow. The sums to the chunk's end
   are formed directly (masked sums over later tokens), not as differences.
+
+  Packed documents (``masks``: ``segments.DocTiles.chunk_masks()`` of the
+  chunk, or None) are the four factors cut: M keeps pairs in one document, the
+  entering state reaches the tokens before the chunk's first reset
+  (decay_in), only the last document's tokens reach the leaving state
+  (decay_to_end), and the entering state leaves only if no document starts
+  in the chunk (decay_out). Every term of the chunk form (L, W_k S, the
+  output, S') carries one of these factors, so that is the whole reset, and
+  gradients through ``gates`` are cut with it.
   """
   C = b_g.shape[0]
   r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
@@ -79,14 +88,18 @@ def gates(b_g) -> Gates:
   # that cancellation swamps d log_g under strong decay.
   diff = jnp.where(r > c, gamma - gamma_row, 0.0)
   m = jnp.where(r >= c, jnp.exp(diff), 0.0)
-  return Gates(m, jnp.exp(gamma), jnp.exp(to_end), jnp.exp(total))
+  gt = Gates(m, jnp.exp(gamma), jnp.exp(to_end), jnp.exp(total))
+  if masks is None:
+    return gt
+  return Gates(*(jnp.where(mask, x, 0.0) for mask, x in zip(masks, gt)))
 
 
-def intra_matrix(b_k, b_beta, b_g, precision):
-  """L [C, C]: beta_t exp(gamma_t - gamma_s) k_t . k_s for s < t, else 0."""
+def intra_matrix(b_k, b_beta, b_g, precision, masks=None):
+  """L [C, C]: beta_t exp(gamma_t - gamma_s) k_t . k_s for s < t, else 0
+  (and 0 across documents, see ``gates``)."""
   C = b_k.shape[0]
   kk = tiles.mm_nt(b_k, b_k, precision)  # [C, C]
-  l = b_beta * gates(b_g).m * kk
+  l = b_beta * gates(b_g, masks).m * kk
   return jnp.where(tiles.lower_mask(C, strict=True), l, 0.0)
 
 
@@ -128,13 +141,13 @@ def unit_lower_inverse(l):
   return t
 
 
-def chunk_inverse(b_k, b_beta, b_g, *, precision):
+def chunk_inverse(b_k, b_beta, b_g, *, precision, masks=None):
   """T = (I + L)^{-1} [C, C] of one chunk, from b_k [C, K], b_beta, b_g [C, 1].
 
   L's key products run at ``precision`` (they are products of inputs), the
   inverse at HIGHEST (see the module docstring).
   """
-  return unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision))
+  return unit_lower_inverse(intra_matrix(b_k, b_beta, b_g, precision, masks))
 
 
 def unit_lower_inverse_vjp(t, dt):
@@ -160,13 +173,15 @@ def _leaving_state(b_s, b_k, u, gt: Gates, precision):
   return gt.decay_out * b_s + tiles.mm_tn(gt.decay_to_end * b_k, u, precision)
 
 
-def chunk_apply(t, b_s, b_q, b_k, b_v, b_beta, b_g, *, scale, precision):
-  """The chunk given its inverse T [C, C] and entering state b_s [K, BV].
+def chunk_apply(t, b_s, b_q, b_k, b_v, b_beta, b_g, *, scale, precision,
+                masks=None):
+  """The chunk given its inverse T [C, C] and entering state b_s [K, BV]
+  (``masks``: as ``gates``).
 
   Returns:
     o [C, BV] (scaled), s_out [K, BV], the state leaving the chunk.
   """
-  gt = gates(b_g)
+  gt = gates(b_g, masks)
   u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
   a = gt.m * tiles.mm_nt(b_q, b_k, precision)  # [C, C]
   o = scale * (tiles.mm(gt.decay_in * b_q, b_s, precision)
@@ -174,22 +189,23 @@ def chunk_apply(t, b_s, b_q, b_k, b_v, b_beta, b_g, *, scale, precision):
   return o, _leaving_state(b_s, b_k, u, gt, precision)
 
 
-def next_state(t, b_s, b_k, b_v, b_beta, b_g, *, precision):
+def next_state(t, b_s, b_k, b_v, b_beta, b_g, *, precision, masks=None):
   """The state [K, BV] leaving the chunk, from its inverse T [C, C] and the
   entering state b_s [K, BV]."""
-  gt = gates(b_g)
+  gt = gates(b_g, masks)
   u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
   return _leaving_state(b_s, b_k, u, gt, precision)
 
 
-def state_grad(t, b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision):
+def state_grad(t, b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision,
+               masks=None):
   """Cotangent of the entering state from those of o [C, BV] and s_out [K, BV],
   given the chunk's inverse T [C, C].
 
   With dU = scale (M o Q K^T)^T dO + (exp(gamma_C - gamma) o K) dS':
   dS = scale (exp(gamma) o Q)^T dO + exp(gamma_C) dS' - W_k^T dU.
   """
-  gt = gates(b_g)
+  gt = gates(b_g, masks)
   a = gt.m * tiles.mm_nt(b_q, b_k, precision)  # [C, C]
   du = (scale * tiles.mm_tn(a, b_do, precision)
         + tiles.mm(gt.decay_to_end * b_k, b_ds, precision))  # [C, BV]
@@ -199,7 +215,7 @@ def state_grad(t, b_ds, b_q, b_k, b_beta, b_g, b_do, *, scale, precision):
 
 
 def chunk_grads(t, b_s, b_q, b_k, b_v, b_beta, b_g, b_do, b_ds, *, scale,
-                precision):
+                precision, masks=None):
   """Gradients of one chunk's inputs, given its inverse T [C, C] (from
   ``chunk_inverse``), its entering state b_s [K, BV] and the cotangents of its
   output b_do [C, BV] and leaving state b_ds [K, BV].
@@ -210,10 +226,12 @@ def chunk_grads(t, b_s, b_q, b_k, b_v, b_beta, b_g, b_do, b_ds, *, scale,
   """
   # Only the pullback is used: T is given, L's value is not needed.
   _, intra_vjp = jax.vjp(
-      lambda k, beta, g: intra_matrix(k, beta, g, precision), b_k, b_beta, b_g)
+      lambda k, beta, g: intra_matrix(k, beta, g, precision, masks),
+      b_k, b_beta, b_g)
   _, apply_vjp = jax.vjp(
       lambda t, q, k, v, beta, g: chunk_apply(t, b_s, q, k, v, beta, g,
-                                              scale=scale, precision=precision),
+                                              scale=scale, precision=precision,
+                                              masks=masks),
       t, b_q, b_k, b_v, b_beta, b_g)
   dt, dq, dk, dv, dbeta, dg = apply_vjp((b_do, b_ds))
   dk2, dbeta2, dg2 = intra_vjp(unit_lower_inverse_vjp(t, dt))

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
@@ -62,18 +62,26 @@ def _load(ref):
   return ref[...].astype(_F32)
 
 
+def _masks(doc_ref):
+  """The chunk's document masks (``chunk_tiles.gates``), or None."""
+  if doc_ref is None:
+    return None
+  return segments.DocTiles(doc_ref, chunk=doc_ref.shape[0],
+                           sub=chunk_tiles.SUB).chunk_masks()
+
+
 # ---------------------------------------------------------------- kernels ---
 
 
-def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
+def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision, doc_ref):
   t_ref[...] = chunk_tiles.chunk_inverse(
       _load(k_ref),  # [C, Kp]
       beta_ref[...], g_ref[...],  # [C, 1]
-      precision=precision)
+      precision=precision, masks=_masks(doc_ref))
 
 
 def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
-                   ht_ref, s_ref, *, precision):
+                   ht_ref, s_ref, *, precision, doc_ref):
   n = pl.program_id(1)
 
   @pl.when(n == 0)
@@ -87,7 +95,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
       b_s, _load(k_ref),  # [C, Kp]
       _load(v_ref),  # [C, Vp]
       beta_ref[...], g_ref[...],  # [C, 1]
-      precision=precision)
+      precision=precision, masks=_masks(doc_ref))
   s_ref[...] = b_s
 
   @pl.when(n == pl.num_programs(1) - 1)
@@ -96,19 +104,20 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
 
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
-                   scale, precision):
+                   scale, precision, doc_ref):
   b_o, _ = chunk_tiles.chunk_apply(
       t_ref[...],  # [C, C]
       h_ref[...],  # [Kp, Vp]
       _load(q_ref), _load(k_ref),  # [C, Kp]
       _load(v_ref),  # [C, Vp]
       beta_ref[...], g_ref[...],  # [C, 1]
-      scale=scale, precision=precision)
+      scale=scale, precision=precision, masks=_masks(doc_ref))
   o_ref[...] = b_o.astype(o_ref.dtype)
 
 
 def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
-                        dh_out_ref, dh0_ref, ds_ref, *, scale, precision):
+                        dh_out_ref, dh0_ref, ds_ref, *, scale, precision,
+                        doc_ref):
   i = pl.program_id(1)  # chunk N - 1 - i
 
   @pl.when(i == 0)
@@ -122,7 +131,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
       b_ds, _load(q_ref), _load(k_ref),  # [C, Kp]
       beta_ref[...], g_ref[...],  # [C, 1]
       _load(do_ref),  # [C, Vp]
-      scale=scale, precision=precision)
+      scale=scale, precision=precision, masks=_masks(doc_ref))
   ds_ref[...] = b_ds
 
   @pl.when(i == pl.num_programs(1) - 1)
@@ -132,7 +141,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref, dht_ref,
 
 def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
                         h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref,
-                        dg_ref, *, scale, precision):
+                        dg_ref, *, scale, precision, doc_ref):
   grads = chunk_tiles.chunk_grads(
       t_ref[...],  # [C, C]
       h_ref[...],  # [Kp, Vp]
@@ -141,7 +150,7 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
       beta_ref[...], g_ref[...],  # [C, 1]
       _load(do_ref),  # [C, Vp]
       dh_ref[...],  # [Kp, Vp]
-      scale=scale, precision=precision)
+      scale=scale, precision=precision, masks=_masks(doc_ref))
   for ref, d in zip((dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref), grads):
     ref[...] = d
 
@@ -171,77 +180,76 @@ def _dims(q_or_k, v, chunk):
   return BH, Tp, Kp, v.shape[-1], Tp // chunk
 
 
-def _prepare(k, beta, g, *, chunk, interpret):
+def _prepare(k, beta, g, *, docs, chunk, interpret):
   BH, Tp, Kp = k.shape
   keys = pl.BlockSpec((None, chunk, Kp), lambda b, n: (b, n, 0))
   col = pl.BlockSpec((None, chunk, 1), lambda b, n: (b, n, 0))
   inv = pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, n, 0))
   kernel = functools.partial(_prepare_kernel,
                              precision=tiles.precision_for(k.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, Tp // chunk),
-      in_specs=[keys, col, col],
-      out_specs=inv,
+  return segments.pallas_call(
+      kernel, 3, docs, [keys, col, col], col, (k, beta, g),
+      grid=(BH, Tp // chunk), out_specs=inv,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
       compiler_params=_params(_PARALLEL), interpret=interpret,
-      name="delta_rule_prepare")(k, beta, g)
+      name="delta_rule_prepare")
 
 
-def _states(k, v, beta, g, t, h0, *, chunk, interpret):
+def _states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
   BH, _, Kp, Vp, N = _dims(k, v, chunk)
   keys, vals, col, inv, state, head = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_states_kernel,
                              precision=tiles.precision_for(k.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N),
-      in_specs=[keys, vals, col, col, inv, head],
+  return segments.pallas_call(
+      kernel, 6, docs, [keys, vals, col, col, inv, head], col,
+      (k, v, beta, g, t, h0), grid=(BH, N),
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       scratch_shapes=[pltpu.VMEM((Kp, Vp), _F32)],
       compiler_params=_params(_SEQUENTIAL), interpret=interpret,
-      name="delta_rule_states")(k, v, beta, g, t, h0)
+      name="delta_rule_states")
 
 
-def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
+def _output(q, k, v, beta, g, t, h_in, *, docs, scale, chunk, interpret):
   BH, Tp, Kp, Vp, N = _dims(q, v, chunk)
   keys, vals, col, inv, state, _ = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N),
-      in_specs=[keys, keys, vals, col, col, inv, state],
+  return segments.pallas_call(
+      kernel, 7, docs, [keys, keys, vals, col, col, inv, state], col,
+      (q, k, v, beta, g, t, h_in), grid=(BH, N),
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
       compiler_params=_params(_PARALLEL), interpret=interpret,
-      name="delta_rule_output")(q, k, v, beta, g, t, h_in)
+      name="delta_rule_output")
 
 
-def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
+def _state_grads(q, k, beta, g, t, do, dh_t, *, docs, scale, chunk, interpret):
   BH, _, Kp, Vp, N = _dims(q, do, chunk)
   keys, vals, col, inv, state, head = _specs(Kp, Vp, chunk, reverse_n=N)
   kernel = functools.partial(_state_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N),
-      in_specs=[keys, keys, col, col, inv, vals, head],
+  return segments.pallas_call(
+      kernel, 7, docs, [keys, keys, col, col, inv, vals, head], col,
+      (q, k, beta, g, t, do, dh_t), grid=(BH, N),
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       scratch_shapes=[pltpu.VMEM((Kp, Vp), _F32)],
       compiler_params=_params(_SEQUENTIAL), interpret=interpret,
-      name="delta_rule_state_grads")(q, k, beta, g, t, do, dh_t)
+      name="delta_rule_state_grads")
 
 
-def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
+def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
                  interpret):
   BH, Tp, Kp, Vp, N = _dims(q, v, chunk)
   keys, vals, col, inv, state, _ = _specs(Kp, Vp, chunk)
   kernel = functools.partial(_input_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N),
-      in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
+  return segments.pallas_call(
+      kernel, 9, docs, [keys, keys, vals, col, col, inv, vals, state, state],
+      col, (q, k, v, beta, g, t, do, h_in, dh_out), grid=(BH, N),
       out_specs=[keys, keys, vals, col, col],
       out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),
                  jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),
@@ -249,11 +257,11 @@ def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
                  jax.ShapeDtypeStruct((BH, Tp, 1), _F32),
                  jax.ShapeDtypeStruct((BH, Tp, 1), _F32)],
       compiler_params=_params(_PARALLEL), interpret=interpret,
-      name="delta_rule_input_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
+      name="delta_rule_input_grads")
 
 
 def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
-               interpret=False):
+               interpret=False, resets=None):
   """Pallas (Mosaic TPU) delta rule. Arguments as in ``chunked.delta_rule``
   (log_g and beta float32 [B, T, H], h0 float32 [B, H, K, V]), plus
   ``interpret``: False, True or a ``pltpu.InterpretParams()``. chunk_size in
@@ -267,4 +275,4 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
                             _input_grads, scale=scale, chunk=chunk_size,
                             interpret=interpret)
   return pallas_vjp.delta_rule(kernels, q, k, v, beta, log_g, h0=h0,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, resets=resets)

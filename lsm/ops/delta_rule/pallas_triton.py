@@ -105,7 +105,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
 
 _F32 = jnp.float32
@@ -218,22 +218,31 @@ def _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision):
                                gt), precision)
 
 
-def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision):
+def _masks(doc_ref, C, start=0):
+  """The document masks of the chunk at rows start .. start + C of the
+  ``kernel_docs`` column ref (for ``chunk_tiles.gates``), or None."""
+  if doc_ref is None:
+    return None
+  return segments.DocTiles(doc_ref, chunk=C, sub=SUB, start=start).chunk_masks()
+
+
+def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision, masks=None):
   """S' = exp(gamma_C) S + (exp(gamma_C - gamma) o K)^T U, as blocks."""
-  gt = chunk_tiles.gates(b_g)
+  gt = chunk_tiles.gates(b_g, masks)
   u = _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision)  # [C, BV]
   return [gt.decay_out * s_i + tiles.mm_tn(gt.decay_to_end * k_i, u, precision)
           for k_i, s_i in zip(b_k, b_s)]
 
 
-def _chunk_output(t, s, q, k, nk, qk, b_v, b_beta, b_g, *, scale, precision):
+def _chunk_output(t, s, q, k, nk, qk, b_v, b_beta, b_g, *, scale, precision,
+                  masks=None):
   """O [C, BV] = scale [diag(exp(gamma)) Q S + (M o Q K^T) U]; qk = Q K^T.
 
   t and qk are loaders, s(i), q(i), k(i) load block i of the state, q and k
   (of nk): each tile is loaded where it is used, so the NK [C, BK] blocks of q
   and k are not all live at once (at K = 256 float32 they overflowed an
   A100's shared memory)."""
-  gt = chunk_tiles.gates(b_g)
+  gt = chunk_tiles.gates(b_g, masks)
   u = _pseudo_values(t(), map(s, range(nk)), map(k, range(nk)), b_v, b_beta,
                      gt, precision)  # [C, BV]
   a = gt.m * qk()  # [C, C]
@@ -255,12 +264,12 @@ def _pseudo_value_grad(b_ds, b_k, a, b_do_s, gt, precision):
           + _decayed_key_state(b_ds, b_k, gt, precision))
 
 
-def _state_grad(t, b_ds, b_k, p, b_beta, b_g, qdo, *, precision):
+def _state_grad(t, b_ds, b_k, p, b_beta, b_g, qdo, *, precision, masks=None):
   """``chunk_tiles.state_grad`` on blocks: dS = scale (exp(gamma) o Q)^T dO +
   exp(gamma_C) dS' - W_k^T dU; p = (M o Q K^T)^T dO_s, dU's first term, and
   qdo(i) block i of scale (exp(gamma) o Q)^T dO. t, b_k, p and qdo are loaders
   (called where used, so the loads are not all live at once)."""
-  gt = chunk_tiles.gates(b_g)
+  gt = chunk_tiles.gates(b_g, masks)
   du = p() + _decayed_key_state(b_ds, b_k(), gt, precision)
   # W_k^T dU = (diag(c) K)^T (T^T dU), c = beta exp(gamma).
   tdu = tiles.mm_tn(t(), du, precision)  # [C, BV]
@@ -269,19 +278,21 @@ def _state_grad(t, b_ds, b_k, p, b_beta, b_g, qdo, *, precision):
           for i, (k_i, ds_i) in enumerate(zip(b_k(), b_ds))]
 
 
-def _gates_vjp(b_g, dm, d_in, d_to_end, d_out):
-  """d log_g [C, 1] from cotangents of ``chunk_tiles.gates``' four factors."""
-  _, pullback = jax.vjp(chunk_tiles.gates, b_g)
+def _gates_vjp(b_g, dm, d_in, d_to_end, d_out, masks=None):
+  """d log_g [C, 1] from cotangents of ``chunk_tiles.gates``' four factors
+  (cut by the document ``masks`` as the factors are)."""
+  _, pullback = jax.vjp(lambda g: chunk_tiles.gates(g, masks), b_g)
   return pullback(chunk_tiles.Gates(dm, d_in, d_to_end, d_out))[0]
 
 
-def _inverse_blocks(k_ref, beta_ref, g_ref, precision):
+def _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs=None):
   """T = (I + L)^{-1} of the chunk as a dict of [SUB, SUB] blocks (i, j),
   j <= i, by block forward substitution (see the module docstring).
 
   L's blocks are ``chunk_tiles.intra_matrix`` restricted to rows of block i
   and columns of block j, with gamma formed as in ``chunk_tiles.gates`` (masked
-  sums over the whole chunk, only for the block's rows or columns).
+  sums over the whole chunk, only for the block's rows or columns), and with
+  ``docs`` (``segments.DocTiles``) zero across documents.
   """
   C = k_ref.shape[0]
   nb = C // SUB
@@ -316,6 +327,8 @@ def _inverse_blocks(k_ref, beta_ref, g_ref, precision):
     else:
       m = jnp.exp(diff)
     l = beta_ref[pl.ds(i * SUB, SUB), :] * m * kk
+    if docs is not None:
+      l = jnp.where(docs.same(i, j), l, 0.0)
     return jnp.where(rs > cs, l, 0.0) if i == j else l
 
   t = {}
@@ -331,8 +344,10 @@ def _inverse_blocks(k_ref, beta_ref, g_ref, precision):
 # ---------------------------------------------------------------- kernels ---
 
 
-def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
-  t = _inverse_blocks(k_ref, beta_ref, g_ref, precision)
+def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision, doc_ref):
+  docs = (None if doc_ref is None else
+          segments.DocTiles(doc_ref, chunk=k_ref.shape[0], sub=SUB))
+  t = _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs)
   nb = t_ref.shape[0] // SUB
   zeros = jnp.zeros((SUB, SUB), _F32)
   for i in range(nb):
@@ -341,7 +356,7 @@ def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
 
 
 def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
-                   ht_ref, *, C, N, precision):
+                   ht_ref, *, C, N, precision, doc_ref):
   Kp = k_ref.shape[-1]
 
   def body(n, b_s):
@@ -355,7 +370,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
         _key_blocks(k_ref, rows),  # [C, BK] each
         _rows(v_ref, rows),  # [C, BV]
         _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
-        precision)
+        precision, _masks(doc_ref, C, n * C))
 
   b_s = jax.lax.fori_loop(0, N, body, _state_blocks(h0_ref))  # [BK, BV] each
   bk = b_s[0].shape[0]
@@ -364,7 +379,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
 
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
-                   scale, precision):
+                   scale, precision, doc_ref):
   q, nk = _key_block(q_ref)  # [C, BK] each
   k, _ = _key_block(k_ref)
   b_o = _chunk_output(
@@ -374,19 +389,21 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
       lambda: _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       v_ref[...].astype(_F32),  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
-      scale=scale, precision=precision)
+      scale=scale, precision=precision,
+      masks=_masks(doc_ref, q_ref.shape[0]))
   o_ref[...] = b_o.astype(o_ref.dtype)
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision):
-  a = (chunk_tiles.gates(g_ref[...]).m
+def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision,
+                  doc_ref):
+  a = (chunk_tiles.gates(g_ref[...], _masks(doc_ref, q_ref.shape[0])).m
        * _qk_from(q_ref, k_ref, precision=precision))  # [C, C]: M o Q K^T
   p_ref[...] = tiles.mm_tn(a, scale * do_ref[...].astype(_F32), precision)
 
 
 def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
                         dht_ref, dh_out_ref, dh0_ref, *, C, N, scale,
-                        precision):
+                        precision, doc_ref):
   Kp = k_ref.shape[-1]
 
   def body(i, b_ds):
@@ -395,6 +412,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
     bk = b_ds[0].shape[0]
     for m, ds_m in enumerate(b_ds):
       dh_out_ref[pl.ds(n * Kp + m * bk, bk), :] = ds_m
+    masks = _masks(doc_ref, C, n * C)
     return _state_grad(
         lambda: t_ref[rows, :],  # [C, C]
         b_ds,
@@ -402,10 +420,10 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
         lambda: p_ref[rows, :],  # [C, BV]: (M o Q K^T)^T dO_s
         _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
         lambda m: scale * tiles.mm_tn(  # [BK, BV]
-            chunk_tiles.gates(_rows(g_ref, rows)).decay_in
+            chunk_tiles.gates(_rows(g_ref, rows), masks).decay_in
             * q_ref[rows, pl.ds(m * bk, bk)].astype(_F32),
             _rows(do_ref, rows), precision),
-        precision=precision)
+        precision=precision, masks=masks)
 
   b_ds = jax.lax.fori_loop(0, N, body, _state_blocks(dht_ref))  # [BK, BV] each
   bk = b_ds[0].shape[0]
@@ -415,7 +433,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
 
 def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
                         h_ref, dh_ref, u_ref, tdu_ref, dv_ref, dbeta_ref,
-                        dc_ref, dt_ref, da_ref, *, scale, precision):
+                        dc_ref, dt_ref, da_ref, *, scale, precision, doc_ref):
   b_t = t_ref[...]  # [C, C]
   b_beta = beta_ref[...]  # [C, 1]
   b_v = v_ref[...].astype(_F32)  # [C, BV]
@@ -423,7 +441,7 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
   # NK [C, BK] key blocks are not live across both products (at K = 256
   # float32 they overflowed an A100's shared memory).
   k, nk = _key_block(k_ref)  # [C, BK] each
-  gt = chunk_tiles.gates(g_ref[...])
+  gt = chunk_tiles.gates(g_ref[...], _masks(doc_ref, k_ref.shape[0]))
   ks = _key_state(map(k, range(nk)), map(_state_block(h_ref), range(nk)),
                   precision)  # [C, BV]
   x = _wy_input(ks, b_v, b_beta, gt)  # [C, BV]
@@ -447,7 +465,7 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
 
 def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, tdu_ref,
                       h_ref, dh_ref, dq_ref, dk_ref, dg_ref, *, scale,
-                      precision):
+                      precision, doc_ref):
   C, bk = q_ref.shape
   Vp = u_ref.shape[-1]
   bv = min(BV["key_grads"], Vp)
@@ -470,20 +488,22 @@ def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, tdu_ref,
   dqs = scale * dqs
   b_q, b_k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)  # [C, BK]
   b_g = g_ref[...]  # [C, 1]
-  gt = chunk_tiles.gates(b_g)
+  masks = _masks(doc_ref, C)
+  gt = chunk_tiles.gates(b_g, masks)
   dq_ref[...] = gt.decay_in * dqs
   dk_ref[...] = (gt.decay_to_end * dke + (beta_ref[...] * gt.decay_in) * dck)
   dg_ref[...] = _gates_vjp(
       b_g, jnp.zeros((C, C), _F32),
       jnp.sum(b_q * dqs, axis=1, keepdims=True),
-      jnp.sum(b_k * dke, axis=1, keepdims=True), d_out)
+      jnp.sum(b_k * dke, axis=1, keepdims=True), d_out, masks)
 
 
 def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
-                       dbeta_ref, dg_ref, *, precision):
+                       dbeta_ref, dg_ref, *, precision, doc_ref):
   C = k_ref.shape[0]
   b_beta, b_g = beta_ref[...], g_ref[...]  # [C, 1]
-  gt = chunk_tiles.gates(b_g)
+  masks = _masks(doc_ref, C)
+  gt = chunk_tiles.gates(b_g, masks)
   # L = (beta M) o K K^T on the strict lower triangle.
   d_bm = dl_ref[...] * _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
   d_c = dc_ref[...]  # [C, 1], c = beta exp(gamma)
@@ -493,12 +513,12 @@ def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
   dg_ref[...] = _gates_vjp(
       b_g, d_bm * b_beta + da_ref[...] * _qk_from(q_ref, k_ref,
                                                   precision=precision),
-      b_beta * d_c, jnp.zeros((C, 1), _F32), jnp.zeros((1, 1), _F32))
+      b_beta * d_c, jnp.zeros((C, 1), _F32), jnp.zeros((1, 1), _F32), masks)
 
 
 def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dq_in_ref,
-                     dk_in_ref, dq_ref, dk_ref, *, precision):
-  gt = chunk_tiles.gates(g_ref[...])
+                     dk_in_ref, dq_ref, dk_ref, *, precision, doc_ref):
+  gt = chunk_tiles.gates(g_ref[...], _masks(doc_ref, k_ref.shape[0]))
   d_kk = dl_ref[...] * (beta_ref[...] * gt.m)  # [C, C], dl strict lower
   d_kk = d_kk + d_kk.T  # K K^T is symmetric: one product per key block
   d_qk = gt.m * da_ref[...]  # [C, C]: da = d(M o Q K^T)
@@ -518,38 +538,38 @@ def _dims(q_or_k, v, chunk, kernel):
   return BH, Tp, Kp, Vp, bv, Tp // chunk, Vp // bv
 
 
-def _prepare(k, beta, g, *, chunk, interpret):
+def _prepare(k, beta, g, *, docs, chunk, interpret):
   BH, Tp, Kp = k.shape
   N = Tp // chunk
   keys = pl.BlockSpec((None, chunk, Kp), lambda b, n: (b, n, 0))
   col = pl.BlockSpec((None, chunk, 1), lambda b, n: (b, n, 0))
   kernel = functools.partial(_prepare_kernel,
                              precision=tiles.precision_for(k.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N),
-      in_specs=[keys, col, col],
+  return segments.pallas_call(
+      kernel, 3, docs, [keys, col, col], col, (k, beta, g), grid=(BH, N),
       out_specs=pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, n, 0)),
       out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
       compiler_params=_params("prepare"), interpret=interpret,
-      name="delta_rule_prepare")(k, beta, g)
+      name="delta_rule_prepare")
 
 
-def _states(k, v, beta, g, t, h0, *, chunk, interpret):
+def _states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
   BH, Tp, Kp, Vp, bv, N, NV = _dims(k, v, chunk, "states")
   whole = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
   kernel = functools.partial(_states_kernel, C=chunk, N=N,
                              precision=tiles.precision_for(k.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, NV),
-      in_specs=[whole(Kp), pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
-                whole(1), whole(1), whole(chunk),
-                pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
+  return segments.pallas_call(
+      kernel, 6, docs,
+      [whole(Kp), pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
+       whole(1), whole(1), whole(chunk),
+       pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
+      whole(1), (k, v, beta, g, t, h0), grid=(BH, NV),
       out_specs=[pl.BlockSpec((None, N * Kp, bv), lambda b, j: (b, 0, j)),
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       compiler_params=_params("states"), interpret=interpret,
-      name="delta_rule_states")(k, v, beta, g, t, h0)
+      name="delta_rule_states")
 
 
 def _chunk_specs(Kp, bv, chunk):
@@ -563,55 +583,57 @@ def _chunk_specs(Kp, bv, chunk):
   return keys, vals, col, inv, state
 
 
-def _output(q, k, v, beta, g, t, h_in, *, scale, chunk, interpret):
+def _output(q, k, v, beta, g, t, h_in, *, docs, scale, chunk, interpret):
   BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk, "output")
   keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N, NV),
-      in_specs=[keys, keys, vals, col, col, inv, state],
+  return segments.pallas_call(
+      kernel, 7, docs, [keys, keys, vals, col, col, inv, state], col,
+      (q, k, v, beta, g, t, h_in), grid=(BH, N, NV),
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
       compiler_params=_params("output"), interpret=interpret,
-      name="delta_rule_output")(q, k, v, beta, g, t, h_in)
+      name="delta_rule_output")
 
 
-def _intra(q, k, g, do, *, scale, chunk, interpret):
+def _intra(q, k, g, do, *, docs, scale, chunk, interpret):
   """(M o Q K^T)^T dO_s [BH, NC, Vp] float32 of every chunk, dO_s = scale dO:
   the part of _state_grads' dU that does not depend on the carried dS'."""
   BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk, "state_grads")
   keys, vals, col, _, _ = _chunk_specs(Kp, bv, chunk)
   kernel = functools.partial(_intra_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, N, NV),
-      in_specs=[keys, keys, col, vals], out_specs=vals,
+  return segments.pallas_call(
+      kernel, 4, docs, [keys, keys, col, vals], col, (q, k, g, do),
+      grid=(BH, N, NV), out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), _F32),
       compiler_params=_params("intra"), interpret=interpret,
-      name="delta_rule_intra")(q, k, g, do)
+      name="delta_rule_intra")
 
 
-def _state_grads(q, k, beta, g, t, do, dh_t, *, scale, chunk, interpret):
+def _state_grads(q, k, beta, g, t, do, dh_t, *, docs, scale, chunk, interpret):
   BH, Tp, Kp, Vp, bv, N, NV = _dims(q, do, chunk, "state_grads")
-  p = _intra(q, k, g, do, scale=scale, chunk=chunk, interpret=interpret)
+  p = _intra(q, k, g, do, docs=docs, scale=scale, chunk=chunk,
+             interpret=interpret)
   whole = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
   vals = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
   kernel = functools.partial(_state_grads_kernel, C=chunk, N=N, scale=scale,
                              precision=tiles.precision_for(q.dtype))
-  return pl.pallas_call(
-      kernel, grid=(BH, NV),
-      in_specs=[whole(Kp), whole(Kp), whole(1), whole(1), whole(chunk), vals,
-                vals, pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
+  return segments.pallas_call(
+      kernel, 8, docs,
+      [whole(Kp), whole(Kp), whole(1), whole(1), whole(chunk), vals, vals,
+       pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
+      whole(1), (q, k, beta, g, t, p, do, dh_t), grid=(BH, NV),
       out_specs=[pl.BlockSpec((None, N * Kp, bv), lambda b, j: (b, 0, j)),
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
                  jax.ShapeDtypeStruct((BH, Kp, Vp), _F32)],
       compiler_params=_params("state_grads"), interpret=interpret,
-      name="delta_rule_state_grads")(q, k, beta, g, t, p, do, dh_t)
+      name="delta_rule_state_grads")
 
 
-def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
+def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
                  interpret):
   BH, Tp, Kp, Vp, bv, N, NV = _dims(q, v, chunk, "value_grads")
   keys, vals, col, inv, state = _chunk_specs(Kp, bv, chunk)
@@ -623,18 +645,18 @@ def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
   per_value = jax.ShapeDtypeStruct((BH, Tp, Vp), _F32)
   per_block = jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32)
   per_block_cc = jax.ShapeDtypeStruct((NV, BH, Tp, chunk), _F32)
-  u, tdu, dv, dbeta, dc, dt, da = pl.pallas_call(
-      kernel, grid=(BH, N, NV),
-      in_specs=[keys, keys, vals, col, col, inv, vals, state, state],
+  u, tdu, dv, dbeta, dc, dt, da = segments.pallas_call(
+      kernel, 9, docs, [keys, keys, vals, col, col, inv, vals, state, state],
+      col, (q, k, v, beta, g, t, do, h_in, dh_out), grid=(BH, N, NV),
       out_specs=[vals, vals, vals, col_part, col_part, inv_part, inv_part],
       out_shape=[per_value, per_value, per_value, per_block, per_block,
                  per_block_cc, per_block_cc],
       compiler_params=_params("value_grads"), interpret=interpret,
-      name="delta_rule_value_grads")(q, k, v, beta, g, t, do, h_in, dh_out)
+      name="delta_rule_value_grads")
   return u, tdu, dv, dbeta.sum(0), dc.sum(0), dt.sum(0), da.sum(0)
 
 
-def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, scale, chunk,
+def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, docs, scale, chunk,
                interpret):
   BH, Tp, Kp = q.shape
   Vp = u.shape[-1]
@@ -648,44 +670,43 @@ def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, scale, chunk,
   kernel = functools.partial(_key_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   per_key = jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)
-  dq, dk, dg = pl.pallas_call(
-      kernel, grid=(BH, N, NK),
-      in_specs=[keys, keys, col, col, vals, vals, vals, state, state],
+  dq, dk, dg = segments.pallas_call(
+      kernel, 9, docs, [keys, keys, col, col, vals, vals, vals, state, state],
+      col, (q, k, beta, g, do, u, tdu, h_in, dh_out), grid=(BH, N, NK),
       out_specs=[keys, keys, col_part],
       out_shape=[per_key, per_key,
                  jax.ShapeDtypeStruct((NK, BH, Tp, 1), _F32)],
       compiler_params=_params("key_grads"), interpret=interpret,
-      name="delta_rule_key_grads")(q, k, beta, g, do, u, tdu, h_in, dh_out)
+      name="delta_rule_key_grads")
   return dq, dk, dg.sum(0)
 
 
-def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, chunk, interpret):
+def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, docs, chunk,
+              interpret):
   BH, Tp, Kp = k.shape
   bk = min(BK, Kp)
   N, NK = Tp // chunk, Kp // bk
   precision = tiles.precision_for(k.dtype)
   row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n: (b, n, 0))
   col = jax.ShapeDtypeStruct((BH, Tp, 1), _F32)
-  dbeta, dg = pl.pallas_call(
-      functools.partial(_wy_scalars_kernel, precision=precision),
-      grid=(BH, N),
-      in_specs=[row(Kp), row(Kp), row(1), row(1), row(chunk), row(chunk),
-                row(1)],
+  dbeta, dg = segments.pallas_call(
+      functools.partial(_wy_scalars_kernel, precision=precision), 7, docs,
+      [row(Kp), row(Kp), row(1), row(1), row(chunk), row(chunk), row(1)],
+      row(1), (q, k, beta, g, dl, da, dc), grid=(BH, N),
       out_specs=[row(1), row(1)],
       out_shape=[col, col],
       compiler_params=_params("wy_scalars"), interpret=interpret,
-      name="delta_rule_wy_scalars")(q, k, beta, g, dl, da, dc)
+      name="delta_rule_wy_scalars")
   keys = pl.BlockSpec((None, chunk, bk), lambda b, n, i: (b, n, i))
   rows = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n, i: (b, n, 0))
-  dq, dk = pl.pallas_call(
-      functools.partial(_wy_grads_kernel, precision=precision),
-      grid=(BH, N, NK),
-      in_specs=[keys, keys, rows(1), rows(1), rows(chunk), rows(chunk), keys,
-                keys],
+  dq, dk = segments.pallas_call(
+      functools.partial(_wy_grads_kernel, precision=precision), 8, docs,
+      [keys, keys, rows(1), rows(1), rows(chunk), rows(chunk), keys, keys],
+      rows(1), (q, k, beta, g, dl, da, dq_in, dk_in), grid=(BH, N, NK),
       out_specs=[keys, keys],
       out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)] * 2,
       compiler_params=_params("wy_grads"), interpret=interpret,
-      name="delta_rule_wy_grads")(q, k, beta, g, dl, da, dq_in, dk_in)
+      name="delta_rule_wy_grads")
   return dq, dk, dbeta, dg
 
 
@@ -698,10 +719,10 @@ def _inverse_vjp(t, dt, chunk):
   return dl.reshape(BH, Tp, C)
 
 
-def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
+def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
                  interpret):
   """``Kernels.input_grads`` as four kernels (see the module docstring)."""
-  kw = dict(chunk=chunk, interpret=interpret)
+  kw = dict(docs=docs, chunk=chunk, interpret=interpret)
   u, tdu, dv, dbeta_v, dc, dt, da = _value_grads(
       q, k, v, beta, g, t, do, h_in, dh_out, scale=scale, **kw)
   dq_out, dk_out, dg_out = _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out,
@@ -712,7 +733,7 @@ def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, scale, chunk,
 
 
 def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
-               interpret=False):
+               interpret=False, resets=None):
   """Pallas (Triton) delta rule. Arguments as in ``chunked.delta_rule`` (log_g
   and beta float32 [B, T, H], h0 float32 [B, H, K, V]), plus ``interpret`` for
   Pallas interpret mode. chunk_size in ``kernel_shapes.CHUNK_SIZES`` and head
@@ -725,4 +746,4 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
                             _input_grads, scale=scale, chunk=chunk_size,
                             interpret=interpret)
   return pallas_vjp.delta_rule(kernels, q, k, v, beta, log_g, h0=h0,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, resets=resets)

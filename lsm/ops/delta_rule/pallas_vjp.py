@@ -24,6 +24,10 @@ scalars as [C, 1] columns:
                                                gradient through T is the closed
                                                form on the loaded T
 
+Each also takes ``docs``: None, or the chunk-local document index of packed
+rows ([BH, Tp, 1] float32, ``segments.kernel_docs``), from which the kernels cut
+their terms (``chunk_tiles.gates``).
+
 The forward runs prepare, states, output; the backward prepare, states,
 state_grads, input_grads. So each chunk's inverse (about 10 MFLOP of matmuls at
 C = 64, as much as all of the output kernel's work on the chunk at K = V = 128)
@@ -59,7 +63,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lsm.ops.common import kernel_shapes
+from lsm.ops.common import kernel_shapes, segments
 
 
 class Kernels(NamedTuple):
@@ -89,24 +93,26 @@ def _core(kernels: Kernels):
   """(q, k, v, beta, g, h0) -> (o, h_T) on the kernel layout, with its VJP."""
 
   @jax.custom_vjp
-  def core(q, k, v, beta, g, h0):
-    t = kernels.prepare(k, beta, g)
-    h_in, h_t = kernels.states(k, v, beta, g, t, h0)
-    return kernels.output(q, k, v, beta, g, t, h_in), h_t
+  def core(q, k, v, beta, g, h0, docs):
+    t = kernels.prepare(k, beta, g, docs=docs)
+    h_in, h_t = kernels.states(k, v, beta, g, t, h0, docs=docs)
+    return kernels.output(q, k, v, beta, g, t, h_in, docs=docs), h_t
 
-  def fwd(q, k, v, beta, g, h0):
-    return core(q, k, v, beta, g, h0), (q, k, v, beta, g, h0)
+  def fwd(q, k, v, beta, g, h0, docs):
+    return core(q, k, v, beta, g, h0, docs), (q, k, v, beta, g, h0, docs)
 
   def bwd(res, cts):
-    q, k, v, beta, g, h0 = res
+    q, k, v, beta, g, h0, docs = res
     do, dh_t = cts
     do = do.astype(q.dtype)
-    t = kernels.prepare(k, beta, g)  # recomputed, see the module docstring
-    h_in, _ = kernels.states(k, v, beta, g, t, h0)
+    t = kernels.prepare(k, beta, g, docs=docs)  # recomputed, see the module docstring
+    h_in, _ = kernels.states(k, v, beta, g, t, h0, docs=docs)
     dh_out, dh0 = kernels.state_grads(q, k, beta, g, t, do,
-                                      dh_t.astype(jnp.float32))
-    grads = kernels.input_grads(q, k, v, beta, g, t, do, h_in, dh_out)
-    return tuple(d.astype(x.dtype) for d, x in zip((*grads, dh0), res))
+                                      dh_t.astype(jnp.float32), docs=docs)
+    grads = kernels.input_grads(q, k, v, beta, g, t, do, h_in, dh_out,
+                                docs=docs)
+    return (*(d.astype(x.dtype) for d, x in zip((*grads, dh0), res)),
+            None if docs is None else jnp.zeros_like(docs))
 
   core.defvjp(fwd, bwd)
   return core
@@ -122,9 +128,21 @@ def _to_kernel(x, Tp: int, D: int | None):
   return jnp.swapaxes(x, 1, 2).reshape(B * H, Tp, D)
 
 
-def delta_rule(kernels: Kernels, q, k, v, beta, log_g, *, h0, chunk_size: int):
+def _docs(resets, H: int, Tp: int, chunk: int):
+  """``segments.kernel_docs`` columns for the kernel layout, [B * H, Tp, 1]
+  (the same for every head), or None."""
+  if resets is None:
+    return None
+  cols, _ = segments.kernel_docs(kernel_shapes.pad_axis(resets, 1, Tp), chunk)
+  return jnp.repeat(cols, H, axis=0)
+
+
+def delta_rule(kernels: Kernels, q, k, v, beta, log_g, *, h0, chunk_size: int,
+               resets=None):
   """The delta rule through ``kernels``; arguments as in
-  ``chunked.delta_rule`` (scale is bound in the kernels)."""
+  ``chunked.delta_rule`` (scale is bound in the kernels; ``resets`` None or
+  ``segments.resets(segment_ids)``: every kernel then also gets the
+  chunk-local document index, [BH, Tp, 1] like the gates, as ``docs``)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   Kp, Vp = kernel_shapes.padded_dim(K), kernel_shapes.padded_dim(V)
@@ -134,6 +152,6 @@ def delta_rule(kernels: Kernels, q, k, v, beta, log_g, *, h0, chunk_size: int):
       _to_kernel(q, Tp, Kp), _to_kernel(k, Tp, Kp), _to_kernel(v, Tp, Vp),
       _to_kernel(beta.astype(jnp.float32), Tp, None),
       _to_kernel(log_g.astype(jnp.float32), Tp, None),
-      h0p.reshape(B * H, Kp, Vp))
+      h0p.reshape(B * H, Kp, Vp), _docs(resets, H, Tp, chunk_size))
   o = jnp.swapaxes(o.reshape(B, H, Tp, Vp), 1, 2)[:, :T, :, :V]
   return o, h_t.reshape(B, H, Kp, Vp)[:, :, :K, :V]
