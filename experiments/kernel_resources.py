@@ -31,7 +31,8 @@ in float32, the shared-memory limit only.
 
 Options: --ops gla delta_rule, --dims 64 128 256, --dtypes bfloat16 float32,
 --targets a100 h100, --chunk 64, --T 256, --out DIR (TTIR, PTX and ptxas logs,
-results.json), --markdown, --check (exit 1 on a violation).
+results.json), --documents (also every kernel on packed rows, named
+"kernel+docs"), --markdown, --check (exit 1 on a violation).
 """
 
 import argparse
@@ -60,20 +61,31 @@ STRICT_MAX_DIM = 128
 # ------------------------------------------------------- 1. jax side ---
 
 
-def _op_fn(op, chunk):
+def _op_fn(op, chunk, documents=False):
+  """The op's forward + VJP; with ``documents``, on packed rows (three
+  documents per row, starts inside chunks), so the kernels carry their
+  document masks."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from lsm.ops.delta_rule import delta_rule  # pylint: disable=g-import-not-at-top
   from lsm.ops.gla import gla  # pylint: disable=g-import-not-at-top
 
+  def ids(q):
+    if not documents:
+      return None
+    T = q.shape[1]
+    return jnp.broadcast_to(jnp.arange(T) * 3 // T, q.shape[:2]).astype(jnp.int32)
+
   if op == "gla":
     def run(q, k, v, log_g, h0):
-      return gla(q, k, v, log_g, h0=h0, impl="pallas_triton", chunk_size=chunk)
+      return gla(q, k, v, log_g, h0=h0, impl="pallas_triton", chunk_size=chunk,
+                 segment_ids=ids(q))
     n_in = 5
   else:
     def run(q, k, v, beta, log_g, h0):
       return delta_rule(q, k, v, beta, log_g=log_g, h0=h0, impl="pallas_triton",
-                        chunk_size=chunk)
+                        chunk_size=chunk, segment_ids=ids(q))
     n_in = 6
 
   def fwd_bwd(*args):
@@ -117,9 +129,11 @@ def _triton_calls(lowered):
   return calls
 
 
-def extract(ops, dims, dtypes, targets, chunk, T, out):
+def extract(ops, dims, dtypes, targets, chunk, T, out, documents=False):
   """Writes out/ttir/<hash>.ttir and out/index.json (one entry per kernel
-  launch kind and case; the same kernel launched twice is listed once)."""
+  launch kind and case; the same kernel launched twice is listed once). With
+  ``documents``, each case is also lowered on packed rows; those kernels are
+  named with a "+docs" suffix."""
   import warnings  # pylint: disable=g-import-not-at-top
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -129,27 +143,27 @@ def extract(ops, dims, dtypes, targets, chunk, T, out):
   warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated")
   os.makedirs(os.path.join(out, "ttir"), exist_ok=True)
   index = []
-  for op in ops:
-    for D in dims:
-      for dtype in dtypes:
-        for target in targets:
-          lowered = cuda_targets.lower_for_cuda(
-              _op_fn(op, chunk), *_structs(op, D, jnp.dtype(dtype), T),
-              target=target)
-          seen = set()
-          for name, warps, stages, code in _triton_calls(lowered):
-            with triton_lowering._new_ir_context():  # pylint: disable=protected-access
-              text = ir.Module.parse(code).operation.get_asm(
-                  enable_debug_info=False)
-            digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-            if digest in seen:
-              continue
-            seen.add(digest)
-            with open(os.path.join(out, "ttir", f"{digest}.ttir"), "w") as f:
-              f.write(text)
-            index.append(dict(op=op, D=D, dtype=dtype, target=target,
-                              kernel=name, num_warps=warps, num_stages=stages,
-                              ttir=digest))
+  cases = [(op, D, dtype, target, docs)
+           for op in ops for D in dims for dtype in dtypes for target in targets
+           for docs in ((False, True) if documents else (False,))]
+  for op, D, dtype, target, docs in cases:
+    lowered = cuda_targets.lower_for_cuda(
+        _op_fn(op, chunk, docs), *_structs(op, D, jnp.dtype(dtype), T),
+        target=target)
+    seen = set()
+    for name, warps, stages, code in _triton_calls(lowered):
+      with triton_lowering._new_ir_context():  # pylint: disable=protected-access
+        text = ir.Module.parse(code).operation.get_asm(
+            enable_debug_info=False)
+      digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+      if digest in seen:
+        continue
+      seen.add(digest)
+      with open(os.path.join(out, "ttir", f"{digest}.ttir"), "w") as f:
+        f.write(text)
+      index.append(dict(op=op, D=D, dtype=dtype, target=target,
+                        kernel=name + ("+docs" if docs else ""),
+                        num_warps=warps, num_stages=stages, ttir=digest))
   with open(os.path.join(out, "index.json"), "w") as f:
     json.dump(index, f, indent=1)
 
@@ -293,12 +307,13 @@ def markdown(rows):
 
 
 def measure(ops=OPS, dims=DIMS, dtypes=DTYPES, targets=TARGETS, chunk=64, T=256,
-            out=None):
+            out=None, documents=False):
   """Extracts (in a subprocess) and compiles; returns the ``Row``s."""
   out = out or tempfile.mkdtemp(prefix="kernel-resources-")
   cmd = [sys.executable, os.path.abspath(__file__), "--extract-only",
          "--out", out, "--chunk", str(chunk), "--T", str(T), "--ops", *ops,
-         "--dims", *map(str, dims), "--dtypes", *dtypes, "--targets", *targets]
+         "--dims", *map(str, dims), "--dtypes", *dtypes, "--targets", *targets,
+         *(["--documents"] if documents else [])]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
@@ -318,13 +333,16 @@ def main(argv=None):
   p.add_argument("--out", default=None)
   p.add_argument("--markdown", action="store_true")
   p.add_argument("--check", action="store_true")
+  p.add_argument("--documents", action="store_true",
+                 help="also compile every kernel on packed rows (segment_ids)")
   p.add_argument("--extract-only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.extract_only:
-    extract(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, a.out)
+    extract(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, a.out, a.documents)
     return 0
   out = a.out or tempfile.mkdtemp(prefix="kernel-resources-")
-  rows = measure(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, out)
+  rows = measure(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, out,
+                 a.documents)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
   if a.markdown:

@@ -167,10 +167,13 @@ class DocTiles:
     """[C, C]: tokens t and s of the chunk share a document."""
     return self._col() == self._row()
 
-  def chunk_masks(self):
+  def chunk_masks(self, pairs: bool = True):
     """(same [C, C], carry [C, 1], tail [C, 1], carry_out [1, 1]), the
-    chunk's masks as values (for tile functions under ``jax.vjp``)."""
-    return self.same_all(), self.carry_all(), self.tail_all(), self.carry_out()
+    chunk's masks as values (for tile functions under ``jax.vjp``); same is
+    None unless ``pairs`` (kernels that use no pair weights skip its
+    registers)."""
+    return (self.same_all() if pairs else None, self.carry_all(),
+            self.tail_all(), self.carry_out())
 
   def carry_all(self):
     return self._col() == 0.0
@@ -194,27 +197,32 @@ def doc_tiles(refs, n_docs: int, *, chunk: int, sub: int, start=0):
           refs[n_docs:])
 
 
-def with_doc_ref(kernel, n_inputs: int, has_docs: bool):
-  """A Pallas kernel body that takes its document ref by keyword: the launcher
-  appends the ``kernel_docs`` column as input ``n_inputs`` (after the kernel's
-  own inputs) when ``has_docs``; ``kernel(*refs, doc_ref=ref or None)``."""
-  if not has_docs:
+def with_doc_ref(kernel, n_inputs: int, n_docs: int):
+  """A Pallas kernel body that takes its document refs by keyword: the
+  launcher appends ``n_docs`` ``kernel_docs`` arrays (0; 1: the column; 2: the
+  column and the row) as inputs after the kernel's own ``n_inputs``;
+  ``kernel(*refs, doc_ref=column ref or None[, row_ref=row ref])``."""
+  if not n_docs:
     return functools.partial(kernel, doc_ref=None)
 
   def body(*refs):
-    return kernel(*refs[:n_inputs], *refs[n_inputs + 1:], doc_ref=refs[n_inputs])
+    docs = dict(doc_ref=refs[n_inputs])
+    if n_docs == 2:
+      docs["row_ref"] = refs[n_inputs + 1]
+    return kernel(*refs[:n_inputs], *refs[n_inputs + n_docs:], **docs)
   return body
 
 
-def pallas_call(kernel, n_inputs: int, docs, in_specs, doc_spec, args, **kwargs):
+def pallas_call(kernel, n_inputs: int, docs, in_specs, doc_specs, args,
+                **kwargs):
   """``pl.pallas_call(kernel, in_specs=..., **kwargs)(*args)``, with the
-  ``kernel_docs`` column ``docs`` (or None) appended as input ``n_inputs``
-  under ``doc_spec`` and handed to ``kernel`` as ``doc_ref`` (see
-  ``with_doc_ref``)."""
-  extra = [] if docs is None else [docs]
+  ``kernel_docs`` arrays ``docs`` (None, or a tuple: the column, optionally
+  the row) appended as inputs under ``doc_specs`` (as many) and handed to
+  ``kernel`` by keyword (see ``with_doc_ref``)."""
+  docs = () if docs is None else tuple(docs)
   return pl.pallas_call(
-      with_doc_ref(kernel, n_inputs, docs is not None),
-      in_specs=[*in_specs, *([doc_spec] if extra else [])], **kwargs)(*args, *extra)
+      with_doc_ref(kernel, n_inputs, len(docs)),
+      in_specs=[*in_specs, *doc_specs[:len(docs)]], **kwargs)(*args, *docs)
 
 
 def cut(mask, x):

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lsm.ops.common import tiles
+from lsm.ops.common import segments, tiles
 
 _F32 = jnp.float32
 SUB = 16  # rows of a diagonal block inverted by substitution
@@ -91,7 +91,7 @@ def gates(b_g, masks=None) -> Gates:
   gt = Gates(m, jnp.exp(gamma), jnp.exp(to_end), jnp.exp(total))
   if masks is None:
     return gt
-  return Gates(*(jnp.where(mask, x, 0.0) for mask, x in zip(masks, gt)))
+  return Gates(*(segments.cut(mask, x) for mask, x in zip(masks, gt)))
 
 
 def intra_matrix(b_k, b_beta, b_g, precision, masks=None):

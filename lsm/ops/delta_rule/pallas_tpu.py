@@ -62,6 +62,11 @@ def _load(ref):
   return ref[...].astype(_F32)
 
 
+def _col(docs):
+  """The column of ``kernel_docs`` (the TPU kernels take no row), or None."""
+  return None if docs is None else docs[:1]
+
+
 def _masks(doc_ref):
   """The chunk's document masks (``chunk_tiles.gates``), or None."""
   if doc_ref is None:
@@ -188,7 +193,7 @@ def _prepare(k, beta, g, *, docs, chunk, interpret):
   kernel = functools.partial(_prepare_kernel,
                              precision=tiles.precision_for(k.dtype))
   return segments.pallas_call(
-      kernel, 3, docs, [keys, col, col], col, (k, beta, g),
+      kernel, 3, _col(docs), [keys, col, col], (col,), (k, beta, g),
       grid=(BH, Tp // chunk), out_specs=inv,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
       compiler_params=_params(_PARALLEL), interpret=interpret,
@@ -201,7 +206,7 @@ def _states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
   kernel = functools.partial(_states_kernel,
                              precision=tiles.precision_for(k.dtype))
   return segments.pallas_call(
-      kernel, 6, docs, [keys, vals, col, col, inv, head], col,
+      kernel, 6, _col(docs), [keys, vals, col, col, inv, head], (col,),
       (k, v, beta, g, t, h0), grid=(BH, N),
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
@@ -217,7 +222,7 @@ def _output(q, k, v, beta, g, t, h_in, *, docs, scale, chunk, interpret):
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 7, docs, [keys, keys, vals, col, col, inv, state], col,
+      kernel, 7, _col(docs), [keys, keys, vals, col, col, inv, state], (col,),
       (q, k, v, beta, g, t, h_in), grid=(BH, N),
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
@@ -231,7 +236,7 @@ def _state_grads(q, k, beta, g, t, do, dh_t, *, docs, scale, chunk, interpret):
   kernel = functools.partial(_state_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 7, docs, [keys, keys, col, col, inv, vals, head], col,
+      kernel, 7, _col(docs), [keys, keys, col, col, inv, vals, head], (col,),
       (q, k, beta, g, t, do, dh_t), grid=(BH, N),
       out_specs=[state, head],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
@@ -248,8 +253,8 @@ def _input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
   kernel = functools.partial(_input_grads_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 9, docs, [keys, keys, vals, col, col, inv, vals, state, state],
-      col, (q, k, v, beta, g, t, do, h_in, dh_out), grid=(BH, N),
+      kernel, 9, _col(docs), [keys, keys, vals, col, col, inv, vals, state, state],
+      (col,), (q, k, v, beta, g, t, do, h_in, dh_out), grid=(BH, N),
       out_specs=[keys, keys, vals, col, col],
       out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),
                  jax.ShapeDtypeStruct((BH, Tp, Kp), _F32),

@@ -218,12 +218,27 @@ def _pseudo_values(t, b_s, b_k, b_v, b_beta, gt, precision):
                                gt), precision)
 
 
-def _masks(doc_ref, C, start=0):
+def _masks(doc_ref, C, start=0, row_ref=None):
   """The document masks of the chunk at rows start .. start + C of the
-  ``kernel_docs`` column ref (for ``chunk_tiles.gates``), or None."""
+  ``kernel_docs`` column ref (for ``chunk_tiles.gates``), or None. Kernels that
+  form pair weights (M, L) pass the chunk's row ref; the others get no pair
+  mask (``chunk_masks(pairs=False)``), which keeps [C, C] masks out of their
+  registers (the sequential kernels spilled with them)."""
   if doc_ref is None:
     return None
-  return segments.DocTiles(doc_ref, chunk=C, sub=SUB, start=start).chunk_masks()
+  docs = segments.DocTiles(doc_ref, row_ref, chunk=C, sub=SUB, start=start)
+  return docs.chunk_masks(pairs=row_ref is not None)
+
+
+def _docs(docs, pairs: bool):
+  """The ``kernel_docs`` arrays a launch passes: (cols, rows) for kernels with
+  pair weights, (cols,) otherwise; None without documents."""
+  return None if docs is None else tuple(docs[:2 if pairs else 1])
+
+
+def _row_spec(chunk):
+  """Chunk n's [1, C] row of ``kernel_docs``' rows, for grids (BH, N, ...)."""
+  return pl.BlockSpec((None, None, 1, chunk), lambda b, n, *_: (b, n, 0, 0))
 
 
 def _next_state(t, b_s, b_k, b_v, b_beta, b_g, precision, masks=None):
@@ -344,9 +359,10 @@ def _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs=None):
 # ---------------------------------------------------------------- kernels ---
 
 
-def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision, doc_ref):
+def _prepare_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision, doc_ref,
+                    row_ref=None):
   docs = (None if doc_ref is None else
-          segments.DocTiles(doc_ref, chunk=k_ref.shape[0], sub=SUB))
+          segments.DocTiles(doc_ref, row_ref, chunk=k_ref.shape[0], sub=SUB))
   t = _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs)
   nb = t_ref.shape[0] // SUB
   zeros = jnp.zeros((SUB, SUB), _F32)
@@ -379,7 +395,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
 
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
-                   scale, precision, doc_ref):
+                   scale, precision, doc_ref, row_ref=None):
   q, nk = _key_block(q_ref)  # [C, BK] each
   k, _ = _key_block(k_ref)
   b_o = _chunk_output(
@@ -390,13 +406,14 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
       v_ref[...].astype(_F32),  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision,
-      masks=_masks(doc_ref, q_ref.shape[0]))
+      masks=_masks(doc_ref, q_ref.shape[0], row_ref=row_ref))
   o_ref[...] = b_o.astype(o_ref.dtype)
 
 
 def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision,
-                  doc_ref):
-  a = (chunk_tiles.gates(g_ref[...], _masks(doc_ref, q_ref.shape[0])).m
+                  doc_ref, row_ref=None):
+  a = (chunk_tiles.gates(g_ref[...],
+                         _masks(doc_ref, q_ref.shape[0], row_ref=row_ref)).m
        * _qk_from(q_ref, k_ref, precision=precision))  # [C, C]: M o Q K^T
   p_ref[...] = tiles.mm_tn(a, scale * do_ref[...].astype(_F32), precision)
 
@@ -433,7 +450,8 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
 
 def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
                         h_ref, dh_ref, u_ref, tdu_ref, dv_ref, dbeta_ref,
-                        dc_ref, dt_ref, da_ref, *, scale, precision, doc_ref):
+                        dc_ref, dt_ref, da_ref, *, scale, precision, doc_ref,
+                        row_ref=None):
   b_t = t_ref[...]  # [C, C]
   b_beta = beta_ref[...]  # [C, 1]
   b_v = v_ref[...].astype(_F32)  # [C, BV]
@@ -441,7 +459,8 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
   # NK [C, BK] key blocks are not live across both products (at K = 256
   # float32 they overflowed an A100's shared memory).
   k, nk = _key_block(k_ref)  # [C, BK] each
-  gt = chunk_tiles.gates(g_ref[...], _masks(doc_ref, k_ref.shape[0]))
+  gt = chunk_tiles.gates(g_ref[...],
+                         _masks(doc_ref, k_ref.shape[0], row_ref=row_ref))
   ks = _key_state(map(k, range(nk)), map(_state_block(h_ref), range(nk)),
                   precision)  # [C, BV]
   x = _wy_input(ks, b_v, b_beta, gt)  # [C, BV]
@@ -499,10 +518,10 @@ def _key_grads_kernel(q_ref, k_ref, beta_ref, g_ref, do_ref, u_ref, tdu_ref,
 
 
 def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
-                       dbeta_ref, dg_ref, *, precision, doc_ref):
+                       dbeta_ref, dg_ref, *, precision, doc_ref, row_ref=None):
   C = k_ref.shape[0]
   b_beta, b_g = beta_ref[...], g_ref[...]  # [C, 1]
-  masks = _masks(doc_ref, C)
+  masks = _masks(doc_ref, C, row_ref=row_ref)
   gt = chunk_tiles.gates(b_g, masks)
   # L = (beta M) o K K^T on the strict lower triangle.
   d_bm = dl_ref[...] * _qk_from(k_ref, k_ref, precision=precision)  # [C, C]
@@ -517,8 +536,10 @@ def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
 
 
 def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dq_in_ref,
-                     dk_in_ref, dq_ref, dk_ref, *, precision, doc_ref):
-  gt = chunk_tiles.gates(g_ref[...], _masks(doc_ref, k_ref.shape[0]))
+                     dk_in_ref, dq_ref, dk_ref, *, precision, doc_ref,
+                     row_ref=None):
+  gt = chunk_tiles.gates(g_ref[...],
+                         _masks(doc_ref, k_ref.shape[0], row_ref=row_ref))
   d_kk = dl_ref[...] * (beta_ref[...] * gt.m)  # [C, C], dl strict lower
   d_kk = d_kk + d_kk.T  # K K^T is symmetric: one product per key block
   d_qk = gt.m * da_ref[...]  # [C, C]: da = d(M o Q K^T)
@@ -546,7 +567,8 @@ def _prepare(k, beta, g, *, docs, chunk, interpret):
   kernel = functools.partial(_prepare_kernel,
                              precision=tiles.precision_for(k.dtype))
   return segments.pallas_call(
-      kernel, 3, docs, [keys, col, col], col, (k, beta, g), grid=(BH, N),
+      kernel, 3, _docs(docs, True), [keys, col, col], (col, _row_spec(chunk)),
+      (k, beta, g), grid=(BH, N),
       out_specs=pl.BlockSpec((None, chunk, chunk), lambda b, n: (b, n, 0)),
       out_shape=jax.ShapeDtypeStruct((BH, Tp, chunk), _F32),
       compiler_params=_params("prepare"), interpret=interpret,
@@ -559,11 +581,11 @@ def _states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
   kernel = functools.partial(_states_kernel, C=chunk, N=N,
                              precision=tiles.precision_for(k.dtype))
   return segments.pallas_call(
-      kernel, 6, docs,
+      kernel, 6, _docs(docs, False),
       [whole(Kp), pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
        whole(1), whole(1), whole(chunk),
        pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
-      whole(1), (k, v, beta, g, t, h0), grid=(BH, NV),
+      (whole(1),), (k, v, beta, g, t, h0), grid=(BH, NV),
       out_specs=[pl.BlockSpec((None, N * Kp, bv), lambda b, j: (b, 0, j)),
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
@@ -589,8 +611,8 @@ def _output(q, k, v, beta, g, t, h_in, *, docs, scale, chunk, interpret):
   kernel = functools.partial(_output_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 7, docs, [keys, keys, vals, col, col, inv, state], col,
-      (q, k, v, beta, g, t, h_in), grid=(BH, N, NV),
+      kernel, 7, _docs(docs, True), [keys, keys, vals, col, col, inv, state],
+      (col, _row_spec(chunk)), (q, k, v, beta, g, t, h_in), grid=(BH, N, NV),
       out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), q.dtype),
       compiler_params=_params("output"), interpret=interpret,
@@ -605,8 +627,8 @@ def _intra(q, k, g, do, *, docs, scale, chunk, interpret):
   kernel = functools.partial(_intra_kernel, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 4, docs, [keys, keys, col, vals], col, (q, k, g, do),
-      grid=(BH, N, NV), out_specs=vals,
+      kernel, 4, _docs(docs, True), [keys, keys, col, vals],
+      (col, _row_spec(chunk)), (q, k, g, do), grid=(BH, N, NV), out_specs=vals,
       out_shape=jax.ShapeDtypeStruct((BH, Tp, Vp), _F32),
       compiler_params=_params("intra"), interpret=interpret,
       name="delta_rule_intra")
@@ -621,10 +643,10 @@ def _state_grads(q, k, beta, g, t, do, dh_t, *, docs, scale, chunk, interpret):
   kernel = functools.partial(_state_grads_kernel, C=chunk, N=N, scale=scale,
                              precision=tiles.precision_for(q.dtype))
   return segments.pallas_call(
-      kernel, 8, docs,
+      kernel, 8, _docs(docs, False),
       [whole(Kp), whole(Kp), whole(1), whole(1), whole(chunk), vals, vals,
        pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
-      whole(1), (q, k, beta, g, t, p, do, dh_t), grid=(BH, NV),
+      (whole(1),), (q, k, beta, g, t, p, do, dh_t), grid=(BH, NV),
       out_specs=[pl.BlockSpec((None, N * Kp, bv), lambda b, j: (b, 0, j)),
                  pl.BlockSpec((None, Kp, bv), lambda b, j: (b, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((BH, N * Kp, Vp), _F32),
@@ -646,8 +668,10 @@ def _value_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
   per_block = jax.ShapeDtypeStruct((NV, BH, Tp, 1), _F32)
   per_block_cc = jax.ShapeDtypeStruct((NV, BH, Tp, chunk), _F32)
   u, tdu, dv, dbeta, dc, dt, da = segments.pallas_call(
-      kernel, 9, docs, [keys, keys, vals, col, col, inv, vals, state, state],
-      col, (q, k, v, beta, g, t, do, h_in, dh_out), grid=(BH, N, NV),
+      kernel, 9, _docs(docs, True),
+      [keys, keys, vals, col, col, inv, vals, state, state],
+      (col, _row_spec(chunk)), (q, k, v, beta, g, t, do, h_in, dh_out),
+      grid=(BH, N, NV),
       out_specs=[vals, vals, vals, col_part, col_part, inv_part, inv_part],
       out_shape=[per_value, per_value, per_value, per_block, per_block,
                  per_block_cc, per_block_cc],
@@ -671,8 +695,9 @@ def _key_grads(q, k, beta, g, do, u, tdu, h_in, dh_out, *, docs, scale, chunk,
                              precision=tiles.precision_for(q.dtype))
   per_key = jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)
   dq, dk, dg = segments.pallas_call(
-      kernel, 9, docs, [keys, keys, col, col, vals, vals, vals, state, state],
-      col, (q, k, beta, g, do, u, tdu, h_in, dh_out), grid=(BH, N, NK),
+      kernel, 9, _docs(docs, False),
+      [keys, keys, col, col, vals, vals, vals, state, state],
+      (col,), (q, k, beta, g, do, u, tdu, h_in, dh_out), grid=(BH, N, NK),
       out_specs=[keys, keys, col_part],
       out_shape=[per_key, per_key,
                  jax.ShapeDtypeStruct((NK, BH, Tp, 1), _F32)],
@@ -690,9 +715,10 @@ def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, docs, chunk,
   row = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n: (b, n, 0))
   col = jax.ShapeDtypeStruct((BH, Tp, 1), _F32)
   dbeta, dg = segments.pallas_call(
-      functools.partial(_wy_scalars_kernel, precision=precision), 7, docs,
+      functools.partial(_wy_scalars_kernel, precision=precision), 7,
+      _docs(docs, True),
       [row(Kp), row(Kp), row(1), row(1), row(chunk), row(chunk), row(1)],
-      row(1), (q, k, beta, g, dl, da, dc), grid=(BH, N),
+      (row(1), _row_spec(chunk)), (q, k, beta, g, dl, da, dc), grid=(BH, N),
       out_specs=[row(1), row(1)],
       out_shape=[col, col],
       compiler_params=_params("wy_scalars"), interpret=interpret,
@@ -700,9 +726,11 @@ def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, docs, chunk,
   keys = pl.BlockSpec((None, chunk, bk), lambda b, n, i: (b, n, i))
   rows = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n, i: (b, n, 0))
   dq, dk = segments.pallas_call(
-      functools.partial(_wy_grads_kernel, precision=precision), 8, docs,
+      functools.partial(_wy_grads_kernel, precision=precision), 8,
+      _docs(docs, True),
       [keys, keys, rows(1), rows(1), rows(chunk), rows(chunk), keys, keys],
-      rows(1), (q, k, beta, g, dl, da, dq_in, dk_in), grid=(BH, N, NK),
+      (rows(1), _row_spec(chunk)), (q, k, beta, g, dl, da, dq_in, dk_in),
+      grid=(BH, N, NK),
       out_specs=[keys, keys],
       out_shape=[jax.ShapeDtypeStruct((BH, Tp, Kp), _F32)] * 2,
       compiler_params=_params("wy_grads"), interpret=interpret,

@@ -25,8 +25,8 @@ scalars as [C, 1] columns:
                                                form on the loaded T
 
 Each also takes ``docs``: None, or the chunk-local document index of packed
-rows ([BH, Tp, 1] float32, ``segments.kernel_docs``), from which the kernels cut
-their terms (``chunk_tiles.gates``).
+rows (``segments.kernel_docs``: cols [BH, Tp, 1] float32, rows
+[BH, N, 1, C]), from which the kernels cut their terms (``chunk_tiles.gates``).
 
 The forward runs prepare, states, output; the backward prepare, states,
 state_grads, input_grads. So each chunk's inverse (about 10 MFLOP of matmuls at
@@ -112,7 +112,7 @@ def _core(kernels: Kernels):
     grads = kernels.input_grads(q, k, v, beta, g, t, do, h_in, dh_out,
                                 docs=docs)
     return (*(d.astype(x.dtype) for d, x in zip((*grads, dh0), res)),
-            None if docs is None else jnp.zeros_like(docs))
+            jax.tree.map(jnp.zeros_like, docs))
 
   core.defvjp(fwd, bwd)
   return core
@@ -129,12 +129,12 @@ def _to_kernel(x, Tp: int, D: int | None):
 
 
 def _docs(resets, H: int, Tp: int, chunk: int):
-  """``segments.kernel_docs`` columns for the kernel layout, [B * H, Tp, 1]
-  (the same for every head), or None."""
+  """``segments.kernel_docs`` for the kernel layout (the same for every
+  head): (cols [B * H, Tp, 1], rows [B * H, N, 1, C]), or None."""
   if resets is None:
     return None
-  cols, _ = segments.kernel_docs(kernel_shapes.pad_axis(resets, 1, Tp), chunk)
-  return jnp.repeat(cols, H, axis=0)
+  docs = segments.kernel_docs(kernel_shapes.pad_axis(resets, 1, Tp), chunk)
+  return tuple(jnp.repeat(x, H, axis=0) for x in docs)
 
 
 def delta_rule(kernels: Kernels, q, k, v, beta, log_g, *, h0, chunk_size: int,
@@ -142,7 +142,8 @@ def delta_rule(kernels: Kernels, q, k, v, beta, log_g, *, h0, chunk_size: int,
   """The delta rule through ``kernels``; arguments as in
   ``chunked.delta_rule`` (scale is bound in the kernels; ``resets`` None or
   ``segments.resets(segment_ids)``: every kernel then also gets the
-  chunk-local document index, [BH, Tp, 1] like the gates, as ``docs``)."""
+  chunk-local document index as ``docs``: cols [BH, Tp, 1] like the gates,
+  and rows [BH, N, 1, C])."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   Kp, Vp = kernel_shapes.padded_dim(K), kernel_shapes.padded_dim(V)

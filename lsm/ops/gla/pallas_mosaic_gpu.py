@@ -1,0 +1,751 @@
+r"""GLA as Mosaic GPU Pallas kernels (Hopper and newer), with a custom VJP.
+
+The recurrence is defined in ``reference.py``. The chunk math is that of
+``chunk_tiles.py`` (which explains the numerics), recast for the Hopper tensor
+core: a chunk of C = 64 tokens is one wgmma M tile, so every kernel works on
+whole [64, D] tiles and the 16-token sub-chunks appear as row masks and as row
+offsets into SMEM, not as separate [16, D] tiles. ``pallas_vjp.make_gla``
+supplies the custom VJP (the backward recomputes the chunk states instead of
+storing them; see there), so the five kernels below are its four launchers.
+
+With b_t the gate sum from the chunk start to t (inclusive) and st = S^T
+[V, K] the transposed state entering the chunk:
+
+    o_t = scale [(q_t exp(b_t)) S + sum_{s <= t} A_ts v_s],
+    A_ts = sum_k q_tk k_sk exp(b_tk - b_sk),
+    st'  = exp(b_C) st + v^T (k exp(b_C - b)).
+
+Kernels (one warpgroup each; all on [B, T, H, D] arrays as the op gets them, a
+[C, D] tile of one (b, h) being a strided TMA box):
+
+  gla_states_mgpu   grid (B, H, V / 64), loop over the N chunks: the state
+                    entering every chunk (input dtype) and h_T. Forward, and
+                    again in the backward.
+  gla_output_mgpu   grid (B, H, N): A (``_intra_weights``), then o by two
+                    wgmmas into one accumulator.
+  gla_dstates_mgpu  grid (B, H, V / 64), the reverse loop: the gradient for
+                    the state leaving every chunk, and dh0.
+  gla_dv_mgpu       grid (B, H, N): A again, dv = scale A^T do + k_end dS.
+  gla_dqkg_mgpu     grid (B, H, N, K / 64): dq, dk and d log_g of 64 key
+                    columns (``_dqkg_kernel``).
+
+Each launcher's docstring gives its tiles, SMEM bytes (``smem_bytes``; the
+lowering's own count is checked against it in the tests) and register plan
+(registers per thread of the 128-thread warpgroup; a float32 [64, 64] tile in
+the WGMMA layout is 32). Registers and spills are only visible where ptxas
+runs, on a GPU; the plans are estimates, not measurements.
+
+Numerics.
+- Gate prefix sums b are formed in XLA before the kernels (``_gate_prefix``),
+  in float32: Mosaic GPU has no cumsum, and a prefix sum by wgmma would round
+  the gates to bf16 / TF32. Inside the kernels every exponent is <= 0: q
+  exp(b), k exp(b_C - b), and the intra-chunk blocks below the sub-chunk
+  diagonal pivot on r_i, the gate sum before sub-chunk i (q exp(b_t - r_i),
+  k exp(r_i - b_s)). The 16 x 16 diagonal blocks are formed in log space, one
+  offset d = t - s at a time, exp(b_t - b_(t-d)) on [64, 64] tiles read d rows
+  off from plain SMEM tiles: exact for any decay (log_g = -50 per token
+  included).
+- wgmma operands are the input dtype (bf16 or f16) with float32 accumulation:
+  q exp(b), the key factors, A, dA and the per-chunk states are rounded to it
+  before the products (as flash-linear-attention does), about 0.3% relative
+  RMS error against the 1e-2 bf16 tolerance. The gate-gradient sums run on a
+  two-part bf16 split (``_dqkg_kernel``). float32 inputs are refused: wgmma's
+  float32 path is TF32 (10-bit mantissa), ~5e-4 relative per product, above
+  the float32 tolerance of 1e-4.
+- Masked entries are selected away with ``where`` before they can meet a
+  multiply (the pad rows of the plain tiles are never written, and interpret
+  mode fills them with NaN).
+
+Mosaic GPU facts these kernels rely on (jax 0.11.2, Warpgroup lowering
+semantics, pinned in ``_PARAMS``; checked by lowering for CUDA and in
+``plgpu.InterpretGPUParams`` interpret mode):
+- Registers <-> SMEM in the WGMMA layout: optimized (``ref[...]``) only for
+  tiled + swizzled refs; plain refs need ``plgpu.load(..., optimized=False)``,
+  which also takes dynamic row offsets (``ref.at[pl.ds(16 - d, 64)]``). A
+  single row loads as a 1-D ``Layout.WGMMA.reduce(0)`` vector and broadcasts
+  with ``lax.broadcast_in_dim(r, shape, [1])``; slicing a row out of a swizzled
+  ref fails (offsets must be multiples of the 8-row tile).
+- wgmma takes transposed 16-bit SMEM operands (``ref.T``) for A and B. Its
+  accumulator is zeroed by ``pl.run_scoped(..., plgpu.ACC(...))``; the
+  interpreter does not handle ``pl.run_state`` (``plgpu.ACC.init``), so initial
+  values are added after the product.
+- ``plgpu.commit_smem()`` before a TMA that overwrites a tile read in the
+  previous loop step: without it the interpreter's race detector reports the
+  read / TMA-write pair.
+- Hazards reported for jax 0.11.2 are avoided: no warpgroup exits early (one
+  warpgroup per kernel, no early returns) and no accumulator is negated
+  (``-acc * x`` gave zeros): gradients use differences, never negations.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lsm.ops.common import kernel_shapes
+from lsm.ops.gla import pallas_vjp
+
+_F32 = jnp.float32
+C = 64  # chunk length: one wgmma M tile
+SUB = 16  # sub-chunk length of the intra-chunk pivots
+BV = 64  # value columns per program of the sequential state passes (wgmma M)
+BK = 64  # key columns per program of the dq / dk / d log_g kernel
+PAD = SUB  # rows above and below the chunk in the plain tiles read at offsets
+MAX_HEAD_DIM = 128
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(0)  # a [D] vector laid out like a tile row
+_PARAMS = plgpu.CompilerParams(
+    lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+_SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU aligns every SMEM allocation to it
+_BARRIER_BYTES = 8
+
+
+# ------------------------------------------------------------ SMEM tiles ---
+
+
+def _swizzled(shape, dtype):
+  """An SMEM tile in the tiled + swizzled form that wgmma operands and
+  optimized register transfers need: (8, s) tiles, s the swizzle (128, 64 or
+  32 bytes, the largest dividing a row) in elements."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = next(s for s in (128, 64, 32) if shape[-1] * itemsize % s == 0)
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, swizzle // itemsize)),
+      plgpu.SwizzleTransform(swizzle)))
+
+
+def _plain(shape, dtype):
+  """An untiled row-major SMEM tile: readable at any row offset (the shifted
+  reads of the diagonal blocks, single gate rows), through unoptimized
+  (bank-conflicting) register transfers."""
+  return plgpu.SMEM(shape, dtype)
+
+
+def _load(ref):
+  """A 2-D tile of a plain ref into registers: float32, WGMMA layout."""
+  return plgpu.load(ref, layout=_WGMMA, optimized=False).astype(_F32)
+
+
+def _load_row(ref, i, shape):
+  """Row i of a plain 2-D ref broadcast down ``shape`` [rows, D], float32."""
+  r = plgpu.load(ref.at[i, :], layout=_ROW, optimized=False).astype(_F32)
+  return lax.broadcast_in_dim(r, shape, [1])
+
+
+def _iota(shape, dim):
+  return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _mm(a_ref, b_ref, shape):
+  """a @ b of two SMEM operands by wgmma, float32 [M, N]."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_ref, b_ref)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+
+
+def _interpret_params(interpret):
+  """None (compile for the GPU) or the Mosaic GPU interpreter's params."""
+  if interpret is True:
+    return plgpu.InterpretGPUParams()
+  return interpret or None
+
+
+def _padded(d: int) -> int:
+  """Head dims go to 64 or 128: whole 128-byte rows of the swizzled bf16
+  tiles, and wgmma contractions in steps of 64. Zero channels are inert (see
+  ``kernel_shapes``)."""
+  return 64 if d <= 64 else 128
+
+
+def _gate_prefix(g):
+  """b: inclusive prefix sums of the gates inside each chunk of C tokens,
+  float32 [B, Tp, H, K]."""
+  B, Tp, H, K = g.shape
+  return jnp.cumsum(g.reshape(B, Tp // C, C, H, K), axis=2).reshape(g.shape)
+
+
+# --------------------------------------------------------- state passes ---
+
+
+def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
+                       x_s, y_s, b_s, xe_s, st_s, h_s, bars, *, reverse, scale):
+  ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+  N = hs_ref.shape[2]
+  K = x_ref.shape[-1]
+  vcols = pl.ds(iv * BV, BV)
+
+  def fetch(i, slot):  # chunk i of the loop's order into buffer ``slot``
+    rows = pl.ds((N - 1 - i if reverse else i) * C, C)
+    plgpu.copy_gmem_to_smem(x_ref.at[ib, rows, ih], x_s.at[slot],
+                            bars.at[3 * slot])
+    plgpu.copy_gmem_to_smem(y_ref.at[ib, rows, ih, vcols], y_s.at[slot],
+                            bars.at[3 * slot + 1])
+    plgpu.copy_gmem_to_smem(b_ref.at[ib, rows, ih], b_s.at[slot],
+                            bars.at[3 * slot + 2])
+
+  plgpu.copy_gmem_to_smem(h_ref.at[ib, ih, vcols], h_s, bars.at[6])
+  fetch(0, 0)
+  plgpu.barrier_wait(bars.at[6])
+
+  def body(i, st):
+    slot = lax.rem(i, 2)
+    n = N - 1 - i if reverse else i
+
+    @pl.when(i + 1 < N)
+    def _():
+      plgpu.commit_smem()  # the last step's reads of that buffer come first
+      fetch(i + 1, 1 - slot)
+
+    st_s[...] = st.astype(st_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(st_s, hs_ref.at[ib, ih, n, vcols])
+    for j in range(3):
+      plgpu.barrier_wait(bars.at[3 * slot + j])
+    x_t, b_t = x_s.at[slot], b_s.at[slot]
+    for kc in range(K // 64):  # 64 key columns at a time: fewer live registers
+      cols = pl.ds(kc * 64, 64)
+      b = _load(b_t.at[:, cols])  # [C, 64]
+      if reverse:  # q_t exp(b_t)
+        e = jnp.exp(b)
+      else:  # k_s exp(b_C - b_s)
+        e = jnp.exp(_load_row(b_t.at[:, cols], C - 1, (C, 64)) - b)
+      xe_s[:, cols] = (_load(x_t.at[:, cols]) * e).astype(xe_s.dtype)
+    plgpu.commit_smem()
+    upd = _mm(y_s.at[slot].T, xe_s, (BV, K))  # [BV, C] x [C, K]
+    decay = jnp.exp(_load_row(b_t, C - 1, (BV, K)))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is written next step
+    return st * decay + scale * upd
+
+  h_s[...] = lax.fori_loop(0, N, body, h_s[...])
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(h_s, hlast_ref.at[ib, ih, vcols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _state_pass_scratch(K, V, dtype):
+  del V
+  return [_plain((2, C, K), dtype), _swizzled((2, C, BV), dtype),
+          _plain((2, C, K), _F32), _swizzled((C, K), dtype),
+          _swizzled((BV, K), dtype), _swizzled((BV, K), _F32)]
+
+
+def _state_pass(x, y, b, h, *, reverse, scale, interpret):
+  """The sequential pass over the chunks.
+
+  Forward (``reverse=False``; x = k, y = v, h = h0t): the transposed state
+  entering every chunk, st' = exp(b_C) st + v^T (k exp(b_C - b)). Backward
+  (``reverse=True``; x = q, y = do, h = dh_Tt): the gradient for the state
+  leaving every chunk, last chunk first, dst' = exp(b_C) dst + scale do^T
+  (q exp(b)).
+
+  Grid (B, H, V / BV), BV = 64: each program carries a float32 [BV, K] block
+  of the state in registers (M = 64, one warpgroup's wgmma) through the N
+  chunks. The next chunk's x, b [C, K] and y [C, BV] tiles come in by TMA
+  while this one is worked on (two buffers); x exp(.) goes to a swizzled tile
+  and one wgmma [BV, C] x [C, K] (y^T as a transposed operand) updates the
+  carry. The carry leaves every step as an input-dtype tile by TMA.
+
+  SMEM (``_state_pass_scratch``): plain x [2, C, K], swizzled y [2, C, BV],
+  plain float32 b [2, C, K], swizzled x exp(.) [C, K], the carry's
+  input-dtype copy [BV, K], float32 [BV, K] for h in and out: 176 KiB at K =
+  128, 96 KiB at K = 64. Registers: the carry and the update
+  [BV, K] (2 x 64 at K = 128), one [C, 64] column half of x and b at a time
+  (64).
+
+  Returns the per-chunk values [B, H, N, V, K] in the input dtype (the
+  gradient kernels read them as wgmma operands) and the float32 carry after
+  the last chunk [B, H, V, K].
+  """
+  B, Tp, H, K = x.shape
+  V = y.shape[-1]
+  N = Tp // C
+  name = "gla_dstates_mgpu" if reverse else "gla_states_mgpu"
+  return plgpu.kernel(
+      functools.partial(_state_pass_kernel, reverse=reverse, scale=scale),
+      out_type=(jax.ShapeDtypeStruct((B, H, N, V, K), x.dtype),
+                jax.ShapeDtypeStruct((B, H, V, K), _F32)),
+      scratch_types=[*_state_pass_scratch(K, V, x.dtype),
+                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+      grid=(B, H, V // BV), grid_names=("b", "h", "v"),
+      compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
+  )(x, y, b, h)
+
+
+def states(k, v, g, h0t, *, docs, scale, chunk_size, interpret):
+  del docs, scale, chunk_size
+  return _state_pass(k, v, _gate_prefix(g), h0t, reverse=False, scale=1.0,
+                     interpret=interpret)[0]
+
+
+def dstates(q, do, g, dh_tt, *, docs, scale, chunk_size, interpret):
+  del docs, chunk_size
+  return _state_pass(q, do, _gate_prefix(g), dh_tt, reverse=True, scale=scale,
+                     interpret=interpret)
+
+
+# ------------------------------------------------------ intra-chunk part ---
+
+
+def _block_of_rows(shape):
+  return lax.div(_iota(shape, 0), SUB)
+
+
+def _pivots(b_p, shape):
+  """The pivots r_i (gate sum before sub-chunk i) from the padded plain gate
+  tile ``b_p`` (chunk at rows PAD ..): (r_own, [r_1, r_2, r_3]), r_own [C, D]
+  holding each row's own sub-chunk's pivot (r_0 = 0), the r_i broadcast to
+  ``shape``."""
+  rs = [_load_row(b_p, PAD + SUB * i - 1, shape) for i in range(1, C // SUB)]
+  blk = _block_of_rows(shape)
+  r_own = jnp.zeros(shape, _F32)
+  for i, r in enumerate(rs, start=1):
+    r_own = jnp.where(blk == i, r, r_own)
+  return r_own, rs
+
+
+def _intra_weights(q_c, k_p, b_p, qp_s, kb_s):
+  """A [C, C] float32: A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s <= t,
+  zero above the diagonal.
+
+  Below the sub-chunk diagonal by wgmma, one per pivot: with Q'_t = q_t
+  exp(b_t - r_{t // 16}) (in ``qp_s``) and K_i = k_s exp(r_i - b_s) for
+  s < 16 i, zero elsewhere (in ``kb_s``, rewritten per i), the rows of
+  sub-chunk i of A are those of Q' K_i^T. Every exponent is <= 0. The diagonal
+  16 x 16 blocks in log space (``_diag_blocks``).
+
+  Args:
+    q_c: plain [C, K] ref, the chunk's queries.
+    k_p, b_p: plain [PAD + C + PAD, K] refs, keys and gate prefix sums at rows
+      PAD .. PAD + C - 1.
+    qp_s, kb_s: swizzled [C, K] scratch in the input dtype.
+  """
+  K = q_c.shape[-1]
+  mid = pl.ds(PAD, C)
+  b = _load(b_p.at[mid])  # [C, K]
+  r_own, rs = _pivots(b_p, (C, K))
+  qp_s[...] = (_load(q_c) * jnp.exp(b - r_own)).astype(qp_s.dtype)
+  k = _load(k_p.at[mid])  # [C, K]
+  row = _iota((C, K), 0)
+  blk = _block_of_rows((C, C))
+  a = jnp.zeros((C, C), _F32)
+  for i, r in enumerate(rs, start=1):
+    kb_s[...] = jnp.where(row < SUB * i, k * jnp.exp(jnp.minimum(r - b, 0.0)),
+                          0.0).astype(kb_s.dtype)
+    plgpu.commit_smem()
+    a = jnp.where(blk == i, _mm(qp_s, kb_s.T, (C, C)), a)
+  return a + _diag_blocks(q_c, k_p, b_p)
+
+
+def _diag_blocks(q_c, k_p, b_p):
+  """The 16 x 16 diagonal blocks of A, offset by offset: for d = 0 .. 15,
+  c_t = sum_k q_tk k_(t-d)k exp(b_tk - b_(t-d)k) where t - d lies in t's
+  sub-chunk, on [C, 64] tiles of 64 key columns (k and b read d rows up from
+  the padded plain tiles), scattered to A[t, t - d]. [C, C] float32, zero off
+  those blocks."""
+  K = q_c.shape[-1]
+  row_cc, col_cc = _iota((C, C), 0), _iota((C, C), 1)
+  in_sub = lax.rem(_iota((C, 64), 0), SUB)
+  a = jnp.zeros((C, C), _F32)
+  for kc in range(K // 64):
+    cols = pl.ds(kc * 64, 64)
+    q = _load(q_c.at[:, cols])  # [C, 64]
+    b = _load(b_p.at[pl.ds(PAD, C), cols])  # [C, 64]
+
+    def offset(d, a, cols=cols, q=q, b=b):
+      up = pl.ds(PAD - d, C)
+      k_d = _load(k_p.at[up, cols])  # [C, 64]: row t holds k_(t-d)
+      b_d = _load(b_p.at[up, cols])
+      ok = in_sub >= d
+      w = jnp.exp(jnp.where(ok, b - b_d, 0.0))
+      c = jnp.sum(jnp.where(ok, q * k_d * w, 0.0), axis=1)  # [C]
+      return a + jnp.where(col_cc == row_cc - d, c[:, None], 0.0)
+
+    a = lax.fori_loop(0, SUB, offset, a)
+  return a
+
+
+def _fetch_all(pairs, bars):
+  """TMA each (GMEM ref, SMEM ref) pair on its own barrier, then wait."""
+  for i, (src, dst) in enumerate(pairs):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  for i in range(len(pairs)):
+    plgpu.barrier_wait(bars.at[i])
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
+                   q_c, k_p, b_p, v_s, st_s, qp_s, kb_s, a_s, o_s, bars, *,
+                   scale):
+  ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
+  rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  _fetch_all([(q_ref.at[ib, rows, ih], q_c), (k_ref.at[ib, rows, ih], k_p.at[mid]),
+              (b_ref.at[ib, rows, ih], b_p.at[mid]), (v_ref.at[ib, rows, ih], v_s),
+              (hin_ref.at[ib, ih, n], st_s)], bars)
+  a_s[...] = _intra_weights(q_c, k_p, b_p, qp_s, kb_s).astype(a_s.dtype)
+  kb_s[...] = (_load(q_c) * jnp.exp(_load(b_p.at[mid]))).astype(kb_s.dtype)
+  plgpu.commit_smem()
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, kb_s, st_s.T)  # (q exp(b)) S: [C, K] x [K, V]
+    plgpu.wgmma(acc_ref, a_s, v_s)  # A v: [C, C] x [C, V]
+    return acc_ref[...]
+
+  o_s[...] = (scale * pl.run_scoped(body, plgpu.ACC(o_s.shape, _F32))).astype(
+      o_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_s, o_ref.at[ib, rows, ih])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _chunk_scratch(K, V, dtype):
+  """SMEM of the output and dv kernels (same shapes): plain q [C, K], plain
+  padded k (input dtype) and b (float32) [PAD + C + PAD, K], swizzled v or do
+  [C, V], the chunk's state or state gradient [V, K], Q' and key-factor tiles
+  [C, K], A [C, C], the result [C, V]."""
+  return [_plain((C, K), dtype), _plain((PAD + C + PAD, K), dtype),
+          _plain((PAD + C + PAD, K), _F32), _swizzled((C, V), dtype),
+          _swizzled((V, K), dtype), _swizzled((C, K), dtype),
+          _swizzled((C, K), dtype), _swizzled((C, C), dtype),
+          _swizzled((C, V), dtype)]
+
+
+def _outputs(q, k, v, b, h_in, *, scale, interpret):
+  """o [B, Tp, H, V] in q's dtype from the chunk states ``h_in``.
+
+  Grid (B, H, N), one chunk per program. A by ``_intra_weights`` (three
+  [C, K] x [K, C] pivot wgmmas and the 16-offset log-space loop on [C, 64]
+  tiles), then o = scale ((q exp(b)) S + A v), two wgmmas into one [C, V]
+  accumulator.
+
+  SMEM (``_chunk_scratch``, with the 2 KiB reduction scratch): 194 KiB at
+  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64. Registers: the log-space loop holds A [C, C] (32),
+  q and b [C, 64] (64), the two shifted tiles and their product (~96); the
+  pivot part b, k and one [C, C] product (~160 at K = 128).
+  """
+  B, Tp, H, K = q.shape
+  V = v.shape[-1]
+  name = "gla_output_mgpu"
+  return plgpu.kernel(
+      functools.partial(_output_kernel, scale=scale),
+      out_type=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+      scratch_types=[*_chunk_scratch(K, V, q.dtype),
+                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+      grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
+      compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
+  )(q, k, v, b, h_in)
+
+
+def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
+  del docs, chunk_size
+  b = _gate_prefix(g)
+  h_in, h_tt = _state_pass(k, v, b, h0t, reverse=False, scale=1.0,
+                           interpret=interpret)
+  return _outputs(q, k, v, b, h_in, scale=scale, interpret=interpret), h_tt
+
+
+# ------------------------------------------------------------- gradients ---
+
+
+def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
+               q_c, k_p, b_p, do_s, dst_s, qp_s, kb_s, a_s, dv_s, bars, *,
+               scale):
+  ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
+  rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  _fetch_all([(q_ref.at[ib, rows, ih], q_c), (k_ref.at[ib, rows, ih], k_p.at[mid]),
+              (b_ref.at[ib, rows, ih], b_p.at[mid]),
+              (do_ref.at[ib, rows, ih], do_s), (dout_ref.at[ib, ih, n], dst_s)],
+             bars)
+  a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
+  a_s[...] = (scale * a).astype(a_s.dtype)
+  K = q_c.shape[-1]
+  b_end = _load_row(b_p, PAD + C - 1, (C, K))
+  kb_s[...] = (_load(k_p.at[mid]) * jnp.exp(b_end - _load(b_p.at[mid]))).astype(
+      kb_s.dtype)  # k exp(b_C - b)
+  plgpu.commit_smem()
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_s.T, do_s)  # scale A^T do: [C, C] x [C, V]
+    plgpu.wgmma(acc_ref, kb_s, dst_s.T)  # k exp(b_C - b) dS: [C, K] x [K, V]
+    return acc_ref[...]
+
+  dv_s[...] = pl.run_scoped(body, plgpu.ACC(dv_s.shape, _F32)).astype(dv_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[ib, rows, ih])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
+                 dq_ref, dk_ref, dg_ref,
+                 q_p, k_p, b_p, v_s, do_s, st_s, dst_s, qp_s, kb_s, da_s,
+                 dat_s, tri_s, parts_s, bars, *, scale):
+  ib, ih, n, ik = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
+  rows, kcols, mid = pl.ds(n * C, C), pl.ds(ik * BK, BK), pl.ds(PAD, C)
+  for i, (src, dst) in enumerate([
+      (q_ref.at[ib, rows, ih, kcols], q_p.at[mid]),
+      (k_ref.at[ib, rows, ih, kcols], k_p.at[mid]),
+      (b_ref.at[ib, rows, ih, kcols], b_p.at[mid]),
+      (v_ref.at[ib, rows, ih], v_s), (do_ref.at[ib, rows, ih], do_s),
+      (hin_ref.at[ib, ih, n, :, kcols], st_s),
+      (dout_ref.at[ib, ih, n, :, kcols], dst_s)]):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  r, c = _iota((C, C), 0), _iota((C, C), 1)
+  # While the tiles arrive: the 0/1 matrices of the gate-gradient row sums.
+  tri_s[0] = jnp.where(c >= r, 1.0, 0.0).astype(tri_s.dtype)  # u >= t
+  tri_s[1] = jnp.where(c < r, 1.0, 0.0).astype(tri_s.dtype)  # s < t
+  for i in range(7):
+    plgpu.barrier_wait(bars.at[i])
+
+  # dA_ts = scale do_t . v_s [t, s], and its transpose [s, t] for dk.
+  da = scale * _mm(do_s, v_s.T, (C, C))
+  dat = scale * _mm(v_s, do_s.T, (C, C))
+  da_tt = jnp.sum(jnp.where(r == c, da, 0.0), axis=1)  # [C]: the t = s terms
+
+  # Below the sub-chunk diagonal, by the pivots of ``_intra_weights``:
+  # dq_t = exp(b_t - r_i) sum_{s < 16 i} dA_ts K_i[s]       (t in sub-chunk i)
+  # dk_s = sum_i K_i-factor_s sum_{t in sub-chunk i} dA_ts Q'_t
+  shape = (C, BK)
+  q, k, b = _load(q_p.at[mid]), _load(k_p.at[mid]), _load(b_p.at[mid])
+  blk = _block_of_rows(shape)
+  r_own, rs = _pivots(b_p, shape)
+  q_fac = jnp.exp(b - r_own)
+  qp_s[...] = (q * q_fac).astype(qp_s.dtype)
+  da_s[...] = jnp.where(c < SUB * lax.div(r, SUB), da, 0.0).astype(da_s.dtype)
+  dq = jnp.zeros(shape, _F32)
+  dk = jnp.zeros(shape, _F32)
+  row = _iota(shape, 0)
+  for i, r_i in enumerate(rs, start=1):
+    k_fac = jnp.where(row < SUB * i, jnp.exp(jnp.minimum(r_i - b, 0.0)), 0.0)
+    kb_s[...] = (k * k_fac).astype(kb_s.dtype)
+    dat_s[...] = jnp.where((lax.div(c, SUB) == i) & (r < SUB * i), dat,
+                           0.0).astype(dat_s.dtype)
+    plgpu.commit_smem()
+    dq = jnp.where(blk == i, _mm(da_s, kb_s, shape), dq)
+    dk = dk + k_fac * _mm(dat_s, qp_s, shape)
+  dq = dq * q_fac + _diag_grad(da, k_p, b_p, b, down=True)
+  dk = dk + _diag_grad(dat, q_p, b_p, b, down=False)
+
+  b_end = _load_row(b_p, PAD + C - 1, shape)
+  dq = dq + scale * _mm(do_s, st_s, shape) * jnp.exp(b)  # through S in
+  dk_state = _mm(v_s, dst_s, shape) * jnp.exp(b_end - b)  # through S out
+  leaving = jnp.sum(st_s[...].astype(_F32) * dst_s[...].astype(_F32), axis=0)
+
+  # d log_g_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_{s < t} k_s dk_state_s
+  #             + exp(b_C) sum_v S dS
+  # (``chunk_tiles.chunk_grads``; dq, dk still without their t = s terms, which
+  # cancel exactly). Both row sums by wgmma against the 0/1 matrices, each
+  # summand split into two bf16 parts: hi + lo carry 16 significant bits, so
+  # the sums are good to about 2^-17 relative.
+  for j, x in enumerate((q * dq - k * dk, k * dk_state)):
+    hi = x.astype(parts_s.dtype)
+    parts_s[2 * j] = hi
+    parts_s[2 * j + 1] = (x - hi.astype(_F32)).astype(parts_s.dtype)
+  plgpu.commit_smem()
+
+  def sums(acc_ref):
+    for j in range(4):
+      plgpu.wgmma(acc_ref, tri_s.at[j // 2], parts_s.at[j])
+    return acc_ref[...]
+
+  dg = pl.run_scoped(sums, plgpu.ACC(shape, _F32))
+  dg = dg + jnp.exp(b_end) * lax.broadcast_in_dim(leaving, shape, [1])
+  tt = lax.broadcast_in_dim(da_tt, shape, [0])
+  dq = dq + tt * k
+  dk = dk + dk_state + tt * q
+  # Out through tiles no longer read: dq and dk by the two operand tiles,
+  # d log_g by the gate tile.
+  qp_s[...] = dq.astype(qp_s.dtype)
+  kb_s[...] = dk.astype(kb_s.dtype)
+  b_p[mid] = dg
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(qp_s, dq_ref.at[ib, rows, ih, kcols])
+  plgpu.copy_smem_to_gmem(kb_s, dk_ref.at[ib, rows, ih, kcols])
+  plgpu.copy_smem_to_gmem(b_p.at[mid], dg_ref.at[ib, rows, ih, kcols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _diag_grad(w, x_p, b_p, b, *, down):
+  """The diagonal 16 x 16 blocks' part of dq (``down``) or of dk, offset by
+  offset in log space as in ``_diag_blocks``, for pairs inside one sub-chunk:
+
+    dq_t += sum_{d >= 1} dA[t, t-d] k_(t-d) exp(b_t - b_(t-d))   (w = dA,
+                                                       x = k read d rows up)
+    dk_s += sum_{d >= 1} dA[s+d, s] q_(s+d) exp(b_(s+d) - b_s)   (w = dA^T,
+                                                       x = q read d rows down)
+
+  ``w`` [C, C]; ``x_p``, ``b_p`` plain padded [PAD + C + PAD, BK] refs; ``b``
+  the chunk's gate prefix [C, BK]. Returns [C, BK] float32.
+  """
+  shape = (C, BK)
+  row_cc, col_cc = _iota((C, C), 0), _iota((C, C), 1)
+  in_sub = lax.rem(_iota(shape, 0), SUB)
+
+  def offset(d, acc):
+    if down:
+      at, ok, pair = PAD - d, in_sub >= d, col_cc == row_cc - d
+    else:
+      at, ok, pair = PAD + d, in_sub + d < SUB, col_cc == row_cc + d
+    x_d = _load(x_p.at[pl.ds(at, C)])  # [C, BK]
+    b_d = _load(b_p.at[pl.ds(at, C)])
+    expo = (b - b_d) if down else (b_d - b)
+    w_d = jnp.sum(jnp.where(pair, w, 0.0), axis=1)  # [C]: one diagonal of w
+    f = jnp.where(ok, x_d * jnp.exp(jnp.where(ok, expo, 0.0)), 0.0)
+    return acc + lax.broadcast_in_dim(w_d, shape, [0]) * f
+
+  return lax.fori_loop(1, SUB, offset, jnp.zeros(shape, _F32))
+
+
+def _dqkg_scratch(K, V, dtype):
+  """Plain padded q, k (input dtype) and b (float32) [PAD + C + PAD, BK],
+  swizzled v and do [C, V], the chunk's state and state gradient [V, BK], Q'
+  and key-factor tiles [C, BK] (reused for dq and dk out), dA and dA^T operand
+  tiles [C, C], the two bf16 0/1 matrices [2, C, C], the bf16 hi / lo parts of
+  the two gate-gradient summands [4, C, BK]."""
+  del K
+  return [_plain((PAD + C + PAD, BK), dtype), _plain((PAD + C + PAD, BK), dtype),
+          _plain((PAD + C + PAD, BK), _F32), _swizzled((C, V), dtype),
+          _swizzled((C, V), dtype), _swizzled((V, BK), dtype),
+          _swizzled((V, BK), dtype), _swizzled((C, BK), dtype),
+          _swizzled((C, BK), dtype), _swizzled((C, C), dtype),
+          _swizzled((C, C), dtype), _swizzled((2, C, C), jnp.bfloat16),
+          _swizzled((4, C, BK), jnp.bfloat16)]
+
+
+def _dv(q, k, b, do, dh_out, *, scale, interpret):
+  B, Tp, H, K = q.shape
+  V = do.shape[-1]
+  name = "gla_dv_mgpu"
+  return plgpu.kernel(
+      functools.partial(_dv_kernel, scale=scale),
+      out_type=jax.ShapeDtypeStruct(do.shape, do.dtype),
+      scratch_types=[*_chunk_scratch(K, V, q.dtype),
+                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+      grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
+      compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
+  )(q, k, b, do, dh_out)
+
+
+def _dqkg(q, k, b, v, do, h_in, dh_out, *, scale, interpret):
+  B, Tp, H, K = q.shape
+  V = v.shape[-1]
+  name = "gla_dqkg_mgpu"
+  return plgpu.kernel(
+      functools.partial(_dqkg_kernel, scale=scale),
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct(k.shape, k.dtype),
+                jax.ShapeDtypeStruct(q.shape, _F32)),
+      scratch_types=[*_dqkg_scratch(K, V, q.dtype),
+                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+      grid=(B, H, Tp // C, K // BK), grid_names=("b", "h", "n", "k"),
+      compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
+  )(q, k, b, v, do, h_in, dh_out)
+
+
+def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
+  """dq, dk, dv (input dtypes) and d log_g (float32), [B, Tp, H, D].
+
+  gla_dv_mgpu, grid (B, H, N): A by ``_intra_weights`` as in the forward, then
+  dv = scale A^T do + (k exp(b_C - b)) dS, two wgmmas ([C, C]^T x [C, V] and
+  [C, K] x [K, V]) into one accumulator. SMEM and registers as
+  ``_outputs`` (``_chunk_scratch``: 194 KiB at K = V = 128).
+
+  gla_dqkg_mgpu, grid (B, H, N, K / BK), BK = 64: one chunk and 64 key
+  columns per program (dq, dk and d log_g are per key channel given dA, which
+  each of the K / BK programs recomputes: two [C, V] x [V, C] wgmmas). dq and
+  dk below the sub-chunk diagonal by three pairs of pivot wgmmas, the
+  diagonal blocks by two 15-offset log-space loops (``_diag_grad``), the
+  state terms by two [C, V] x [V, BK] wgmmas, the gate-gradient row sums by
+  four [C, C] x [C, BK] wgmmas (``_dqkg_kernel``). SMEM
+  (``_dqkg_scratch``): 194 KiB at V = 128, 162 KiB at V = 64. Registers: dA
+  and dA^T (64) live through the loops, with q, k, b, dq, dk [C, 64]
+  (160): about 250 at the peak, near the 255 ceiling, so ptxas may spill
+  there.
+  """
+  del docs, chunk_size
+  b = _gate_prefix(g)
+  dv = _dv(q, k, b, do, dh_out, scale=scale, interpret=interpret)
+  dq, dk, dg = _dqkg(q, k, b, v, do, h_in, dh_out, scale=scale,
+                     interpret=interpret)
+  return dq, dk, dv, dg
+
+
+# ------------------------------------------------------------ SMEM sizes ---
+
+# name -> (scratch shapes fn(K, V, dtype), barriers, has cross-warp reductions)
+KERNELS = {
+    "gla_states_mgpu": (_state_pass_scratch, 7, False),
+    "gla_dstates_mgpu": (_state_pass_scratch, 7, False),
+    "gla_output_mgpu": (_chunk_scratch, 5, True),
+    "gla_dv_mgpu": (_chunk_scratch, 5, True),
+    "gla_dqkg_mgpu": (_dqkg_scratch, 7, True),
+}
+
+
+def smem_bytes(name: str, K: int, V: int, dtype) -> int:
+  """Dynamic SMEM of kernel ``name`` at padded head dims K, V: its scratch
+  tiles, each aligned to 1 KiB as Pallas allocates them, its barriers, and the
+  reduction scratch of ``_PARAMS`` for kernels that reduce across warps."""
+  scratch, barriers, reduces = KERNELS[name]
+  total = sum(-(-math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+                // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+              for s in scratch(K, V, dtype))
+  if reduces:
+    total += _PARAMS.reduction_scratch_bytes
+  return total + barriers * _BARRIER_BYTES
+
+
+# ------------------------------------------------------------------- op ---
+
+_core = pallas_vjp.make_gla(forward=forward, states=states, dstates=dstates,
+                            grads=grads)
+
+
+def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
+        interpret=False, resets=None):
+  """Mosaic GPU GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g``
+  float32 [B, T, H, K] and ``h0`` float32 [B, H, K, V].
+
+  Args:
+    q, k: [B, T, H, K], bfloat16 or float16.
+    v: [B, T, H, V], q's dtype.
+    log_g: float32 [B, T, H, K] log forget gates.
+    h0: float32 [B, H, K, V] initial state.
+    scale: query scale.
+    chunk_size: must be 64 (one wgmma tile of tokens).
+    interpret: False (compile for the GPU), True or a
+      ``plgpu.InterpretGPUParams`` (the Mosaic GPU interpreter, any platform).
+    resets: must be None (no packed documents yet).
+
+  Returns:
+    o: [B, T, H, V] in q's dtype; h_T: [B, H, K, V] float32.
+
+  Raises:
+    ValueError: documents, float32 inputs, chunk_size != 64, or a head dim
+      over 128.
+  """
+  op = "gla: impl='pallas_mosaic_gpu'"
+  if resets is not None:
+    raise ValueError(f"{op} does not take segment_ids yet")
+  dtype = jnp.dtype(q.dtype)
+  if dtype not in DTYPES:
+    raise ValueError(
+        f"{op} takes bfloat16 or float16 inputs; got {dtype.name} (wgmma's "
+        "float32 path is TF32, which misses the float32 tolerance)")
+  if chunk_size != C:
+    raise ValueError(f"{op} needs chunk_size={C}; got chunk_size={chunk_size}")
+  K, V = q.shape[-1], v.shape[-1]
+  for name, d in (("K (key/query head dim)", K), ("V (value head dim)", V)):
+    if d > MAX_HEAD_DIM:
+      raise ValueError(f"{op} supports head dims up to {MAX_HEAD_DIM}; got "
+                       f"{name} = {d}")
+  Kp, Vp = _padded(K), _padded(V)
+  pad = functools.partial(kernel_shapes.pad_axis, axis=3)
+  h0 = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0, 2, Kp), 3, Vp)
+  o, h_t = _core(pad(q, size=Kp), pad(k, size=Kp), pad(v, size=Vp),
+                 pad(log_g, size=Kp), h0=h0, scale=scale, chunk_size=C,
+                 interpret=_interpret_params(interpret))
+  return o[..., :V], h_t[:, :, :K, :V]
