@@ -6,7 +6,8 @@ core: a chunk of C = 64 tokens is one wgmma M tile, so every kernel works on
 whole [64, D] tiles and the 16-token sub-chunks appear as row masks and as row
 offsets into SMEM, not as separate [16, D] tiles. ``pallas_vjp.make_gla``
 supplies the custom VJP (the backward recomputes the chunk states instead of
-storing them; see there), so the five kernels below are its four launchers.
+storing them; see there); the five kernels below make up its four launchers
+(``forward``, ``states``, ``dstates``, ``grads``).
 
 With b_t the gate sum from the chunk start to t (inclusive) and st = S^T
 [V, K] the transposed state entering the chunk:
@@ -51,7 +52,9 @@ Numerics.
   RMS error against the 1e-2 bf16 tolerance. The gate-gradient sums run on a
   two-part bf16 split (``_dqkg_kernel``). float32 inputs are refused: wgmma's
   float32 path is TF32 (10-bit mantissa), ~5e-4 relative per product, above
-  the float32 tolerance of 1e-4.
+  the float32 tolerance of 1e-4. With float16 inputs the per-chunk states are
+  float16 too, so a state entry past 65504 (long sequences with little decay
+  and large keys and values) would overflow where bf16 would not.
 - Masked entries are selected away with ``where`` before they can meet a
   multiply (the pad rows of the plain tiles are never written, and interpret
   mode fills them with NaN).
@@ -383,9 +386,11 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
                    scale):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
-  _fetch_all([(q_ref.at[ib, rows, ih], q_c), (k_ref.at[ib, rows, ih], k_p.at[mid]),
-              (b_ref.at[ib, rows, ih], b_p.at[mid]), (v_ref.at[ib, rows, ih], v_s),
-              (hin_ref.at[ib, ih, n], st_s)], bars)
+  _fetch_all([(q_ref.at[ib, rows, ih], q_c),
+              (k_ref.at[ib, rows, ih], k_p.at[mid]),
+              (b_ref.at[ib, rows, ih], b_p.at[mid]),
+              (v_ref.at[ib, rows, ih], v_s), (hin_ref.at[ib, ih, n], st_s)],
+             bars)
   a_s[...] = _intra_weights(q_c, k_p, b_p, qp_s, kb_s).astype(a_s.dtype)
   kb_s[...] = (_load(q_c) * jnp.exp(_load(b_p.at[mid]))).astype(kb_s.dtype)
   plgpu.commit_smem()
@@ -423,7 +428,8 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret):
   accumulator.
 
   SMEM (``_chunk_scratch``, with the 2 KiB reduction scratch): 194 KiB at
-  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64. Registers: the log-space loop holds A [C, C] (32),
+  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64.
+  Registers: the log-space loop holds A [C, C] (32),
   q and b [C, 64] (64), the two shifted tiles and their product (~96); the
   pivot part b, k and one [C, C] product (~160 at K = 128).
   """
@@ -456,7 +462,8 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
                scale):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
-  _fetch_all([(q_ref.at[ib, rows, ih], q_c), (k_ref.at[ib, rows, ih], k_p.at[mid]),
+  _fetch_all([(q_ref.at[ib, rows, ih], q_c),
+              (k_ref.at[ib, rows, ih], k_p.at[mid]),
               (b_ref.at[ib, rows, ih], b_p.at[mid]),
               (do_ref.at[ib, rows, ih], do_s), (dout_ref.at[ib, ih, n], dst_s)],
              bars)
@@ -473,7 +480,8 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
     plgpu.wgmma(acc_ref, kb_s, dst_s.T)  # k exp(b_C - b) dS: [C, K] x [K, V]
     return acc_ref[...]
 
-  dv_s[...] = pl.run_scoped(body, plgpu.ACC(dv_s.shape, _F32)).astype(dv_s.dtype)
+  dv = pl.run_scoped(body, plgpu.ACC(dv_s.shape, _F32))
+  dv_s[...] = dv.astype(dv_s.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[ib, rows, ih])
   plgpu.wait_smem_to_gmem(0)
@@ -606,12 +614,13 @@ def _dqkg_scratch(K, V, dtype):
   tiles [C, C], the two bf16 0/1 matrices [2, C, C], the bf16 hi / lo parts of
   the two gate-gradient summands [4, C, BK]."""
   del K
-  return [_plain((PAD + C + PAD, BK), dtype), _plain((PAD + C + PAD, BK), dtype),
-          _plain((PAD + C + PAD, BK), _F32), _swizzled((C, V), dtype),
-          _swizzled((C, V), dtype), _swizzled((V, BK), dtype),
-          _swizzled((V, BK), dtype), _swizzled((C, BK), dtype),
-          _swizzled((C, BK), dtype), _swizzled((C, C), dtype),
-          _swizzled((C, C), dtype), _swizzled((2, C, C), jnp.bfloat16),
+  padded = (PAD + C + PAD, BK)
+  return [_plain(padded, dtype), _plain(padded, dtype), _plain(padded, _F32),
+          _swizzled((C, V), dtype), _swizzled((C, V), dtype),
+          _swizzled((V, BK), dtype), _swizzled((V, BK), dtype),
+          _swizzled((C, BK), dtype), _swizzled((C, BK), dtype),
+          _swizzled((C, C), dtype), _swizzled((C, C), dtype),
+          _swizzled((2, C, C), jnp.bfloat16),
           _swizzled((4, C, BK), jnp.bfloat16)]
 
 
