@@ -173,6 +173,25 @@ def test_conv_memory_does_not_hold_the_vandermonde_matrix():
   assert unblocked > 2 * vand, (unblocked, vand)
 
 
+def test_conv_step_ffts_are_one_chain():
+  """Two conv layers, forward and backward: each FFT of the compiled step
+  depends on the one before (one transform per layer and direction for the
+  kernel and the input together). XLA:CPU deadlocks when as many independent
+  FFTs as intra-op workers run at once (jax 0.11.2, lsm/layers/ssm.py);
+  separate transforms of the kernel and the input make 3 per layer and
+  direction, and the kernels' transforms depend on parameters only."""
+  layers = [S4D(D, state_size=N, rngs=nnx.Rngs(i)) for i in range(2)]
+  graphdef, params, rest = nnx.split(nnx.List(layers), nnx.Param, ...)
+
+  def loss(p, x):
+    for m in nnx.merge(graphdef, p, rest):
+      x = x + m(x)[0]
+    return jnp.sum(x ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(params, _x(0)).compile().as_text()
+  assert hlo.count(" fft(") == 2 * 2 * 2, hlo.count(" fft(")
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_impls_agree(cls):
   layer = _layer(cls, mode="recurrent")
