@@ -5,6 +5,8 @@ rest are not needed: this imports ``lsm.ops`` only). One process, one table:
 forward and forward+backward times of GLA and the delta rule at the standard
 shapes, bf16, for
 
+  pallas_mosaic_gpu  lsm's Mosaic GPU kernels (``impl="pallas_mosaic_gpu"``,
+               Hopper and newer; a row says so where an op has none yet)
   pallas_triton   lsm's Triton kernels (``impl="pallas_triton"``)
   chunked      lsm's pure-XLA chunked form (``impl="chunked"``)
   attention    causal softmax attention, ``jax.nn.dot_product_attention`` with
@@ -24,7 +26,8 @@ On a CPU (no GPU), ``--small`` runs the whole script at toy shapes, with the
 Pallas impls in interpret mode and XLA attention: a test of the script, not a
 measurement.
 
-Options: --ops gla delta_rule, --impls pallas_triton chunked attention fla,
+Options: --ops gla delta_rule, --impls pallas_mosaic_gpu pallas_triton chunked
+attention fla,
 --shapes B,T,H,D ..., --repeats N, --warmup N, --small, --markdown.
 """
 
@@ -45,7 +48,7 @@ from lsm.ops.gla import gla
 
 STANDARD_SHAPES = ((8, 4096, 16, 128), (2, 16384, 16, 128))
 SMALL_SHAPES = ((1, 128, 2, 32),)
-IMPLS = ("pallas_triton", "chunked", "attention", "fla")
+IMPLS = ("pallas_mosaic_gpu", "pallas_triton", "chunked", "attention", "fla")
 OPS = ("gla", "delta_rule")
 CHUNK = 64
 CHECK_T = 1024
@@ -68,6 +71,13 @@ def make_inputs(op, B, T, H, D, dtype, seed=0):
   beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
   return dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype),
               beta=beta.astype(jnp.float32))
+
+
+def _impls(op):
+  """The impl names ``op`` dispatches to."""
+  from lsm.ops.delta_rule import api as delta_api  # pylint: disable=g-import-not-at-top
+  from lsm.ops.gla import api as gla_api  # pylint: disable=g-import-not-at-top
+  return (gla_api if op == "gla" else delta_api)._IMPLS
 
 
 def _lsm_call(op, impl, interpret):
@@ -220,6 +230,8 @@ def main(argv=None):
         elif impl == "attention":
           res = time_jax(attention_fn(args.small), inputs, args.repeats,
                          args.warmup)
+        elif impl not in _impls(op):
+          res = f"{op} has no {impl} impl yet"
         else:
           res = time_jax(_lsm_call(op, impl, interpret), inputs, args.repeats,
                          args.warmup)
