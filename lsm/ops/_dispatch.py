@@ -96,15 +96,36 @@ def resolve_impl(impl: str, *, supported: Collection[str], op: str) -> str:
   return impl
 
 
+def interpret_mode(name: str, interpret):
+  """``interpret=True`` as impl ``name``'s own interpret mode, so one test
+  harness drives every Pallas impl: the Mosaic GPU interpreter
+  (``plgpu.InterpretGPUParams()``: simulated SMEM, barriers, TMA) for
+  "pallas_mosaic_gpu", TPU semantics (``pltpu.InterpretParams()``: VMEM and
+  outputs NaN-filled until written) for "pallas_tpu", Pallas' generic
+  interpreter for "pallas_triton" (Triton has none of its own). Any other value
+  (False, or a backend's params object) is passed through."""
+  if interpret is not True:
+    return interpret
+  # pylint: disable=g-import-not-at-top
+  if name == "pallas_mosaic_gpu":
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu.InterpretGPUParams()
+  if name == "pallas_tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+  return True
+
+
 def pallas_kwargs(op: str, name: str, interpret) -> dict:
   """Extra keyword arguments for impl ``name``: ``interpret`` for the Pallas
-  impls (always passed, so the kernels see one signature), nothing otherwise.
+  impls (always passed, so the kernels see one signature; True becomes the
+  backend's own interpret mode, see ``interpret_mode``), nothing otherwise.
 
   Raises:
     ValueError: ``interpret`` was set for an impl that has no kernels.
   """
   if name.startswith("pallas"):
-    return {"interpret": interpret}
+    return {"interpret": interpret_mode(name, interpret)}
   if interpret is not False:
     raise ValueError(f"{op}: interpret={interpret!r} applies to the Pallas impls "
                      f"only; impl resolved to {name!r}")

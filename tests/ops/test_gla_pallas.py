@@ -233,6 +233,19 @@ def test_auto_prefers_mosaic_gpu_on_hopper_only():
       "pallas_triton")
 
 
+def test_interpret_true_is_each_backends_own_mode():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
+  assert isinstance(_dispatch.interpret_mode("pallas_tpu", True),
+                    pltpu.InterpretParams)
+  assert isinstance(_dispatch.interpret_mode("pallas_mosaic_gpu", True),
+                    plgpu.InterpretGPUParams)
+  assert _dispatch.interpret_mode("pallas_triton", True) is True
+  params = pltpu.InterpretParams()
+  assert _dispatch.interpret_mode("pallas_tpu", params) is params
+  assert _dispatch.interpret_mode("pallas_tpu", False) is False
+
+
 def test_old_triton_name_is_an_alias():
   x = make_inputs(0, 1, 20, 1, 16, 16)
   with pytest.warns(DeprecationWarning, match="now called 'pallas_triton'"):

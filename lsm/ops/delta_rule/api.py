@@ -37,9 +37,11 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
       for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
     impl: "auto" | "reference" | "chunked" | "pallas_triton" | "pallas_tpu".
-    interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
-      platform, slow; for tests). For "pallas_tpu" it may also be a
-      ``pltpu.InterpretParams()``, which emulates TPU memory semantics.
+    interpret: Pallas impls only: run the kernels in interpret mode (any
+      platform, slow; for tests). True is each backend's own interpreter
+      (``_dispatch.interpret_mode``: ``pltpu.InterpretParams()`` for
+      "pallas_tpu", Pallas' generic one for "pallas_triton"); a params object
+      of the backend may be passed instead.
     segment_ids: optional int [B, T] document ids of packed rows (a token
       starts a document where its id differs from the previous token's): the
       state entering each document is zero, h0 applies to the first document of

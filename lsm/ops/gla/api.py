@@ -49,11 +49,12 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
       newer; bfloat16 / float16 inputs, head dims up to 128) |
       "pallas_triton" | "pallas_tpu".
-    interpret: Pallas impls only: run the kernels in Pallas interpret mode (any
-      platform, slow; for tests). For "pallas_mosaic_gpu" True means the
-      Mosaic GPU interpreter (``plgpu.InterpretGPUParams()``, which may also
-      be passed); for "pallas_tpu" it may be a ``pltpu.InterpretParams()``,
-      which emulates TPU memory semantics.
+    interpret: Pallas impls only: run the kernels in interpret mode (any
+      platform, slow; for tests). True is each backend's own interpreter
+      (``_dispatch.interpret_mode``: ``plgpu.InterpretGPUParams()`` for
+      "pallas_mosaic_gpu", ``pltpu.InterpretParams()`` for "pallas_tpu",
+      Pallas' generic one for "pallas_triton"); a params object of the
+      backend may be passed instead.
     segment_ids: optional int [B, T] document ids of packed rows (a token
       starts a document where its id differs from the previous token's): the
       state entering each document is zero, h0 applies to the first document of
