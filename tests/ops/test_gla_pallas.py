@@ -205,8 +205,7 @@ def test_auto_picks_the_platform_kernel():
 
 
 @pytest.mark.parametrize("plat, family, expected", [
-    # gla has Mosaic GPU kernels, delta_rule not yet
-    ("gpu", "hopper", {"gla": "pallas_mosaic_gpu", "delta_rule": "pallas_triton"}),
+    ("gpu", "hopper", "pallas_mosaic_gpu"),
     ("gpu", "ampere", "pallas_triton"),
     ("gpu", "other", "chunked"),  # ROCm, pre-Ampere NVIDIA
     ("tpu", "other", "pallas_tpu"),

@@ -4,10 +4,15 @@ import jax.numpy as jnp
 
 from lsm.ops import _dispatch
 from lsm.ops.common import checks, kernel_shapes, segments
-from lsm.ops.delta_rule import chunked, pallas_triton, pallas_tpu, reference
+from lsm.ops.delta_rule import (chunked, pallas_mosaic_gpu, pallas_triton,
+                                pallas_tpu, reference)
 
 _IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
+          "pallas_mosaic_gpu": pallas_mosaic_gpu.delta_rule,
           "pallas_triton": pallas_triton.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
+# The Mosaic GPU kernels have no document masks yet: with segment_ids, "auto"
+# on Hopper takes the Triton kernels, and an explicit "pallas_mosaic_gpu" raises.
+_WITH_RESETS = tuple(n for n in _IMPLS if n != "pallas_mosaic_gpu")
 _OP = "delta_rule"
 
 
@@ -35,18 +40,22 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
-      for the Pallas impls 16, 32, 64 or 128. T need not be a multiple of it.
-    impl: "auto" | "reference" | "chunked" | "pallas_triton" | "pallas_tpu".
+      for "pallas_triton" and "pallas_tpu" 16, 32, 64 or 128, for
+      "pallas_mosaic_gpu" 64. T need not be a multiple of it.
+    impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
+      newer; bfloat16 / float16 inputs, head dims up to 128) |
+      "pallas_triton" | "pallas_tpu".
     interpret: Pallas impls only: run the kernels in interpret mode (any
       platform, slow; for tests). True is each backend's own interpreter
-      (``_dispatch.interpret_mode``: ``pltpu.InterpretParams()`` for
-      "pallas_tpu", Pallas' generic one for "pallas_triton"); a params object
-      of the backend may be passed instead.
+      (``_dispatch.interpret_mode``: ``plgpu.InterpretGPUParams()`` for
+      "pallas_mosaic_gpu", ``pltpu.InterpretParams()`` for "pallas_tpu",
+      Pallas' generic one for "pallas_triton"); a params object of the
+      backend may be passed instead.
     segment_ids: optional int [B, T] document ids of packed rows (a token
       starts a document where its id differs from the previous token's): the
       state entering each document is zero, h0 applies to the first document of
-      each row. Every impl takes them (the Pallas kernels cut their tiles
-      with the same masks as "chunked").
+      each row. Every impl but "pallas_mosaic_gpu" takes them (the Pallas
+      kernels cut their tiles with the same masks as "chunked").
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
@@ -62,7 +71,7 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   checks.check_scale(_OP, scale)
   checks.check_chunk_size(_OP, chunk_size)
   name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T,
-                                  with_resets=tuple(_IMPLS))
+                                  with_resets=_WITH_RESETS)
   scale = K ** -0.5 if scale is None else float(scale)
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
   if "interpret" in kwargs:

@@ -1,0 +1,289 @@
+"""The delta rule on Mosaic GPU (``lsm.ops.delta_rule.pallas_mosaic_gpu``):
+against the float32 reference in the Mosaic GPU interpreter on CPU (outputs,
+h_T, gradients of q, k, v, beta, log_g and h0; DeltaNet and Gated DeltaNet,
+beta up to 2), a race-detecting run of every kernel, lowering for CUDA without
+a GPU (forward and backward, both head dims) with each kernel's SMEM checked
+against ``smem_bytes`` and the H100 limit, input limits, and real-device runs
+marked gpu.
+
+The impl is called through ``_op``, which does what ``api.delta_rule`` does
+for it (float32 beta and log_g, zero log_g for DeltaNet, scale K^-1/2), so
+these tests do not depend on the impl being wired into the api. Shapes are
+small: the interpreter runs each grid point of each kernel in turn.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lsm.ops.common import cuda_targets
+from lsm.ops.delta_rule import delta_rule
+from lsm.ops.delta_rule import pallas_mosaic_gpu as mgpu
+from tests import numerics
+from tests.ops import harness
+from tests.ops.test_delta_rule import make_inputs
+
+IMPL = "pallas_mosaic_gpu"
+H100_SMEM = cuda_targets.TARGETS["h100"].smem_per_block  # 232,448 B
+RTOL = numerics.tolerance(IMPL, jnp.bfloat16)  # 1e-2
+
+
+def _op(q, k, v, beta, log_g=None, h0=None, *, impl, chunk_size=64,
+        interpret=False):
+  """The public op (checks, defaults, scale, dispatch)."""
+  kw = {} if interpret is False else {"interpret": interpret}
+  return delta_rule(q, k, v, beta, log_g=log_g, h0=h0, impl=impl,
+                    chunk_size=chunk_size, **kw)
+
+
+def _check(B, T, H, K, V, *, dtype=jnp.bfloat16, interpret=True, seed=0,
+           beta_max=2.0, **kwargs):
+  primals = make_inputs(seed, B, T, H, K, V, beta_max=beta_max, dtype=dtype,
+                        **kwargs)
+  harness.check_against_reference(_op, IMPL, 64, primals,
+                                  jax.random.key(seed + 1), rtol=RTOL,
+                                  interpret=interpret)
+
+
+# ---------------------------------------------------------- interpreter ---
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "deltanet"])
+@pytest.mark.parametrize("B, T, H, K, V", [
+    (2, 63, 1, 64, 128),  # T < C, K != V
+    (1, 150, 2, 128, 64),  # three chunks (both state buffers), K != V
+], ids=["T63_K64_V128", "T150_K128_V64"])
+def test_interpret_matches_reference_bf16(B, T, H, K, V, gated):
+  _check(B, T, H, K, V, gated=gated)
+
+
+def test_interpret_matches_reference_d128():
+  _check(1, 100, 1, 128, 128, seed=3)
+
+
+def test_interpret_padded_head_dims():
+  """K = 40, V = 96 go to 64 and 128 with inert zero channels."""
+  _check(1, 70, 1, 40, 96, seed=4, beta_max=1.0)
+
+
+@pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
+def test_interpret_strong_decay(log_g_value):
+  """log_g = -5 per token: exp(gamma) spans e^-320 inside a chunk (-50: the
+  state forgets within a token); every exponent the XLA factors form is <= 0,
+  so nothing overflows."""
+  _check(1, 140, 1, 64, 64, seed=2, log_g_value=log_g_value)
+
+
+def test_interpret_matches_reference_fp16():
+  """float16 goes through the same kernels (f16 wgmma operands); numerics.py
+  has no float16 row, the bfloat16 bound applies."""
+  _check(1, 90, 1, 64, 64, dtype=jnp.float16, seed=6)
+
+
+@settings(max_examples=2, deadline=None)  # each example compiles anew
+@given(T=st.integers(1, 140), K=st.sampled_from([16, 64, 100, 128]),
+       V=st.sampled_from([24, 64, 128]), gated=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_forward_matches_reference(T, K, V, gated, seed):
+  """Any T and head dims up to 128, forward only."""
+  x = make_inputs(seed, 1, T, 1, K, V, beta_max=2.0, gated=gated,
+                  dtype=jnp.bfloat16)
+  o_e, h_e = _op(**{n: a.astype(jnp.float32) for n, a in x.items()},
+                 impl="reference")
+  o, h = jax.jit(functools.partial(_op, impl=IMPL, interpret=True))(**x)
+  numerics.assert_close(o, o_e, rtol=RTOL, what="o")
+  numerics.assert_close(h, h_e, rtol=RTOL, what="h_T")
+
+
+def _kernel_calls(BH=1, N=4, K=64, V=128, dtype=jnp.bfloat16):
+  """Each kernel's launch on random operands of the kernel layout, as
+  zero-argument callables under the race detector (values do not matter for
+  races; N = 4 chunks cycle both buffers of the sequential passes)."""
+  Tp = N * 64
+  ks = iter(jax.random.split(jax.random.key(7), 16))
+
+  def rand(*shape, dt=dtype):
+    return jax.random.normal(next(ks), shape).astype(dt)
+
+  ip = plgpu.InterpretGPUParams(detect_races=True)
+  wk, ko, qs = rand(BH, Tp, K), rand(BH, Tp, K), rand(BH, Tp, K)
+  wv = rand(BH, Tp, V, dt=jnp.float32)
+  a, do = rand(BH, Tp, 64), rand(BH, Tp, V)
+  dec = jnp.full((BH, N, K), 0.5, jnp.float32)
+  h0t = rand(BH, V, K, dt=jnp.float32)
+  hs, u, du = rand(BH, N, V, K), rand(BH, Tp, V), rand(BH, Tp, V)
+  gs = rand(BH, N, V, K)
+
+  def call(f, *x):
+    return lambda: jax.jit(functools.partial(f, interpret=ip))(*x)
+
+  return {
+      "delta_rule_states_mgpu": call(mgpu._states_call, wk, wv, ko, dec, h0t),
+      "delta_rule_output_mgpu": call(mgpu._output_call, qs, a, u, hs),
+      "delta_rule_state_grads_mgpu": call(mgpu._state_grads_call, ko, qs, wk,
+                                          a, do, dec, h0t),
+      "delta_rule_input_grads_mgpu": call(mgpu._input_grads_call, do, u, du,
+                                          hs, gs),
+  }
+
+
+def test_interpret_finds_no_races():
+  """Each kernel once under the interpreter's happens-before race detector
+  (SMEM reads and writes by the warpgroup, TMA and wgmma). Its state covers
+  the last kernel run, hence one kernel at a time."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+  calls = _kernel_calls()
+  assert set(calls) == set(mgpu.KERNELS)
+  for name, call in calls.items():
+    jax.block_until_ready(call())
+    assert not interpret_pallas_call.get_races().races_found, name
+
+
+# ------------------------------------------------------------- lowering ---
+
+
+def _vjp_fn(q, k, v, beta, log_g, h0, do, dh):
+  (o, h_t), pullback = jax.vjp(
+      lambda *a: mgpu.delta_rule(*a[:5], h0=a[5], scale=0.125),
+      q, k, v, beta, log_g, h0)
+  return o, h_t, pullback((do, dh))
+
+
+def _structs(D, dtype, B=1, T=130, H=2):  # T pads to 3 chunks
+  s = jax.ShapeDtypeStruct
+  x = s((B, T, H, D), dtype)
+  per_head = s((B, T, H), jnp.float32)
+  state = s((B, H, D, D), jnp.float32)
+  return [x, x, x, per_head, per_head, state, x, state]
+
+
+def _kernels(lowered):
+  """(kernel name, dynamic SMEM bytes) of every Mosaic GPU custom call in a
+  lowering: the kernel module is MLIR bytecode in the call's
+  ``mhlo.backend_config["module"]``; the SMEM size is the last operand of its
+  ``gpu.launch``. The parsing context registers the Mosaic GPU dialect: without
+  it, the second lowering's modules in a process failed to parse ("invalid
+  memref element type"; jax 0.11.2)."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir
+  from jax._src.lib import mosaic_gpu_dialect
+  from jax._src.lib.mlir import ir
+  # pylint: enable=g-import-not-at-top
+  modules = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          if (o.operation.name == "stablehlo.custom_call" and
+              ir.StringAttr(o.attributes["call_target_name"]).value
+              == "mosaic_gpu_v2"):
+            config = ir.DictAttr(o.attributes["mhlo.backend_config"])
+            modules.append(ir.StringAttr(config["module"]).value_bytes)
+          walk(o.operation)
+
+  walk(lowered.compiler_ir("stablehlo").operation)
+  out = []
+  with mlir.make_ir_context() as ctx:
+    ctx.allow_unregistered_dialects = True
+    mosaic_gpu_dialect.register_dialect(ctx)
+    for data in modules:
+      text = str(ir.Module.parse(data))
+      name = re.search(r'sym_name = "(delta_rule_\w+_mgpu)_mosaic_gpu"',
+                       text).group(1)
+      launch = re.search(r'gpu\.launch"\(([^)]*)\)', text).group(1)
+      size = launch.split(", ")[-1]
+      size = re.search(re.escape(size) + r' = "[\w.]*arith\.constant"\(\) '
+                       r'\{value = (\d+)', text).group(1)
+      out.append((name, int(size)))
+  return out
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_lowers_for_cuda(D):
+  """Forward and backward lower to Mosaic GPU custom calls without a GPU
+  (target sm_90): the forward's two kernels, the backward's three (the state
+  pass again, its reverse, the chunk gradients); and each kernel's SMEM, as
+  the lowering allocates it, is ``smem_bytes``'s count and fits an H100
+  block."""
+  dtype = jnp.bfloat16
+  lowered = jax.jit(_vjp_fn).trace(*_structs(D, dtype)).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu_v2") == 5
+  kernels = _kernels(lowered)
+  assert sorted(n for n, _ in kernels) == sorted(
+      ["delta_rule_states_mgpu", "delta_rule_output_mgpu",
+       "delta_rule_states_mgpu", "delta_rule_state_grads_mgpu",
+       "delta_rule_input_grads_mgpu"])
+  for name, size in kernels:
+    assert size == mgpu.smem_bytes(name, D, D, dtype), name
+    assert size <= H100_SMEM, (name, size)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("K, V", [(64, 64), (64, 128), (128, 64), (128, 128)])
+def test_smem_fits_h100(K, V, dtype):
+  """Every kernel's SMEM footprint, summed from its scratch shapes (each
+  allocation rounded to 1 KiB, barriers), fits the H100's per-block limit at
+  every padded head-dim pair."""
+  for name in mgpu.KERNELS:
+    size = mgpu.smem_bytes(name, K, V, dtype)
+    assert 0 < size <= H100_SMEM, (name, K, V, size)
+
+
+# --------------------------------------------------------------- limits ---
+
+
+def test_interpret_true_is_the_mosaic_gpu_interpreter():
+  assert isinstance(mgpu._interpret_params(True), plgpu.InterpretGPUParams)
+  assert mgpu._interpret_params(False) is None
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(dtype=jnp.float32), r"takes bfloat16 or float16 inputs; got float32"),
+    (dict(K=160), r"supports head dims up to 128; got K \(key/query head dim\) "
+                  r"= 160"),
+    (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
+                  r"= 256"),
+    (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
+    (dict(resets=True), r"does not take segment_ids yet"),
+])
+def test_unsupported_input_raises(change, match):
+  dims = dict(B=1, T=8, H=1, K=64, V=64) | {
+      n: change[n] for n in ("K", "V") if n in change}
+  x = make_inputs(0, *dims.values(), dtype=change.get("dtype", jnp.bfloat16))
+  resets = jnp.zeros((1, 8), bool) if "resets" in change else None
+  with pytest.raises(ValueError,
+                     match=r"delta_rule: impl='pallas_mosaic_gpu' " + match):
+    mgpu.delta_rule(x["q"], x["k"], x["v"], x["beta"].astype(jnp.float32),
+                    x["log_g"].astype(jnp.float32), h0=x["h0"], scale=0.1,
+                    chunk_size=change.get("chunk_size", 64), interpret=True,
+                    resets=resets)
+
+
+# -------------------------------------------------------------- devices ---
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "deltanet"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_kernels_match_reference(D, dtype, gated):
+  _check(2, 200, 4, D, D, dtype=dtype, interpret=False, gated=gated)
+
+
+@pytest.mark.gpu
+def test_gpu_strong_decay():
+  _check(1, 500, 2, 64, 64, interpret=False, log_g_value=-5.0)
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_k_ne_v():
+  _check(1, 1000, 2, 128, 64, interpret=False, seed=7)
