@@ -13,6 +13,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -69,22 +70,111 @@ def test_interpret_gate_forms(gate):
   _check(1, 80, 2, 64, 64, gate=gate, seed=5)
 
 
-def test_documents_raise_and_auto_takes_triton(monkeypatch):
-  """No document masks yet: an explicit request says so; "auto" on Hopper
-  with segment_ids picks the Triton kernels, without them Mosaic GPU."""
+def test_documents_through_api_and_auto_takes_mosaic_gpu(monkeypatch):
+  """The api passes segment_ids to the kernels (one document per row equals
+  none), and "auto" on Hopper picks Mosaic GPU with and without them."""
   x = make_inputs(0, 1, 16, 1, 64, 64, dtype=jnp.bfloat16)
   ids = jnp.ones((1, 16), jnp.int32)
-  with pytest.raises(ValueError, match="impl='pallas_mosaic_gpu' does not take "
-                                       "segment_ids yet"):
-    gla(**x, impl=IMPL, segment_ids=ids, interpret=True)
+  numerics.assert_trees_close(
+      gla(**x, impl=IMPL, segment_ids=ids, interpret=True),
+      gla(**x, impl=IMPL, interpret=True),
+      rtol=numerics.TOLERANCES[("invariant", "float32")], names=("o", "h_T"))
   from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
   monkeypatch.setattr(_dispatch, "gpu_family", lambda: "hopper")
   resolve = functools.partial(segments.resolve, "gla", "auto", gla_api._IMPLS,
                               batch=1, length=16,
                               with_resets=gla_api._WITH_RESETS)
-  assert resolve(ids)[0] == "pallas_triton"
+  assert resolve(ids)[0] == IMPL
   assert resolve(None)[0] == IMPL
+
+
+# Packed rows (T = 150: chunks [0, 64), [64, 128), [128, 150) padded to 192):
+# row 0 has a document start at a chunk's last token (63), a 1-token document,
+# a start at a chunk's first token (64) and a document crossing the edge at
+# 128; row 1 has several starts in one chunk (20, 21, 62) and a document
+# crossing both edges. Row 1's third document ends two tokens before the
+# chunk edge, so its last tokens would reach the outgoing state with weights
+# near 1 if the tail mask were missing (a document ending far from the edge
+# would hide that behind the decay).
+DOC_LENGTHS = ((63, 1, 86), (20, 1, 41, 88))
+DOC_T = 150
+
+
+def _doc_ids(lengths=DOC_LENGTHS):
+  return jnp.asarray(np.stack([np.repeat(np.arange(1, len(row) + 1), row)
+                               for row in lengths]).astype(np.int32))
+
+
+def _alone(x, scale, lengths=DOC_LENGTHS):
+  """Each document run alone by the float32 reference from a zero state (h0
+  for a row's first document): outputs concatenated, final state of each
+  row's last document."""
+  outs, finals = [], []
+  for row, row_lengths in enumerate(lengths):
+    start, pieces = 0, []
+    for i, n in enumerate(row_lengths):
+      doc = {name: val[row:row + 1] if name == "h0" else
+             val[row:row + 1, start:start + n] for name, val in x.items()}
+      if i:
+        doc["h0"] = jnp.zeros_like(doc["h0"])
+      o, h_t = gla(doc["q"], doc["k"], doc["v"], doc["log_g"], h0=doc["h0"],
+                   scale=scale, impl="reference")
+      pieces.append(o)
+      start += n
+    outs.append(jnp.concatenate(pieces, axis=1))
+    finals.append(h_t)
+  return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+
+def _check_documents(K, V, *, log_g_value=None, gate_scale=1.0, seed=0,
+                     interpret=INTERPRET):
+  """A packed bf16 batch (``DOC_LENGTHS``) through the kernels equals each
+  document run alone with the float32 reference: o, h_T and the gradients
+  of q, k, v, log_g and h0. ``gate_scale`` multiplies the log gates."""
+  B = len(DOC_LENGTHS)
+  x = make_inputs(seed, B, DOC_T, 1, K, V, dtype=jnp.bfloat16,
+                  log_g_value=log_g_value)
+  x["log_g"] = x["log_g"].astype(jnp.float32) * gate_scale
+  scale = K ** -0.5
+  resets = segments.resets(_doc_ids())
+  cts = harness.cotangents(jax.random.key(seed + 1), x["v"].shape,
+                           jnp.bfloat16, x["h0"].shape)
+
+  def packed(x):
+    return mgpu_gla.gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"],
+                        scale=scale, interpret=interpret, resets=resets)
+
+  def run(f, x, cts):
+    (o, h_t), pull = jax.vjp(f, x)
+    return o, h_t, pull(cts)[0]
+
+  got = jax.jit(functools.partial(run, packed))(x, cts)
+  alone = functools.partial(_alone, scale=scale)
+  want = jax.jit(functools.partial(run, alone))(
+      {n: a.astype(jnp.float32) for n, a in x.items()},
+      tuple(c.astype(jnp.float32) for c in cts))
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+  names = sorted(x)
+  numerics.assert_trees_close(
+      (got[0], got[1], *(got[2][n] for n in names)),
+      (want[0], want[1], *(want[2][n] for n in names)),
+      rtol=numerics.tolerance(IMPL, jnp.bfloat16),
+      names=["o", "h_T", *(f"d{n}" for n in names)])
+
+
+def test_interpret_documents_equal_documents_alone():
+  """K = 128 (both key-column halves of the state passes, two dq/dk/d log_g
+  programs), V = 64. Weak decay (the usual gates / 8, about 1.2 nats per
+  chunk): a term a mask should cut would be as large as the kept ones, so
+  leaving out any one mask fails this test (each was checked so, by hand)."""
+  _check_documents(128, 64, gate_scale=0.125)
+
+
+def test_interpret_documents_strong_decay():
+  """log_g = -5 per token with documents: the masks must cut terms, never
+  gate them (an exp(-b) split would overflow here)."""
+  _check_documents(64, 64, log_g_value=-5.0, seed=3)
 
 
 @pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
@@ -118,28 +208,34 @@ def test_property_forward_matches_reference(T, K, V, seed):
   numerics.assert_close(h, h_e, rtol=rtol, what="h_T")
 
 
-def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16):
-  """Each kernel's launch on consistent inputs, as zero-argument callables."""
+def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16,
+                  docs=False):
+  """Each kernel's launch on consistent inputs, as zero-argument callables;
+  ``docs``: in the packed-documents form (starts at 63, 64 and 164)."""
   x = make_inputs(4, B, T, H, K, V, dtype=dtype)
   Tp = 64 * -(-T // 64)
   pad = lambda a: jnp.pad(a, [(0, 0), (0, Tp - T)] + [(0, 0)] * 2)  # noqa: E731
+  if docs:
+    ids = _doc_ids([(63, 1, 100, T - 164)] * B)
+    docs = segments.kernel_docs(
+        jnp.pad(segments.resets(ids), ((0, 0), (0, Tp - T))), 64)
+  else:
+    docs = None
   q, k, v = pad(x["q"]), pad(x["k"]), pad(x["v"])
   b = mgpu_gla._gate_prefix(pad(x["log_g"].astype(jnp.float32)))
   do = pad(jax.random.normal(jax.random.key(5), x["v"].shape).astype(dtype))
   h0t = jnp.swapaxes(x["h0"], 2, 3)
   ip = plgpu.InterpretGPUParams(detect_races=True)
-  kw = dict(scale=K ** -0.5, interpret=ip)
+  kw = dict(scale=K ** -0.5, interpret=ip, docs=docs)
   state = functools.partial(mgpu_gla._state_pass, reverse=False, scale=1.0,
-                            interpret=ip)
+                            interpret=ip, docs=docs)
+  dstate = functools.partial(mgpu_gla._state_pass, reverse=True,
+                             scale=K ** -0.5, interpret=ip, docs=docs)
   h_in, _ = jax.jit(state)(k, v, b, h0t)
-  dh_out, _ = jax.jit(functools.partial(
-      mgpu_gla._state_pass, reverse=True, scale=K ** -0.5, interpret=ip))(
-          q, do, b, h0t)
+  dh_out, _ = jax.jit(dstate)(q, do, b, h0t)
   return {
       "gla_states_mgpu": lambda: jax.jit(state)(k, v, b, h0t),
-      "gla_dstates_mgpu": lambda: jax.jit(functools.partial(
-          mgpu_gla._state_pass, reverse=True, scale=K ** -0.5, interpret=ip))(
-              q, do, b, h0t),
+      "gla_dstates_mgpu": lambda: jax.jit(dstate)(q, do, b, h0t),
       "gla_output_mgpu": lambda: jax.jit(functools.partial(
           mgpu_gla._outputs, **kw))(q, k, v, b, h_in),
       "gla_dv_mgpu": lambda: jax.jit(functools.partial(mgpu_gla._dv, **kw))(
@@ -149,14 +245,16 @@ def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16):
   }
 
 
-def test_interpret_finds_no_races():
+@pytest.mark.parametrize("docs", [False, True], ids=["plain", "documents"])
+def test_interpret_finds_no_races(docs):
   """Each kernel once under the interpreter's happens-before race detector
   (SMEM reads and writes by the warpgroup, TMA and wgmma), with four chunks so
-  the state passes cycle both buffers. Its state covers the last kernel run,
-  hence one kernel at a time."""
+  the state passes cycle both buffers (and, with documents, both doc
+  tiles). Its state covers the last kernel run, hence one kernel at a
+  time."""
   # pylint: disable-next=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-  calls = _kernel_calls()
+  calls = _kernel_calls(docs=docs)
   assert set(calls) == set(mgpu_gla.KERNELS)
   for name, call in calls.items():
     jax.block_until_ready(call())
@@ -166,18 +264,20 @@ def test_interpret_finds_no_races():
 # ------------------------------------------------------------- lowering ---
 
 
-def _vjp_fn(q, k, v, log_g, h0, do, dh):
+def _vjp_fn(q, k, v, log_g, h0, do, dh, resets=None):
   (o, h_t), pullback = jax.vjp(
-      lambda *a: mgpu_gla.gla(*a[:4], h0=a[4], scale=0.125), q, k, v, log_g, h0)
+      lambda *a: mgpu_gla.gla(*a[:4], h0=a[4], scale=0.125, resets=resets),
+      q, k, v, log_g, h0)
   return o, h_t, pullback((do, dh))
 
 
-def _structs(D, dtype, B=1, T=130, H=2):  # T pads to 3 chunks
+def _structs(D, dtype, B=1, T=130, H=2, docs=False):  # T pads to 3 chunks
   s = jax.ShapeDtypeStruct
   return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H, D), jnp.float32),
                                           s((B, H, D, D), jnp.float32),
                                           s((B, T, H, D), dtype),
-                                          s((B, H, D, D), jnp.float32)])
+                                          s((B, H, D, D), jnp.float32)]
+          + [s((B, T), jnp.bool_)] * docs)
 
 
 def _kernels(lowered):
@@ -187,6 +287,8 @@ def _kernels(lowered):
   ``gpu.launch``."""
   from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.lib import mosaic_gpu_dialect
   modules = []
 
   def walk(op):
@@ -204,6 +306,10 @@ def _kernels(lowered):
   out = []
   with mlir.make_ir_context() as ctx:
     ctx.allow_unregistered_dialects = True
+    # Without the Mosaic GPU dialect the parse of a kernel module failed
+    # ("invalid memref element type") once the interpreter had run in the
+    # process (seen with jax 0.11.2, the race test before these).
+    mosaic_gpu_dialect.register_dialect(ctx)
     for data in modules:
       text = str(ir.Module.parse(data))
       name = re.search(r'sym_name = "(gla_\w+_mgpu)_mosaic_gpu"', text).group(1)
@@ -215,14 +321,17 @@ def _kernels(lowered):
   return out
 
 
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_lowers_for_cuda(D, dtype):
+@pytest.mark.parametrize("D, dtype, docs", [
+    (64, jnp.bfloat16, False), (128, jnp.bfloat16, False),
+    (64, jnp.float16, False), (128, jnp.float16, False),
+    (64, jnp.bfloat16, True), (128, jnp.bfloat16, True)])
+def test_lowers_for_cuda(D, dtype, docs):
   """Forward and backward lower to Mosaic GPU custom calls without a GPU
   (target sm_90): the forward's two kernels, the backward's four (the state
   pass again, its reverse, dv, dq/dk/d log_g); and each kernel's SMEM, as the
-  lowering allocates it, is ``smem_bytes``'s count and fits an H100 block."""
-  lowered = jax.jit(_vjp_fn).trace(*_structs(D, dtype)).lower(
+  lowering allocates it, is ``smem_bytes``'s count and fits an H100 block.
+  ``docs``: with segment_ids (the kernels' document forms)."""
+  lowered = jax.jit(_vjp_fn).trace(*_structs(D, dtype, docs=docs)).lower(
       lowering_platforms=("cuda",))
   assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu_v2") == 6
   kernels = _kernels(lowered)
@@ -230,7 +339,7 @@ def test_lowers_for_cuda(D, dtype):
       ["gla_states_mgpu", "gla_output_mgpu", "gla_states_mgpu",
        "gla_dstates_mgpu", "gla_dv_mgpu", "gla_dqkg_mgpu"])
   for name, size in kernels:
-    assert size == mgpu_gla.smem_bytes(name, D, D, dtype), name
+    assert size == mgpu_gla.smem_bytes(name, D, D, dtype, docs=docs), name
     assert size <= H100_SMEM, (name, size)
 
 
@@ -241,8 +350,9 @@ def test_smem_fits_h100(K, V, dtype):
   allocation rounded to 1 KiB, barriers, reduction scratch), fits the H100's
   per-block limit at every padded head-dim pair."""
   for name in mgpu_gla.KERNELS:
-    size = mgpu_gla.smem_bytes(name, K, V, dtype)
-    assert 0 < size <= H100_SMEM, (name, K, V, size)
+    for docs in (False, True):
+      size = mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs)
+      assert 0 < size <= H100_SMEM, (name, K, V, docs, size)
 
 
 # --------------------------------------------------------------- limits ---
@@ -255,18 +365,16 @@ def test_smem_fits_h100(K, V, dtype):
     (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
                   r"= 256"),
     (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
-    (dict(resets=True), r"does not take segment_ids yet"),
 ])
 def test_unsupported_input_raises(change, match):
   dims = dict(B=1, T=8, H=1, K=64, V=64) | {
       n: change[n] for n in ("K", "V") if n in change}
   x = make_inputs(0, *dims.values(), dtype=change.get("dtype", jnp.bfloat16))
-  resets = jnp.zeros((1, 8), bool) if "resets" in change else None
   with pytest.raises(ValueError,
                      match=r"gla: impl='pallas_mosaic_gpu' " + match):
     mgpu_gla.gla(x["q"], x["k"], x["v"], x["log_g"].astype(jnp.float32),
                  h0=x["h0"], scale=0.1, chunk_size=change.get("chunk_size", 64),
-                 interpret=True, resets=resets)
+                 interpret=True)
 
 
 # -------------------------------------------------------------- devices ---
@@ -285,6 +393,12 @@ def test_gpu_kernels_match_reference(D, dtype):
 @pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
 def test_gpu_strong_decay(log_g_value):
   _check(1, 500, 2, 64, 64, interpret=False, log_g_value=log_g_value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_documents(D):
+  _check_documents(D, D, gate_scale=0.125, interpret=False)
 
 
 @pytest.mark.gpu

@@ -30,6 +30,36 @@ Kernels (one warpgroup each; all on [B, T, H, D] arrays as the op gets them, a
   gla_dqkg_mgpu     grid (B, H, N, K / 64): dq, dk and d log_g of 64 key
                     columns (``_dqkg_kernel``).
 
+Packed documents (``resets``; convention and masks in ``segments``): every
+kernel also takes the chunk-local document index d_t of its chunk
+(``segments.kernel_docs``' rows, [B, N, 1, C] float32, from
+``pallas_vjp.make_gla``), a [1, C] TMA box into a plain float32 tile, and cuts
+each term with ``jnp.where`` on the masks of ``_DocMasks`` (never a -inf
+gate; the cut terms are finite, every exponent being <= 0), exactly the terms
+that ``chunked._cut`` and ``chunked._fast_bwd`` cut:
+
+  same[t, s] = (d_t == d_s)        A in gla_output_mgpu and gla_dv_mgpu, dA
+                                   and dA^T in gla_dqkg_mgpu (pivot and
+                                   diagonal parts alike);
+  carry[t] = (d_t == 0)            the rows of q exp(b): against S in
+                                   gla_output_mgpu, into the reverse pass in
+                                   gla_dstates_mgpu, dq's S-in term in
+                                   gla_dqkg_mgpu;
+  tail[s] = (d_s == d_{C-1})       the rows of k exp(b_C - b): into the state
+                                   in gla_states_mgpu, dv's dS term in
+                                   gla_dv_mgpu, dk's S-out term in
+                                   gla_dqkg_mgpu;
+  carry_out = (d_{C-1} == 0)       the decay exp(b_C) of the carry in both
+                                   state passes, and d log_g's ``leaving``
+                                   term exp(b_C) sum_v S dS.
+
+d log_g needs nothing else: its row sums are of the already cut dq, dk and
+dk_state terms (the t = s terms of A are always kept). The document forms
+add 1 KiB and one barrier to the chunk kernels (the state passes: a
+double-buffered [2, C] tile, two barriers, and the 2 KiB reduction scratch of
+``_DocMasks``' row sums: +3 KiB); the largest, gla_dqkg_mgpu at V = 128, is
+199,744 B of the 232,448 B per block (``smem_bytes(..., docs=True)``).
+
 Each launcher's docstring gives its tiles, SMEM bytes (``smem_bytes``; the
 lowering's own count is checked against it in the tests) and register plan
 (registers per thread of the 128-thread warpgroup; a float32 [64, 64] tile in
@@ -55,7 +85,8 @@ Numerics.
   the float32 tolerance of 1e-4. With float16 inputs the per-chunk states are
   float16 too, so a state entry past 65504 (long sequences with little decay
   and large keys and values) would overflow where bf16 would not.
-- Masked entries are selected away with ``where`` before they can meet a
+- Masked entries (pad rows, and with documents the terms ``_DocMasks`` cuts)
+  are selected away with ``where`` before they can meet a
   multiply (the pad rows of the plain tiles are never written, and interpret
   mode fills them with NaN).
 
@@ -75,6 +106,10 @@ semantics, pinned in ``_PARAMS``; checked by lowering for CUDA and in
 - ``plgpu.commit_smem()`` before a TMA that overwrites a tile read in the
   previous loop step: without it the interpreter's race detector reports the
   read / TMA-write pair.
+- A kernel with a reduction gets the 2 KiB reduction scratch
+  (``_PARAMS.reduction_scratch_bytes``) from the lowering: the state passes,
+  whose only reductions are ``_DocMasks``' [C, C] row sums (axis 1), have it
+  in their document form and not without (``smem_bytes``).
 - Hazards reported for jax 0.11.2 are avoided: no warpgroup exits early (one
   warpgroup per kernel, no early returns) and no accumulator is negated
   (``-acc * x`` gave zeros): gradients use differences, never negations.
@@ -173,11 +208,95 @@ def _gate_prefix(g):
   return jnp.cumsum(g.reshape(B, Tp // C, C, H, K), axis=2).reshape(g.shape)
 
 
+# ------------------------------------------------------------ documents ---
+
+
+class _DocMasks:
+  """The masks of ``segments.chunk_masks`` for one chunk, from row ``i`` of
+  the plain float32 [n, C] tile ``d_s``: its chunk-local document indices d_t
+  (``segments.kernel_docs``' rows: 0 until the chunk's first reset, +1 at
+  each reset). The row loads as a ``_ROW`` vector and broadcasts down the
+  columns (d_s at [t, s]); the per-token column vectors d_t and d_{C-1} (in
+  every entry) come from it by masked row sums on a [C, C] tile (exact for
+  small integers), the transpose-free way of ``da_tt`` in ``_dqkg_kernel``.
+  Every mask is a bool tile for ``jnp.where``:
+
+    same [C, C]         d_t == d_s         intra-chunk weights A and dA;
+    carry(shape)        d_t == 0           q exp(b) against the incoming
+                                           state, and their gradients;
+    tail(shape)         d_t == d_{C-1}     k exp(b_C - b) into the outgoing
+                                           state, and their gradients;
+    carry_out(shape)    d_{C-1} == 0       exp(b_C) on the incoming state
+                                           (forward and reverse pass) and the
+                                           ``leaving`` part of d log_g.
+
+  ``shape`` is [64, D] (rows = the chunk's tokens, or the BV = 64 state rows
+  for carry_out, whose value is one per chunk).
+  """
+
+  def __init__(self, d_s, i=0):
+    shape = (C, C)
+    self._row = _load_row(d_s, i, shape)  # [C, C]: d_s at [t, s]
+    r, c = _iota(shape, 0), _iota(shape, 1)
+    self._col = jnp.sum(jnp.where(r == c, self._row, 0.0), axis=1)  # [C]: d_t
+    self._last = jnp.sum(jnp.where(c == C - 1, self._row, 0.0), axis=1)
+
+  def _bcast(self, vec, shape):
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+  @property
+  def same(self):
+    return self._bcast(self._col, (C, C)) == self._row
+
+  def carry(self, shape):
+    return self._bcast(self._col, shape) == 0.0
+
+  def tail(self, shape):
+    return self._bcast(self._col, shape) == self._bcast(self._last, shape)
+
+  def carry_out(self, shape):
+    return self._bcast(self._last, shape) == 0.0
+
+
+def _cut(mask, x):
+  """x where ``mask``, else 0; x itself without documents (mask None)."""
+  return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def _with_docs(kernel, n_in, n_out, docs):
+  """A ``plgpu.kernel`` body for ``kernel(*refs, docs=...)``: without
+  documents ``docs=None``; with them the launcher appends the document row
+  array as the last input and the doc scratch (``_DOC_SCRATCH``: the SMEM
+  tile and its barriers) after the kernel's own scratch, and ``kernel`` gets
+  ``docs=(GMEM ref, SMEM tile, barriers)``."""
+  if not docs:
+    return functools.partial(kernel, docs=None)
+
+  def body(*refs):
+    d_ref, outs = refs[n_in], refs[n_in + 1:n_in + 1 + n_out]
+    *scratch, d_s, d_bars = refs[n_in + 1 + n_out:]
+    return kernel(*refs[:n_in], *outs, *scratch, docs=(d_ref, d_s, d_bars))
+  return body
+
+
+def _doc_rows(docs):
+  """The launchers' ``docs`` (None, or ``segments.kernel_docs``' (cols,
+  rows)) as the kernels' extra inputs: () or (rows [B, N, 1, C] float32,)."""
+  return () if docs is None else (docs[1],)
+
+
+def _doc_scratch(n_buffers):
+  """The doc tile [n_buffers, C] float32 (a row per buffer, each the TMA
+  destination of a [1, C] box; one 1 KiB allocation), one barrier each."""
+  return [_plain((n_buffers, C), _F32), plgpu.Barrier(num_barriers=n_buffers)]
+
+
 # --------------------------------------------------------- state passes ---
 
 
 def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
-                       x_s, y_s, b_s, xe_s, st_s, h_s, bars, *, reverse, scale):
+                       x_s, y_s, b_s, xe_s, st_s, h_s, bars, *, reverse, scale,
+                       docs):
   ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
   N = hs_ref.shape[2]
   K = x_ref.shape[-1]
@@ -191,6 +310,10 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
                             bars.at[3 * slot + 1])
     plgpu.copy_gmem_to_smem(b_ref.at[ib, rows, ih], b_s.at[slot],
                             bars.at[3 * slot + 2])
+    if docs:
+      d_ref, d_s, d_bars = docs
+      plgpu.copy_gmem_to_smem(d_ref.at[ib, N - 1 - i if reverse else i],
+                              d_s.at[pl.ds(slot, 1)], d_bars.at[slot])
 
   plgpu.copy_gmem_to_smem(h_ref.at[ib, ih, vcols], h_s, bars.at[6])
   fetch(0, 0)
@@ -211,6 +334,15 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
     for j in range(3):
       plgpu.barrier_wait(bars.at[3 * slot + j])
     x_t, b_t = x_s.at[slot], b_s.at[slot]
+    masks = None
+    if docs:
+      plgpu.barrier_wait(docs[2].at[slot])
+      masks = _DocMasks(docs[1], slot)
+    # Documents: only tokens before the chunk's first reset read the incoming
+    # state (reverse: carry), only the last document's write the outgoing one
+    # (forward: tail), and the incoming state leaves only a reset-free chunk.
+    rows_in = None if masks is None else (
+        masks.carry((C, 64)) if reverse else masks.tail((C, 64)))
     for kc in range(K // 64):  # 64 key columns at a time: fewer live registers
       cols = pl.ds(kc * 64, 64)
       b = _load(b_t.at[:, cols])  # [C, 64]
@@ -218,10 +350,13 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
         e = jnp.exp(b)
       else:  # k_s exp(b_C - b_s)
         e = jnp.exp(_load_row(b_t.at[:, cols], C - 1, (C, 64)) - b)
-      xe_s[:, cols] = (_load(x_t.at[:, cols]) * e).astype(xe_s.dtype)
+      xe_s[:, cols] = _cut(rows_in, _load(x_t.at[:, cols]) * e).astype(
+          xe_s.dtype)
     plgpu.commit_smem()
     upd = _mm(y_s.at[slot].T, xe_s, (BV, K))  # [BV, C] x [C, K]
     decay = jnp.exp(_load_row(b_t, C - 1, (BV, K)))
+    if masks is not None:
+      decay = _cut(masks.carry_out((BV, K)), decay)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is written next step
     return st * decay + scale * upd
 
@@ -238,7 +373,7 @@ def _state_pass_scratch(K, V, dtype):
           _swizzled((BV, K), dtype), _swizzled((BV, K), _F32)]
 
 
-def _state_pass(x, y, b, h, *, reverse, scale, interpret):
+def _state_pass(x, y, b, h, *, reverse, scale, interpret, docs=None):
   """The sequential pass over the chunks.
 
   Forward (``reverse=False``; x = k, y = v, h = h0t): the transposed state
@@ -261,6 +396,13 @@ def _state_pass(x, y, b, h, *, reverse, scale, interpret):
   [BV, K] (2 x 64 at K = 128), one [C, 64] column half of x and b at a time
   (64).
 
+  Documents (``docs``: ``segments.kernel_docs``' pair, or None): the chunk's
+  [1, C] row of document indices comes in by TMA with the other tiles (two
+  more buffers and barriers, and the reduction scratch of ``_DocMasks``'
+  row sums: +3 KiB, 179 KiB at K = 128, 99 KiB at K = 64), and ``_DocMasks``
+  cuts the rows of x exp(.) (forward: tail, reverse: carry) and the decay
+  exp(b_C) (carry_out).
+
   Returns the per-chunk values [B, H, N, V, K] in the input dtype (the
   gradient kernels read them as wgmma operands) and the float32 carry after
   the last chunk [B, H, V, K].
@@ -270,26 +412,28 @@ def _state_pass(x, y, b, h, *, reverse, scale, interpret):
   N = Tp // C
   name = "gla_dstates_mgpu" if reverse else "gla_states_mgpu"
   return plgpu.kernel(
-      functools.partial(_state_pass_kernel, reverse=reverse, scale=scale),
+      _with_docs(functools.partial(_state_pass_kernel, reverse=reverse,
+                                   scale=scale), 4, 2, docs),
       out_type=(jax.ShapeDtypeStruct((B, H, N, V, K), x.dtype),
                 jax.ShapeDtypeStruct((B, H, V, K), _F32)),
       scratch_types=[*_state_pass_scratch(K, V, x.dtype),
-                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+                     plgpu.Barrier(num_barriers=KERNELS[name][1]),
+                     *_DOC_SCRATCH[name](docs)],
       grid=(B, H, V // BV), grid_names=("b", "h", "v"),
       compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
-  )(x, y, b, h)
+  )(x, y, b, h, *_doc_rows(docs))
 
 
 def states(k, v, g, h0t, *, docs, scale, chunk_size, interpret):
-  del docs, scale, chunk_size
+  del scale, chunk_size
   return _state_pass(k, v, _gate_prefix(g), h0t, reverse=False, scale=1.0,
-                     interpret=interpret)[0]
+                     interpret=interpret, docs=docs)[0]
 
 
 def dstates(q, do, g, dh_tt, *, docs, scale, chunk_size, interpret):
-  del docs, chunk_size
+  del chunk_size
   return _state_pass(q, do, _gate_prefix(g), dh_tt, reverse=True, scale=scale,
-                     interpret=interpret)
+                     interpret=interpret, docs=docs)
 
 
 # ------------------------------------------------------ intra-chunk part ---
@@ -381,18 +525,33 @@ def _fetch_all(pairs, bars):
     plgpu.barrier_wait(bars.at[i])
 
 
+def _fetch_docs(docs, ib, n):
+  """The chunk's doc row into its [1, C] tile, then ``_DocMasks`` (None
+  without documents). Issued before ``_fetch_all``, waited here after it."""
+  if not docs:
+    return None
+  d_ref, d_s, d_bars = docs
+  plgpu.copy_gmem_to_smem(d_ref.at[ib, n], d_s, d_bars.at[0])
+  return lambda: (plgpu.barrier_wait(d_bars.at[0]), _DocMasks(d_s))[1]
+
+
 def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
                    q_c, k_p, b_p, v_s, st_s, qp_s, kb_s, a_s, o_s, bars, *,
-                   scale):
+                   scale, docs):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  wait_docs = _fetch_docs(docs, ib, n)
   _fetch_all([(q_ref.at[ib, rows, ih], q_c),
               (k_ref.at[ib, rows, ih], k_p.at[mid]),
               (b_ref.at[ib, rows, ih], b_p.at[mid]),
               (v_ref.at[ib, rows, ih], v_s), (hin_ref.at[ib, ih, n], st_s)],
              bars)
-  a_s[...] = _intra_weights(q_c, k_p, b_p, qp_s, kb_s).astype(a_s.dtype)
-  kb_s[...] = (_load(q_c) * jnp.exp(_load(b_p.at[mid]))).astype(kb_s.dtype)
+  masks = wait_docs and wait_docs()
+  K = q_c.shape[-1]
+  a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
+  a_s[...] = _cut(masks and masks.same, a).astype(a_s.dtype)
+  kb_s[...] = _cut(masks and masks.carry((C, K)), _load(q_c) * jnp.exp(
+      _load(b_p.at[mid]))).astype(kb_s.dtype)  # q exp(b), carry rows
   plgpu.commit_smem()
 
   def body(acc_ref):
@@ -419,7 +578,7 @@ def _chunk_scratch(K, V, dtype):
           _swizzled((C, V), dtype)]
 
 
-def _outputs(q, k, v, b, h_in, *, scale, interpret):
+def _outputs(q, k, v, b, h_in, *, scale, interpret, docs=None):
   """o [B, Tp, H, V] in q's dtype from the chunk states ``h_in``.
 
   Grid (B, H, N), one chunk per program. A by ``_intra_weights`` (three
@@ -428,7 +587,9 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret):
   accumulator.
 
   SMEM (``_chunk_scratch``, with the 2 KiB reduction scratch): 194 KiB at
-  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64.
+  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64. Documents
+  add the [1, C] doc tile and its barrier (+1 KiB: 195 KiB at K = V = 128);
+  A is cut by same, q exp(b) against S by carry (``_DocMasks``).
   Registers: the log-space loop holds A [C, C] (32),
   q and b [C, 64] (64), the two shifted tiles and their product (~96); the
   pivot part b, k and one [C, C] product (~160 at K = 128).
@@ -437,21 +598,23 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret):
   V = v.shape[-1]
   name = "gla_output_mgpu"
   return plgpu.kernel(
-      functools.partial(_output_kernel, scale=scale),
+      _with_docs(functools.partial(_output_kernel, scale=scale), 5, 1, docs),
       out_type=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
       scratch_types=[*_chunk_scratch(K, V, q.dtype),
-                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+                     plgpu.Barrier(num_barriers=KERNELS[name][1]),
+                     *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
       compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
-  )(q, k, v, b, h_in)
+  )(q, k, v, b, h_in, *_doc_rows(docs))
 
 
 def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
-  del docs, chunk_size
+  del chunk_size
   b = _gate_prefix(g)
   h_in, h_tt = _state_pass(k, v, b, h0t, reverse=False, scale=1.0,
-                           interpret=interpret)
-  return _outputs(q, k, v, b, h_in, scale=scale, interpret=interpret), h_tt
+                           interpret=interpret, docs=docs)
+  return _outputs(q, k, v, b, h_in, scale=scale, interpret=interpret,
+                  docs=docs), h_tt
 
 
 # ------------------------------------------------------------- gradients ---
@@ -459,20 +622,22 @@ def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
 
 def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
                q_c, k_p, b_p, do_s, dst_s, qp_s, kb_s, a_s, dv_s, bars, *,
-               scale):
+               scale, docs):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  wait_docs = _fetch_docs(docs, ib, n)
   _fetch_all([(q_ref.at[ib, rows, ih], q_c),
               (k_ref.at[ib, rows, ih], k_p.at[mid]),
               (b_ref.at[ib, rows, ih], b_p.at[mid]),
               (do_ref.at[ib, rows, ih], do_s), (dout_ref.at[ib, ih, n], dst_s)],
              bars)
+  masks = wait_docs and wait_docs()
   a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
-  a_s[...] = (scale * a).astype(a_s.dtype)
+  a_s[...] = _cut(masks and masks.same, scale * a).astype(a_s.dtype)
   K = q_c.shape[-1]
   b_end = _load_row(b_p, PAD + C - 1, (C, K))
-  kb_s[...] = (_load(k_p.at[mid]) * jnp.exp(b_end - _load(b_p.at[mid]))).astype(
-      kb_s.dtype)  # k exp(b_C - b)
+  kb_s[...] = _cut(masks and masks.tail((C, K)), _load(k_p.at[mid]) * jnp.exp(
+      b_end - _load(b_p.at[mid]))).astype(kb_s.dtype)  # k exp(b_C - b), tail
   plgpu.commit_smem()
 
   def body(acc_ref):
@@ -490,9 +655,10 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
 def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
                  dq_ref, dk_ref, dg_ref,
                  q_p, k_p, b_p, v_s, do_s, st_s, dst_s, qp_s, kb_s, da_s,
-                 dat_s, tri_s, parts_s, bars, *, scale):
+                 dat_s, tri_s, parts_s, bars, *, scale, docs):
   ib, ih, n, ik = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
   rows, kcols, mid = pl.ds(n * C, C), pl.ds(ik * BK, BK), pl.ds(PAD, C)
+  wait_docs = _fetch_docs(docs, ib, n)
   for i, (src, dst) in enumerate([
       (q_ref.at[ib, rows, ih, kcols], q_p.at[mid]),
       (k_ref.at[ib, rows, ih, kcols], k_p.at[mid]),
@@ -507,16 +673,19 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   tri_s[1] = jnp.where(c < r, 1.0, 0.0).astype(tri_s.dtype)  # s < t
   for i in range(7):
     plgpu.barrier_wait(bars.at[i])
+  masks = wait_docs and wait_docs()
+  shape = (C, BK)
 
-  # dA_ts = scale do_t . v_s [t, s], and its transpose [s, t] for dk.
-  da = scale * _mm(do_s, v_s.T, (C, C))
-  dat = scale * _mm(v_s, do_s.T, (C, C))
+  # dA_ts = scale do_t . v_s [t, s], and its transpose [s, t] for dk; with
+  # documents only within one (same is symmetric), which carries through
+  # every dA term below (the t = s terms are always kept).
+  da = _cut(masks and masks.same, scale * _mm(do_s, v_s.T, (C, C)))
+  dat = _cut(masks and masks.same, scale * _mm(v_s, do_s.T, (C, C)))
   da_tt = jnp.sum(jnp.where(r == c, da, 0.0), axis=1)  # [C]: the t = s terms
 
   # Below the sub-chunk diagonal, by the pivots of ``_intra_weights``:
   # dq_t = exp(b_t - r_i) sum_{s < 16 i} dA_ts K_i[s]       (t in sub-chunk i)
   # dk_s = sum_i K_i-factor_s sum_{t in sub-chunk i} dA_ts Q'_t
-  shape = (C, BK)
   q, k, b = _load(q_p.at[mid]), _load(k_p.at[mid]), _load(b_p.at[mid])
   blk = _block_of_rows(shape)
   r_own, rs = _pivots(b_p, shape)
@@ -538,8 +707,11 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   dk = dk + _diag_grad(dat, q_p, b_p, b, down=False)
 
   b_end = _load_row(b_p, PAD + C - 1, shape)
-  dq = dq + scale * _mm(do_s, st_s, shape) * jnp.exp(b)  # through S in
-  dk_state = _mm(v_s, dst_s, shape) * jnp.exp(b_end - b)  # through S out
+  # Through S in (carry rows read it) and S out (tail rows write it).
+  dq = dq + _cut(masks and masks.carry(shape),
+                 scale * _mm(do_s, st_s, shape) * jnp.exp(b))
+  dk_state = _cut(masks and masks.tail(shape),
+                  _mm(v_s, dst_s, shape) * jnp.exp(b_end - b))
   leaving = jnp.sum(st_s[...].astype(_F32) * dst_s[...].astype(_F32), axis=0)
 
   # d log_g_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_{s < t} k_s dk_state_s
@@ -560,7 +732,8 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
     return acc_ref[...]
 
   dg = pl.run_scoped(sums, plgpu.ACC(shape, _F32))
-  dg = dg + jnp.exp(b_end) * lax.broadcast_in_dim(leaving, shape, [1])
+  dg = dg + _cut(masks and masks.carry_out(shape), jnp.exp(b_end)
+                 * lax.broadcast_in_dim(leaving, shape, [1]))  # S's decay
   tt = lax.broadcast_in_dim(da_tt, shape, [0])
   dq = dq + tt * k
   dk = dk + dk_state + tt * q
@@ -624,34 +797,36 @@ def _dqkg_scratch(K, V, dtype):
           _swizzled((4, C, BK), jnp.bfloat16)]
 
 
-def _dv(q, k, b, do, dh_out, *, scale, interpret):
+def _dv(q, k, b, do, dh_out, *, scale, interpret, docs=None):
   B, Tp, H, K = q.shape
   V = do.shape[-1]
   name = "gla_dv_mgpu"
   return plgpu.kernel(
-      functools.partial(_dv_kernel, scale=scale),
+      _with_docs(functools.partial(_dv_kernel, scale=scale), 5, 1, docs),
       out_type=jax.ShapeDtypeStruct(do.shape, do.dtype),
       scratch_types=[*_chunk_scratch(K, V, q.dtype),
-                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+                     plgpu.Barrier(num_barriers=KERNELS[name][1]),
+                     *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
       compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
-  )(q, k, b, do, dh_out)
+  )(q, k, b, do, dh_out, *_doc_rows(docs))
 
 
-def _dqkg(q, k, b, v, do, h_in, dh_out, *, scale, interpret):
+def _dqkg(q, k, b, v, do, h_in, dh_out, *, scale, interpret, docs=None):
   B, Tp, H, K = q.shape
   V = v.shape[-1]
   name = "gla_dqkg_mgpu"
   return plgpu.kernel(
-      functools.partial(_dqkg_kernel, scale=scale),
+      _with_docs(functools.partial(_dqkg_kernel, scale=scale), 7, 3, docs),
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(q.shape, _F32)),
       scratch_types=[*_dqkg_scratch(K, V, q.dtype),
-                     plgpu.Barrier(num_barriers=KERNELS[name][1])],
+                     plgpu.Barrier(num_barriers=KERNELS[name][1]),
+                     *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C, K // BK), grid_names=("b", "h", "n", "k"),
       compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
-  )(q, k, b, v, do, h_in, dh_out)
+  )(q, k, b, v, do, h_in, dh_out, *_doc_rows(docs))
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
@@ -673,12 +848,19 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   and dA^T (64) live through the loops, with q, k, b, dq, dk [C, 64]
   (160): about 250 at the peak, near the 255 ceiling, so ptxas may spill
   there.
+
+  Documents: both kernels take the chunk's [1, C] doc row (+1 KiB and a
+  barrier: 195 KiB at V = 128). gla_dv_mgpu cuts A by same and the rows of
+  k exp(b_C - b) by tail; gla_dqkg_mgpu cuts dA and dA^T by same, dq's S-in
+  term by carry, dk_state by tail and the ``leaving`` term by carry_out
+  (``_DocMasks``; each mask's registers, a [C, C] or [C, 64] bool tile, live
+  only where it is applied).
   """
-  del docs, chunk_size
+  del chunk_size
   b = _gate_prefix(g)
-  dv = _dv(q, k, b, do, dh_out, scale=scale, interpret=interpret)
+  dv = _dv(q, k, b, do, dh_out, scale=scale, interpret=interpret, docs=docs)
   dq, dk, dg = _dqkg(q, k, b, v, do, h_in, dh_out, scale=scale,
-                     interpret=interpret)
+                     interpret=interpret, docs=docs)
   return dq, dk, dv, dg
 
 
@@ -694,15 +876,33 @@ KERNELS = {
 }
 
 
-def smem_bytes(name: str, K: int, V: int, dtype) -> int:
+# name -> the extra scratch of its documents form (the doc tile, [1, C] or
+# double-buffered [2, 1, C] float32, and one barrier per buffer) from the
+# launcher's ``docs``; nothing without documents.
+_DOC_SCRATCH = {
+    name: functools.partial(
+        lambda docs, n: [] if docs is None else _doc_scratch(n),
+        n=2 if name in ("gla_states_mgpu", "gla_dstates_mgpu") else 1)
+    for name in KERNELS}
+
+
+def smem_bytes(name: str, K: int, V: int, dtype, docs: bool = False) -> int:
   """Dynamic SMEM of kernel ``name`` at padded head dims K, V: its scratch
   tiles, each aligned to 1 KiB as Pallas allocates them, its barriers, and the
-  reduction scratch of ``_PARAMS`` for kernels that reduce across warps."""
+  reduction scratch of ``_PARAMS`` for kernels that reduce across warps;
+  ``docs``: in its packed-documents form (``_DOC_SCRATCH``: +1 KiB and a
+  barrier for the chunk kernels; +1 KiB, two barriers and, as ``_DocMasks``
+  reduces, the 2 KiB reduction scratch for the state passes)."""
   scratch, barriers, reduces = KERNELS[name]
+  extra = _DOC_SCRATCH[name](() if docs else None)
+  shapes = [*scratch(K, V, dtype),
+            *(s for s in extra if not isinstance(s, plgpu.Barrier))]
+  barriers += sum(math.prod(s.num_barriers) for s in extra
+                  if isinstance(s, plgpu.Barrier))
   total = sum(-(-math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
                 // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
-              for s in scratch(K, V, dtype))
-  if reduces:
+              for s in shapes)
+  if reduces or docs:  # any jnp.sum in a kernel allocates it
     total += _PARAMS.reduction_scratch_bytes
   return total + barriers * _BARRIER_BYTES
 
@@ -727,18 +927,17 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
     chunk_size: must be 64 (one wgmma tile of tokens).
     interpret: False (compile for the GPU), True or a
       ``plgpu.InterpretGPUParams`` (the Mosaic GPU interpreter, any platform).
-    resets: must be None (no packed documents yet).
+    resets: None, or bool [B, T] ``segments.resets(segment_ids)`` (packed
+      documents; the kernels' masks are those of ``_DocMasks``).
 
   Returns:
     o: [B, T, H, V] in q's dtype; h_T: [B, H, K, V] float32.
 
   Raises:
-    ValueError: documents, float32 inputs, chunk_size != 64, or a head dim
+    ValueError: float32 inputs, chunk_size != 64, or a head dim
       over 128.
   """
   op = "gla: impl='pallas_mosaic_gpu'"
-  if resets is not None:
-    raise ValueError(f"{op} does not take segment_ids yet")
   dtype = jnp.dtype(q.dtype)
   if dtype not in DTYPES:
     raise ValueError(
@@ -756,5 +955,5 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
   h0 = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0, 2, Kp), 3, Vp)
   o, h_t = _core(pad(q, size=Kp), pad(k, size=Kp), pad(v, size=Vp),
                  pad(log_g, size=Kp), h0=h0, scale=scale, chunk_size=C,
-                 interpret=_interpret_params(interpret))
+                 interpret=_interpret_params(interpret), resets=resets)
   return o[..., :V], h_t[:, :, :K, :V]
