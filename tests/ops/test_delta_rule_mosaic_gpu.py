@@ -17,6 +17,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -237,6 +238,69 @@ def test_smem_fits_h100(K, V, dtype):
     assert 0 < size <= H100_SMEM, (name, K, V, size)
 
 
+# ------------------------------------------------------------ documents ---
+
+# Per row: a 1-token document, starts at a chunk's last (63) and first (64)
+# token, several starts in one chunk, documents across chunk edges; T = 150.
+DOC_LENGTHS = ((63, 1, 86), (20, 1, 41, 88))
+DOC_T = 150
+
+
+def _alone(x, lengths=DOC_LENGTHS):
+  """Each document run alone by the float32 reference from a zero state (h0
+  for a row's first document): outputs concatenated, final state of each
+  row's last document."""
+  outs, finals = [], []
+  for row, row_lengths in enumerate(lengths):
+    start, pieces = 0, []
+    for i, n in enumerate(row_lengths):
+      doc = {name: val[row:row + 1] if name == "h0" else
+             val[row:row + 1, start:start + n] for name, val in x.items()}
+      if i:
+        doc["h0"] = jnp.zeros_like(doc["h0"])
+      o, h_t = _op(**doc, impl="reference")
+      pieces.append(o)
+      start += n
+    outs.append(jnp.concatenate(pieces, axis=1))
+    finals.append(h_t)
+  return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "deltanet"])
+def test_interpret_documents_equal_documents_alone(gated):
+  """A packed bf16 batch through the kernels (segment_ids through the api)
+  equals each document run alone with the float32 reference: o, h_T and the
+  gradients of q, k, v, beta, log_g and h0; beta in [0, 2]. The gates are
+  weak (log_g / 8) so a term a mask should cut is as large as the kept ones."""
+  x = make_inputs(7, len(DOC_LENGTHS), DOC_T, 1, 64, 64, beta_max=2.0,
+                  gated=gated, dtype=jnp.bfloat16)
+  if gated:
+    x["log_g"] = x["log_g"].astype(jnp.float32) * 0.125
+  ids = jnp.asarray(np.stack([np.repeat(np.arange(1, len(r) + 1), r)
+                              for r in DOC_LENGTHS]).astype(np.int32))
+  cts = harness.cotangents(jax.random.key(8), x["v"].shape, jnp.bfloat16,
+                           x["h0"].shape)
+
+  def packed(x):
+    return delta_rule(x["q"], x["k"], x["v"], x["beta"], log_g=x.get("log_g"),
+                      h0=x["h0"], impl=IMPL, chunk_size=64, interpret=True,
+                      segment_ids=ids)
+
+  def run(f, x, cts):
+    (o, h_t), pull = jax.vjp(f, x)
+    return o, h_t, pull(cts)[0]
+
+  got = jax.jit(functools.partial(run, packed))(x, cts)
+  want = jax.jit(functools.partial(run, _alone))(
+      {n: a.astype(jnp.float32) for n, a in x.items()},
+      tuple(c.astype(jnp.float32) for c in cts))
+  names = sorted(x)
+  numerics.assert_trees_close(
+      (got[0], got[1], *(got[2][n] for n in names)),
+      (want[0], want[1], *(want[2][n] for n in names)), rtol=RTOL,
+      names=["o", "h_T", *(f"d{n}" for n in names)])
+
+
 # --------------------------------------------------------------- limits ---
 
 
@@ -252,19 +316,16 @@ def test_interpret_true_is_the_mosaic_gpu_interpreter():
     (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
                   r"= 256"),
     (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
-    (dict(resets=True), r"does not take segment_ids yet"),
 ])
 def test_unsupported_input_raises(change, match):
   dims = dict(B=1, T=8, H=1, K=64, V=64) | {
       n: change[n] for n in ("K", "V") if n in change}
   x = make_inputs(0, *dims.values(), dtype=change.get("dtype", jnp.bfloat16))
-  resets = jnp.zeros((1, 8), bool) if "resets" in change else None
   with pytest.raises(ValueError,
                      match=r"delta_rule: impl='pallas_mosaic_gpu' " + match):
     mgpu.delta_rule(x["q"], x["k"], x["v"], x["beta"].astype(jnp.float32),
                     x["log_g"].astype(jnp.float32), h0=x["h0"], scale=0.1,
-                    chunk_size=change.get("chunk_size", 64), interpret=True,
-                    resets=resets)
+                    chunk_size=change.get("chunk_size", 64), interpret=True)
 
 
 # -------------------------------------------------------------- devices ---

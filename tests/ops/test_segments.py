@@ -146,6 +146,9 @@ CASES = [
         ("pallas_triton", 32, "float32", "strong"),
         ("pallas_triton", 32, "bfloat16", "mild"),
         ("pallas_tpu", 32, "float32", "mild"),
+        # Mosaic GPU: chunk 64 and 16-bit inputs only (one chunk here; its
+        # own tests pack T = 150)
+        ("pallas_mosaic_gpu", 64, "bfloat16", "strong"),
     )]
 
 

@@ -10,9 +10,9 @@ from lsm.ops.delta_rule import (chunked, pallas_mosaic_gpu, pallas_triton,
 _IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
           "pallas_mosaic_gpu": pallas_mosaic_gpu.delta_rule,
           "pallas_triton": pallas_triton.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
-# The Mosaic GPU kernels have no document masks yet: with segment_ids, "auto"
-# on Hopper takes the Triton kernels, and an explicit "pallas_mosaic_gpu" raises.
-_WITH_RESETS = tuple(n for n in _IMPLS if n != "pallas_mosaic_gpu")
+# Every impl takes segment_ids (the Pallas kernels as document masks), so
+# "auto" picks with them as it would without.
+_WITH_RESETS = tuple(_IMPLS)
 _OP = "delta_rule"
 
 
@@ -54,8 +54,8 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
     segment_ids: optional int [B, T] document ids of packed rows (a token
       starts a document where its id differs from the previous token's): the
       state entering each document is zero, h0 applies to the first document of
-      each row. Every impl but "pallas_mosaic_gpu" takes them (the Pallas
-      kernels cut their tiles with the same masks as "chunked").
+      each row. Every impl takes them (the Pallas kernels cut their tiles
+      with the same masks as "chunked").
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.

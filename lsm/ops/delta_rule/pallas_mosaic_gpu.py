@@ -161,21 +161,46 @@ def _gates(g):
   return gamma, m, to_end, rev[..., 0]
 
 
-def _intra(k, beta, g):
-  """L [BH, N, C, C]: beta_t exp(gamma_t - gamma_s) k_t . k_s for s < t."""
+def _doc_masks(docs):
+  """Packed documents as the chunk form's cuts (see ``chunk_tiles.gates``):
+  (same [BH, N, C, C], carry, tail [BH, N, C], carry_out [BH, N]) bool, from
+  the ``kernel_docs`` column of ``docs`` ([BH, Tp, 1] chunk-local document
+  index); None without documents. Every factor below carries one of the four
+  decays they cut (M, exp(gamma), exp(gamma_C - gamma), exp(gamma_C)), and the
+  kernels only combine factors, so the masks never enter a kernel."""
+  if docs is None:
+    return None
+  d = _chunks(docs[0])  # [BH, N, C]
+  last = d[..., -1:]
+  return (d[..., :, None] == d[..., None, :], d == 0.0, d == last,
+          last[..., 0] == 0.0)
+
+
+def _cut(mask, x):
+  return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def _intra(k, beta, g, masks=None):
+  """L [BH, N, C, C]: beta_t exp(gamma_t - gamma_s) k_t . k_s for s < t (0
+  across documents)."""
   k, beta, g = _chunks(k), _chunks(beta), _chunks(g)
   strict, _ = _masks()
   _, m, _, _ = _gates(g)
+  m = _cut(None if masks is None else masks[0], m)
   kk = _einsum("...tk,...sk->...ts", k, k)
   return jnp.where(strict, beta[..., :, None] * m * kk, 0.0)
 
 
-def _key_factors(t, k, beta, g):
-  """(w_k, k_out [BH, N, C, K], d_out [BH, N]) in float32."""
+def _key_factors(t, k, beta, g, masks=None):
+  """(w_k, k_out [BH, N, C, K], d_out [BH, N]) in float32 (cut by the
+  document ``masks``: carry, tail, carry_out)."""
   k, beta, g = _chunks(k), _chunks(beta), _chunks(g)
   gamma, _, to_end, total = _gates(g)
-  w_k = _einsum("...ts,...sk->...tk", t, (beta * jnp.exp(gamma))[..., None] * k)
-  return w_k, jnp.exp(to_end)[..., None] * k, jnp.exp(total)
+  _, carry, tail, carry_out = (None,) * 4 if masks is None else masks
+  decay_in = _cut(carry, jnp.exp(gamma))
+  w_k = _einsum("...ts,...sk->...tk", t, (beta * decay_in)[..., None] * k)
+  return (w_k, _cut(tail, jnp.exp(to_end))[..., None] * k,
+          _cut(carry_out, jnp.exp(total)))
 
 
 def _value_factor(t, v, beta):
@@ -183,12 +208,14 @@ def _value_factor(t, v, beta):
   return _einsum("...ts,...sv->...tv", t, _chunks(beta)[..., None] * _chunks(v))
 
 
-def _query_factors(q, k, g, scale):
-  """(q_s [BH, N, C, K], A [BH, N, C, C]) in float32."""
+def _query_factors(q, k, g, scale, masks=None):
+  """(q_s [BH, N, C, K], A [BH, N, C, C]) in float32 (cut by the document
+  ``masks``: carry, same)."""
   q, k, g = _chunks(q), _chunks(k), _chunks(g)
   gamma, m, _, _ = _gates(g)
-  a = scale * m * _einsum("...tk,...sk->...ts", q, k)
-  return scale * jnp.exp(gamma)[..., None] * q, a
+  same, carry, _, _ = (None,) * 4 if masks is None else masks
+  a = scale * _cut(same, m) * _einsum("...tk,...sk->...ts", q, k)
+  return scale * _cut(carry, jnp.exp(gamma))[..., None] * q, a
 
 
 def _decay_rows(d_out, K):
@@ -510,14 +537,14 @@ def _input_grads_call(do, u, du, hs, gs, *, interpret):
 
 def prepare(k, beta, g, *, docs, chunk, interpret):
   """T = (I + L)^{-1} of every chunk, in XLA (see the module docstring)."""
-  del docs, chunk, interpret
-  return unit_lower_inverse(_intra(k, beta, g))
+  del chunk, interpret
+  return unit_lower_inverse(_intra(k, beta, g, _doc_masks(docs)))
 
 
 def states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
-  del docs, chunk
+  del chunk
   dtype = k.dtype
-  w_k, k_out, d_out = _key_factors(t, k, beta, g)
+  w_k, k_out, d_out = _key_factors(t, k, beta, g, _doc_masks(docs))
   w_v = _value_factor(t, v, beta)
   hs, u, h_tt = _states_call(
       _flat(w_k).astype(dtype), _flat(w_v), _flat(k_out).astype(dtype),
@@ -527,18 +554,19 @@ def states(k, v, beta, g, t, h0, *, docs, chunk, interpret):
 
 
 def output(q, k, v, beta, g, t, h_in, *, docs, scale, chunk, interpret):
-  del v, beta, t, docs, chunk
+  del v, beta, t, chunk
   hs, u = h_in
-  q_s, a = _query_factors(q, k, g, scale)
+  q_s, a = _query_factors(q, k, g, scale, _doc_masks(docs))
   return _output_call(_flat(q_s).astype(q.dtype), _flat(a).astype(q.dtype), u,
                       hs, interpret=interpret)
 
 
 def state_grads(q, k, beta, g, t, do, dh_t, *, docs, scale, chunk, interpret):
-  del docs, chunk
+  del chunk
   dtype = q.dtype
-  w_k, k_out, d_out = _key_factors(t, k, beta, g)
-  q_s, a = _query_factors(q, k, g, scale)
+  masks = _doc_masks(docs)
+  w_k, k_out, d_out = _key_factors(t, k, beta, g, masks)
+  q_s, a = _query_factors(q, k, g, scale, masks)
   gs, du, dh0t = _state_grads_call(
       *(_flat(x).astype(dtype) for x in (k_out, q_s, w_k, a)), do,
       _decay_rows(d_out, k.shape[-1]), jnp.swapaxes(dh_t, 1, 2),
@@ -552,7 +580,8 @@ def input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
   cotangents from ``_input_grads_call`` (and dU, d d_out), pulled back to the
   inputs through the factor functions in XLA; T's cotangent through the
   closed-form inverse VJP to L, and L's to k, beta, log_g."""
-  del docs, chunk
+  del chunk
+  masks = _doc_masks(docs)
   (hs, u), (gs, du) = h_in, dh_out
   d_qs, neg_dwk, d_kout, d_a = _input_grads_call(do, u, du, hs, gs,
                                                  interpret=interpret)
@@ -561,8 +590,8 @@ def input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
   xs = tuple(x.astype(_F32) for x in (q, k, v))
 
   def factors(t, q, k, v, beta, g):
-    return (*_key_factors(t, k, beta, g), _value_factor(t, v, beta),
-            *_query_factors(q, k, g, scale))
+    return (*_key_factors(t, k, beta, g, masks), _value_factor(t, v, beta),
+            *_query_factors(q, k, g, scale, masks))
 
   _, pullback = jax.vjp(factors, t, *xs, beta, g)
   cts = (-_chunks(neg_dwk), _chunks(d_kout), d_dout, _chunks(du), _chunks(d_qs),
@@ -572,7 +601,8 @@ def input_grads(q, k, v, beta, g, t, do, h_in, dh_out, *, docs, scale, chunk,
   tt = jnp.swapaxes(t, -1, -2)
   strict, _ = _masks()
   dl = jnp.where(strict, -_einsum("...ij,...jk,...kl->...il", tt, dt, tt), 0.0)
-  _, intra_pullback = jax.vjp(_intra, xs[1], beta, g)
+  _, intra_pullback = jax.vjp(lambda k, beta, g: _intra(k, beta, g, masks),
+                              xs[1], beta, g)
   dk2, dbeta2, dg2 = intra_pullback(dl)
   return dq, dk + dk2, dv, dbeta + dbeta2, dg + dg2
 
@@ -619,17 +649,15 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
     interpret: False (compile for the GPU), True (the Mosaic GPU
       interpreter, ``plgpu.InterpretGPUParams()``) or a
       ``plgpu.InterpretGPUParams`` (any platform).
-    resets: must be None (no packed documents yet).
+    resets: None, or ``segments.resets(segment_ids)`` (packed documents:
+      cut into the per-chunk factors in XLA, ``_doc_masks``).
 
   Returns:
     o: [B, T, H, V] in q's dtype; h_T: [B, H, K, V] float32.
 
   Raises:
-    ValueError: documents, float32 inputs, chunk_size != 64, or a head dim
-      over 128.
+    ValueError: float32 inputs, chunk_size != 64, or a head dim over 128.
   """
-  if resets is not None:
-    raise ValueError(f"{_OP} does not take segment_ids yet")
   dtype = jnp.dtype(q.dtype)
   if dtype not in DTYPES:
     raise ValueError(
@@ -652,5 +680,5 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
                             interpret=_interpret_params(interpret))
   o, h_t = pallas_vjp.delta_rule(kernels, pad(q, size=Kp), pad(k, size=Kp),
                                  pad(v, size=Vp), beta, log_g, h0=h0p,
-                                 chunk_size=C)
+                                 chunk_size=C, resets=resets)
   return o[..., :V], h_t[:, :, :K, :V]
