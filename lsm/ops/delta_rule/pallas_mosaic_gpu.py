@@ -87,7 +87,6 @@ see also ``lsm.ops.gla.pallas_mosaic_gpu``, whose SMEM helpers are reused):
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +94,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lsm.ops.common import kernel_shapes
+from lsm.ops.common import kernel_shapes, mosaic_gpu
 from lsm.ops.common.triangular import unit_lower_inverse
 from lsm.ops.delta_rule import pallas_vjp
-from lsm.ops.gla import pallas_mosaic_gpu as _mg
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -108,16 +106,14 @@ MAX_HEAD_DIM = 128
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _OP = "delta_rule: impl='pallas_mosaic_gpu'"
 
-# SMEM tiles, register transfers, wgmma and compiler params shared with the
-# GLA kernels (candidates for a common Mosaic GPU helper module).
-# pylint: disable=protected-access
+# SMEM tiles, register transfers, wgmma, TMA and compiler params shared with
+# the GLA kernels (lsm/ops/common/mosaic_gpu.py).
 _swizzled, _plain, _load, _load_row, _mm = (
-    _mg._swizzled, _mg._plain, _mg._load, _mg._load_row, _mg._mm)
-_PARAMS = _mg._PARAMS
-_SMEM_ALIGNMENT, _BARRIER_BYTES = _mg._SMEM_ALIGNMENT, _mg._BARRIER_BYTES
-_padded, _interpret_params = _mg._padded, _mg._interpret_params
-_fetch_all = _mg._fetch_all  # TMA each (GMEM, SMEM) pair, then wait
-# pylint: enable=protected-access
+    mosaic_gpu.swizzled, mosaic_gpu.plain, mosaic_gpu.load, mosaic_gpu.load_row,
+    mosaic_gpu.mm)
+_PARAMS = mosaic_gpu.PARAMS
+_padded, _interpret_params = mosaic_gpu.padded, mosaic_gpu.interpret_params
+_fetch_all = mosaic_gpu.fetch_all  # TMA each (GMEM, SMEM) pair, then wait
 
 
 def _einsum(spec, *xs):
@@ -623,12 +619,7 @@ def smem_bytes(name: str, K: int, V: int, dtype) -> int:
   tiles, each aligned to 1 KiB as Pallas allocates them, its barriers, and the
   reduction scratch for kernels that reduce across warps (none here)."""
   scratch, barriers, reduces = KERNELS[name]
-  total = sum(-(-math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
-                // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
-              for s in scratch(K, V, dtype))
-  if reduces:
-    total += _PARAMS.reduction_scratch_bytes
-  return total + barriers * _BARRIER_BYTES
+  return mosaic_gpu.scratch_bytes(scratch(K, V, dtype), barriers, reduces)
 
 
 # ------------------------------------------------------------------- op ---

@@ -124,7 +124,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lsm.ops.common import kernel_shapes
+from lsm.ops.common import kernel_shapes, mosaic_gpu
 from lsm.ops.gla import pallas_vjp
 
 _F32 = jnp.float32
@@ -135,70 +135,13 @@ BK = 64  # key columns per program of the dq / dk / d log_g kernel
 PAD = SUB  # rows above and below the chunk in the plain tiles read at offsets
 MAX_HEAD_DIM = 128
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_WGMMA = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(0)  # a [D] vector laid out like a tile row
-_PARAMS = plgpu.CompilerParams(
-    lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-_SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU aligns every SMEM allocation to it
-_BARRIER_BYTES = 8
-
-
-# ------------------------------------------------------------ SMEM tiles ---
-
-
-def _swizzled(shape, dtype):
-  """An SMEM tile in the tiled + swizzled form that wgmma operands and
-  optimized register transfers need: (8, s) tiles, s the swizzle (128, 64 or
-  32 bytes, the largest dividing a row) in elements."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = next(s for s in (128, 64, 32) if shape[-1] * itemsize % s == 0)
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, swizzle // itemsize)),
-      plgpu.SwizzleTransform(swizzle)))
-
-
-def _plain(shape, dtype):
-  """An untiled row-major SMEM tile: readable at any row offset (the shifted
-  reads of the diagonal blocks, single gate rows), through unoptimized
-  (bank-conflicting) register transfers."""
-  return plgpu.SMEM(shape, dtype)
-
-
-def _load(ref):
-  """A 2-D tile of a plain ref into registers: float32, WGMMA layout."""
-  return plgpu.load(ref, layout=_WGMMA, optimized=False).astype(_F32)
-
-
-def _load_row(ref, i, shape):
-  """Row i of a plain 2-D ref broadcast down ``shape`` [rows, D], float32."""
-  r = plgpu.load(ref.at[i, :], layout=_ROW, optimized=False).astype(_F32)
-  return lax.broadcast_in_dim(r, shape, [1])
-
-
-def _iota(shape, dim):
-  return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-
-def _mm(a_ref, b_ref, shape):
-  """a @ b of two SMEM operands by wgmma, float32 [M, N]."""
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a_ref, b_ref)
-    return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, _F32))
-
-
-def _interpret_params(interpret):
-  """None (compile for the GPU) or the Mosaic GPU interpreter's params."""
-  if interpret is True:
-    return plgpu.InterpretGPUParams()
-  return interpret or None
-
-
-def _padded(d: int) -> int:
-  """Head dims go to 64 or 128: whole 128-byte rows of the swizzled bf16
-  tiles, and wgmma contractions in steps of 64. Zero channels are inert (see
-  ``kernel_shapes``)."""
-  return 64 if d <= 64 else 128
+_WGMMA, _ROW = mosaic_gpu.WGMMA, mosaic_gpu.ROW
+_PARAMS = mosaic_gpu.PARAMS
+_swizzled, _plain, _load, _load_row, _iota, _mm = (
+    mosaic_gpu.swizzled, mosaic_gpu.plain, mosaic_gpu.load, mosaic_gpu.load_row,
+    mosaic_gpu.iota, mosaic_gpu.mm)
+_interpret_params, _padded, _fetch_all = (
+    mosaic_gpu.interpret_params, mosaic_gpu.padded, mosaic_gpu.fetch_all)
 
 
 def _gate_prefix(g):
@@ -515,14 +458,6 @@ def _diag_blocks(q_c, k_p, b_p):
 
     a = lax.fori_loop(0, SUB, offset, a)
   return a
-
-
-def _fetch_all(pairs, bars):
-  """TMA each (GMEM ref, SMEM ref) pair on its own barrier, then wait."""
-  for i, (src, dst) in enumerate(pairs):
-    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-  for i in range(len(pairs)):
-    plgpu.barrier_wait(bars.at[i])
 
 
 def _fetch_docs(docs, ib, n):
@@ -899,12 +834,8 @@ def smem_bytes(name: str, K: int, V: int, dtype, docs: bool = False) -> int:
             *(s for s in extra if not isinstance(s, plgpu.Barrier))]
   barriers += sum(math.prod(s.num_barriers) for s in extra
                   if isinstance(s, plgpu.Barrier))
-  total = sum(-(-math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
-                // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
-              for s in shapes)
-  if reduces or docs:  # any jnp.sum in a kernel allocates it
-    total += _PARAMS.reduction_scratch_bytes
-  return total + barriers * _BARRIER_BYTES
+  # any jnp.sum in a kernel allocates the reduction scratch
+  return mosaic_gpu.scratch_bytes(shapes, barriers, reduces or docs)
 
 
 # ------------------------------------------------------------------- op ---

@@ -1,0 +1,107 @@
+"""Pieces every Mosaic GPU kernel of lsm uses: compiler params, SMEM tiles,
+register transfers, wgmma, TMA fetches, the SMEM count, interpret mode.
+
+Facts they rest on (jax 0.11.2, Warpgroup lowering semantics, checked by
+lowering for CUDA and in ``plgpu.InterpretGPUParams`` interpret mode; the op
+modules' docstrings list the rest):
+- Registers <-> SMEM in the WGMMA layout are optimized only for tiled and
+  swizzled refs (``swizzled``); a plain ref (``plain``) needs
+  ``plgpu.load(..., optimized=False)``, which also takes dynamic row offsets.
+  A single row loads as a ``Layout.WGMMA.reduce(0)`` vector and broadcasts
+  with ``lax.broadcast_in_dim``.
+- wgmma's accumulator is zeroed by ``pl.run_scoped(..., plgpu.ACC(...))``; the
+  interpreter does not handle ``pl.run_state`` (``plgpu.ACC.init``), so
+  callers add initial values after the product.
+- Pallas aligns every SMEM allocation to 1 KiB; a barrier takes 8 B; a kernel
+  with a cross-warp reduction gets ``PARAMS.reduction_scratch_bytes`` more.
+  ``scratch_bytes`` adds these up and matches the lowered launch exactly.
+"""
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_F32 = jnp.float32
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(0)  # a [D] vector laid out like a tile row
+# Pinned: the default lowering semantics changed between jax releases.
+PARAMS = plgpu.CompilerParams(
+    lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU aligns every SMEM allocation to it
+BARRIER_BYTES = 8
+
+
+def swizzled(shape, dtype):
+  """An SMEM tile in the tiled + swizzled form that wgmma operands and
+  optimized register transfers need: (8, s) tiles, s the swizzle (128, 64 or
+  32 bytes, the largest dividing a row) in elements."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = next(s for s in (128, 64, 32) if shape[-1] * itemsize % s == 0)
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, swizzle // itemsize)),
+      plgpu.SwizzleTransform(swizzle)))
+
+
+def plain(shape, dtype):
+  """An untiled row-major SMEM tile: readable at any row offset, through
+  unoptimized (bank-conflicting) register transfers."""
+  return plgpu.SMEM(shape, dtype)
+
+
+def load(ref):
+  """A 2-D tile of a plain ref into registers: float32, WGMMA layout."""
+  return plgpu.load(ref, layout=WGMMA, optimized=False).astype(_F32)
+
+
+def load_row(ref, i, shape):
+  """Row i of a plain 2-D ref broadcast down ``shape`` [rows, D], float32."""
+  r = plgpu.load(ref.at[i, :], layout=ROW, optimized=False).astype(_F32)
+  return lax.broadcast_in_dim(r, shape, [1])
+
+
+def iota(shape, dim):
+  return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def mm(a_ref, b_ref, shape):
+  """a @ b of two SMEM operands by wgmma, float32 [M, N]."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_ref, b_ref)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+
+
+def fetch_all(pairs, bars):
+  """TMA each (GMEM ref, SMEM ref) pair on its own barrier, then wait."""
+  for i, (src, dst) in enumerate(pairs):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  for i in range(len(pairs)):
+    plgpu.barrier_wait(bars.at[i])
+
+
+def interpret_params(interpret):
+  """None (compile for the GPU) or the Mosaic GPU interpreter's params."""
+  if interpret is True:
+    return plgpu.InterpretGPUParams()
+  return interpret or None
+
+
+def padded(d: int) -> int:
+  """Head dims go to 64 or 128: whole 128-byte rows of the swizzled bf16
+  tiles, and wgmma contractions in steps of 64. Zero channels are inert (see
+  ``kernel_shapes``)."""
+  return 64 if d <= 64 else 128
+
+
+def scratch_bytes(scratch, barriers: int, reduces: bool) -> int:
+  """Dynamic SMEM of a kernel: its scratch tiles (``plgpu.SMEM`` specs), each
+  aligned to 1 KiB, its barriers, and the reduction scratch when the kernel
+  reduces across warps."""
+  total = sum(-(-math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+                // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for s in scratch)
+  if reduces:
+    total += PARAMS.reduction_scratch_bytes
+  return total + barriers * BARRIER_BYTES
