@@ -3,6 +3,7 @@ the gradient of every input, through ``jax.vjp`` with random cotangents on both
 outputs. Shared by the per-op test files."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +59,46 @@ def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
   numerics.assert_trees_close(
       (o, h_t, *grads), (o_e, h_e, *grads_e), rtol=rtol,
       names=("o", "h_T", *(f"d{n}" for n in names)))
+
+
+def mosaic_gpu_kernels(lowered):
+  """(kernel name, dynamic SMEM bytes) of every Mosaic GPU custom call in a
+  lowering (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``):
+  the kernel module is MLIR bytecode in the call's
+  ``mhlo.backend_config["module"]``, its symbol ``<kernel_name>_mosaic_gpu``,
+  and the SMEM size the last operand of its ``gpu.launch``. The parsing context
+  registers the Mosaic GPU dialect: without it a kernel module failed to parse
+  ("invalid memref element type") once the interpreter or another lowering
+  had run in the process (jax 0.11.2)."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir
+  from jax._src.lib import mosaic_gpu_dialect
+  from jax._src.lib.mlir import ir
+  # pylint: enable=g-import-not-at-top
+  modules = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          if (o.operation.name == "stablehlo.custom_call" and
+              ir.StringAttr(o.attributes["call_target_name"]).value
+              == "mosaic_gpu_v2"):
+            config = ir.DictAttr(o.attributes["mhlo.backend_config"])
+            modules.append(ir.StringAttr(config["module"]).value_bytes)
+          walk(o.operation)
+
+  walk(lowered.compiler_ir("stablehlo").operation)
+  out = []
+  with mlir.make_ir_context() as ctx:
+    ctx.allow_unregistered_dialects = True
+    mosaic_gpu_dialect.register_dialect(ctx)
+    for data in modules:
+      text = str(ir.Module.parse(data))
+      name = re.search(r'sym_name = "(\w+)_mosaic_gpu"', text).group(1)
+      launch = re.search(r'gpu\.launch"\(([^)]*)\)', text).group(1)
+      size = launch.split(", ")[-1]
+      size = re.search(re.escape(size) + r' = "[\w.]*arith\.constant"\(\) '
+                       r'\{value = (\d+)', text).group(1)
+      out.append((name, int(size)))
+  return out

@@ -9,7 +9,6 @@ shapes have one or two heads and a few chunks.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -280,45 +279,7 @@ def _structs(D, dtype, B=1, T=130, H=2, docs=False):  # T pads to 3 chunks
           + [s((B, T), jnp.bool_)] * docs)
 
 
-def _kernels(lowered):
-  """(kernel name, dynamic SMEM bytes) of every Mosaic GPU custom call in a
-  lowering: the kernel module is MLIR bytecode in the call's
-  ``mhlo.backend_config["module"]``; the SMEM size is the last operand of its
-  ``gpu.launch``."""
-  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
-  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from jax._src.lib import mosaic_gpu_dialect
-  modules = []
-
-  def walk(op):
-    for region in op.regions:
-      for block in region.blocks:
-        for o in block.operations:
-          if (o.operation.name == "stablehlo.custom_call" and
-              ir.StringAttr(o.attributes["call_target_name"]).value
-              == "mosaic_gpu_v2"):
-            config = ir.DictAttr(o.attributes["mhlo.backend_config"])
-            modules.append(ir.StringAttr(config["module"]).value_bytes)
-          walk(o.operation)
-
-  walk(lowered.compiler_ir("stablehlo").operation)
-  out = []
-  with mlir.make_ir_context() as ctx:
-    ctx.allow_unregistered_dialects = True
-    # Without the Mosaic GPU dialect the parse of a kernel module failed
-    # ("invalid memref element type") once the interpreter had run in the
-    # process (seen with jax 0.11.2, the race test before these).
-    mosaic_gpu_dialect.register_dialect(ctx)
-    for data in modules:
-      text = str(ir.Module.parse(data))
-      name = re.search(r'sym_name = "(gla_\w+_mgpu)_mosaic_gpu"', text).group(1)
-      launch = re.search(r'gpu\.launch"\(([^)]*)\)', text).group(1)
-      size = launch.split(", ")[-1]
-      size = re.search(re.escape(size) + r' = "[\w.]*arith\.constant"\(\) '
-                       r'\{value = (\d+)', text).group(1)
-      out.append((name, int(size)))
-  return out
+_kernels = harness.mosaic_gpu_kernels
 
 
 @pytest.mark.parametrize("D, dtype, docs", [

@@ -105,3 +105,27 @@ def scratch_bytes(scratch, barriers: int, reduces: bool) -> int:
   if reduces:
     total += PARAMS.reduction_scratch_bytes
   return total + barriers * BARRIER_BYTES
+
+
+CHUNK = 64  # tokens per chunk: one wgmma M tile
+MAX_HEAD_DIM = 128
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_inputs(op: str, dtype, chunk_size: int, K: int, V: int) -> None:
+  """Raises ValueError (naming the argument, its value and the limit) for what
+  the Mosaic GPU kernels cannot run: inputs other than bfloat16 / float16
+  (wgmma's float32 path is TF32, which misses the float32 tolerance), a chunk
+  size other than ``CHUNK``, head dims above ``MAX_HEAD_DIM``. ``op`` names
+  the caller, e.g. "gla: impl='pallas_mosaic_gpu'"."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in DTYPES:
+    raise ValueError(
+        f"{op} takes bfloat16 or float16 inputs; got {dtype.name} (wgmma's "
+        "float32 path is TF32, which misses the float32 tolerance)")
+  if chunk_size != CHUNK:
+    raise ValueError(f"{op} needs chunk_size={CHUNK}; got chunk_size={chunk_size}")
+  for name, d in (("K (key/query head dim)", K), ("V (value head dim)", V)):
+    if d > MAX_HEAD_DIM:
+      raise ValueError(f"{op} supports head dims up to {MAX_HEAD_DIM}; got "
+                       f"{name} = {d}")

@@ -100,10 +100,9 @@ from lsm.ops.delta_rule import pallas_vjp
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-C = 64  # chunk length: one wgmma M tile
+C = mosaic_gpu.CHUNK  # chunk length: one wgmma M tile
 BV = 64  # value columns per program of the sequential passes (wgmma M)
-MAX_HEAD_DIM = 128
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MAX_HEAD_DIM, DTYPES = mosaic_gpu.MAX_HEAD_DIM, mosaic_gpu.DTYPES
 _OP = "delta_rule: impl='pallas_mosaic_gpu'"
 
 # SMEM tiles, register transfers, wgmma, TMA and compiler params shared with
@@ -649,18 +648,8 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
   Raises:
     ValueError: float32 inputs, chunk_size != 64, or a head dim over 128.
   """
-  dtype = jnp.dtype(q.dtype)
-  if dtype not in DTYPES:
-    raise ValueError(
-        f"{_OP} takes bfloat16 or float16 inputs; got {dtype.name} (wgmma's "
-        "float32 path is TF32, which misses the float32 tolerance)")
-  if chunk_size != C:
-    raise ValueError(f"{_OP} needs chunk_size={C}; got chunk_size={chunk_size}")
   K, V = q.shape[-1], v.shape[-1]
-  for name, d in (("K (key/query head dim)", K), ("V (value head dim)", V)):
-    if d > MAX_HEAD_DIM:
-      raise ValueError(f"{_OP} supports head dims up to {MAX_HEAD_DIM}; got "
-                       f"{name} = {d}")
+  mosaic_gpu.check_inputs(_OP, q.dtype, chunk_size, K, V)
   # Head dims to 64 or 128 (whole 128-byte swizzled bf16 rows, wgmma steps of
   # 64); pallas_vjp's own padding then leaves them as they are.
   Kp, Vp = _padded(K), _padded(V)

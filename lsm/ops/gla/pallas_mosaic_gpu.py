@@ -128,13 +128,12 @@ from lsm.ops.common import kernel_shapes, mosaic_gpu
 from lsm.ops.gla import pallas_vjp
 
 _F32 = jnp.float32
-C = 64  # chunk length: one wgmma M tile
+C = mosaic_gpu.CHUNK  # chunk length: one wgmma M tile
 SUB = 16  # sub-chunk length of the intra-chunk pivots
 BV = 64  # value columns per program of the sequential state passes (wgmma M)
 BK = 64  # key columns per program of the dq / dk / d log_g kernel
 PAD = SUB  # rows above and below the chunk in the plain tiles read at offsets
-MAX_HEAD_DIM = 128
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MAX_HEAD_DIM, DTYPES = mosaic_gpu.MAX_HEAD_DIM, mosaic_gpu.DTYPES
 _WGMMA, _ROW = mosaic_gpu.WGMMA, mosaic_gpu.ROW
 _PARAMS = mosaic_gpu.PARAMS
 _swizzled, _plain, _load, _load_row, _iota, _mm = (
@@ -868,19 +867,9 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
     ValueError: float32 inputs, chunk_size != 64, or a head dim
       over 128.
   """
-  op = "gla: impl='pallas_mosaic_gpu'"
-  dtype = jnp.dtype(q.dtype)
-  if dtype not in DTYPES:
-    raise ValueError(
-        f"{op} takes bfloat16 or float16 inputs; got {dtype.name} (wgmma's "
-        "float32 path is TF32, which misses the float32 tolerance)")
-  if chunk_size != C:
-    raise ValueError(f"{op} needs chunk_size={C}; got chunk_size={chunk_size}")
   K, V = q.shape[-1], v.shape[-1]
-  for name, d in (("K (key/query head dim)", K), ("V (value head dim)", V)):
-    if d > MAX_HEAD_DIM:
-      raise ValueError(f"{op} supports head dims up to {MAX_HEAD_DIM}; got "
-                       f"{name} = {d}")
+  mosaic_gpu.check_inputs("gla: impl='pallas_mosaic_gpu'", q.dtype, chunk_size,
+                          K, V)
   Kp, Vp = _padded(K), _padded(V)
   pad = functools.partial(kernel_shapes.pad_axis, axis=3)
   h0 = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0, 2, Kp), 3, Vp)
