@@ -11,11 +11,13 @@ convention as in GPT-NeoX / Llama) at their absolute positions. Absolute positio
 are what make prefill and decoding from a cache agree with the parallel forward.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsm.layers.sharding import sharded
+from lsm.layers.sharding import linear as sharded_linear
 from lsm.parallel import axes, sequence
 
 # The op impl names a config may pass to every mixer of a hybrid stack; attention
@@ -115,11 +117,8 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention: impl={impl!r} is not one of {sorted(KNOWN_IMPLS)}")
     self.impl = impl  # recorded only; see the class docstring
 
-    init = nnx.initializers.lecun_normal()
 
-    def linear(d_in, d_out, *kernel_axes):
-      return nnx.Linear(d_in, d_out, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, *kernel_axes))
+    linear = functools.partial(sharded_linear, rngs=rngs)
 
     self.q_proj = linear(d_model, n_heads * head_dim, axes.EMBED, axes.HEADS)
     self.k_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS)

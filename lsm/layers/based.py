@@ -32,12 +32,14 @@ this mixer, and the Taylor map keeps all d'^2 products (the symmetric half would
 do, as the paper notes) so that the op sees a plain feature vector.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.attention import Attention, _rope
-from lsm.layers.sharding import sharded
+from lsm.layers.sharding import linear as sharded_linear
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
 
@@ -130,11 +132,8 @@ class Based(nnx.Module):
     self.n_heads, self.feature_dim, self.eps = n_heads, feature_dim, float(eps)
     self.d_model, self.window = d_model, window or 0
     self.chunk_size, self.impl = chunk_size, impl
-    init = nnx.initializers.lecun_normal()
 
-    def linear(i, o, ax_in, ax_out):
-      return nnx.Linear(i, o, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out))
+    linear = functools.partial(sharded_linear, rngs=rngs)
 
     self.q_proj = linear(d_model, n_heads * feature_dim, axes.EMBED, axes.HEADS)
     self.k_proj = linear(d_model, n_heads * feature_dim, axes.EMBED, axes.HEADS)

@@ -17,7 +17,7 @@ from flax import nnx
 from lsm.layers import conv
 from lsm.layers.conv import ShortConv
 from lsm.layers.norm import RMSNorm
-from lsm.layers.sharding import param, sharded
+from lsm.layers.sharding import linear as sharded_linear, param, sharded
 from lsm.ops.delta_rule import delta_rule_step
 from lsm.parallel import axes, sequence
 
@@ -69,8 +69,7 @@ class DeltaNet(nnx.Module):
     init = nnx.initializers.lecun_normal()
 
     def linear(i, o, ax_out):
-      return nnx.Linear(i, o, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, axes.EMBED, ax_out))
+      return sharded_linear(i, o, axes.EMBED, ax_out, rngs=rngs)
 
     self.q_proj = linear(d_model, key_dim, axes.HEADS)
     self.k_proj = linear(d_model, key_dim, axes.HEADS)

@@ -2,12 +2,14 @@
 Transformers with Hardware-Efficient Training"). The recurrence is
 lsm.ops.gla; this module only projects, gates and normalises."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.norm import RMSNorm
-from lsm.layers.sharding import sharded
+from lsm.layers.sharding import linear as sharded_linear
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
 
@@ -49,12 +51,8 @@ class GLA(nnx.Module):
     self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
     self.gate_normalizer = float(gate_normalizer)
     self.chunk_size, self.impl = chunk_size, impl
-    init = nnx.initializers.lecun_normal()
 
-    def linear(i, o, ax_in, ax_out, bias=False):
-      return nnx.Linear(i, o, use_bias=bias, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out),
-                        bias_init=sharded(nnx.initializers.zeros, ax_out))
+    linear = functools.partial(sharded_linear, rngs=rngs)
 
     self.q_proj = linear(d_model, key_dim, axes.EMBED, axes.HEADS)
     self.k_proj = linear(d_model, key_dim, axes.EMBED, axes.HEADS)

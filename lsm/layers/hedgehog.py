@@ -27,13 +27,15 @@ Simplified: no attention-conversion pipeline (loading a pretrained softmax
 model's weights); the map's MLP is the paper's single linear layer.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.based import (normalized_linear_attention,
                               normalized_linear_attention_step)
-from lsm.layers.sharding import param, sharded
+from lsm.layers.sharding import linear as sharded_linear, param
 from lsm.parallel import axes
 
 
@@ -126,9 +128,7 @@ class Hedgehog(nnx.Module):
     self.chunk_size, self.impl = chunk_size, impl
     init = nnx.initializers.lecun_normal()
 
-    def linear(i, o, ax_in, ax_out):
-      return nnx.Linear(i, o, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out))
+    linear = functools.partial(sharded_linear, rngs=rngs)
 
     self.q_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)
     self.k_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsm.layers.sharding import sharded
+from lsm.layers.sharding import linear as sharded_linear
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
 
@@ -75,11 +75,9 @@ class Lightning(nnx.Module):
     self.gate_act = gate_act
     self.layer_index, self.n_layers = layer_index, n_layers
     self.chunk_size, self.impl = chunk_size, impl
-    init = nnx.initializers.lecun_normal()
 
     def linear(ax_in, ax_out):
-      return nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out))
+      return sharded_linear(d_model, d_model, ax_in, ax_out, rngs=rngs)
 
     self.q_proj = linear(axes.EMBED, axes.HEADS)
     self.k_proj = linear(axes.EMBED, axes.HEADS)

@@ -56,7 +56,7 @@ from lsm.layers import conv
 from lsm.layers.conv import ShortConv
 from lsm.layers.delta_net import _l2norm
 from lsm.layers.norm import RMSNorm
-from lsm.layers.sharding import param, sharded
+from lsm.layers.sharding import linear as sharded_linear, param
 from lsm.ops.delta_rule import delta_rule_step
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
@@ -142,12 +142,9 @@ class MoM(nnx.Module):
     self.aux_loss_weight = float(aux_loss_weight)
     self.chunk_size, self.impl = chunk_size, impl
     S, H = self.n_slots, n_heads
-    init = nnx.initializers.lecun_normal()
 
     def linear(i, o, ax_in=axes.EMBED, ax_out=axes.HEADS, bias=False):
-      return nnx.Linear(i, o, use_bias=bias, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out),
-                        bias_init=sharded(nnx.initializers.zeros, ax_out))
+      return sharded_linear(i, o, ax_in, ax_out, rngs=rngs, bias=bias)
 
     self.router = linear(d_model, n_memories, axes.EMBED, None)
     self.q_proj = linear(d_model, key_dim)

@@ -22,12 +22,14 @@ are dropped: GroupNorm after the retention is invariant to the per-head scale
 they fix, up to its epsilon.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.attention import _rope
-from lsm.layers.sharding import param, sharded
+from lsm.layers.sharding import linear as sharded_linear, param
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
 
@@ -65,11 +67,8 @@ class RetNet(nnx.Module):
     self.n_heads, self.d_model, self.value_dim = n_heads, d_model, value_dim
     self.rope_base, self.eps = float(rope_base), float(eps)
     self.chunk_size, self.impl = chunk_size, impl
-    init = nnx.initializers.lecun_normal()
 
-    def linear(i, o, ax_in, ax_out):
-      return nnx.Linear(i, o, use_bias=False, rngs=rngs,
-                        kernel_init=sharded(init, ax_in, ax_out))
+    linear = functools.partial(sharded_linear, rngs=rngs)
 
     self.q_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)
     self.k_proj = linear(d_model, d_model, axes.EMBED, axes.HEADS)

@@ -16,3 +16,14 @@ def sharded(init, *axes):
 def param(value, *axes):
   """An nnx.Param holding ``value`` with logical axis names ``axes``."""
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def linear(d_in: int, d_out: int, ax_in, ax_out, *, rngs: nnx.Rngs,
+           bias: bool = False) -> nnx.Linear:
+  """The mixers' projection: an ``nnx.Linear`` [d_in, d_out] with a LeCun-normal
+  kernel on logical axes (``ax_in``, ``ax_out``) and, with ``bias``, a zero
+  bias on ``ax_out``."""
+  return nnx.Linear(d_in, d_out, use_bias=bias, rngs=rngs,
+                    kernel_init=sharded(nnx.initializers.lecun_normal(),
+                                        ax_in, ax_out),
+                    bias_init=sharded(nnx.initializers.zeros, ax_out))
