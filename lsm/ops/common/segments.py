@@ -71,13 +71,22 @@ def chunk_masks(reset, chunk: int):
     (see the module docstring). Padded tokens join the row's last document,
     which they leave unchanged (zero keys and values, zero log gates).
   """
+  return doc_masks(_chunk_docs(reset, chunk))
+
+
+def _chunk_docs(reset, chunk: int):
+  """float32 [B, N, C]: the documents started in t's chunk up to and including
+  t (0 until the chunk's first reset)."""
   B, Tp = reset.shape
-  r = reset.reshape(B, Tp // chunk, chunk).astype(jnp.int32)
-  doc = jnp.cumsum(r, axis=-1)  # documents started in the chunk up to t
+  r = reset.reshape(B, Tp // chunk, chunk).astype(jnp.float32)
+  return jnp.cumsum(r, axis=-1)
+
+
+def doc_masks(doc):
+  """(same [..., C, C], carry [..., C], tail [..., C]) bool from a chunk-local
+  document index ``doc`` [..., C] (as ``kernel_docs`` holds it)."""
   same = doc[..., :, None] == doc[..., None, :]
-  carry = doc == 0
-  tail = doc == doc[..., -1:]
-  return same, carry, tail
+  return same, doc == 0, doc == doc[..., -1:]
 
 
 def kernel_docs(reset, chunk: int):
@@ -91,10 +100,8 @@ def kernel_docs(reset, chunk: int):
   block, which also meets TPU block-shape rules for any C). ``reset``: bool
   [B, Tp], Tp % chunk == 0, padding flagged False.
   """
-  B, Tp = reset.shape
-  r = reset.reshape(B, Tp // chunk, chunk).astype(jnp.float32)
-  doc = jnp.cumsum(r, axis=-1)
-  return doc.reshape(B, Tp, 1), doc[:, :, None, :]
+  doc = _chunk_docs(reset, chunk)
+  return doc.reshape(*reset.shape, 1), doc[:, :, None, :]
 
 
 class DocTiles:

@@ -94,7 +94,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lsm.ops.common import kernel_shapes, mosaic_gpu
+from lsm.ops.common import kernel_shapes, mosaic_gpu, segments
 from lsm.ops.common.triangular import unit_lower_inverse
 from lsm.ops.delta_rule import pallas_vjp
 
@@ -165,10 +165,8 @@ def _doc_masks(docs):
   kernels only combine factors, so the masks never enter a kernel."""
   if docs is None:
     return None
-  d = _chunks(docs[0])  # [BH, N, C]
-  last = d[..., -1:]
-  return (d[..., :, None] == d[..., None, :], d == 0.0, d == last,
-          last[..., 0] == 0.0)
+  same, carry, tail = segments.doc_masks(_chunks(docs[0]))  # doc [BH, N, C]
+  return same, carry, tail, carry[..., -1]
 
 
 def _cut(mask, x):
