@@ -232,9 +232,7 @@ def _reach(resets):
 
 
 def _gla_gates(log_g, shape):
-  """None, [B, T, H] or [B, T, H, K] log gates -> float32 [B, T, H, K]."""
-  if log_g is None:
-    return jnp.zeros(shape, jnp.float32)
+  """[B, T, H] or [B, T, H, K] log gates -> float32 [B, T, H, K]."""
   log_g = log_g.astype(jnp.float32)
   if log_g.ndim == 3:
     log_g = log_g[..., None]
@@ -262,15 +260,19 @@ def gla_slice(q, k, v, log_g, h0, segment_ids=None, resets=None, *, call,
   V = v.shape[-1]
   # zero start: [B, t, H, V], [B, H, K, V]
   o0, d = call(q, k, v, log_g, h0=None, segment_ids=segment_ids)
-  cum = jnp.cumsum(_gla_gates(log_g, q.shape), axis=1)  # [B, t, H, K]
-  decay = jnp.exp(cum[:, -1])  # [B, H, K]: the slice's total decay
+  if log_g is None:  # no decay (no constant zero gates for XLA to fold)
+    gate_in, decay = 1.0, jnp.ones(d.shape[:-1], jnp.float32)
+  else:
+    cum = jnp.cumsum(_gla_gates(log_g, q.shape), axis=1)  # [B, t, H, K]
+    gate_in = jnp.exp(cum)  # decay from the slice start to t
+    decay = gate_in[:, -1]  # [B, H, K]: the slice's total decay
   reach = _reach(resets)  # [B, t]: the incoming state still reaches t
   if reach is not None:
     decay = jnp.where(reach[:, -1, None, None], decay, 0.0)
   summary = jnp.concatenate([d, decay[..., None]], axis=-1)  # [B, H, K, V + 1]
   apply = lambda x, h: x[..., V:] * h + x[..., :V]  # noqa: E731
   h_in, h_t = _fold(summary, h0, apply, axis, d)
-  q_eff = scale * q.astype(jnp.float32) * jnp.exp(cum)
+  q_eff = scale * q.astype(jnp.float32) * gate_in
   if reach is not None:
     q_eff = jnp.where(reach[..., None, None], q_eff, 0.0)
   o = o0.astype(jnp.float32) + _einsum("bthk,bhkv->bthv", q_eff, h_in)

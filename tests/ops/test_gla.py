@@ -56,7 +56,7 @@ def test_matches_reference_fp32(impl, gate, shape):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("gate", ["channel", "head"])
+@pytest.mark.parametrize("gate", ["channel", "head", "none"])
 @pytest.mark.parametrize("shape", ["T63_KneV", "subchunks"])
 def test_matches_reference_bf16(impl, gate, shape):
   *dims, chunk = SHAPES[shape]

@@ -53,8 +53,9 @@ def _inputs(op: str, decay: str, seed: int = 0) -> dict:
   if op == "gla":
     # Mild: GLA's log-sigmoid / 16 (the fast form); strong: -5 per token and
     # worse (the stable form).
-    x["log_g"] = jax.nn.log_sigmoid(normal(4, (B, T, H, K))) * (8.0 if strong
-                                                                 else 1 / 16)
+    if decay != "none":  # none: no gate at all (log_g=None)
+      x["log_g"] = jax.nn.log_sigmoid(normal(4, (B, T, H, K))) * (
+          8.0 if strong else 1 / 16)
   else:
     x["k"] = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)
     x["beta"] = jax.random.uniform(keys[5], (B, T, H), maxval=2.0)  # [0, 2]
@@ -65,7 +66,7 @@ def _inputs(op: str, decay: str, seed: int = 0) -> dict:
 
 def _call(op: str, x: dict, **kw):
   if op == "gla":
-    return gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"], **kw)
+    return gla(x["q"], x["k"], x["v"], x.get("log_g"), h0=x["h0"], **kw)
   if op == "delta_rule":
     return delta_rule(x["q"], x["k"], x["v"], x["beta"], log_g=x["log_g"],
                       h0=x["h0"], **kw)
@@ -133,6 +134,8 @@ CASES = [
         ("chunked", 16, "bfloat16", "mild"),
     )
     if not (op == "ssm_scan" and chunk == 64)  # ssm_scan has no chunk size
+] + [("gla", "chunked", 16, dtype, "none")  # no gate: chunked's own form
+       for dtype in ("float32", "bfloat16")
 ] + [("ssm_scan", "chunked-associative", None, "float32", "strong"),
      ("ssm_scan", "chunked-sequential", None, "float32", "strong")] + [
     # The Pallas kernels in interpret mode: chunk 16 (boundaries at a chunk's

@@ -35,7 +35,7 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
     q_t: [B, H, K] query.
     k_t: [B, H, K] key.
     v_t: [B, H, V] value.
-    log_g_t: [B, H, K] log forget gate.
+    log_g_t: [B, H, K] log forget gate, or None (no decay).
     h: [B, H, K, V] float32 state before the token.
     scale: query scale.
 
@@ -43,8 +43,9 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
     o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
   """
   f32 = jnp.float32
-  h = (jnp.exp(log_g_t.astype(f32))[..., None] * h
-       + k_t.astype(f32)[..., :, None] * v_t.astype(f32)[..., None, :])
+  if log_g_t is not None:
+    h = jnp.exp(log_g_t.astype(f32))[..., None] * h
+  h = h + k_t.astype(f32)[..., :, None] * v_t.astype(f32)[..., None, :]
   o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(f32), h, precision=_HIGHEST)
   return o_t.astype(q_t.dtype), h
 
