@@ -11,11 +11,14 @@ mamba2:signed likewise, or any lsm mixer name with an optional beta_scale.
 """
 
 import csv
+import dataclasses
+import json
 import pathlib
 import statistics
 import sys
 
 from lsm.train import loop
+from lsm.train import metrics as metrics_lib
 
 
 def model_arg(model: str) -> str:
@@ -37,21 +40,77 @@ def cell(get_config, task: str, model: str, seed: int, lr: float, *,
   return get_config(arg), pathlib.Path(out) / name
 
 
-def run_one(get_config, task: str, model: str, seed: int, lr: float, *,
-            steps: int, batch: int, out: pathlib.Path, smoke: bool = False,
-            progress: bool = False, extra: str = "") -> dict[int, dict]:
-  """Trains one run (see ``cell``); returns {test size: final eval metrics}."""
-  config, workdir = cell(get_config, task, model, seed, lr, steps=steps,
-                         batch=batch, out=out, smoke=smoke, extra=extra)
-  config.train.progress = progress
-  history = loop.train(config, workdir)
-  last = history[max(s for s in history if any(k.startswith("eval_")
-                                               for k in history[s]))]
+# train options that change how a run reports, not what it computes
+_REPORTING = ("progress", "start_fresh", "async_checkpoints", "log_every")
+
+
+def _run_json(config) -> dict:
+  """The run config as loop.train writes it to config.json."""
+  run = loop.RunConfig.from_config(config)
+  return json.loads(json.dumps(dataclasses.asdict(run)))
+
+
+def _check_same_run(config, workdir: pathlib.Path):
+  """Raises if ``workdir`` holds a run of another config (loop.train would
+  resume it under the new one, e.g. a longer schedule on a finished run)."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  stored, now = json.loads(path.read_text()), _run_json(config)
+  diffs = []
+  for section in sorted(set(stored) | set(now)):
+    a, b = stored.get(section, {}), now.get(section, {})
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key) and not (section == "train"
+                                           and key in _REPORTING):
+        diffs.append(f"{section}.{key}={a.get(key)!r} (this grid: "
+                     f"{b.get(key)!r})")
+  if diffs:
+    raise ValueError(f"{workdir} holds a run of another config: "
+                     f"{', '.join(diffs)}; pass another --out (or remove "
+                     "that directory) to run this grid")
+
+
+def final_results(config, workdir: pathlib.Path) -> dict[int, dict] | None:
+  """{test size: eval metrics} logged at the run's last step in
+  ``workdir/metrics.jsonl``, or None if the run has not finished."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return None
+  last = metrics_lib.read_metrics(path).get(config.train.num_steps, {})
   results = {}
   for size in config.task.eval_sizes:
     prefix = f"eval_{size}_"
     results[size] = {k[len(prefix):]: v for k, v in last.items()
                      if k.startswith(prefix)}
+    if "scaled_accuracy" not in results[size]:
+      return None
+  return results
+
+
+def run_one(get_config, task: str, model: str, seed: int, lr: float, *,
+            steps: int, batch: int, out: pathlib.Path, smoke: bool = False,
+            progress: bool = False, extra: str = "") -> dict[int, dict]:
+  """Trains one run (see ``cell``); returns {test size: final eval metrics}.
+
+  A run that already finished in its directory (same config, final
+  evaluation logged) is read back instead of retrained, so a grid stopped
+  part way resumes where it stopped, and cells run by separate processes into
+  one ``out`` are collected by a last call with the whole grid. A directory
+  holding another config raises (see ``_check_same_run``)."""
+  config, workdir = cell(get_config, task, model, seed, lr, steps=steps,
+                         batch=batch, out=out, smoke=smoke, extra=extra)
+  config.train.progress = progress
+  _check_same_run(config, workdir)
+  results = final_results(config, workdir)
+  if results is not None:
+    print(f"{workdir.name}: finished earlier, read from metrics.jsonl",
+          flush=True)
+    return results
+  loop.train(config, workdir)
+  results = final_results(config, workdir)
+  if results is None:
+    raise RuntimeError(f"{workdir}: no final evaluation in metrics.jsonl")
   return results
 
 
