@@ -3,7 +3,7 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 Run from the repo root. Benchmarks the chunked vs reference impls of gla,
 delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
 into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan,
---repeats N, --markdown, --segments, --selective, --blocks.
+--repeats N, --markdown, --segments, --selective, --blocks, --ungated.
 
 With --segments it prints a second kind of table instead: the chunked impl's
 fwd+bwd with ``segment_ids`` (packed documents, state resets) against the same
@@ -48,6 +48,13 @@ fwd+bwd (of sum(y ** 2) w.r.t. the input and every parameter) time and temp
 memory for GLA, Mamba, LSSL and S4D (conv mode), and the temp memory (compiled
 only, not run) of the layers' former forms: Mamba through ``ssm_path`` and
 LSSL / S4D with the unblocked [T, H, M] Vandermonde kernel.
+
+With --ungated: chunked gla with ``log_g=None`` (its no-decay form) against
+the same call on an all-zero gate made inside the jitted function (a
+compile-time constant: what ``log_g=None`` ran before the no-decay form), at
+Based's head shape (H=2, K = 1 + 16 + 16^2 = 273, V=33: the MQAR cells'
+d_model 64 in two heads plus the denominator column), B=2, chunk 16 and 64;
+fwd, fwd+bwd (w.r.t. q, k, v) and the fwd+bwd temp memory.
 """
 
 import argparse
@@ -295,6 +302,41 @@ def selective_row(T: int, new: dict, old: dict) -> list[str]:
           f"{new['temp_mib']:.1f}", f"{old['temp_mib']:.1f}"]
 
 
+# -- --ungated: gla without a gate ---------------------------------------------
+
+UNGATED_H, UNGATED_K, UNGATED_V = 2, 273, 33  # Based's heads in the MQAR cells
+UNGATED_COLUMNS = ("T", "chunk", "fwd none (ms)", "fwd zeros (ms)",
+                   "fwd+bwd none (ms)", "fwd+bwd zeros (ms)", "fwd+bwd speedup",
+                   "temp none (MiB)", "temp zeros (MiB)")
+
+
+def ungated_inputs(T: int):
+  """q, k [2, T, H, K] and v [2, T, H, V] ~ N(0, 1) at UNGATED_* (q, k / 4:
+  feature-map-sized values)."""
+  k = jax.random.split(jax.random.key(SEED), 3)
+  n = lambda key, shape: jax.random.normal(key, shape, jnp.float32)  # noqa: E731
+  qk = (2, T, UNGATED_H, UNGATED_K)
+  return n(k[0], qk) / 4, n(k[1], qk) / 4, n(k[2], (2, T, UNGATED_H, UNGATED_V))
+
+
+def ungated_forwards(chunk: int):
+  """(log_g=None, constant all-zero log_g) forwards of chunked gla."""
+  def none(q, k, v):
+    return gla(q, k, v, None, chunk_size=chunk, impl="chunked")
+
+  def zeros(q, k, v):
+    return gla(q, k, v, jnp.zeros(q.shape, jnp.float32), chunk_size=chunk,
+               impl="chunked")
+  return none, zeros
+
+
+def ungated_row(T: int, chunk: int, new: dict, old: dict) -> list[str]:
+  return [str(T), str(chunk), f"{new['fwd_ms']:.1f}", f"{old['fwd_ms']:.1f}",
+          f"{new['fwdbwd_ms']:.1f}", f"{old['fwdbwd_ms']:.1f}",
+          f"{old['fwdbwd_ms'] / new['fwdbwd_ms']:.1f}x",
+          f"{new['temp_mib']:.1f}", f"{old['temp_mib']:.1f}"]
+
+
 # -- --blocks: one mixer layer ---------------------------------------------------
 
 BLOCK_D, BLOCK_HEADS = 384, 4  # the 20m preset
@@ -380,6 +422,9 @@ def main():
   parser.add_argument("--blocks", nargs="*", choices=BLOCKS, default=None,
                       help="one mixer layer's fwd+bwd instead (all of "
                       f"{BLOCKS} when given without names)")
+  parser.add_argument("--ungated", action="store_true",
+                      help="gla with log_g=None against a constant all-zero "
+                      "gate instead (see the module docstring)")
   args = parser.parse_args()
 
   device = jax.devices()[0]
@@ -391,8 +436,20 @@ def main():
       f"repeats={args.repeats or 'auto'}; speedup = reference / chunked",
   ]
   rows = []
-  if args.selective or args.blocks is not None:
-    if args.selective:
+  if args.selective or args.blocks is not None or args.ungated:
+    if args.ungated:
+      header[1] = (f"float32, B=2, H={UNGATED_H}, K={UNGATED_K}, "
+                   f"V={UNGATED_V}, impl=chunked; repeats="
+                   f"{args.repeats or 'auto'}; speedup = zeros / none")
+      for T in args.T:
+        inputs = ungated_inputs(T)
+        for chunk in (16, 64):
+          new, old = (bench_fn(f, inputs, args.repeats)
+                      for f in ungated_forwards(chunk))
+          print(f"done ungated T={T} chunk={chunk}", file=sys.stderr, flush=True)
+          rows.append(ungated_row(T, chunk, new, old))
+      columns = UNGATED_COLUMNS
+    elif args.selective:
       header[1] = (f"float32, B=1, E={SEL_E}, N={SEL_N}, chunk_size=64; repeats="
                    f"{args.repeats or 'auto'}; speedup = ssm path / selective")
       for T in args.T:

@@ -11,8 +11,14 @@ reference; results in BENCHMARKS.md):
 
 PYTHONPATH=. .venv/bin/python experiments/recall.py --tasks mqar \
   --models attention based hedgehog mom retnet deltanet:1 gla --seeds 0 \
-  --lrs 3e-3 --steps 500 --batch 32 \
+  --lrs 1e-3 3e-3 1e-2 --steps 2000 --batch 64 \
   --extra "size=64,num_pairs=8,vocab=512,n_heads=2" --out runs/recall_family
+
+A finished cell is read back from its directory, not retrained, so a stopped
+grid resumes, and parts of a grid can run as separate processes (one per core:
+``taskset -c 0 ... --models mom based``, ``taskset -c 1 ... --models attention
+...``) into the same --out; the same command with the whole grid then only
+collects them into results.md.
 
 CPU scale (the issue's learnability check): sequence length 64, 8 pairs,
 vocabulary 512, short convolutions on (configs/recall.py defaults). Zoology's
