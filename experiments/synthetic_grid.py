@@ -11,7 +11,6 @@ mamba2:signed likewise, or any lsm mixer name with an optional beta_scale.
 """
 
 import csv
-import dataclasses
 import json
 import pathlib
 import statistics
@@ -44,19 +43,13 @@ def cell(get_config, task: str, model: str, seed: int, lr: float, *,
 _REPORTING = ("progress", "start_fresh", "async_checkpoints", "log_every")
 
 
-def _run_json(config) -> dict:
-  """The run config as loop.train writes it to config.json."""
-  run = loop.RunConfig.from_config(config)
-  return json.loads(json.dumps(dataclasses.asdict(run)))
-
-
 def _check_same_run(config, workdir: pathlib.Path):
   """Raises if ``workdir`` holds a run of another config (loop.train would
   resume it under the new one, e.g. a longer schedule on a finished run)."""
   path = workdir / "config.json"
   if not path.exists():
     return
-  stored, now = json.loads(path.read_text()), _run_json(config)
+  stored, now = json.loads(path.read_text()), loop.run_record(config)
   diffs = []
   for section in sorted(set(stored) | set(now)):
     a, b = stored.get(section, {}), now.get(section, {})

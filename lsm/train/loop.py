@@ -143,6 +143,12 @@ def _jsonable(x):
   return x
 
 
+def run_record(config: ml_collections.ConfigDict) -> dict:
+  """The run config of ``config`` as a run's config.json holds it (JSON
+  types: lists, not tuples); e.g. to check that a directory holds this run."""
+  return json.loads(json.dumps(_jsonable(RunConfig.from_config(config))))
+
+
 class _StopSignal:
   """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second
   signal gets the default behaviour (an immediate stop)."""

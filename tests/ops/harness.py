@@ -102,3 +102,24 @@ def mosaic_gpu_kernels(lowered):
                        r'\{value = (\d+)', text).group(1)
       out.append((name, int(size)))
   return out
+
+
+# The input limits that lsm.ops.common.mosaic_gpu.check_inputs states, shared
+# by the GLA and delta-rule Mosaic GPU impls: (change to valid inputs, the
+# message after "<op>: impl='pallas_mosaic_gpu' ").
+MOSAIC_GPU_BAD_INPUTS = [
+    (dict(dtype=jnp.float32), r"takes bfloat16 or float16 inputs; got float32"),
+    (dict(K=160), r"supports head dims up to 128; got K \(key/query head dim\) "
+                  r"= 160"),
+    (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
+                  r"= 256"),
+    (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
+]
+
+
+def mosaic_gpu_bad_inputs(make_inputs, change: dict) -> dict:
+  """``make_inputs(seed, B, T, H, K, V, dtype=)`` at valid Mosaic GPU sizes
+  with ``change`` (a MOSAIC_GPU_BAD_INPUTS entry's dims and dtype) applied."""
+  dims = dict(B=1, T=8, H=1, K=64, V=64) | {
+      n: change[n] for n in ("K", "V") if n in change}
+  return make_inputs(0, *dims.values(), dtype=change.get("dtype", jnp.bfloat16))

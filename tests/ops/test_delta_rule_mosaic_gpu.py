@@ -269,18 +269,9 @@ def test_interpret_true_is_the_mosaic_gpu_interpreter():
   assert mgpu._interpret_params(False) is None
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(dtype=jnp.float32), r"takes bfloat16 or float16 inputs; got float32"),
-    (dict(K=160), r"supports head dims up to 128; got K \(key/query head dim\) "
-                  r"= 160"),
-    (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
-                  r"= 256"),
-    (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
-])
+@pytest.mark.parametrize("change, match", harness.MOSAIC_GPU_BAD_INPUTS)
 def test_unsupported_input_raises(change, match):
-  dims = dict(B=1, T=8, H=1, K=64, V=64) | {
-      n: change[n] for n in ("K", "V") if n in change}
-  x = make_inputs(0, *dims.values(), dtype=change.get("dtype", jnp.bfloat16))
+  x = harness.mosaic_gpu_bad_inputs(make_inputs, change)
   with pytest.raises(ValueError,
                      match=r"delta_rule: impl='pallas_mosaic_gpu' " + match):
     mgpu.delta_rule(x["q"], x["k"], x["v"], x["beta"].astype(jnp.float32),
