@@ -5,7 +5,7 @@ forward and backward, for an A100 (sm_80) and an H100 (sm_90a), on a machine
 without a GPU. Needs PyPI ``triton`` (the version pinned in setup.cfg's test
 extra) beside jax.
 
-How (facts in ../shared/DESIGN.md, "Deviceless CUDA lowering" and "Triton
+How (facts in docs/design.md, "Deviceless CUDA lowering" and "Triton
 kernels to cubin"):
 1. In a subprocess (so jaxlib's MLIR and triton's never share a process), each
    op's forward + VJP is lowered for CUDA under an abstract GPU of the target's

@@ -1,4 +1,4 @@
-"""The one-way import rule of shared/STYLE.md, checked with ``ast`` over lsm/."""
+"""The one-way import rule of docs/style.md, checked with ``ast`` over lsm/."""
 
 import ast
 import pathlib
@@ -11,18 +11,16 @@ LSM = ROOT / "lsm"
 
 # package -> the lsm packages it may import (itself always allowed).
 ALLOWED = {
-    "typing": set(),
-    "ops": {"typing"},
-    "parallel": {"ops", "typing"},
-    "layers": {"ops", "parallel", "typing"},
-    "models": {"layers", "parallel", "typing"},
-    "data": {"typing"},
-    "tasks": {"data", "typing"},
-    "train": {"ops", "parallel", "layers", "models", "data", "tasks", "typing"},
+    "ops": set(),
+    "parallel": {"ops"},
+    "layers": {"ops", "parallel"},
+    "models": {"layers", "parallel"},
+    "data": set(),
+    "tasks": {"data"},
+    "train": {"ops", "parallel", "layers", "models", "data", "tasks"},
     # After training (lsm-eval, lsm-generate, lsm-plot, the lm-eval adapter):
     # reopens runs through lsm.train; train never imports it.
-    "eval": {"ops", "parallel", "layers", "models", "data", "tasks", "train",
-             "typing"},
+    "eval": {"ops", "parallel", "layers", "models", "data", "tasks", "train"},
 }
 # Top-level folders that are never imported by lsm.
 OUTSIDE = {"configs", "experiments", "launch", "notebooks", "tests"}
@@ -32,7 +30,7 @@ OPS_FORBIDDEN = {"flax", "ml_collections", "optax", "orbax", "tensorflow_dataset
 
 
 def _package(path: pathlib.Path) -> str:
-  """lsm/ops/gla/api.py -> "ops"; lsm/typing.py -> "typing"; lsm/__init__.py -> ""."""
+  """lsm/ops/gla/api.py -> "ops"; lsm/__init__.py -> ""."""
   rel = path.relative_to(LSM)
   if rel.parts == ("__init__.py",):
     return ""
@@ -88,7 +86,7 @@ def test_imports_point_one_way(path):
 
 
 def test_ops_init_stays_empty():
-  """Re-exporting from lsm/ops/__init__.py would rebind lsm.ops.gla (STYLE.md §5)."""
+  """Re-exporting from lsm/ops/__init__.py would rebind lsm.ops.gla (docs/style.md §5)."""
   assert (LSM / "ops" / "__init__.py").read_text().strip() == ""
 
 

@@ -3,7 +3,7 @@
 The chunked delta rule needs (I + L)^{-1} for a strictly lower-triangular L per
 chunk (the UT transform). ``jax.lax.linalg.triangular_solve`` would do, but on
 jax 0.10.2 / 2-core CPUs the gradient of a batched triangular_solve deadlocks
-intermittently (see shared/DESIGN.md). Here the forward is forward substitution
+intermittently (see docs/design.md). Here the forward is forward substitution
 written with matmuls in a ``fori_loop`` (on 16 x 16 diagonal blocks, merged by
 doubling) and the backward is the closed form
 d(A^{-1}) = -A^{-1} dA A^{-1}, so no triangular_solve appears in either pass and
