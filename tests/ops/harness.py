@@ -38,11 +38,14 @@ def cotangents(key, o_shape, o_dtype, h_shape):
           jax.random.normal(k2, h_shape, jnp.float32))
 
 
-def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
-                            *, rtol: float, interpret=False) -> None:
+def run_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
+                          *, interpret=False):
   """Runs ``op`` with ``impl`` on ``primals`` (which may be low precision) and the
-  reference on the same values upcast to float32, and compares everything.
-  ``interpret`` goes to the fast impl only (Pallas interpret mode)."""
+  reference on the same values upcast to float32, with the same cotangents.
+  ``interpret`` goes to the fast impl only (Pallas interpret mode).
+
+  Returns (names, got, want): the output names (``o``, ``h_t``, then ``d`` and
+  each primal's name) and the two matching tuples of outputs."""
   names = tuple(primals)
   xs = tuple(primals.values())
   f32 = tuple(x.astype(jnp.float32) for x in xs)
@@ -56,9 +59,18 @@ def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
   assert h_t.dtype == jnp.float32, f"final state dtype {h_t.dtype}"
   for g, x, n in zip(grads, xs, names):
     assert g.dtype == x.dtype, f"d{n} dtype {g.dtype} != {x.dtype}"
-  numerics.assert_trees_close(
-      (o, h_t, *grads), (o_e, h_e, *grads_e), rtol=rtol,
-      names=("o", "h_T", *(f"d{n}" for n in names)))
+  return (("o", "h_t", *(f"d{n}" for n in names)), (o, h_t, *grads),
+          (o_e, h_e, *grads_e))
+
+
+def check_against_reference(op, impl: str, chunk_size: int, primals: dict, key,
+                            *, interpret=False) -> None:
+  """``run_against_reference``, then each output compared with its own row of
+  tests/numerics.py for (impl, the input dtype of the first primal, output)."""
+  names, got, want = run_against_reference(op, impl, chunk_size, primals, key,
+                                           interpret=interpret)
+  dtype = next(iter(primals.values())).dtype
+  numerics.assert_outputs_close(got, want, impl=impl, dtype=dtype, names=names)
 
 
 def mosaic_gpu_kernels(lowered):

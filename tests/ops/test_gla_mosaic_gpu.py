@@ -38,12 +38,10 @@ def _op(q, k, v, log_g=None, h0=None, *, impl, chunk_size=64, interpret=False):
 
 
 def _check(B, T, H, K, V, *, dtype=jnp.bfloat16, interpret=INTERPRET, seed=0,
-           rtol=None, **kwargs):
+           **kwargs):
   primals = make_inputs(seed, B, T, H, K, V, dtype=dtype, **kwargs)
   harness.check_against_reference(
-      _op, IMPL, 64, primals, jax.random.key(seed + 1),
-      rtol=numerics.tolerance(IMPL, dtype) if rtol is None else rtol,
-      interpret=interpret)
+      _op, IMPL, 64, primals, jax.random.key(seed + 1), interpret=interpret)
 
 
 # ---------------------------------------------------------- interpreter ---
@@ -155,11 +153,11 @@ def _check_documents(K, V, *, log_g_value=None, gate_scale=1.0, seed=0,
       tuple(c.astype(jnp.float32) for c in cts))
   assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
   names = sorted(x)
-  numerics.assert_trees_close(
+  numerics.assert_outputs_close(
       (got[0], got[1], *(got[2][n] for n in names)),
       (want[0], want[1], *(want[2][n] for n in names)),
-      rtol=numerics.tolerance(IMPL, jnp.bfloat16),
-      names=["o", "h_T", *(f"d{n}" for n in names)])
+      impl=IMPL, dtype=jnp.bfloat16,
+      names=["o", "h_t", *(f"d{n}" for n in names)])
 
 
 def test_interpret_documents_equal_documents_alone():
@@ -185,11 +183,10 @@ def test_interpret_strong_decay(log_g_value):
 
 
 def test_interpret_matches_reference_fp16():
-  """float16 goes through the same kernels (f16 wgmma operands). numerics.py
-  has no float16 row; the bfloat16 bound is the one that applies (float16 has
-  finer steps and the kernels' rounding points are the same)."""
-  _check(1, 90, 1, 64, 64, dtype=jnp.float16,
-         rtol=numerics.tolerance(IMPL, jnp.bfloat16))
+  """float16 goes through the same kernels (f16 wgmma operands); numerics.py's
+  float16 rows are the bfloat16 bounds (float16 has finer steps and the
+  kernels' rounding points are the same)."""
+  _check(1, 90, 1, 64, 64, dtype=jnp.float16)
 
 
 @settings(max_examples=2, deadline=None)  # each example compiles anew
@@ -202,9 +199,8 @@ def test_property_forward_matches_reference(T, K, V, seed):
   o_e, h_e = _op(**{n: a.astype(jnp.float32) for n, a in x.items()},
                  impl="reference")
   o, h = jax.jit(functools.partial(_op, impl=IMPL, interpret=True))(**x)
-  rtol = numerics.tolerance(IMPL, jnp.bfloat16)
-  numerics.assert_close(o, o_e, rtol=rtol, what="o")
-  numerics.assert_close(h, h_e, rtol=rtol, what="h_T")
+  numerics.assert_outputs_close((o, h), (o_e, h_e), impl=IMPL,
+                                dtype=jnp.bfloat16, names=("o", "h_t"))
 
 
 def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16,
@@ -337,8 +333,7 @@ def test_unsupported_input_raises(change, match):
                          ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_kernels_match_reference(D, dtype):
-  rtol = numerics.tolerance(IMPL, jnp.bfloat16)  # see the fp16 interpret test
-  _check(2, 200, 4, D, D, dtype=dtype, interpret=False, rtol=rtol)
+  _check(2, 200, 4, D, D, dtype=dtype, interpret=False)
 
 
 @pytest.mark.gpu

@@ -72,9 +72,10 @@ def _as_f32(x, cts):
           tuple(c.astype(jnp.float32) for c in cts))
 
 
-def _check(got, want, rtol, what):
-  numerics.assert_trees_close(got, want, rtol=rtol,
-                              names=[f"{what} {n}" for n in ("y", "h_T", *NAMES)])
+def _check(got, want, impl, dtype, what):
+  """Each of (y, h_t, *grads) against its own row of (impl, dtype, output)."""
+  numerics.assert_outputs_close(got, want, impl=impl, dtype=dtype, what=what,
+                                names=("y", "h_t", *(f"d{n}" for n in NAMES)))
 
 
 @pytest.mark.parametrize("eigenvalue_range", RANGES)
@@ -85,8 +86,7 @@ def test_chunked_forms_match_reference(form, shape, eigenvalue_range):
   x, cts = _inputs(*dims)
   got = _runner("chunked", eigenvalue_range, chunk, form)(x, cts)
   want = _runner("reference", eigenvalue_range)(x, cts)
-  _check(got, want, numerics.tolerance("chunked", jnp.float32),
-         f"{form} {eigenvalue_range}")
+  _check(got, want, "chunked", jnp.float32, f"{form} {eigenvalue_range}")
 
 
 @pytest.mark.parametrize("eigenvalue_range", RANGES)
@@ -100,7 +100,7 @@ def test_chunked_matches_reference_dtypes(dtype, eigenvalue_range):
   want = _runner("reference", eigenvalue_range)(*_as_f32(x, cts))
   assert [g.dtype for g in got] == [x["x"].dtype, jnp.float32,
                                     *(x[n].dtype for n in NAMES)]
-  _check(got, want, numerics.tolerance("chunked", dtype),
+  _check(got, want, "chunked", dtype,
          f"{jnp.dtype(dtype).name} {eigenvalue_range}")
 
 
@@ -153,7 +153,7 @@ def test_reference_equals_the_ssm_scan_path(eigenvalue_range):
     return (y, h_t, *(g[n] for n in NAMES))
 
   _check(_runner("reference", eigenvalue_range)(x, cts), run(x, cts),
-         numerics.tolerance("invariant", jnp.float32), "reference vs ssm_scan")
+         "invariant", jnp.float32, "reference vs ssm_scan")
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -181,7 +181,7 @@ def test_chunk_size_does_not_change_the_result():
   want = _runner("chunked", "positive", 16)(x, cts)
   for chunk in (1, 7, 64):
     _check(_runner("chunked", "positive", chunk)(x, cts), want,
-           numerics.tolerance("invariant", jnp.float32), f"chunk {chunk}")
+           "invariant", jnp.float32, f"chunk {chunk}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -260,8 +260,7 @@ def test_packed_row_equals_documents_run_alone(impl, dtype, eigenvalue_range):
 
   got = jax.jit(lambda x, c: _grads(packed, x, c))(x, cts)
   want = _separately_runner(eigenvalue_range)(*_as_f32(x, cts))
-  family = "chunked" if impl == "chunked" else "invariant"
-  _check(got, want, numerics.TOLERANCES[(family, dt_.name)],
+  _check(got, want, impl if impl == "chunked" else "invariant", dt_,
          f"{impl} {dtype} {eigenvalue_range} packed")
 
 

@@ -55,7 +55,7 @@ def _forward_backward(impl):
 
 
 _step = jax.jit(ssm_scan_step)
-_NAMES = ("y", "h_T", "da", "db", "dh0")
+_NAMES = ("y", "h_t", "da", "db", "dh0")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -69,8 +69,8 @@ def test_matches_reference(impl, shape, dtype):
   want = _forward_backward("reference")(a.astype(f32), b.astype(f32), h0,
                                         dy.astype(f32), dh)
   assert [x.dtype for x in got] == [b.dtype, f32, a.dtype, b.dtype, f32]
-  numerics.assert_trees_close(got, want, rtol=numerics.tolerance(impl, dtype),
-                              names=[f"{impl} {n}" for n in _NAMES])
+  numerics.assert_outputs_close(got, want, impl=impl, dtype=dtype, names=_NAMES,
+                                what=impl)
 
 
 @functools.cache
@@ -94,8 +94,8 @@ def test_each_chunked_form_matches_reference(form, shape, dtype):
   want = _forward_backward("reference")(a.astype(f32), b.astype(f32), h0,
                                         dy.astype(f32), dh)
   assert [x.dtype for x in got] == [b.dtype, f32, a.dtype, b.dtype, f32]
-  numerics.assert_trees_close(got, want, rtol=numerics.tolerance("chunked", dtype),
-                              names=[f"{form} {n}" for n in _NAMES])
+  numerics.assert_outputs_close(got, want, impl="chunked", dtype=dtype,
+                                names=_NAMES, what=form)
 
 
 def test_chunked_picks_the_sequential_form_on_cpu():
@@ -208,6 +208,5 @@ def test_property_chunked_matches_reference(T, D, seed):
   a, b, h0, _, _ = _inputs((2, T, D), jnp.float32, seed=seed)
   got = _forward("chunked")(a, b, h0)
   want = _forward("reference")(a, b, h0)
-  numerics.assert_trees_close(got, want,
-                              rtol=numerics.tolerance("chunked", jnp.float32),
-                              names=("y", "h_T"))
+  numerics.assert_outputs_close(got, want, impl="chunked", dtype=jnp.float32,
+                                names=("y", "h_t"))
