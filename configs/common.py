@@ -1,10 +1,55 @@
-"""Shared pieces of the run configs: size presets and ``:arg`` parsing.
+"""Shared pieces of the run configs: size presets, ``:arg`` parsing and
+``section``, which fills a section with every field of lsm's typed config at its
+default.
 
-Imports only ml_collections (configs never import JAX or lsm).
+The config files themselves import only ml_collections and this module. This
+module reads the defaults from lsm's dataclasses (``lsm.train.loop.SECTIONS``)
+rather than repeating them, so a default changed there is the default of every
+config (and every field can be overridden with ``--config.<section>.<field>``).
 """
+
+import dataclasses
+import types
+import typing
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+_SIMPLE = (int, float, str, bool)
+
+
+def _placeholder(annotation):
+  """A typed None for ``T | None`` of a simple T, else None (not overridable
+  from the command line, as before)."""
+  if isinstance(annotation, types.UnionType) or typing.get_origin(
+      annotation) is typing.Union:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and args[0] in _SIMPLE:
+      return placeholder(args[0])
+  return None
+
+
+def section(name: str, **values) -> dict:
+  """Section ``name`` ("model", "data", "optim", "train", "mesh"): every field
+  of its dataclass at the default, then ``values``. A None default of a simple
+  type becomes a typed placeholder, so ``--config.train.keep_period=100``
+  parses; other None defaults are left out."""
+  from lsm.train import loop  # pylint: disable=g-import-not-at-top
+  out = {}
+  for field in dataclasses.fields(loop.SECTIONS[name]):
+    if field.default is not dataclasses.MISSING:
+      out[field.name] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      out[field.name] = field.default_factory()
+  out.update(values)
+  hints = typing.get_type_hints(loop.SECTIONS[name])
+  for key in [k for k, v in out.items() if v is None]:
+    typed = _placeholder(hints.get(key))
+    if typed is None:
+      del out[key]
+    else:
+      out[key] = typed
+  return out
 
 # Model shapes. 340m and 1.3b follow the GLA / DeltaNet papers (Yang et al. 2023,
 # 2024: d_model 1024 / 2048, 24 layers); 125m and 760m follow the GPT-3 / Mamba
@@ -66,15 +111,7 @@ def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
   "text" feature, e.g. tfds:lm1b), or "text:GLOB[;GLOB...]" (your text files,
   built into an array_record tfds dataset on first use).
   """
-  data = dict(seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=True,
-              tokenizer="byte", tokenizer_path=placeholder(str),
-              # None: local_text builds into <workdir>/tfds.
-              data_dir=placeholder(str), train_split="train",
-              eval_split="validation", validation_fraction=0.05,
-              # Restart every mixer at each packed document (segment ids).
-              reset_at_boundaries=True,
-              # None: one record shard per process (lsm.data.pipeline).
-              shards=placeholder(int))
+  data = section("data", seq_len=seq_len, batch_size=batch_size)
   if spec == "embedded":
     data.update(source="local_text", globs=EMBEDDED_GLOBS)
   elif spec.startswith("tfds:"):
@@ -120,26 +157,20 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   seq_len = arg.seq_len or seq_len
   batch_size = arg.batch_size or batch_size
   steps = arg.steps or steps
-  c.model = model
+  c.model = section("model", **model)
   c.data = data_section(arg.data, seq_len=seq_len, batch_size=batch_size)
   # GLA / DeltaNet paper recipe (AdamW 0.9/0.95, wd 0.1, clip 1, cosine to 10%),
   # with the peak rate for ~100M-400M models; smoke runs use a hotter rate.
-  c.optim = dict(lr=1e-2 if arg.smoke else 3e-4, schedule="cosine",
-                 warmup_steps=10 if arg.smoke else 1000,
-                 total_steps=placeholder(int),  # None: train.num_steps
-                 min_lr_ratio=0.1, decay_fraction=0.2, weight_decay=0.1,
-                 clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)
-  c.train = dict(num_steps=steps, seed=0, log_every=10 if arg.smoke else 50,
-                 eval_every=steps // 2 if arg.smoke else 1000, eval_steps=4,
-                 checkpoint_every=steps // 2 if arg.smoke else 1000,
-                 keep_checkpoints=3, keep_period=placeholder(int),
-                 async_checkpoints=True, grad_accum=1, compute_dtype="float32",
-                 max_bad_steps=10, start_fresh=False, progress=True,
-                 peak_flops_per_device=placeholder(float),
-                 crash_after_step=placeholder(int))  # tests only
+  c.optim = section("optim", lr=1e-2 if arg.smoke else 3e-4,
+                    warmup_steps=10 if arg.smoke else 1000, min_lr_ratio=0.1,
+                    weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95)
+  c.train = section("train", num_steps=steps,
+                    log_every=10 if arg.smoke else 50,
+                    eval_every=steps // 2 if arg.smoke else 1000, eval_steps=4,
+                    checkpoint_every=steps // 2 if arg.smoke else 1000)
   # data=-1: all devices do data parallelism; raise fsdp for models whose
   # optimiser state does not fit one device, seq for long context.
-  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
+  c.mesh = section("mesh", shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
   return c
 
 
@@ -154,21 +185,16 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
     steps, batch_size = 30, 16
   # Task rows take their length from the task (task.max_tokens); data.seq_len
   # is for text.
-  c.data = dict(source="task", batch_size=batch_size, seed=seed, shuffle=True,
-                seq_len=8, eval_split="eval", shards=placeholder(int))
-  c.optim = dict(lr=lr, schedule="cosine", warmup_steps=min(100, steps // 10),
-                 total_steps=placeholder(int), min_lr_ratio=0.0,
-                 weight_decay=weight_decay, clip_norm=1.0, b1=0.9, b2=0.999,
-                 eps=1e-8)
-  c.train = dict(num_steps=steps, seed=seed, log_every=min(100, steps),
-                 eval_every=steps, eval_steps=2 if smoke else 4,
-                 checkpoint_every=steps, keep_checkpoints=1,
-                 keep_period=placeholder(int), async_checkpoints=True,
-                 grad_accum=1, compute_dtype="float32", max_bad_steps=10,
-                 start_fresh=False, progress=True,
-                 peak_flops_per_device=placeholder(float),
-                 crash_after_step=placeholder(int))
-  c.mesh = dict(shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
+  c.data = section("data", source="task", batch_size=batch_size, seed=seed,
+                   seq_len=8, eval_split="eval")
+  c.optim = section("optim", lr=lr, warmup_steps=min(100, steps // 10),
+                    min_lr_ratio=0.0, weight_decay=weight_decay, clip_norm=1.0,
+                    b1=0.9, b2=0.999)
+  c.train = section("train", num_steps=steps, seed=seed,
+                    log_every=min(100, steps), eval_every=steps,
+                    eval_steps=2 if smoke else 4, checkpoint_every=steps,
+                    keep_checkpoints=1)
+  c.mesh = section("mesh", shape=dict(data=-1, fsdp=1, seq=1, tensor=1))
   return c
 
 

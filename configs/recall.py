@@ -34,7 +34,8 @@ def get_config(arg=None):
   options = ({"vocab_size": arg.vocab, "num_pairs": arg.num_pairs}
              if arg.task == "mqar" else {})
   vocab = arg.vocab if arg.task == "mqar" else TASK_VOCAB[arg.task]
-  c.model = dict(
+  c.model = common.section(
+      "model",
       vocab_size=-(-vocab // 8) * 8, d_model=arg.d_model, n_layers=arg.n_layers,
       n_heads=arg.n_heads, mixer=arg.mixer, impl="auto", chunk_size=16,
       mixer_kwargs=common.mixer_kwargs(arg.beta_scale, arg.eigenvalues))

@@ -55,7 +55,8 @@ def get_config(arg=None):
       batch_size=128, lr=1e-3, weight_decay=0.1, seed=0, smoke=False,
       paper=False, dt_min=1e-3, dt_max=1e-1)
   c = ml_collections.ConfigDict()
-  c.model = dict(
+  c.model = common.section(
+      "model",
       vocab_size=0, d_model=arg.d_model, n_layers=arg.n_layers,
       n_heads=arg.n_heads, mixer=arg.mixer, impl="auto", chunk_size=16,
       mixer_kwargs=common.mixer_kwargs(arg.beta_scale, arg.eigenvalues))

@@ -122,7 +122,8 @@ def bench(mixer: str, T: int, n_tokens: int, repeats: int, max_gib: float) -> di
   model_cfg = LMConfig(**config.model)
   mesh = make_mesh(MeshConfig(**config.mesh))
   tx, schedule = optim.make_optimizer(optim.OptimConfig(**config.optim),
-                                      config.train.num_steps)
+                                      config.train.num_steps,
+                                      state_lib.float32_mask(model_cfg))
   setup = state_lib.build(model_cfg, tx, mesh, config.mesh.get("rules"))
   out = dict(params=setup.n_params)
   train_step = jax.jit(

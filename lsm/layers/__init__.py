@@ -21,7 +21,10 @@ them. The state in a given cache enters the row's first document. Linear mixers'
 conv window); attention's is a KV buffer of ``max_len``. Mixers call the ops in
 lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
 Every parameter carries logical axis names (lsm.parallel.axes) as sharding
-metadata; the trainer maps them to mesh axes. A mixer with an auxiliary loss
+metadata; the trainer maps them to mesh axes. Parameters that stay float32 in a
+low-precision step and are never weight-decayed (decay rates, step sizes, SSM
+parameters, skip gains, norms, biases) are created as
+``lsm.layers.precision.Float32Param`` (``sharding.param(..., float32=True)``). A mixer with an auxiliary loss
 (MoM's load balancing) sows it as the ``nnx.Intermediate`` ``aux_loss`` inside
 ``nnx.capture``; lsm.models.lm.logits_and_aux_loss sums them for the trainer.
 """

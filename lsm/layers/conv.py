@@ -30,7 +30,8 @@ class ShortConv(nnx.Module):
     bound = width ** -0.5
     w = jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound)
     self.kernel = param(w, None, axis_name)
-    self.bias = param(jnp.zeros((channels,), jnp.float32), axis_name)
+    self.bias = param(jnp.zeros((channels,), jnp.float32), axis_name,
+                      float32=True)
 
   def _act(self, y):
     return jax.nn.silu(y) if self.activation == "silu" else y

@@ -82,11 +82,12 @@ class DeltaNet(nnx.Module):
     if gated:
       self.a_proj = linear(d_model, n_heads, axes.HEADS)
       a = jax.random.uniform(rngs.params(), (n_heads,), jnp.float32, 1.0, 16.0)
-      self.A_log = param(jnp.log(a), axes.HEADS)
+      self.A_log = param(jnp.log(a), axes.HEADS, float32=True)
       # dt = softplus(. + dt_bias) starts log-uniform in [1e-3, 1e-1] (Mamba2).
       dt = jnp.exp(jax.random.uniform(rngs.params(), (n_heads,), jnp.float32,
                                       math.log(1e-3), math.log(1e-1)))
-      self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS)
+      self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS,
+                           float32=True)
     self.norm = RMSNorm(value_dim // n_heads, axis_name=axes.STATE_V)
     self.o_proj = nnx.Linear(value_dim, d_model, use_bias=False, rngs=rngs,
                              kernel_init=sharded(init, axes.HEADS, axes.EMBED))

@@ -142,10 +142,10 @@ class Hedgehog(nnx.Module):
 
     self.fq_w = param(feature_weights(), axes.HEADS, None, axes.STATE_K)
     self.fq_b = param(jnp.zeros((n_heads, F), jnp.float32), axes.HEADS,
-                      axes.STATE_K)
+                      axes.STATE_K, float32=True)
     self.fk_w = param(feature_weights(), axes.HEADS, None, axes.STATE_K)
     self.fk_b = param(jnp.zeros((n_heads, F), jnp.float32), axes.HEADS,
-                      axes.STATE_K)
+                      axes.STATE_K, float32=True)
 
   def _split(self, y):
     return y.reshape(*y.shape[:-1], self.n_heads, self.head_dim)

@@ -111,12 +111,13 @@ class Mamba(nnx.Module):
     # dt_bias = softplus^{-1}(dt) = dt + log(1 - exp(-dt)).
     dt = jnp.exp(jax.random.uniform(k_dt, (e,), f32, math.log(dt_min),
                                     math.log(dt_max)))
-    self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS)
+    self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS,
+                         float32=True)
     # S4D-real: A_n = -(n + 1), the same for every channel.
     a_log = np.log(np.arange(1, n + 1, dtype=np.float64))
     self.a_log = param(jnp.broadcast_to(jnp.asarray(a_log, f32), (e, n)),
-                       axes.HEADS, axes.STATE_K)
-    self.d = param(jnp.ones((e,), f32), axes.HEADS)
+                       axes.HEADS, axes.STATE_K, float32=True)
+    self.d = param(jnp.ones((e,), f32), axes.HEADS, float32=True)
     self.out_proj = param(jax.random.normal(k_out, (e, d_model), f32) * e ** -0.5,
                           axes.HEADS, axes.EMBED)
 

@@ -87,10 +87,11 @@ class Mamba2(nnx.Module):
     # [1, 16] as in the paper's init.
     dt = jnp.exp(jax.random.uniform(rngs.params(), (n_heads,), jnp.float32,
                                     math.log(1e-3), math.log(1e-1)))
-    self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS)
+    self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS,
+                         float32=True)
     a = jax.random.uniform(rngs.params(), (n_heads,), jnp.float32, 1.0, 16.0)
-    self.A_log = param(jnp.log(a), axes.HEADS)
-    self.D = param(jnp.ones((n_heads,), jnp.float32), axes.HEADS)
+    self.A_log = param(jnp.log(a), axes.HEADS, float32=True)
+    self.D = param(jnp.ones((n_heads,), jnp.float32), axes.HEADS, float32=True)
     self.norm = RMSNorm(e // n_heads, axis_name=axes.STATE_V)
     self.out_proj = nnx.Linear(e, d_model, use_bias=False, rngs=rngs,
                                kernel_init=sharded(init, axes.HEADS, axes.EMBED))

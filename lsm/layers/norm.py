@@ -21,7 +21,7 @@ class RMSNorm(nnx.Module):
                rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; accepted for a uniform constructor
     self.eps = eps
-    self.scale = param(jnp.ones((dim,), jnp.float32), axis_name)
+    self.scale = param(jnp.ones((dim,), jnp.float32), axis_name, float32=True)
 
   def __call__(self, x, gate=None):
     """x: [..., dim]; optional gate [..., dim] multiplies by silu(gate) after

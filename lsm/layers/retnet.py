@@ -75,8 +75,10 @@ class RetNet(nnx.Module):
     self.v_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
     self.g_proj = linear(d_model, value_dim, axes.EMBED, axes.HEADS)
     self.o_proj = linear(value_dim, d_model, axes.HEADS, axes.EMBED)
-    self.gn_scale = param(jnp.ones((value_dim,), jnp.float32), axes.HEADS)
-    self.gn_bias = param(jnp.zeros((value_dim,), jnp.float32), axes.HEADS)
+    self.gn_scale = param(jnp.ones((value_dim,), jnp.float32), axes.HEADS,
+                          float32=True)
+    self.gn_bias = param(jnp.zeros((value_dim,), jnp.float32), axes.HEADS,
+                         float32=True)
 
   def _split(self, y, x):
     return y.reshape(*y.shape[:-1], self.n_heads, -1).astype(x.dtype)

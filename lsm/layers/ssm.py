@@ -208,21 +208,27 @@ class _DiagonalSSM(nnx.Module):
                                 math.log(dt_max))
     # Re A < 0 is kept by construction (Re A = -exp(log_a_real)), so every mode
     # stays stable under training, as in S4D.
-    self.log_dt = param(log_dt, axes.HEADS)
+    # The SSM's own parameters (dt, A, B, C, D) are Float32Params: the system
+    # is discretised in float32 / complex64 (lax.complex takes no bf16), A's
+    # imaginary parts reach ~100 at init (S4D-Lin, N = 64; more for S4D-Inv),
+    # where bf16 rounds by up to 0.25 rad, and S4 exempts A, B and dt from
+    # weight decay. out_proj is an ordinary matrix.
+    self.log_dt = param(log_dt, axes.HEADS, float32=True)
     self.log_a_real = param(jnp.broadcast_to(jnp.asarray(np.log(-a.real), f32),
-                                             (h, m)), axes.HEADS, axes.STATE_K)
+                                             (h, m)), axes.HEADS, axes.STATE_K,
+                            float32=True)
     self.a_imag = param(jnp.broadcast_to(jnp.asarray(a.imag, f32), (h, m)),
-                        axes.HEADS, axes.STATE_K)
+                        axes.HEADS, axes.STATE_K, float32=True)
     self.b_real = param(jnp.broadcast_to(jnp.asarray(b.real, f32), (h, m)),
-                        axes.HEADS, axes.STATE_K)
+                        axes.HEADS, axes.STATE_K, float32=True)
     self.b_imag = param(jnp.broadcast_to(jnp.asarray(b.imag, f32), (h, m)),
-                        axes.HEADS, axes.STATE_K)
+                        axes.HEADS, axes.STATE_K, float32=True)
     # C ~ complex normal of unit variance (S4D's init); D ~ normal, as in S4D.
     kc, kd, ko = jax.random.split(rngs.params(), 3)
     c = jax.random.normal(kc, (2, h, m), f32) * math.sqrt(0.5)
-    self.c_real = param(c[0], axes.HEADS, axes.STATE_K)
-    self.c_imag = param(c[1], axes.HEADS, axes.STATE_K)
-    self.d = param(jax.random.normal(kd, (h,), f32), axes.HEADS)
+    self.c_real = param(c[0], axes.HEADS, axes.STATE_K, float32=True)
+    self.c_imag = param(c[1], axes.HEADS, axes.STATE_K, float32=True)
+    self.d = param(jax.random.normal(kd, (h,), f32), axes.HEADS, float32=True)
     self.out_proj = param(jax.random.normal(ko, (h, d_model), f32) * h ** -0.5,
                           axes.HEADS, axes.EMBED)
 

@@ -1,20 +1,36 @@
 """Checkpoints: an Orbax CheckpointManager holding, per step, the train state
-(``state``), the data iterator's position (``data``) and the run's model
-config (``meta``), so a resumed run continues on exactly the batches it would have
-seen, and a workdir can refuse a run whose model differs from its checkpoints.
+(``state``), the data pipeline's position (``data_position``: every record
+shard's iterator state, in one JSON that any process count can read) and the
+run's record (``meta``: the whole resolved config and the process count), so a
+resumed run continues on exactly the batches it would have seen, on the same or
+another number of processes.
 
-Damaged steps (a missing or truncated file surfaces only on restore, with varying
-exception types) are skipped with a warning naming the step, and moved to
-``<workdir>/damaged_checkpoints/<step>``: kept for inspection, never deleted, and
-out of the way of the step number the resumed run will save again.
+Restoring tells a damaged step from one that does not fit the run:
+
+- A step whose files cannot be read (its metadata, or its arrays on restore:
+  a missing or truncated file surfaces only then, with varying exception types)
+  is damaged. It is skipped with a warning naming the step and moved to
+  ``<workdir>/damaged_checkpoints/<step>`` once an older step restored: kept for
+  inspection, never deleted, and out of the way of the step number the resumed
+  run will save again. If every step is damaged, restoring raises
+  ``AllCheckpointsDamaged`` naming them (nothing is moved), so a workdir holding
+  checkpoints never silently starts again at step 0.
+- A step that reads but was written by a run whose train state differs (the
+  tree, shapes or dtypes of Orbax's metadata against this run's abstract state)
+  or whose recorded settings change the state (the model section, the
+  optimiser chain, the data position's layout) raises ``CheckpointMismatch``
+  with one line per difference, before any array is read or file moved.
+  Checkpoints written before the config was recorded (meta holds only
+  ``model``) are compared on what they hold.
 """
 
+import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,9 +40,31 @@ from lsm.train import distributed
 
 log = logging.getLogger(__name__)
 
+# Lines of a mismatch shown before "... and N more".
+MAX_LINES = 24
 
-class ConfigMismatchError(ValueError):
-  """The workdir's checkpoints were written by a run with another model."""
+
+class CheckpointMismatch(ValueError):
+  """The workdir's checkpoints were written by a run this one cannot resume.
+
+  ``lines`` holds one line per difference (config fields and state paths).
+  """
+
+  def __init__(self, header: str, lines: Sequence[str], footer: str):
+    shown = list(lines[:MAX_LINES])
+    if len(lines) > MAX_LINES:
+      shown.append(f"... and {len(lines) - MAX_LINES} more")
+    self.lines = [header, *[f"  {ln}" for ln in shown], footer]
+    super().__init__("\n".join(self.lines))
+
+
+# The name the trainer's callers know from before damage and mismatch were told
+# apart.
+ConfigMismatchError = CheckpointMismatch
+
+
+class AllCheckpointsDamaged(ValueError):
+  """Every checkpoint step in the workdir is unreadable."""
 
 
 def config_diff(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
@@ -46,9 +84,85 @@ def _normal(x):
   return [_normal(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
+# Data settings that decide the sequence of training batches and the layout of
+# the saved data position: a resume must read the same records the same way.
+DATA_POSITION_FIELDS = (
+    "source", "globs", "name", "text_key", "train_split", "document",
+    "validation_fraction", "tokenizer", "tokenizer_path", "seq_len",
+    "batch_size", "seed", "shuffle", "row_shuffle_window", "shards")
+
+
+def settings_diff(saved: Mapping, current: Mapping) -> list[str]:
+  """The recorded settings of ``saved`` (a checkpoint's meta) that change what
+  ``current`` (this run's meta) would restore into, one line each."""
+  lines = [f"model.{d}" for d in config_diff(saved.get("model", {}),
+                                             current.get("model", {}))]
+  old, new = saved.get("config"), current.get("config")
+  if not old:  # written before the whole config was recorded
+    return lines
+  clip = [bool(c.get("optim", {}).get("clip_norm")) for c in (old, new)]
+  if clip[0] != clip[1]:
+    lines.append(
+        f"optim.clip_norm: checkpoint has {old['optim'].get('clip_norm')!r}, "
+        f"config has {new['optim'].get('clip_norm')!r} (the optimiser chain "
+        f"{'loses' if clip[0] else 'gains'} its clipping part)")
+  data_old, data_new = old.get("data", {}), new.get("data", {})
+  for field in DATA_POSITION_FIELDS:
+    if field in data_old and _normal(data_old[field]) != _normal(
+        data_new.get(field)):
+      lines.append(f"data.{field}: checkpoint has {data_old[field]!r}, config "
+                   f"has {data_new.get(field)!r} (the saved data position is "
+                   "for the recorded pipeline)")
+  return lines
+
+
+def _key(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{dotted path: (shape, dtype name)} of a tree of arrays or array metadata."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not hasattr(leaf, "shape"):
+      continue
+    out[".".join(_key(p) for p in path)] = (tuple(leaf.shape),
+                                            jax.numpy.dtype(leaf.dtype).name)
+  return out
+
+
+def _show(spec) -> str:
+  shape, dtype = spec
+  return f"{dtype}[{','.join(map(str, shape))}]"
+
+
+def state_diff(saved_tree, abstract_state) -> list[str]:
+  """The state paths whose presence, shape or dtype differ, one line each."""
+  saved, want = _leaves(saved_tree), _leaves(abstract_state)
+  lines = []
+  for path in sorted(set(saved) | set(want)):
+    if path not in want:
+      lines.append(f"state.{path}: in the checkpoint ({_show(saved[path])}), "
+                   "not in this run")
+    elif path not in saved:
+      lines.append(f"state.{path}: in this run ({_show(want[path])}), not in "
+                   "the checkpoint")
+    elif saved[path] != want[path]:
+      lines.append(f"state.{path}: checkpoint has {_show(saved[path])}, this "
+                   f"run has {_show(want[path])}")
+  return lines
+
+
 class Checkpointer:
   """Saves every ``every`` steps (asynchronously), keeps the last ``keep`` and
-  every ``keep_period``-th; restores the newest readable step."""
+  every ``keep_period``-th; restores the newest readable step that fits.
+
+  Nothing is written to disk until the first save (a refused run leaves a new
+  workdir uncreated and an old one as it was).
+  """
 
   def __init__(self, workdir: str | Path, *, every: int, keep: int,
                keep_period: int | None = None, async_save: bool = True):
@@ -57,62 +171,141 @@ class Checkpointer:
     self.every = every
     # The interval is kept here, not in Orbax's options, which also save the
     # first step of every run.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_period,
-        enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory.absolute(),
-                                         options=options)
+    self._options = dict(max_to_keep=keep, keep_period=keep_period,
+                         enable_async_checkpointing=async_save)
+    self.manager = self._open(create=False)
+
+  def _open(self, *, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(create=create, **self._options)
+    return ocp.CheckpointManager(self.directory.absolute(), options=options)
 
   def save(self, step: int, state, data_iter, meta: Mapping, *,
            force: bool = False) -> bool:
     """Saves if ``step`` is due (or ``force``); returns whether it saved.
 
-    The data iterator's position is read now (each process writes its own),
-    before the loop draws the next batch; the arrays are written in the
-    background.
+    Every process calls it at the same steps (the data position is gathered
+    across them). The position is read now, before the loop draws the next
+    batch; the arrays are written in the background.
     """
     if not force and (not self.every or step % self.every):
       return False
+    position = [s for states in distributed.gather_json(
+        pipeline.shard_states(data_iter)) for s in states]
+    if not self.directory.exists():
+      if jax.process_index() == 0:
+        self.directory.mkdir(parents=True, exist_ok=True)
+      distributed.barrier("lsm_checkpoint_dir")
+      self.manager.close()
+      self.manager = self._open(create=True)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=pipeline.iterator_save_args(data_iter),
+                              data_position=ocp.args.JsonSave(
+                                  {"shards": position}),
                               meta=ocp.args.JsonSave(dict(meta)))
     return self.manager.save(step, args=args, force=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore(self, abstract_state, model_meta: Mapping, data_iter
-              ) -> tuple[int, Any] | None:
-    """(step, state) from the newest readable step, or None; ``data_iter`` (a
-    fresh iterator of the run's pipeline) is moved to the saved position.
+  def _read_meta(self, step: int) -> dict:
+    meta = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, Mapping):
+      raise ValueError(f"meta is a {type(meta).__name__}, expected a dict")
+    return dict(meta)
 
-    Raises:
-      ConfigMismatchError: the newest readable step was written for another
-        model (its ``meta.model`` differs from ``model_meta``).
-    """
+  def _read_tree(self, step: int):
+    return ocp.StandardCheckpointHandler().metadata(
+        self.directory.absolute() / str(step) / "state")
+
+  def recorded(self) -> dict | None:
+    """The meta of the newest step whose meta reads (None if there is none)."""
     for step in reversed(self.steps()):
       try:
-        meta = self.manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+        return self._read_meta(step)
+      except Exception:  # pylint: disable=broad-except
         continue
-      diff = config_diff(meta.get("model", {}), model_meta)
-      if diff:
-        raise ConfigMismatchError(
-            f"{self.directory} holds a checkpoint (step {step}) of a different "
-            "model:\n  " + "\n  ".join(f"model.{d}" for d in diff) +
-            "\nUse another --workdir, or set --config.train.start_fresh=True to "
-            "archive the old run and start from step 0.")
-      try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=pipeline.iterator_restore_args(data_iter)))
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
-        continue
-      return step, out["state"]
     return None
+
+  def restore(self, abstract_state, meta: Mapping, *, n_shards: int
+              ) -> tuple[int, Any, list] | None:
+    """(step, state, data position) from the newest readable step, or None
+    when the workdir holds no checkpoint. Reads only: damaged steps newer than
+    the restored one are moved aside once it restored.
+
+    Args:
+      abstract_state: this run's state as ShapeDtypeStructs with shardings.
+      meta: this run's record (what ``save`` is given): ``model``, ``config``
+        and ``process_count``.
+      n_shards: the record shards this run reads (its ``data.shards``); the
+        data position is their iterator states, in shard order (see
+        ``pipeline.set_shard_states``).
+
+    Raises:
+      CheckpointMismatch: a readable step does not fit this run (nothing on
+        disk is touched).
+      AllCheckpointsDamaged: no step can be read (nothing is moved).
+    """
+    damaged: list[tuple[int, Exception]] = []
+    for step in reversed(self.steps()):
+      try:
+        saved = self._read_meta(step)
+        tree = self._read_tree(step)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((step, e))
+        continue
+      lines = settings_diff(saved, meta) + state_diff(tree, abstract_state)
+      if lines:
+        raise CheckpointMismatch(
+            f"{self.directory} holds a checkpoint (step {step}) that this run "
+            "cannot resume:", lines,
+            "Use another --workdir, the recorded settings, or "
+            "--config.train.start_fresh=True to archive the old run and start "
+            "from step 0.")
+      try:
+        state, position = self._restore_arrays(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((step, e))
+        continue
+      if len(position) != n_shards:
+        raise CheckpointMismatch(
+            f"{self.directory} holds a checkpoint (step {step}) that this run "
+            "cannot resume:",
+            [f"data.shards: the checkpoint's data position holds "
+             f"{len(position)} record shards, this run reads {n_shards}"],
+            "Use the recorded data.shards, another --workdir, or "
+            "--config.train.start_fresh=True.")
+      for bad, error in damaged:
+        self._quarantine(bad, error)
+      return step, state, position
+    if damaged:
+      raise AllCheckpointsDamaged(
+          f"every checkpoint in {self.directory} is damaged: " + "; ".join(
+              f"step {s} ({type(e).__name__}: {str(e)[:120]})"
+              for s, e in damaged) + ". Nothing was moved; use another "
+          "--workdir, or --config.train.start_fresh=True to archive them and "
+          "start from step 0.")
+    return None
+
+  def _restore_arrays(self, step: int, abstract_state) -> tuple[Any, list]:
+    step_dir = self.directory / str(step)
+    if (step_dir / "data_position").is_dir():
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_position=ocp.args.JsonRestore()))
+      return out["state"], list(out["data_position"]["shards"])
+    # Written before the data position was one JSON: each process wrote its
+    # own iterator state (grain's process_<i>-of-<n>.json).
+    files = sorted(step_dir.glob("data/process_*-of-*.json"),
+                   key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+    if not files:
+      raise FileNotFoundError(f"{step_dir} has no data position")
+    position = []
+    for f in files:
+      local = json.loads(f.read_text())
+      position += local["shards"] if "shards" in local else [local]
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return out["state"], position
 
   def restore_state(self, abstract_state, step: int | None = None):
     """(step, state) of ``step`` (default: the newest), without the data
@@ -128,7 +321,7 @@ class Checkpointer:
   def _quarantine(self, step: int, error: Exception):
     dest = self.workdir / "damaged_checkpoints" / str(step)
     log.warning("checkpoint at step %d is damaged and cannot be restored "
-                "(%s: %s); moving it to %s and trying the previous step",
+                "(%s: %s); moved it to %s and resumed from an older step",
                 step, type(error).__name__, str(error)[:300], dest)
     if jax.process_index() == 0:
       dest.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +346,8 @@ def archive_run(workdir: str | Path) -> Path | None:
   None when there was nothing to move.
   """
   workdir = Path(workdir)
-  names = ["checkpoints", "metrics.jsonl", "tensorboard", "config.json"]
+  names = ["checkpoints", "damaged_checkpoints", "metrics.jsonl", "tensorboard",
+           "config.json"]
   present = [n for n in names if (workdir / n).exists()]
   if not present or jax.process_index() != 0:
     return None

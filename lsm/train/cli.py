@@ -106,7 +106,10 @@ def fail(prog: str, message: str, *, exc: BaseException | None = None):
   exits with code 2."""
   if exc is not None and _wants_traceback():
     traceback.print_exception(exc)
-  print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+  # An error listing several differences (e.g. a checkpoint that does not fit
+  # the run) keeps one line per difference.
+  lines = getattr(exc, "lines", None) or [one_line(message)]
+  print(f"{prog}: error: " + "\n".join(lines), file=sys.stderr)
   sys.exit(2)
 
 

@@ -190,6 +190,20 @@ def _flatten(tree, prefix="") -> dict[str, object]:
   return {prefix[:-1]: tree}
 
 
+def gather_json(value) -> list:
+  """``value`` (JSON-able) of every process, in process order (a collective:
+  every process must call it at the same point)."""
+  if not is_multiprocess():
+    return [value]
+  text = json.dumps(value, sort_keys=True).encode()
+  # Padded to one length, since process_allgather stacks equal shapes.
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(text))))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(text)] = np.frombuffer(text, np.uint8)
+  texts = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(texts[p, :lengths[p]])) for p in range(len(lengths))]
+
+
 def check_same_config(config: Mapping) -> None:
   """Raises ProcessesDisagree on every process if any process's resolved
   config (a JSON-able dict) differs from process 0's, naming the fields."""
@@ -200,13 +214,8 @@ def check_same_config(config: Mapping) -> None:
   digests = np.asarray(multihost_utils.process_allgather(digest))
   if (digests == digests[0]).all():
     return
-  # Gather the configs themselves (padded to one length) to name what differs.
-  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(text))))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:len(text)] = np.frombuffer(text, np.uint8)
-  texts = np.asarray(multihost_utils.process_allgather(padded))
-  configs = [_flatten(json.loads(bytes(texts[p, :lengths[p]])))
-             for p in range(len(lengths))]
+  # Gather the configs themselves to name what differs.
+  configs = [_flatten(c) for c in gather_json(config)]
   lines = []
   for p, other in enumerate(configs[1:], start=1):
     keys = sorted(k for k in set(configs[0]) | set(other)

@@ -18,14 +18,17 @@ import ml_collections
 from flax import nnx
 from tqdm import tqdm
 
-from lsm.data.pipeline import (DataConfig, make_dataset, make_tokenizer_for,
-                                masked_like, open_text_source)
+from lsm.data import text_builder
+from lsm.data.pipeline import (DataConfig, default_shards, make_dataset,
+                                make_tokenizer_for, masked_like,
+                                open_text_source, set_shard_states)
 from lsm.models.lm import LMConfig, flops_per_token
 from lsm.parallel.mesh import MeshConfig, make_mesh
 from lsm.tasks import TaskConfig, make_task
 from lsm.tasks.base import TaskSource
 from lsm.tasks.metrics import scaled_accuracy
 from lsm.train import checkpoint as ckpt_lib
+from lsm.train import cli
 from lsm.train import distributed
 from lsm.train import metrics as metrics_lib
 from lsm.train import optim
@@ -53,8 +56,11 @@ class TrainConfig:
     keep_period: also keep every checkpoint whose step is a multiple of this.
     async_checkpoints: write checkpoints in the background.
     grad_accum: micro-batches per step (data.batch_size must divide by it).
-    compute_dtype: "float32" or "bfloat16" (matrices cast for the forward and
-      backward pass; master parameters stay float32).
+    compute_dtype: "auto" (bfloat16 on GPU and TPU, float32 on CPU; resolved
+      when the run starts and recorded in config.json), "float32" or
+      "bfloat16": the dtype matrices are cast to for the forward and backward
+      pass. Master parameters, parameters marked float32 (decays, step sizes,
+      norms, biases), recurrent states and optimiser accumulators stay float32.
     max_bad_steps: stop after this many non-finite steps in a row.
     start_fresh: archive a previous run in the workdir (nothing is deleted) and
       start from step 0 instead of resuming.
@@ -73,7 +79,7 @@ class TrainConfig:
   keep_period: int | None = None
   async_checkpoints: bool = True
   grad_accum: int = 1
-  compute_dtype: str = "float32"
+  compute_dtype: str = "auto"
   max_bad_steps: int = 10
   start_fresh: bool = False
   progress: bool = True
@@ -90,9 +96,9 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"train.{name}={value!r}; expected an int >= 0")
-    if self.compute_dtype not in COMPUTE_DTYPES:
+    if self.compute_dtype not in ("auto", *COMPUTE_DTYPES):
       raise ValueError(f"train.compute_dtype={self.compute_dtype!r}; expected "
-                       f"one of {list(COMPUTE_DTYPES)}")
+                       f"one of {['auto', *COMPUTE_DTYPES]}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,10 +120,13 @@ class RunConfig:
   task: TaskConfig | None = None
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "RunConfig":
+  def from_config(cls, config) -> "RunConfig":
+    """The typed sections of ``config`` (a ConfigDict or dict): the one place a
+    run config is validated. Raises ValueError in one line naming the field,
+    its value and what was expected (``model.n_heads=0: expected ...``)."""
     extra = sorted(set(config.keys()) - set(SECTIONS))
     if extra:
-      raise ValueError(f"config has unknown sections {extra}; expected "
+      raise ValueError(f"config sections {extra}: unknown; expected "
                        f"{sorted(SECTIONS)}")
     sections = {}
     for name, typ in SECTIONS.items():
@@ -125,11 +134,14 @@ class RunConfig:
       if section is None and name == "task":
         continue
       section = section.to_dict() if hasattr(section, "to_dict") else (
-          section or {})
-      sections[name] = typ(**section)
+          dict(section or {}))
+      try:
+        sections[name] = typ(**section)
+      except (TypeError, ValueError) as e:
+        raise ValueError(cli.section_message(name, e, section)) from None
     if sections["data"].source == "task" and "task" not in sections:
-      raise ValueError("data.source='task' needs a task section (name, "
-                       "train_sizes, eval_sizes, options)")
+      raise ValueError("data.source='task': the config has no task section; "
+                       "expected one (name, train_sizes, eval_sizes, options)")
     return cls(**sections)
 
 
@@ -174,8 +186,9 @@ class _StopSignal:
 
 def _check_shapes(run: RunConfig, mesh, data_vocab: int | None, what: str):
   if data_vocab is not None and data_vocab > run.model.vocab_size:
-    raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than "
-                     f"the {what}'s vocabulary ({data_vocab})")
+    raise ValueError(f"model.vocab_size={run.model.vocab_size}: smaller than "
+                     f"the {what}'s vocabulary ({data_vocab}); expected at "
+                     f"least {data_vocab}")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = run.data.batch_size // run.train.grad_accum
   if run.data.batch_size % run.train.grad_accum or rows % shards:
@@ -186,42 +199,98 @@ def _check_shapes(run: RunConfig, mesh, data_vocab: int | None, what: str):
   if run.data.seq_len % mesh.shape["seq"]:
     raise ValueError(f"data.seq_len={run.data.seq_len} is not divisible by "
                      f"mesh seq={mesh.shape['seq']}")
+  if run.data.shards % jax.process_count():
+    raise ValueError(f"data.shards={run.data.shards} is not divisible by the "
+                     f"{jax.process_count()} processes; expected a multiple of "
+                     "the process count (a run resumes on any count dividing it)")
+
+
+def resolve(run: RunConfig, workdir: Path, recorded: dict | None = None
+            ) -> RunConfig:
+  """``run`` with its "decide for me" values made concrete, as config.json
+  records them: the local_text build directory, ``data.shards`` (the recorded
+  value of the run being resumed, else ``pipeline.default_shards``) and
+  ``train.compute_dtype`` ("auto": by platform).
+
+  Args:
+    run: the typed config.
+    workdir: the run directory.
+    recorded: the newest checkpoint's meta of the run being resumed, if any.
+  """
+  data, train = run.data, run.train
+  old = ((recorded or {}).get("config") or {}).get("data") or {}
+  if data.source == "local_text" and data.data_dir is None:
+    # The built array_record copy of the user's files lives with the run.
+    data = dataclasses.replace(data, data_dir=str(workdir / "tfds"))
+  if data.shards is None:
+    if recorded is None:
+      shards = default_shards(data.batch_size)
+    elif old.get("shards") is not None and not data.batch_size % old["shards"]:
+      shards = old["shards"]
+    elif "shards" in old or "config" not in recorded:
+      # A run from before shards were fixed: one per process.
+      shards = recorded.get("process_count") or jax.process_count()
+    else:  # the batch changed: the restore names the difference
+      shards = default_shards(data.batch_size)
+    data = dataclasses.replace(data, shards=shards)
+  train = dataclasses.replace(
+      train, compute_dtype=step_lib.resolve_compute_dtype(train.compute_dtype))
+  return dataclasses.replace(run, data=data, train=train)
+
+
+def check_inputs(run: RunConfig, source=None) -> tuple[int | None, str]:
+  """The data source, tokenizer and task exist and can be read, without
+  writing anything. Returns (vocabulary size the data needs, its name)."""
+  data = run.data
+  if source is not None:
+    if data.source == "task":
+      return None, ""
+  elif data.source == "local_text":
+    text_builder.expand_globs(data.globs)
+  elif data.source == "tfds":
+    open_text_source(data, data.train_split)
+  if data.source == "task":
+    return make_task(run.task).vocab_size, "task"
+  try:
+    return make_tokenizer_for(data).vocab_size, "tokenizer"
+  except (ValueError, OSError, RuntimeError) as e:
+    raise ValueError(f"data.tokenizer_path={data.tokenizer_path!r}: "
+                     f"{cli.one_line(e)}") from None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           devices=None, source=None) -> dict[int, dict]:
   """Runs (or resumes) training; returns {step: metrics} logged by this call.
 
+  Every check (the config, the data, the mesh, the workdir's checkpoints
+  against this run) comes before anything is written: a refused call leaves
+  the workdir as it was.
+
   Args:
     config: a run config with sections model, data, optim, train, mesh.
     workdir: run directory (checkpoints, metrics, config.json).
     devices: devices for the mesh (default: all).
     source: random-access example source when data.source is "task".
+
+  Raises:
+    ValueError: bad input (one line naming the field), or the workdir's
+      checkpoints do not fit this run (``checkpoint.CheckpointMismatch``, one
+      line per difference) or are all damaged.
   """
   run = RunConfig.from_config(config)
   workdir = Path(workdir)
-  if run.data.source == "local_text" and run.data.data_dir is None:
-    # The built array_record copy of the user's files lives with the run.
-    run = dataclasses.replace(run, data=dataclasses.replace(
-        run.data, data_dir=str(workdir / "tfds")))
   is_main = jax.process_index() == 0
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, every=run.train.checkpoint_every,
+      keep=run.train.keep_checkpoints, keep_period=run.train.keep_period,
+      async_save=run.train.async_checkpoints)
+  fresh = run.train.start_fresh or not checkpointer.steps()
+  run = resolve(run, workdir, None if fresh else checkpointer.recorded())
   # Every process must run the same config (and write to the same place): a
   # mismatch stops all of them here rather than hanging in a collective later.
   distributed.check_same_config({"run": _jsonable(run),
                                  "workdir": str(workdir.absolute())})
-  if run.train.start_fresh:
-    ckpt_lib.archive_run(workdir)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
-  if (distributed.is_multiprocess() and source is None
-      and run.data.source in ("local_text", "tfds")):
-    # One process prepares the text dataset (first builds race), then all open it.
-    if is_main:
-      open_text_source(run.data, run.data.train_split)
-    distributed.barrier("lsm_data_prepared")
-  distributed.barrier("lsm_workdir_ready")
-
+  data_vocab, what = check_inputs(run, source)
   mesh = make_mesh(run.mesh, devices)
   # Evaluation sets: the held-out split for text; one set per eval size for a
   # synthetic task (length generalisation), each with its own seed stream.
@@ -237,15 +306,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     eval_sets = {f"eval_{size}_": TaskSource(
         task, seed=run.data.seed + 1_000_003 * (i + 1), sizes=(size, size))
         for i, size in enumerate(run.task.eval_sizes)}
-    data_vocab, what = task.vocab_size, "task"
   else:
     eval_sets = {"eval_": source}
-    data_vocab, what = None, ""
-    if run.data.source != "task":
-      data_vocab, what = make_tokenizer_for(run.data).vocab_size, "tokenizer"
   _check_shapes(run, mesh, data_vocab, what)
-  optimizer, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
+  optimizer, schedule = optim.make_optimizer(
+      run.optim, run.train.num_steps, state_lib.float32_mask(run.model))
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
+  meta = {"model": _jsonable(run.model), "config": _jsonable(run),
+          "process_count": jax.process_count()}
+  restored = None
+  if not run.train.start_fresh:
+    restored = checkpointer.restore(setup.abstract_state, meta,
+                                    n_shards=run.data.shards)
+
+  # The checks passed: from here on the run writes.
+  if run.train.start_fresh:
+    checkpointer.close()
+    distributed.barrier("lsm_before_archive")
+    ckpt_lib.archive_run(workdir)
+    distributed.barrier("lsm_archived")
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, every=run.train.checkpoint_every,
+        keep=run.train.keep_checkpoints, keep_period=run.train.keep_period,
+        async_save=run.train.async_checkpoints)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
+  if (distributed.is_multiprocess() and source is None
+      and run.data.source in ("local_text", "tfds")):
+    # One process prepares the text dataset (first builds race), then all open it.
+    if is_main:
+      open_text_source(run.data, run.data.train_split)
+    distributed.barrier("lsm_data_prepared")
+  distributed.barrier("lsm_workdir_ready")
+
   dtype = COMPUTE_DTYPES[run.train.compute_dtype]
   train_step = jax.jit(
       step_lib.make_train_step(setup, schedule, grad_accum=run.train.grad_accum,
@@ -260,17 +354,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                  process_count=jax.process_count())
   data_iter = iter(make_dataset(run.data, run.data.train_split, source=source,
                                 **process))
-  checkpointer = ckpt_lib.Checkpointer(
-      workdir, every=run.train.checkpoint_every,
-      keep=run.train.keep_checkpoints, keep_period=run.train.keep_period,
-      async_save=run.train.async_checkpoints)
-  model_meta = _jsonable(run.model)
-  restored = checkpointer.restore(setup.abstract_state, model_meta, data_iter)
   if restored is None:
     state, start = state_lib.create(setup, run.train.seed), 0
     log.info("starting from step 0 (%d parameters)", setup.n_params)
   else:
-    start, state = restored
+    start, state, position = restored
+    set_shard_states(data_iter, position, **process)
     log.info("resumed from step %d", start)
 
   def put(batch):
@@ -316,7 +405,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   peak = metrics_lib.peak_flops(mesh.devices.flat[0],
                                 run.train.peak_flops_per_device)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start)
-  meta = {"model": model_meta, "config": _jsonable(run)}
   history: dict[int, dict] = {}
   pending: list = []
   step, last_time, last_step = start, time.perf_counter(), start
@@ -390,7 +478,8 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   """The LanguageModel of a run's checkpoint (default: the newest step), for
   evaluation, decoding or analysis. Returns (step, model)."""
   run = RunConfig.from_config(config)
-  optimizer, _ = optim.make_optimizer(run.optim, run.train.num_steps)
+  optimizer, _ = optim.make_optimizer(run.optim, run.train.num_steps,
+                                      state_lib.float32_mask(run.model))
   mesh = make_mesh(run.mesh, devices)
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   checkpointer = ckpt_lib.Checkpointer(workdir, every=0, keep=1)

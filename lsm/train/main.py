@@ -17,7 +17,6 @@ add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. See
 lsm/train/distributed.py and launch/.
 """
 
-import json
 import logging
 import os
 import shlex
@@ -80,89 +79,18 @@ def check_workdir(workdir: str) -> Path:
   return path
 
 
-def check_config(config, workdir: Path):
+def check_config(config):
   """Every section, the data source, tokenizer and task, without writing
-  anything; returns the typed RunConfig. Raises cli.UsageError (one line)."""
-  from lsm.data import text_builder
-  from lsm.data.pipeline import make_tokenizer_for, open_text_source
-  from lsm.tasks import make_task
-  from lsm.train import checkpoint as ckpt_lib
+  anything (the trainer's own checks: ``loop.RunConfig.from_config`` and
+  ``loop.check_inputs``); returns the typed RunConfig. Raises cli.UsageError
+  (one line)."""
   from lsm.train import loop
-
-  extra = sorted(set(config.keys()) - set(loop.SECTIONS))
-  if extra:
-    raise cli.UsageError(f"config sections {extra}: unknown; expected "
-                         f"{sorted(loop.SECTIONS)}")
-  for name, typ in loop.SECTIONS.items():
-    section = config.get(name)
-    if section is None:
-      continue
-    section = section.to_dict() if hasattr(section, "to_dict") else section
-    try:
-      typ(**section)
-    except (TypeError, ValueError) as e:
-      raise cli.UsageError(cli.section_message(name, e, section)) from None
   try:
     run = loop.RunConfig.from_config(config)
-  except ValueError as e:
-    raise cli.UsageError(str(e)) from None
-  data = run.data
-  if data.source == "local_text":
-    try:
-      text_builder.expand_globs(data.globs)
-    except ValueError as e:
-      raise cli.UsageError(f"data.globs={list(data.globs)}: {cli.one_line(e)}"
-                           .replace("build_local_text: ", "")) from None
-  elif data.source == "tfds":
-    try:
-      open_text_source(data, data.train_split)
-    except ValueError as e:
-      raise cli.UsageError(f"data.name={data.name!r}: {cli.one_line(e)}"
-                           .replace("DataConfig: ", "")) from None
-  vocab, what = None, ""
-  if data.source == "task":
-    try:
-      vocab, what = make_task(run.task).vocab_size, "task"
-    except ValueError as e:
-      raise cli.UsageError(f"task: {cli.one_line(e)}") from None
-  else:
-    try:
-      vocab, what = make_tokenizer_for(data).vocab_size, "tokenizer"
-    except (ValueError, OSError, RuntimeError) as e:
-      raise cli.UsageError(
-          f"data.tokenizer_path={data.tokenizer_path!r}: {cli.one_line(e)}") from None
-  if vocab is not None and vocab > run.model.vocab_size:
-    raise cli.UsageError(
-        f"model.vocab_size={run.model.vocab_size}: smaller than the {what}'s "
-        f"vocabulary ({vocab}); expected at least {vocab}")
-  # A workdir that holds another model's run is refused before config.json
-  # is overwritten (the trainer would refuse it at restore, after writing).
-  previous = workdir / "config.json"
-  if (not run.train.start_fresh and previous.is_file()
-      and any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))):
-    try:
-      saved = json.loads(previous.read_text()).get("model", {})
-    except (OSError, json.JSONDecodeError):
-      saved = {}
-    diff = ckpt_lib.config_diff(saved, loop._jsonable(run.model))
-    if diff:
-      raise cli.UsageError(
-          f"--workdir={workdir}: holds checkpoints of a different model "
-          f"(model.{diff[0]}{'; ...' if len(diff) > 1 else ''}); expected the "
-          "same model, another --workdir, or --config.train.start_fresh=True "
-          "(archives the old run)")
-  return run
-
-
-def check_mesh(run):
-  """The mesh against the devices, and the batch against the mesh."""
-  from lsm.parallel.mesh import make_mesh
-  from lsm.train import loop
-  try:
-    mesh = make_mesh(run.mesh)
-    loop._check_shapes(run, mesh, None, "")
+    loop.check_inputs(run)
   except ValueError as e:
     raise cli.UsageError(cli.one_line(e)) from None
+  return run
 
 
 def main(argv):
@@ -172,14 +100,13 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("lsm").setLevel(logging.INFO)
   workdir = check_workdir(_WORKDIR.value)
-  run = check_config(_CONFIG.value, workdir)
+  run = check_config(_CONFIG.value)
   import jax  # after the checks: bad input fails fast
   from lsm.train import distributed, loop
   distributed.initialize(distributed.DistributedOptions(
       mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
       timeout_s=_TIMEOUT.value))
-  check_mesh(run)
   if jax.process_index() != 0:
     # Process 0 speaks for the run; the others only warn.
     logging.getLogger("lsm").setLevel(logging.WARNING)

@@ -1,6 +1,13 @@
 """The optimiser: AdamW with a weight-decay mask, a learning-rate schedule and
 global-norm clipping, built from ``OptimConfig(**config.optim)``.
 
+AdamW decays the weight matrices only: never a vector, and never a parameter
+its layer marks ``Float32Param`` (decay rates, step sizes, skip gains, S4D's A,
+B, C, norm scales, biases; lsm.layers.precision), which the train step also
+keeps float32. Weight decay would pull those towards 0 (for a_log: towards no
+forgetting), which the papers avoid. The mark reaches the optimiser as a bool
+tree, ``lsm.train.state.float32_mask(model_cfg)``.
+
 Gradient accumulation lives in the train step (a scan over micro-batches), not in
 ``optax.MultiSteps``, so every optimiser step sees the gradient of the whole
 batch and metrics stay per step.
@@ -8,6 +15,7 @@ batch and metrics stay per step.
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +23,10 @@ import optax
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
-# Parameters that are decay rates, time steps or skip gains of recurrences. Weight
-# decay would pull them towards 0 (for a_log: towards no forgetting), which the
-# papers avoid (Mamba's A_log / D / dt_bias, S4's A and dt, Gated DeltaNet's
-# A_log / dt_bias). Vectors (norm scales, biases) are never decayed either.
-NO_DECAY_NAMES = ("a_log", "A_log", "log_a_real", "a_imag", "log_dt", "dt_bias",
-                  "d", "D")
+# The obsolete optim.no_decay_names default, which every config.json written
+# before the float32 mark records; such runs still load (OptimConfig).
+_OLD_NO_DECAY_NAMES = ("a_log", "A_log", "log_a_real", "a_imag", "log_dt",
+                       "dt_bias", "d", "D")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +43,13 @@ class OptimConfig:
     min_lr_ratio: final learning rate as a fraction of ``lr``.
     decay_fraction: WSD only: fraction of total steps spent decaying.
     b1, b2, eps: Adam moments.
-    weight_decay: decoupled (AdamW) decay, applied to matrices only.
-    no_decay_names: parameter names never decayed, in addition to every
-      parameter with fewer than 2 dimensions.
+    weight_decay: decoupled (AdamW) decay, applied to unmarked matrices only
+      (module docstring).
     clip_norm: global gradient-norm clipping threshold; None or 0 for none.
+    no_decay_names: obsolete (init-only, not a field): the layers' float32
+      mark replaced this name list. Accepted only as None or the old default,
+      which config.json files of earlier runs record, so they still load;
+      any other list is refused.
   """
   lr: float = 3e-4
   schedule: str = "cosine"
@@ -52,10 +61,18 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.1
-  no_decay_names: Sequence[str] = NO_DECAY_NAMES
   clip_norm: float | None = 1.0
+  no_decay_names: dataclasses.InitVar[Sequence[str] | None] = None
 
-  def __post_init__(self):
+  def __post_init__(self, no_decay_names):
+    if no_decay_names is not None and (
+        isinstance(no_decay_names, str)
+        or sorted(no_decay_names) != sorted(_OLD_NO_DECAY_NAMES)):
+      raise ValueError(
+          f"optim.no_decay_names={no_decay_names!r} is obsolete: the parameters "
+          "kept out of weight decay are now marked where their layer creates "
+          "them (lsm.layers.precision.Float32Param); drop the key (only the "
+          "old default list is accepted, for earlier runs' config.json)")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"optim.schedule={self.schedule!r}; expected one of "
                        f"{list(SCHEDULES)}")
@@ -72,7 +89,6 @@ class OptimConfig:
         raise ValueError(f"optim.{name}={value!r}; expected a number in [0, 1]")
     if self.weight_decay < 0:
       raise ValueError(f"optim.weight_decay={self.weight_decay!r}; expected >= 0")
-    object.__setattr__(self, "no_decay_names", tuple(self.no_decay_names))
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -95,25 +111,28 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       [warmup, stable_end])
 
 
-def decay_mask(params, no_decay_names: Sequence[str] = NO_DECAY_NAMES):
-  """True for the parameters AdamW decays: matrices not named in no_decay_names."""
-  names = set(no_decay_names)
+def decay_mask(params, float32_mask: Any = None):
+  """True for the parameters AdamW decays: matrices (ndim >= 2) not marked in
+  ``float32_mask`` (a bool tree shaped like ``params``, True for the layers'
+  ``Float32Param``s: ``lsm.train.state.float32_mask``; None marks nothing)."""
+  if float32_mask is None:
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+  return jax.tree.map(lambda x, keep: jnp.ndim(x) >= 2 and not keep,
+                      params, float32_mask)
 
-  def decays(path, x):
-    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    return jnp.ndim(x) >= 2 and not names.intersection(keys)
 
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int
+def make_optimizer(cfg: OptimConfig, total_steps: int, float32_mask: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule): clip, then AdamW with the decay mask."""
+  """(optimizer, schedule): clip, then AdamW with the decay mask.
+
+  float32_mask: the model's marks, ``lsm.train.state.float32_mask(model_cfg)``;
+  the marked parameters are never decayed. None marks nothing (every matrix is
+  decayed): for parameter trees that come from no lsm model."""
   schedule = make_schedule(cfg, total_steps)
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(
       schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-      mask=lambda p: decay_mask(p, cfg.no_decay_names)))
+      mask=lambda p: decay_mask(p, float32_mask)))
   return optax.chain(*parts), schedule

@@ -62,16 +62,11 @@ def read_config(workdir: str | Path) -> tuple[ml_collections.ConfigDict,
                          "expected the config.json lsm-train writes") from None
   if not raw.get("task"):
     raw.pop("task", None)
-  config = ml_collections.ConfigDict(raw)
-  for name, typ in loop.SECTIONS.items():
-    section = raw.get(name)
-    if section is None:
-      continue
-    try:
-      typ(**section)
-    except (TypeError, ValueError) as e:
-      raise cli.UsageError(f"{path}: {cli.section_message(name, e)}") from None
-  return config, loop.RunConfig.from_config(config)
+  try:
+    run = loop.RunConfig.from_config(raw)
+  except ValueError as e:
+    raise cli.UsageError(f"{path}: {cli.one_line(e)}") from None
+  return ml_collections.ConfigDict(raw), run
 
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:

@@ -11,7 +11,9 @@ checkpoint stays readable across Flax versions:
 
 Parameters are laid out on the mesh by their logical axis names
 (lsm.layers.sharding) and the rules (lsm.parallel.rules); the optimiser moments
-follow their parameters; scalars are replicated.
+follow their parameters; scalars are replicated. ``float32_mask`` gives the
+layers' float32 mark (lsm.layers.precision) in the layout of ``params``: the
+train step's compute-dtype cast and the optimiser's weight-decay mask read it.
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lsm.layers import precision
 from lsm.models.lm import LanguageModel, LMConfig
 from lsm.parallel import rules as rules_lib
 
@@ -39,6 +42,9 @@ class Setup:
   abstract_state: dict      # ShapeDtypeStructs with shardings (restore targets)
   batch_sharding: NamedSharding
   n_params: int
+  # True for the parameters marked Float32Param (lsm.layers.precision), in the
+  # layout of state["params"]: the step keeps them float32 in any compute dtype.
+  float32_mask: dict
 
 
 def _model_params(model_cfg: LMConfig, seed):
@@ -48,6 +54,15 @@ def _model_params(model_cfg: LMConfig, seed):
     raise ValueError("LanguageModel holds state other than nnx.Param; the trainer "
                      "only knows how to train parameters")
   return graphdef, params
+
+
+def float32_mask(model_cfg: LMConfig) -> dict:
+  """The model's float32 marks as a bool tree shaped like ``state["params"]``:
+  True for parameters kept float32 and never weight-decayed
+  (lsm.layers.precision). Pass it to ``optim.make_optimizer``. Allocates
+  nothing."""
+  _, abstract_params = nnx.eval_shape(lambda: _model_params(model_cfg, 0))
+  return precision.float32_mask(abstract_params)
 
 
 def build(model_cfg: LMConfig, optimizer: optax.GradientTransformation,
@@ -74,7 +89,8 @@ def build(model_cfg: LMConfig, optimizer: optax.GradientTransformation,
   return Setup(model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer,
                mesh=mesh, shardings=shardings, abstract_state=abstract,
                batch_sharding=NamedSharding(mesh, rules_lib.batch_spec(rules)),
-               n_params=int(n_params))
+               n_params=int(n_params),
+               float32_mask=precision.float32_mask(abstract_params))
 
 
 def init_state(model_cfg: LMConfig, optimizer: optax.GradientTransformation,

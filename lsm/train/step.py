@@ -1,10 +1,14 @@
 """Train and eval steps (pure functions of state and batch; jitted by the loop).
 
 Mixed precision: the state keeps float32 master parameters; with a bfloat16
-``compute_dtype`` the matrices are cast for the forward and backward pass while
-vectors (norm scales, biases, decay parameters) stay float32, since they set the
-recurrences' decay rates, where bf16's 8 mantissa bits would move eigenvalues.
-Gradients reach the float32 masters through the cast.
+``compute_dtype`` the weight matrices are cast for the forward and backward
+pass, while the parameters the layers mark ``Float32Param`` where they create
+them (decay rates and step sizes, S4D's A, B, C, skip gains, norm scales,
+biases: lsm.layers.precision) stay float32, since bf16's 8 mantissa bits would
+move the recurrences' eigenvalues. Unmarked vectors stay float32 too. Gradients
+reach the float32 masters through the cast; recurrent states and accumulators
+are float32 in every op. ``resolve_compute_dtype`` turns ``train.compute_dtype``
+("auto", "float32", "bfloat16") into the dtype a run uses.
 
 The objective is the masked token cross entropy plus the mixers' auxiliary
 losses (lsm.models.lm.logits_and_aux_loss: MoM's load balancing, 0 for other
@@ -25,10 +29,51 @@ from lsm.models.loss import cross_entropy
 from lsm.train.state import Setup
 
 
-def _cast(params, dtype):
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+# Platforms (jax.default_backend() names) where "auto" trains in bfloat16.
+BF16_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_compute_dtype(name: str, platform: str | None = None) -> str:
+  """``train.compute_dtype`` as a run uses it: "float32" or "bfloat16".
+
+  "auto" is bfloat16 on GPU and TPU, where the field trains in bf16 (float32
+  master weights, states and accumulators; marked parameters float32), and
+  float32 on CPU and any other platform. "float32" and "bfloat16" force one.
+
+  Args:
+    name: "auto", "float32" or "bfloat16".
+    platform: a ``jax.default_backend()`` name; None for this process's.
+
+  Raises:
+    ValueError: for any other name, naming ``train.compute_dtype``.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype={name!r}; expected one of "
+                     f"{list(COMPUTE_DTYPES)}")
+  if name != "auto":
+    return name
+  platform = jax.default_backend() if platform is None else platform
+  return "bfloat16" if platform.lower() in BF16_PLATFORMS else "float32"
+
+
+def _dtype(compute_dtype):
+  """A dtype, or a ``train.compute_dtype`` name ("auto" resolved here)."""
+  if isinstance(compute_dtype, str):
+    compute_dtype = resolve_compute_dtype(compute_dtype)
+  return jnp.dtype(compute_dtype)
+
+
+def cast_params(params, float32_mask, dtype):
+  """The parameters as the forward and backward pass see them: matrices
+  (ndim >= 2) in ``dtype``, except those marked in ``float32_mask`` (a bool
+  tree shaped like ``params``: ``Setup.float32_mask``), which keep their
+  float32, as do vectors."""
   if dtype == jnp.float32:
     return params
-  return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
+  return jax.tree.map(
+      lambda x, keep: x if keep or x.ndim < 2 else x.astype(dtype),
+      params, float32_mask)
 
 
 # Packed-document keys a batch may carry (text rows with
@@ -40,12 +85,12 @@ def _documents(batch) -> dict:
   return {k: batch[k] for k in DOCUMENT_KEYS if k in batch}
 
 
-def _logits(graphdef, params, batch, dtype):
-  model = nnx.merge(graphdef, _cast(params, dtype))
+def _logits(setup, params, batch, dtype):
+  model = nnx.merge(setup.graphdef, cast_params(params, setup.float32_mask, dtype))
   return model(batch["inputs"], **_documents(batch))[0]
 
 
-def _sums(graphdef, params, batch, dtype):
+def _sums(setup, params, batch, dtype):
   """(sum of token losses + aux * count, (sum of correct, number of target
   tokens, sum of token losses, aux * count)).
 
@@ -53,7 +98,7 @@ def _sums(graphdef, params, batch, dtype):
   other models), weighted by the target-token count so that dividing by the
   total count, as the step does, adds the (count-weighted mean) aux loss to the
   mean token loss, with or without gradient accumulation."""
-  model = nnx.merge(graphdef, _cast(params, dtype))
+  model = nnx.merge(setup.graphdef, cast_params(params, setup.float32_mask, dtype))
   logits, aux = logits_and_aux_loss(model, batch["inputs"], **_documents(batch))
   mask = batch["mask"].astype(jnp.float32)
   loss, acc = cross_entropy(logits, batch["targets"], mask)
@@ -65,10 +110,11 @@ def _sums(graphdef, params, batch, dtype):
 
 def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int = 1,
                     compute_dtype=jnp.float32):
-  """step(state, batch) -> (state, metrics). Batch rows: a multiple of grad_accum."""
-  graphdef, optimizer = setup.graphdef, setup.optimizer
+  """step(state, batch) -> (state, metrics). Batch rows: a multiple of grad_accum.
+  compute_dtype: a dtype or a ``train.compute_dtype`` name."""
+  optimizer, dtype = setup.optimizer, _dtype(compute_dtype)
   grad_fn = jax.value_and_grad(
-      lambda p, b: _sums(graphdef, p, b, compute_dtype), has_aux=True)
+      lambda p, b: _sums(setup, p, b, dtype), has_aux=True)
 
   def gradients(params, batch):
     if grad_accum == 1:
@@ -127,9 +173,12 @@ def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int =
 def make_eval_step(setup: Setup, *, compute_dtype=jnp.float32):
   """eval_step(params, batch) -> sums over one batch: loss_sum, correct and
   count (target tokens), seq_correct and seqs (sequences with at least one
-  target, and those with every target right)."""
+  target, and those with every target right). compute_dtype: a dtype or a
+  ``train.compute_dtype`` name."""
+  dtype = _dtype(compute_dtype)
+
   def step(params, batch):
-    logits = _logits(setup.graphdef, params, batch, compute_dtype)
+    logits = _logits(setup, params, batch, dtype)
     mask = batch["mask"].astype(bool)
     weights = mask.astype(jnp.float32)
     loss, _ = cross_entropy(logits, batch["targets"], weights)

@@ -3,6 +3,7 @@ runs one real train step (the trainer's jitted step on a random batch) on CPU;
 configs import nothing but ml_collections and configs.common."""
 
 import ast
+import dataclasses
 import importlib
 import pathlib
 
@@ -69,7 +70,8 @@ def test_family_config_is_the_lm_config_of_its_mixer(name):
 def test_config_builds_and_trains_one_step(arg):
   config = importlib.import_module("configs.lm").get_config(arg)
   run = loop.RunConfig.from_config(config)
-  tx, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
+  tx, schedule = optim.make_optimizer(run.optim, run.train.num_steps,
+                                      state_lib.float32_mask(run.model))
   setup = state_lib.build(run.model, tx, make_mesh(MeshConfig(),
                                                    jax.devices()[:1]), None)
   step = jax.jit(step_lib.make_train_step(setup, schedule))
@@ -94,7 +96,8 @@ def test_family_smoke_config_trains(name):
   than 1 nat (memorising the batch), every step finite."""
   run = loop.RunConfig.from_config(
       importlib.import_module(f"configs.{name}").get_config("smoke=True"))
-  tx, schedule = optim.make_optimizer(run.optim, run.train.num_steps)
+  tx, schedule = optim.make_optimizer(run.optim, run.train.num_steps,
+                                      state_lib.float32_mask(run.model))
   setup = state_lib.build(run.model, tx, make_mesh(MeshConfig(),
                                                    jax.devices()[:1]), None)
   step = jax.jit(step_lib.make_train_step(setup, schedule))
@@ -129,9 +132,11 @@ def test_configs_import_only_ml_collections(name):
       mods = [node.module or ""]
     else:
       continue
+    # common.py reads the sections' defaults from lsm's dataclasses.
+    allowed = ("ml_collections", "configs") + (
+        ("dataclasses", "types", "typing", "lsm") if name == "common" else ())
     for mod in mods:
-      assert mod.split(".")[0] in ("ml_collections", "configs"), (
-          f"configs/{name}.py imports {mod}")
+      assert mod.split(".")[0] in allowed, f"configs/{name}.py imports {mod}"
 
 
 def test_bad_config_arg_is_clear():
@@ -147,5 +152,24 @@ def test_task_config_weight_decay_reaches_the_optimizer():
   assert loop.RunConfig.from_config(st.get_config("")).optim.weight_decay == 0.1
   run = loop.RunConfig.from_config(st.get_config("weight_decay=0"))
   assert run.optim.weight_decay == 0.0
-  with pytest.raises(ValueError, match=r"optim.weight_decay=-1.0; expected >= 0"):
+  with pytest.raises(ValueError, match=r"optim.weight_decay=-1.0: expected >= 0"):
     loop.RunConfig.from_config(st.get_config("weight_decay=-1"))
+
+
+@pytest.mark.parametrize("name", ["lm", "state_tracking", "recall"])
+def test_sections_take_their_defaults_from_the_dataclasses(name):
+  """Every field of each section's dataclass is in the config (so any can be
+  overridden on the command line), at the dataclass default unless the config
+  sets it: a default changed in lsm is the default of every config."""
+  config = importlib.import_module(f"configs.{name}").get_config("smoke=True")
+  for section in ("model", "data", "optim", "train", "mesh"):
+    typ = loop.SECTIONS[section]
+    have = config[section]
+    for field in dataclasses.fields(typ):
+      default = (field.default if field.default is not dataclasses.MISSING
+                 else field.default_factory())
+      if default is None and field.name not in have:
+        continue   # an untyped None (e.g. mesh.rules): not overridable
+      assert field.name in have, f"{name}: {section}.{field.name} missing"
+  assert config.train.compute_dtype == loop.TrainConfig.compute_dtype == "auto"
+  assert config.model.norm_eps == loop.SECTIONS["model"]().norm_eps

@@ -127,8 +127,6 @@ def _snapshot(workdir):
     ("--config.model.n_heads=0", "model.n_heads=0: expected a positive int"),
     ("--config.train.num_steps=-3", "train.num_steps=-3: expected a positive int"),
     ("--workdir={afile}", "--workdir={afile}: is a file; expected a directory"),
-    ("--config.model.d_model=64", "--workdir={workdir}: holds checkpoints of a "
-     "different model (model.d_model: checkpoint has 32, config has 64"),
     ("--config.data.globs=('/nonexistent/*.txt',)",
      "glob '/nonexistent/*.txt' matches no files; expected at least one text file"),
     ("--config.data.tokenizer=hf", "data.tokenizer_path=None with tokenizer='hf': "
@@ -167,3 +165,23 @@ def test_new_workdir_is_not_created_on_bad_input(corpus, tmp_path):
   out = _run(_command(*corpus, tmp_path / "new", "--config.model.n_heads=0",
                       script=True), timeout=120)
   assert out.returncode == 2 and not (tmp_path / "new").exists()
+
+
+def test_checkpoint_that_does_not_fit_is_one_line_per_difference(
+    corpus, finished_run):
+  """A resume whose model differs stops with exit 2 before anything is
+  written: a header naming the step, then one line per config field and per
+  state path."""
+  before = _snapshot(finished_run)
+  out = _run(_command(*corpus, finished_run, "--config.model.d_model=64",
+                      script=True), timeout=120)
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  lines = out.stderr.splitlines()
+  assert lines[0] == (f"lsm-train: error: {finished_run}/checkpoints holds a "
+                      "checkpoint (step 4) that this run cannot resume:"), lines
+  assert "  model.d_model: checkpoint has 32, config has 64" in lines
+  assert any(ln.startswith("  state.opt_state.1.0.mu.blocks.0.mixer.") and
+             ln.endswith(": checkpoint has float32[16,16], this run has "
+                         "float32[16,32]") for ln in lines), lines
+  assert lines[-1].startswith("Use another --workdir"), lines
+  assert _snapshot(finished_run) == before

@@ -1,8 +1,10 @@
 """The training loop in-process on one CPU device: it learns, resumes exactly,
 survives a damaged checkpoint, refuses a mismatched model, stops on divergence."""
 
+import json
 import logging
 import pathlib
+import shutil
 
 import jax
 import pytest
@@ -72,16 +74,88 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(corpus, tmp_path, how,
   assert steps == [4, 8, 10]
 
 
+def _listing(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b""
+          for p in sorted(root.rglob("*"))}
+
+
 def test_mismatched_model_is_refused_until_start_fresh(corpus, tmp_path):
   _train(corpus, tmp_path, steps=4)
-  with pytest.raises(ckpt_lib.ConfigMismatchError,
+  before = _listing(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointMismatch,
                      match=r"model.d_model: checkpoint has 32, config has 48"):
     _train(corpus, tmp_path, steps=4, model={"d_model": 48})
+  assert _listing(tmp_path) == before   # config.json included
   history = _train(corpus, tmp_path, steps=4, model={"d_model": 48},
                    train={"start_fresh": True})
   assert sorted(history) == [1, 2, 3, 4]
   archived = list((tmp_path / "archive").glob("*/checkpoints/4"))
   assert len(archived) == 1
+
+
+def test_another_optimiser_chain_is_a_mismatch_not_damage(corpus, tmp_path):
+  """Resuming without gradient clipping changes the optimiser state's tree:
+  the run stops naming the field and the state paths, and nothing on disk
+  changes (no step is quarantined, config.json is not rewritten)."""
+  _train(corpus, tmp_path, steps=8)
+  before = _listing(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointMismatch) as info:
+    _train(corpus, tmp_path, steps=12, optim={"clip_norm": 0.0})
+  lines = info.value.lines
+  assert "(step 8)" in lines[0]
+  assert any(ln.strip().startswith("optim.clip_norm: checkpoint has 1.0, config "
+                                   "has 0.0") for ln in lines), lines
+  assert any(ln.strip().startswith("state.opt_state.") and "not in the "
+             "checkpoint" in ln for ln in lines), lines
+  assert _listing(tmp_path) == before
+  assert not (tmp_path / "damaged_checkpoints").exists()
+  # The meta holds the whole resolved config and the process count.
+  meta = json.loads((tmp_path / "checkpoints" / "8" / "meta" /
+                     "metadata").read_text())
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert meta["config"] == config and meta["process_count"] == 1
+  assert config["data"]["shards"] == 4                 # gcd(batch_size=4, 8)
+  assert config["train"]["compute_dtype"] == "float32"   # "auto" on CPU
+
+
+def test_every_step_damaged_stops_instead_of_starting_over(corpus, tmp_path):
+  _train(corpus, tmp_path, steps=8)
+  for step in ("4", "8"):
+    _damage(tmp_path / "checkpoints" / step, "truncate")
+  before = _listing(tmp_path)
+  with pytest.raises(ckpt_lib.AllCheckpointsDamaged,
+                     match=r"every checkpoint .* is damaged: step 8 .*; step 4 "):
+    _train(corpus, tmp_path, steps=12)
+  assert _listing(tmp_path) == before
+  history = _train(corpus, tmp_path, steps=2, train={"start_fresh": True})
+  assert sorted(history) == [1, 2]
+
+
+def test_checkpoints_from_before_the_recorded_config_resume(corpus, tmp_path):
+  """A checkpoint written before the config was recorded (meta = the model
+  only, a data file per process, one record shard per process) is compared on
+  the model and resumes exactly."""
+  # A run from before: one record shard per process, and steps 4 and 8
+  # rewritten the way the trainer wrote them then.
+  old = tmp_path
+  first = _train(corpus, old, steps=8, data={"shards": 1})
+  for step in ("4", "8"):
+    d = old / "checkpoints" / step
+    meta = json.loads((d / "meta" / "metadata").read_text())
+    (d / "meta" / "metadata").write_text(json.dumps({"model": meta["model"]}))
+    position = json.loads((d / "data_position" / "metadata").read_text())
+    shutil.rmtree(d / "data_position")
+    (d / "data").mkdir()
+    (d / "data" / "process_0-of-1.json").write_text(
+        json.dumps(position["shards"][0]))
+  shutil.rmtree(old / "checkpoints" / "8")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"model.n_heads"):
+    _train(corpus, old, steps=8, model={"n_heads": 4})
+  second = _train(corpus, old, steps=8)
+  assert sorted(second) == [5, 6, 7, 8]
+  for s in (5, 6, 7, 8):
+    assert second[s]["loss"] == first[s]["loss"]
+  assert json.loads((old / "config.json").read_text())["data"]["shards"] == 1
 
 
 def test_divergence_stops_the_run_and_keeps_checkpoints(corpus, tmp_path):
@@ -100,11 +174,13 @@ def test_divergence_stops_the_run_and_keeps_checkpoints(corpus, tmp_path):
      r"train.grad_accum=3"),
     ("train", {"compute_dtype": "float16"}, r"train.compute_dtype='float16'"),
     ("mesh", {"shape": {"data": 3}}, r"needs 3 devices; 1 are available"),
-    ("model", {"vocab_size": 100}, r"model.vocab_size=100 is smaller than the "
+    ("model", {"vocab_size": 100}, r"model.vocab_size=100: smaller than the "
      r"tokenizer's vocabulary \(259\)"),
 ])
 def test_bad_options_fail_before_training(corpus, tmp_path, section, values,
                                           match):
   with pytest.raises(ValueError, match=match):
     _train(corpus, tmp_path, **{section: values})
+  # Refused before anything is written.
   assert not (tmp_path / "checkpoints").exists()
+  assert not (tmp_path / "config.json").exists()

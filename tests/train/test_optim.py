@@ -1,5 +1,7 @@
 """Schedules, the weight-decay mask and optimiser option checks."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from flax import nnx
 
 from lsm.models.lm import LanguageModel, LMConfig
 from lsm.train import optim
+from lsm.train import state as state_lib
 
 
 def _lrs(cfg, total, steps):
@@ -33,36 +36,40 @@ def test_constant_after_warmup():
   np.testing.assert_allclose(_lrs(cfg, 100, [2, 4, 99]), [1.5, 3.0, 3.0])
 
 
-def test_decay_mask_skips_vectors_and_decay_parameters():
+def test_decay_mask_skips_vectors_and_marked_parameters():
   cfg = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2,
                  pattern=("gated_delta_net", "mamba"))
-  params = nnx.to_pure_dict(nnx.state(LanguageModel(cfg, rngs=nnx.Rngs(0)),
-                                      nnx.Param))
-  mask = optim.decay_mask(params)
+  params = nnx.to_pure_dict(nnx.eval_shape(  # shapes only: no initialisation
+      lambda: nnx.state(LanguageModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+  mask = optim.decay_mask(params, state_lib.float32_mask(cfg))
   flat = {jax.tree_util.keystr(p): m for p, m in
           jax.tree_util.tree_leaves_with_path(mask)}
-  shapes = {jax.tree_util.keystr(p): np.ndim(x) for p, x in
-            jax.tree_util.tree_leaves_with_path(params)}
-  for name, decayed in flat.items():
-    leaf = name.rsplit("'", 2)[-2]
-    expected = shapes[name] >= 2 and leaf not in optim.NO_DECAY_NAMES
-    assert decayed == expected, name
+  assert flat.keys() == {jax.tree_util.keystr(p) for p, _ in
+                         jax.tree_util.tree_leaves_with_path(params)}
   # The cases the papers single out: present, and not decayed.
   assert not flat["['blocks'][0]['mixer']['A_log']"]
+  assert not flat["['blocks'][0]['mixer']['dt_bias']"]
   assert not flat["['blocks'][1]['mixer']['a_log']"]   # 2-D, still excluded
+  assert not flat["['blocks'][1]['mixer']['d']"]
+  assert not flat["['norm']['scale']"]
   assert flat["['blocks'][0]['mixer']['q_proj']['kernel']"]
+  assert flat["['blocks'][1]['mixer']['in_proj']"]
   assert flat["['embed']['embedding']"]
+  # Without marks (a tree from no lsm model): every matrix, no vector.
+  plain = optim.decay_mask({"w": np.ones((2, 2)), "b": np.ones(2)})
+  assert plain == {"w": True, "b": False}
 
 
-def test_adamw_leaves_masked_parameters_undecayed():
-  params = {"w": np.ones((2, 2), np.float32), "a_log": np.ones((2, 2), np.float32)}
-  cfg = optim.OptimConfig(lr=0.1, schedule="constant", warmup_steps=0,
-                          weight_decay=0.5, clip_norm=None)
-  tx, _ = optim.make_optimizer(cfg, 10)
-  zero = jax.tree.map(np.zeros_like, params)
-  updates, _ = tx.update(zero, tx.init(params), params)
-  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)))
-  np.testing.assert_allclose(updates["a_log"], 0.0)
+def test_obsolete_no_decay_names_loads_only_as_the_old_default():
+  """Every config.json written before the float32 mark records the old
+  default list; such runs still load. Any other list is refused by name."""
+  old = ["a_log", "A_log", "log_a_real", "a_imag", "log_dt", "dt_bias", "d", "D"]
+  cfg = optim.OptimConfig(lr=1e-3, no_decay_names=old)
+  assert cfg == optim.OptimConfig(lr=1e-3)
+  assert "no_decay_names" not in {f.name for f in dataclasses.fields(cfg)}
+  with pytest.raises(ValueError, match=r"optim.no_decay_names=\['w'\] is "
+                     r"obsolete.*Float32Param"):
+    optim.OptimConfig(no_decay_names=["w"])
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lsm.models.lm import LMConfig
 from lsm.parallel.mesh import MeshConfig, make_mesh
@@ -25,7 +26,7 @@ def _setup():
   # differences. A larger eps keeps the comparison about the gradients.
   tx, schedule = optim.make_optimizer(
       optim.OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", eps=1e-3),
-      100)
+      100, state_lib.float32_mask(CFG))
   setup = state_lib.build(CFG, tx, make_mesh(MeshConfig(), jax.devices()[:1]),
                           None)
   return setup, schedule
@@ -100,3 +101,26 @@ def test_eval_step_matches_train_loss_before_update():
   _, m = _step(1)(state_lib.create(setup, 0), batch)
   np.testing.assert_allclose(out["loss_sum"] / out["count"], m["loss"], rtol=1e-6)
   assert int(out["count"]) == int(batch["mask"].sum())
+
+
+@pytest.mark.parametrize("name, platform, resolved", [
+    ("auto", "gpu", "bfloat16"), ("auto", "tpu", "bfloat16"),
+    ("auto", "cpu", "float32"),
+    ("float32", "gpu", "float32"), ("float32", "tpu", "float32"),
+    ("bfloat16", "cpu", "bfloat16"), ("bfloat16", "gpu", "bfloat16"),
+])
+def test_compute_dtype_auto_is_bf16_on_accelerators(name, platform, resolved):
+  assert step_lib.resolve_compute_dtype(name, platform) == resolved
+
+
+def test_compute_dtype_auto_reads_this_process_platform():
+  expected = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  assert step_lib.resolve_compute_dtype("auto") == expected
+
+
+@pytest.mark.parametrize("name", ["float16", "bf16", "", "AUTO"])
+def test_unknown_compute_dtype_is_named(name):
+  with pytest.raises(ValueError, match=(
+      rf"train.compute_dtype={name!r}; expected one of "
+      r"\['auto', 'float32', 'bfloat16'\]")):
+    step_lib.resolve_compute_dtype(name, "cpu")
