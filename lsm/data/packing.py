@@ -1,14 +1,22 @@
 """Concat-then-split packing of token documents into fixed-length LM rows.
 
-The documents (1-D int arrays, each already ending in EOS) are concatenated into
-one stream, which is cut into consecutive, non-overlapping rows of ``T + 1``
-tokens. A row gives::
+The documents (1-D int arrays, each already starting with its document-start
+token, see lsm.data.tokenizers) are concatenated into one stream, which is cut
+into consecutive, non-overlapping rows of ``T + 1`` tokens. A row gives::
 
   inputs      = row[:-1]                      int32 [T]
   targets     = row[1:]                       int32 [T]
-  mask        = target is a real token        bool  [T]
+  mask        = target is a real token of     bool  [T]
+                the input's own document
   segment_ids = 1-based document of inputs    int32 [T]  (0 on padding)
   positions   = position of inputs in its doc int32 [T]  (0 on padding)
+
+Each document is its own segment, start token included, so a model that
+restarts at segment starts predicts a document's first token from its start
+token alone, as at inference. The target that crosses from one document into
+the next (the next document's start token, predicted from the previous
+document) is masked, as is padding: every document that fits in a row gets the
+same targets, and the same losses, packed after others or alone.
 
 A document cut by a row boundary continues in the next row as segment 1, its
 positions carrying on from where they stopped. When the stream ends (a finite
@@ -34,7 +42,8 @@ class PackIterDataset(grain.IterDataset):
     """Wraps ``parent``.
 
     Args:
-      parent: yields 1-D integer arrays (one document each, EOS included).
+      parent: yields 1-D integer arrays (one document each, its start token
+        and any EOS included).
       seq_len: T, the length of inputs/targets; rows hold T + 1 tokens.
       pad_id: token written into the padding of the final partial row.
     """
@@ -105,8 +114,9 @@ class _PackIterator(grain.DatasetIterator):
     return {
         "inputs": tokens[:-1],
         "targets": tokens[1:],
-        # targets[j] = row[j + 1] is real iff j + 1 < filled.
-        "mask": self._arange[1:] < filled,
+        # targets[j] = row[j + 1] counts iff it is a real token (padding is
+        # segment 0) of the same document as inputs[j].
+        "mask": (segment_ids[1:] == segment_ids[:-1]) & (segment_ids[1:] > 0),
         "segment_ids": segment_ids[:-1],
         "positions": positions[:-1],
     }

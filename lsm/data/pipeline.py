@@ -15,8 +15,14 @@ same shape (one jit compilation).
 
 Record order: host ``i`` of ``n`` reads records ``i, i + n, ...`` of the split
 (disjoint shards that together cover it), shuffles its shard with ``cfg.seed``
-(epoch ``e`` uses seed + e), tokenizes each document, appends EOS and packs
-(lsm.data.packing). Given the config and host, batches are deterministic.
+(epoch ``e`` uses seed + e), tokenizes each document as inference reads one
+(``Tokenizer.encode_document``: the document-start token, BOS or else EOS, then
+the text, then EOS where the tokenizer has both) and packs (lsm.data.packing:
+each document is its own segment, and the target that crosses into the next
+document is masked). Training rows are then shuffled within windows of
+``cfg.row_shuffle_window`` rows (by default several global batches), so a batch
+mixes documents rather than holding consecutive rows of one long document.
+Given the config and host, batches are deterministic.
 
 Checkpointing: ``iter(ds)`` is a grain ``DatasetIterator``; save and restore it
 with Orbax through ``iterator_save_args`` / ``iterator_restore_args`` (see
@@ -27,6 +33,7 @@ their docstrings), or as JSON bytes with ``iterator_state`` /
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +48,17 @@ from lsm.data.tokenizers import make_tokenizer
 
 SOURCES = ("local_text", "tfds", "task")
 EXAMPLE_KEYS = ("inputs", "targets", "mask")
+# The layout of packed text rows, for run records to compare on resume (a data
+# position saved under one layout points elsewhere under another). 1: each
+# document's tokens then EOS, every target counted. 2: the document-start token,
+# the tokens, EOS where the tokenizer has a BOS; the target crossing into the
+# next document masked.
+ROW_LAYOUT = 2
+# The default row-shuffle window: this many global batches, and at least this
+# many rows (rows are small: 1024 rows of 2048 tokens hold about 35 MB), so
+# a batch draws from many documents, not from one book's consecutive rows.
+ROW_SHUFFLE_BATCHES = 4
+ROW_SHUFFLE_MIN_WINDOW = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +86,15 @@ class DataConfig:
     seed: shuffling seed.
     shuffle: shuffle training records (and rows, see row_shuffle_window).
     row_shuffle_window: text sources, training: shuffle packed rows within
-      windows of this many rows, so a long document's consecutive rows spread
-      over several batches; 0 turns it off.
+      windows of this many rows, so a batch mixes documents and a long
+      document's consecutive rows spread over several batches. None (the
+      default): ``row_window()``, max(ROW_SHUFFLE_MIN_WINDOW,
+      ROW_SHUFFLE_BATCHES * batch_size); the trainer resolves it when a run
+      starts (a resumed run keeps the value it recorded) and config.json
+      records the number. 0 turns it off;
+      otherwise it must be at least batch_size (a window no larger than a
+      batch only reorders the batch's own rows). Task examples are shuffled
+      as records and ignore it.
     download: tfds: download and prepare a dataset that is not prepared yet. Off
       by default so a wrong data_dir fails loudly instead of downloading.
     num_threads: threads reading and tokenizing records (0: in the caller).
@@ -82,9 +107,12 @@ class DataConfig:
       row were one sequence. Task rows hold one example each and carry none.
     shards: record shards, each read by its own pipeline into
       batch_size // shards rows of every batch; process i of n reads shards
-      i * shards / n .. (i + 1) * shards / n - 1 and stacks their rows. None:
-      one shard per process. Fixing it fixes the global batches whatever the
-      process count (1 process with shards=2 sees what 2 processes see).
+      i * shards / n .. (i + 1) * shards / n - 1 and stacks their rows. A
+      fixed count fixes the global batches whatever the process count (1
+      process with shards=2 sees what 2 processes see), so a run resumes on
+      any process count that divides it. None: ``default_shards(batch_size)``,
+      resolved when a run starts and recorded with it (the trainer), or one
+      shard per process when the pipeline is used on its own.
   """
   source: str = "tfds"
   globs: Sequence[str] = ()
@@ -101,7 +129,7 @@ class DataConfig:
   batch_size: int = 8
   seed: int = 0
   shuffle: bool = True
-  row_shuffle_window: int = 0
+  row_shuffle_window: int | None = None
   download: bool = False
   num_threads: int = 4
   prefetch_buffer_size: int = 64
@@ -140,11 +168,12 @@ class DataConfig:
       raise ValueError(f"DataConfig: validation_fraction={v!r}; expected a number "
                        "in (0, 1)")
     for field, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0),
-                       ("row_shuffle_window", 0), ("num_threads", 0),
-                       ("prefetch_buffer_size", 0), ("prefetch_batches", 0)):
+                       ("num_threads", 0), ("prefetch_buffer_size", 0),
+                       ("prefetch_batches", 0)):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"DataConfig: {field}={value!r}; expected an int >= {low}")
+    self.row_window()  # checks the value
     if self.shards is not None and (isinstance(self.shards, bool) or not
                                     isinstance(self.shards, int) or self.shards < 1
                                     or self.batch_size % self.shards):
@@ -155,6 +184,20 @@ class DataConfig:
       if not isinstance(value, bool):
         raise ValueError(f"DataConfig: {field}={value!r}; expected a bool")
 
+  def row_window(self) -> int:
+    """row_shuffle_window, None resolved (see the class docstring), checked."""
+    w = self.row_shuffle_window
+    if w is None:
+      return max(ROW_SHUFFLE_MIN_WINDOW, ROW_SHUFFLE_BATCHES * self.batch_size)
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0 or (
+        0 < w < self.batch_size):
+      raise ValueError(
+          f"DataConfig: row_shuffle_window={w!r}; expected None (auto: "
+          f"max({ROW_SHUFFLE_MIN_WINDOW}, {ROW_SHUFFLE_BATCHES} x batch_size)), "
+          f"0 (off) or an int >= batch_size={self.batch_size} (a smaller window "
+          "cannot mix a batch)")
+    return w
+
 
 def _check_choice(field: str, value, choices: Sequence[str]):
   if value not in choices:
@@ -164,6 +207,16 @@ def _check_choice(field: str, value, choices: Sequence[str]):
 def make_tokenizer_for(cfg: DataConfig):
   """The tokenizer that ``cfg`` names."""
   return make_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+
+
+# Record shards of a run that does not choose: enough for 1, 2, 4 or 8 processes.
+DEFAULT_SHARDS = 8
+
+
+def default_shards(batch_size: int) -> int:
+  """The record shards of a run with ``data.shards=None``: the largest divisor
+  of ``batch_size`` that divides DEFAULT_SHARDS."""
+  return math.gcd(batch_size, DEFAULT_SHARDS)
 
 
 def host_batch_size(cfg: DataConfig, process_count: int = 1) -> int:
@@ -258,15 +311,15 @@ def _read_options(cfg: DataConfig) -> grain.ReadOptions:
 
 
 def _tokenize(record: Mapping[str, Any], *, tokenizer, text_key: str) -> np.ndarray:
-  """Document tokens followed by EOS, int32 [n + 1]."""
+  """The record's document as training packs it (``encode_document``: the
+  document-start token, the text, EOS where the tokenizer has a BOS), int32."""
   try:
     text = record[text_key]
   except (KeyError, TypeError, IndexError):
     keys = list(record) if isinstance(record, Mapping) else type(record).__name__
     raise ValueError(f"DataConfig: text_key={text_key!r} is not in the records; "
                      f"expected one of {keys}") from None
-  ids = tokenizer.encode(text)
-  return np.concatenate([ids, np.asarray([tokenizer.eos_id], dtype=np.int32)])
+  return tokenizer.encode_document(text)
 
 
 def masked_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -324,9 +377,11 @@ def text_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
                                        text_key=cfg.text_key))
   ds = PackIterDataset(docs.to_iter_dataset(_read_options(cfg)),
                        seq_len=cfg.seq_len, pad_id=tokenizer.pad_id)
-  if _is_train(cfg, split) and cfg.shuffle and cfg.row_shuffle_window > 1:
+  if _is_train(cfg, split) and cfg.shuffle and cfg.row_window() > 1:
+    # A window fills before its first row comes out: the first batch waits for
+    # row_shuffle_window rows to be read and packed.
     ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=cfg.row_shuffle_window, seed=cfg.seed)
+        ds, window_size=cfg.row_window(), seed=cfg.seed)
   return _batch(ds, cfg, split, process_count)
 
 
@@ -373,10 +428,22 @@ def make_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
     raise ValueError("make_dataset: source=None with cfg.source='task'; expected "
                      "the task's random-access example records")
   shards = cfg.shards or process_count
+  if not _is_train(cfg, split):
+    # Evaluation reads one ordered pass whatever the run's position: a short
+    # split gets fewer shards (the largest divisor of data.shards it fills,
+    # still independent of the process count where that count divides it).
+    if source is None and cfg.source != "task":
+      source = open_text_source(cfg, split)
+    fits = [d for d in range(1, shards + 1) if shards % d == 0
+            and d <= len(source) and d % process_count == 0]
+    shards = max(fits) if fits else process_count
   if shards % process_count:
     raise ValueError(f"DataConfig: shards={cfg.shards} is not divisible by "
                      f"process_count={process_count}; expected a multiple of it")
   per_process = shards // process_count
+  if per_process > 1:
+    # The reading threads are shared by this process's shards.
+    cfg = dataclasses.replace(cfg, num_threads=-(-cfg.num_threads // per_process))
 
   def shard(index: int) -> grain.IterDataset:
     # A shard is read exactly as a process of a ``shards``-process run reads.
@@ -465,3 +532,30 @@ def iterator_state(iterator: grain.DatasetIterator) -> bytes:
 def restore_iterator_state(iterator: grain.DatasetIterator, state: bytes) -> None:
   """Sets ``iterator`` to a position from ``iterator_state``."""
   iterator.set_state(json.loads(state))
+
+
+def shard_states(iterator: grain.DatasetIterator) -> list:
+  """The positions of this process's record shards, in shard order (JSON-able):
+  with ``shard_states`` of every process in process order, the position of the
+  whole pipeline, readable by any process count that divides ``cfg.shards``."""
+  if isinstance(iterator, _StackRowsIterator):
+    return iterator.get_state()["shards"]
+  return [iterator.get_state()]
+
+
+def set_shard_states(iterator: grain.DatasetIterator, states: Sequence, *,
+                     process_index: int, process_count: int) -> None:
+  """Moves ``iterator`` (a fresh ``iter(make_dataset(...))`` of this process)
+  to the saved position ``states``: every shard's state, in shard order."""
+  local = (len(iterator.get_state()["shards"])
+           if isinstance(iterator, _StackRowsIterator) else 1)
+  if len(states) != local * process_count:
+    raise ValueError(
+        f"the data position holds {len(states)} record shards; this run reads "
+        f"{local * process_count} ({local} per process x {process_count} "
+        "processes); expected the recorded data.shards")
+  mine = list(states[process_index * local:(process_index + 1) * local])
+  if isinstance(iterator, _StackRowsIterator):
+    iterator.set_state({"shards": mine})
+  else:
+    iterator.set_state(mine[0])

@@ -3,9 +3,18 @@
 trained locally or loaded.
 
 All share one interface: ``vocab_size, pad_id, bos_id, eos_id`` attributes,
-``encode(text) -> int32 [n]`` (no BOS/EOS added; the packer appends EOS) and
-``decode(ids) -> str`` (special ids skipped). pad_id is 0 in all, so zero-filled
-padding is padding whatever the tokenizer.
+``encode(text) -> int32 [n]`` (no specials added) and ``decode(ids) -> str``
+(special ids skipped). pad_id is 0 in all, so zero-filled padding is padding
+whatever the tokenizer.
+
+Documents, as training packs them and inference prompts them (``Tokenizer``):
+each starts with ``doc_start_id``, the tokenizer's BOS, or its EOS where it has
+no BOS (as GPT-2-style pretrained tokenizers do), so a document's first token is
+predicted from that token alone, in training as in generation. Where the
+tokenizer has both, EOS also ends each document (``eos_at_end``), so the model
+learns where a document stops. ``encode_document`` gives a training document,
+``encode_prompt`` the start of one (what lsm-generate, lsm-eval's harness
+adapter and the trainer's sample feed the model).
 """
 
 import os
@@ -32,12 +41,48 @@ def _as_ids(ids) -> np.ndarray:
   return ids
 
 
-class ByteTokenizer:
+class Tokenizer:
+  """What every tokenizer adds to ``encode``: documents and prompts.
+
+  Subclasses set ``doc_start_id`` (BOS, or EOS without a BOS) and
+  ``eos_at_end`` (True where the tokenizer has both BOS and EOS).
+  """
+
+  doc_start_id: int
+  eos_at_end: bool
+
+  def encode_document(self, text: str | bytes) -> np.ndarray:
+    """A training document: doc_start, the text's ids, then EOS if
+    ``eos_at_end``; int32 [n + 1] or [n + 2]."""
+    ids = self.encode(text)
+    end = [self.eos_id] if self.eos_at_end else []
+    return np.concatenate([np.asarray([self.doc_start_id], np.int32), ids,
+                           np.asarray(end, np.int32)])
+
+  def encode_prompt(self, text: str | bytes = "") -> np.ndarray:
+    """The start of a document whose text begins with ``text``: doc_start,
+    then the text's ids; int32 [n + 1]. ``""`` gives the lone start token,
+    from which an unconditional sample begins."""
+    return np.concatenate([np.asarray([self.doc_start_id], np.int32),
+                           self.encode(text)])
+
+
+def _doc_specials(tok, bos_id):
+  """Sets ``tok.doc_start_id`` and ``tok.eos_at_end`` from its BOS (None or
+  negative: none) and ``tok.eos_id``."""
+  has_bos = bos_id is not None and bos_id >= 0 and bos_id != tok.eos_id
+  tok.doc_start_id = int(bos_id) if has_bos else int(tok.eos_id)
+  tok.eos_at_end = has_bos
+
+
+class ByteTokenizer(Tokenizer):
   """UTF-8 bytes as tokens: byte b -> b + 3 after pad=0, bos=1, eos=2."""
 
   pad_id = PAD_ID
   bos_id = BOS_ID
   eos_id = EOS_ID
+  doc_start_id = BOS_ID
+  eos_at_end = True
   offset = 3
   vocab_size = 256 + offset
 
@@ -59,7 +104,7 @@ class ByteTokenizer:
     return "ByteTokenizer()"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model file behind the ByteTokenizer interface.
 
   The processor is rebuilt from the model bytes when pickled, so the tokenizer
@@ -91,7 +136,9 @@ class SentencePieceTokenizer:
                        "train_sentencepiece)")
     if self.eos_id < 0:
       raise ValueError(f"SentencePieceTokenizer: model {self.model_path!r} has no "
-                       "eos id; expected one (documents are separated by EOS)")
+                       "eos id; expected one (documents start with BOS, or EOS "
+                       "where there is no BOS)")
+    _doc_specials(self, self.bos_id)
 
   def __getstate__(self):
     return {"model_path": self.model_path, "proto": self._proto}
@@ -174,13 +221,14 @@ def train_sentencepiece(files: Sequence[str], model_prefix: str, vocab_size: int
   return model_prefix + ".model"
 
 
-class HFTokenizer:
+class HFTokenizer(Tokenizer):
   """A Hugging Face ``tokenizers`` file (tokenizer.json) behind the
   ByteTokenizer interface.
 
   pad must be id 0 (the packer pads with zeros) and an eos token must exist;
   they are found by the usual names (``<pad>``, ``[PAD]``, ``<|endoftext|>``,
-  ``</s>``, ...). A tokenizer without a pad token at 0 is refused: retrain it
+  ``</s>``, ...). Without a bos token, ``bos_id`` and ``doc_start_id`` are the
+  eos id. A tokenizer without a pad token at 0 is refused: retrain it
   with ``train_hf_bpe`` or add one. The tokenizer is rebuilt from its JSON when
   pickled, so it can travel to grain worker processes.
   """
@@ -220,8 +268,9 @@ class HFTokenizer:
                        "(train it with train_hf_bpe)")
     if self.eos_id is None:
       raise ValueError(f"HFTokenizer: {self.path!r} has no eos token (one of "
-                       f"{list(self.EOS_NAMES)}); expected one (documents are "
-                       "separated by EOS)")
+                       f"{list(self.EOS_NAMES)}); expected one (documents start "
+                       "with BOS, or EOS where there is no BOS)")
+    _doc_specials(self, self.bos_id)
     if self.bos_id is None:
       self.bos_id = self.eos_id
     self._special = {self.pad_id, self.bos_id, self.eos_id}

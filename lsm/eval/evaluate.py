@@ -6,14 +6,19 @@ lsm-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024] \
 
 Language-model runs: held-out loss and perplexity at each length (default 1x,
 2x, 4x and 8x the training length), read as rows of that many packed tokens
-(exactly as training packs them; linear mixers carry their state, attention
-layers take their window or the full row), and the loss by position within the
-row in buckets of ``--bucket`` tokens (default: the training length / 8):
-length extrapolation shows as the curve past the training length. Synthetic-task
-runs: loss, accuracy, sequence and scaled accuracy at each task size (default:
-the run's eval sizes). Writes ``eval.json``, ``eval.csv`` and ``eval.png``
-(loss vs position, one line per length; accuracy vs size for tasks) to
-``--out`` (default ``<workdir>/eval/step_<N>``).
+(exactly as training packs them: each document starts with its start token and
+the model restarts at it, as at inference), and the loss by position in the
+document in buckets of ``--bucket`` tokens (default: the training length / 8):
+position p is the loss of predicting a document's token p + 1 from its tokens
+0..p (token 0 is the start token; a document cut by a row boundary continues in
+the next row from a fresh state, so its positions there count from that row's
+first token). Length extrapolation shows as the curve past the training length
+on documents that long. A run trained with ``data.reset_at_boundaries=False``
+reads each row as one sequence, and its positions are positions in the row.
+Synthetic-task runs: loss, accuracy, sequence and scaled accuracy at each task
+size (default: the run's eval sizes). Writes ``eval.json``, ``eval.csv`` and
+``eval.png`` (loss vs position, one line per length; accuracy vs size for
+tasks) to ``--out`` (default ``<workdir>/eval/step_<N>``).
 """
 
 import csv
@@ -95,8 +100,23 @@ def data_config(run_data, spec: str, split: str | None, out: Path):
   raise cli.UsageError(f"--data={spec}: expected run, text:GLOB or tfds:NAME")
 
 
-def _position_sums(graphdef, state, inputs, targets, mask, documents=None):
-  """Per-position sums over rows: nll [T], correct [T], count [T].
+def context_positions(segment_ids):
+  """Each token's position in its document as a model that restarts at every
+  segment start reads it: tokens of its segment before it in the row, int32
+  [B, T] (a document continued from the previous row counts from 0 again)."""
+  import numpy as np
+  seg = np.asarray(segment_ids)
+  col = np.broadcast_to(np.arange(seg.shape[-1], dtype=np.int32), seg.shape)
+  start = np.ones(seg.shape, bool)
+  start[..., 1:] = seg[..., 1:] != seg[..., :-1]
+  return (col - np.maximum.accumulate(np.where(start, col, 0), axis=-1)).astype(
+      np.int32)
+
+
+def _position_sums(graphdef, state, inputs, targets, mask, documents=None,
+                   bucket_of=None):
+  """Per-position sums over rows: nll [T], correct [T], count [T], where a
+  target counts at ``bucket_of`` [B, T] (int, in [0, T); None: its column).
   ``documents``: {segment_ids, positions} of packed rows, for a run trained
   with data.reset_at_boundaries (each document on its own), or None."""
   import jax
@@ -109,8 +129,13 @@ def _position_sums(graphdef, state, inputs, targets, mask, documents=None):
   w = mask.astype(jnp.float32)
   right = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   seq_right = jnp.all((right > 0) | (w == 0), axis=-1) & jnp.any(w > 0, axis=-1)
-  return {"nll": jnp.sum(nll * w, axis=0), "correct": jnp.sum(right * w, axis=0),
-          "count": jnp.sum(w, axis=0),
+  if bucket_of is None:
+    per_position = lambda x: jnp.sum(x, axis=0)  # noqa: E731
+  else:
+    per_position = lambda x: jnp.zeros(x.shape[-1], x.dtype).at[  # noqa: E731
+        bucket_of.reshape(-1)].add(x.reshape(-1))
+  return {"nll": per_position(nll * w), "correct": per_position(right * w),
+          "count": per_position(w),
           "seq_correct": jnp.sum(seq_right.astype(jnp.float32)),
           "seqs": jnp.sum(jnp.any(w > 0, axis=-1).astype(jnp.float32))}
 
@@ -123,17 +148,20 @@ def _jitted(graphdef):
 
 def position_sums(model, batches, bar=None, documents: bool = False) -> dict:
   """Sums of ``_position_sums`` over ``batches`` (numpy dicts), as numpy; with
-  ``documents`` the model sees the rows' segment_ids and positions."""
+  ``documents`` the model sees the rows' segment_ids and positions and the sums
+  are by position in the document (``context_positions``), else by column."""
   import jax
   import numpy as np
   from flax import nnx
   graphdef, state = nnx.split(model)
   fn, total = _jitted(graphdef), None
   for batch in batches:
-    docs = ({k: batch[k] for k in ("segment_ids", "positions")}
-            if documents else None)
+    docs = bucket_of = None
+    if documents:
+      docs = {k: batch[k] for k in ("segment_ids", "positions")}
+      bucket_of = context_positions(batch["segment_ids"])
     out = jax.device_get(fn(state, batch["inputs"], batch["targets"],
-                            batch["mask"], docs))
+                            batch["mask"], docs, bucket_of))
     out = {k: np.asarray(v, np.float64) for k, v in out.items()}
     total = out if total is None else {k: total[k] + out[k] for k in out}
     if bar is not None:
@@ -177,10 +205,12 @@ def evaluate_lm(run, lengths, *, data, split, eval_tokens, batch_tokens, bucket,
     rows = max(1, batch_tokens // length)
     n_batches = max(1, math.ceil(math.ceil(eval_tokens / length) / rows))
     # In order, one pass, no background threads; train_split renamed so that
-    # any split (the training split too) is read once, not shuffled forever.
+    # any split (the training split too) is read once, not shuffled forever
+    # (so no row shuffle either: its window need not fit the new batch size).
     cfg = dataclasses.replace(data, seq_len=length, batch_size=rows,
                               shards=None, prefetch_batches=0, num_threads=0,
-                              train_split="<lsm-eval: none>")
+                              train_split="<lsm-eval: none>",
+                              row_shuffle_window=0)
     plan.append((length, cfg, n_batches))
   bar = tqdm(total=sum(p[2] for p in plan), unit="batch", disable=not progress,
              dynamic_ncols=True, desc="lsm-eval")
@@ -235,7 +265,8 @@ def evaluate_task(run, sizes, *, examples, batch_tokens, progress=True) -> dict:
         raise cli.UsageError(f"--lengths: size {size}: {cli.one_line(e)}") from None
       rows = max(1, min(examples, batch_tokens // source.seq_len))
       cfg = dataclasses.replace(run.config.data, batch_size=rows, shards=None,
-                                prefetch_batches=0, num_threads=0)
+                                prefetch_batches=0, num_threads=0,
+                                row_shuffle_window=0)
       batches = list(iter(make_dataset(cfg, cfg.eval_split, source=source)))
       sums = position_sums(run.model, batches)
       count = max(float(sums["count"].sum()), 1.0)
@@ -282,7 +313,8 @@ def write_outputs(out: Path, report: dict):
       ax.plot(xs, [b["loss"] for b in r["buckets"]], marker=".",
               label=f"length {length} (loss {r['loss']:.3f})")
     ax.axvline(report["train_length"], color="0.6", ls=":", lw=1)
-    ax.set_xlabel("position in row (tokens)")
+    ax.set_xlabel("position in document (tokens)" if report["by_document"]
+                  else "position in row (tokens)")
     ax.set_ylabel("loss (nats / token)")
   else:
     sizes = [int(s) for s in results]
@@ -343,7 +375,9 @@ def main(argv):
                                       progress=_PROGRESS.value)
   else:
     report.update(data=_DATA.value, split=split, bucket=bucket,
-                  eval_tokens=_EVAL_TOKENS.value)
+                  eval_tokens=_EVAL_TOKENS.value,
+                  # Buckets are positions in the document (else in the row).
+                  by_document=bool(data.reset_at_boundaries))
     report["results"] = evaluate_lm(
         run, lengths, data=data, split=split, eval_tokens=_EVAL_TOKENS.value,
         batch_tokens=batch_tokens, bucket=bucket, progress=_PROGRESS.value)

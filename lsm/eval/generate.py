@@ -4,12 +4,14 @@ lsm-generate --workdir=runs/quickstart --prompt="def " [--max_new_tokens=200] \
   [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--step=N]
 lsm-generate --workdir=runs/quickstart --prompts_file=prompts.txt --format=jsonl
 
-Each prompt is tokenised with the run's tokenizer after an EOS token (training
-rows separate documents with EOS, so the prompt starts a document), prefilled
-with the parallel forward and continued one token at a time through every
-mixer's O(1) ``step`` (lsm.models.decoding.generate). Temperature 0 is greedy.
-The continuation stops at the first EOS unless ``--stop_at_eos=False``.
-Prompts of one token length are decoded as one batch.
+Each prompt is tokenised with the run's tokenizer after its document-start token
+(``Tokenizer.encode_prompt``: BOS, or EOS where the tokenizer has no BOS), so it
+begins a document from a fresh state exactly as every training document does,
+prefilled with the parallel forward and continued one token at a time through
+every mixer's O(1) ``step`` (lsm.models.decoding.generate; the decoding lives
+in lsm.eval.completion). Temperature 0 is greedy. The continuation stops at the
+first EOS unless ``--stop_at_eos=False``. Prompts of one token length are
+decoded as one batch.
 """
 
 import json
@@ -18,6 +20,7 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 
+from lsm.eval.completion import complete
 from lsm.train import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (lsm-train's "
@@ -51,33 +54,6 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size):
     raise cli.UsageError(f"--top_k={top_k}: expected an int in [1, {vocab_size}]")
   if top_p is not None and not 0 < top_p <= 1:
     raise cli.UsageError(f"--top_p={top_p}: expected a number in (0, 1]")
-
-
-def complete(run, prompts, *, max_new_tokens, temperature=0.0, top_k=None,
-             top_p=None, seed=0, stop_at_eos=True) -> list[str]:
-  """The continuation of each prompt (text), in order."""
-  import jax
-  import numpy as np
-  from lsm.models.decoding import generate
-  tok = run.tokenizer
-  encoded = [np.concatenate([[tok.eos_id], tok.encode(p)]).astype(np.int32)
-             for p in prompts]
-  out = [None] * len(prompts)
-  groups = {}
-  for i, ids in enumerate(encoded):
-    groups.setdefault(len(ids), []).append(i)
-  key = jax.random.key(seed)
-  for n, (length, members) in enumerate(sorted(groups.items())):
-    batch = np.stack([encoded[i] for i in members])
-    tokens = np.asarray(generate(
-        run.model, batch, max_new_tokens=max_new_tokens,
-        key=jax.random.fold_in(key, n), temperature=temperature, top_k=top_k,
-        top_p=top_p))[:, length:]
-    for row, i in zip(tokens, members):
-      if stop_at_eos and tok.eos_id in row:
-        row = row[:list(row).index(tok.eos_id)]
-      out[i] = tok.decode(row)
-  return out
 
 
 def main(argv):

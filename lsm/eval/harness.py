@@ -13,9 +13,11 @@ restored run, and needs no lm_eval itself: ``loglikelihood`` (log P of a
 continuation given a context, and whether greedy decoding would produce it),
 ``loglikelihood_rolling`` (log P of a whole text, in windows of ``max_length``
 tokens, each token predicted once with as much context as fits) and
-``generate_until`` (greedy, cut at the first stop string). Every text is
-preceded by EOS, the document separator the run trained with. ``LsmLM`` is the
-``LM`` subclass lm_eval calls, registered as ``lsm`` when lm_eval imports.
+``generate_until`` (greedy, cut at the first stop string). Every text starts
+a document as the run's training documents do: after the tokenizer's
+document-start token (``Tokenizer.encode_prompt``: BOS, or EOS where there is
+no BOS). ``LsmLM`` is the ``LM`` subclass lm_eval calls, registered as ``lsm``
+when lm_eval imports.
 """
 
 import functools
@@ -119,16 +121,17 @@ class Scorer:
       if not cont:
         raise ValueError(f"loglikelihood: continuation {continuation!r} has no "
                          "tokens; expected a non-empty continuation")
-      toks = [self.tokenizer.eos_id, *ctx, *cont][-(self.max_length + 1):]
+      toks = [self.tokenizer.doc_start_id, *ctx, *cont][-(self.max_length + 1):]
       rows.append((toks, len(toks) - len(cont)))
     return self._score_rows(rows)
 
   def loglikelihood_rolling(self, requests) -> list[float]:
-    """requests: texts -> log P(text | EOS), windows of max_length tokens."""
+    """requests: texts -> log P(text | document start), windows of max_length
+    tokens."""
     rows, owner = [], []
     for n, text in enumerate(requests):
       text = text[0] if isinstance(text, tuple) else text
-      toks = [self.tokenizer.eos_id, *map(int, self.tokenizer.encode(text))]
+      toks = [int(t) for t in self.tokenizer.encode_prompt(text)]
       # Predict toks[s:e] from the up-to-max_length tokens before each.
       for s in range(1, len(toks), self.max_length):
         e = min(s + self.max_length, len(toks))
@@ -151,7 +154,7 @@ class Scorer:
       until = kwargs.get("until") or []
       until = [until] if isinstance(until, str) else list(until)
       n = int(kwargs.get("max_gen_toks", 256))
-      ids = [self.tokenizer.eos_id, *map(int, self.tokenizer.encode(context))]
+      ids = [int(t) for t in self.tokenizer.encode_prompt(context)]
       ids = ids[-self.max_length:]
       tokens = np.asarray(generate(self.run.model, np.asarray([ids], np.int32),
                                    max_new_tokens=n))[0, len(ids):]

@@ -8,8 +8,10 @@ tokens_per_s, ...) against the step (left) and the training tokens seen (right,
 steps x batch_size x row length), one line per run, with the held-out
 ``eval_<metric>`` points marked. ``--positions``: each run's newest
 ``lsm-eval`` result (``<run>/eval/step_<N>/eval.json``, or an eval.json path),
-loss against position in the row, one colour per run and one line style per
-length. Prints one line per run: what was plotted.
+loss against position in the document (in the row for runs that train across
+documents, and for eval.json files written before lsm-eval bucketed by
+document), one colour per run and one line style per length. Prints one line
+per run: what was plotted.
 """
 
 import json
@@ -120,10 +122,11 @@ def plot_positions(runs, labels, out: Path) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-  lines, train_lengths = [], set()
+  lines, train_lengths, where = [], set(), set()
   for i, (run, label) in enumerate(zip(runs, labels)):
     path, report = newest_eval(run)
     train_lengths.add(report["train_length"])
+    where.add("document" if report.get("by_document") else "row")
     for j, (length, r) in enumerate(report["results"].items()):
       xs = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
       ax.plot(xs, [b["loss"] for b in r["buckets"]], color=f"C{i}",
@@ -132,7 +135,8 @@ def plot_positions(runs, labels, out: Path) -> list[str]:
                  f"{list(report['results'])}")
   for t in sorted(train_lengths):
     ax.axvline(t, color="0.6", ls=":", lw=1)
-  ax.set_xlabel("position in row (tokens); dotted: training length")
+  ax.set_xlabel(f"position in {' or '.join(sorted(where))} (tokens); dotted: "
+                "training length")
   ax.set_ylabel("held-out loss (nats / token)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)

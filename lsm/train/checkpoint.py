@@ -276,6 +276,15 @@ class Checkpointer:
             "--config.train.start_fresh=True.")
       for bad, error in damaged:
         self._quarantine(bad, error)
+      if saved.get("row_layout", 1) != meta.get("row_layout", 1):
+        # Written before documents started with the document-start token
+        # (layout 1): the model resumes exactly, the data position lands
+        # within a token or so of where the old code would have read.
+        log.warning("checkpoint at step %d was written with packed-row layout "
+                    "%s; this run packs rows with layout %s (lsm.data.pipeline."
+                    "ROW_LAYOUT), so its batches are not those the old run "
+                    "would have read next", step, saved.get("row_layout", 1),
+                    meta.get("row_layout", 1))
       return step, state, position
     if damaged:
       raise AllCheckpointsDamaged(

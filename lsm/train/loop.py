@@ -19,7 +19,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from lsm.data import text_builder
-from lsm.data.pipeline import (DataConfig, default_shards, make_dataset,
+from lsm.data.pipeline import (ROW_LAYOUT, DataConfig, default_shards,
+                                make_dataset,
                                 make_tokenizer_for, masked_like,
                                 open_text_source, set_shard_states)
 from lsm.models.lm import LMConfig, flops_per_token
@@ -208,8 +209,9 @@ def _check_shapes(run: RunConfig, mesh, data_vocab: int | None, what: str):
 def resolve(run: RunConfig, workdir: Path, recorded: dict | None = None
             ) -> RunConfig:
   """``run`` with its "decide for me" values made concrete, as config.json
-  records them: the local_text build directory, ``data.shards`` (the recorded
-  value of the run being resumed, else ``pipeline.default_shards``) and
+  records them: the local_text build directory, ``data.shards`` and
+  ``data.row_shuffle_window`` (the recorded values of the run being resumed,
+  else ``pipeline.default_shards`` and ``DataConfig.row_window``) and
   ``train.compute_dtype`` ("auto": by platform).
 
   Args:
@@ -233,6 +235,11 @@ def resolve(run: RunConfig, workdir: Path, recorded: dict | None = None
     else:  # the batch changed: the restore names the difference
       shards = default_shards(data.batch_size)
     data = dataclasses.replace(data, shards=shards)
+  if data.row_shuffle_window is None:
+    window = old.get("row_shuffle_window")
+    if window is None or (0 < window < data.batch_size):
+      window = data.row_window()
+    data = dataclasses.replace(data, row_shuffle_window=window)
   train = dataclasses.replace(
       train, compute_dtype=step_lib.resolve_compute_dtype(train.compute_dtype))
   return dataclasses.replace(run, data=data, train=train)
@@ -313,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       run.optim, run.train.num_steps, state_lib.float32_mask(run.model))
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   meta = {"model": _jsonable(run.model), "config": _jsonable(run),
-          "process_count": jax.process_count()}
+          "process_count": jax.process_count(), "row_layout": ROW_LAYOUT}
   restored = None
   if not run.train.start_fresh:
     restored = checkpointer.restore(setup.abstract_state, meta,

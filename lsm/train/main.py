@@ -166,7 +166,7 @@ def sample(workdir: Path, n_tokens: int, temperature: float = 0.8) -> str:
   from lsm.models.decoding import generate
   from lsm.train import restore
   run = restore.open_run(workdir)
-  prompt = np.asarray([[run.tokenizer.eos_id]], np.int32)
+  prompt = run.tokenizer.encode_prompt()[None]   # [[document start]]
   out = generate(run.model, prompt, max_new_tokens=n_tokens,
                  key=jax.random.key(0), temperature=temperature, top_k=40)
   text = run.tokenizer.decode(np.asarray(out[0, 1:]))

@@ -1,5 +1,6 @@
 """Concat-then-split packing: no token lost or duplicated, segment ids and
-positions line up with EOS, final padding is masked, state restores exactly."""
+positions line up with the document-start tokens, final padding and the targets
+that cross into the next document are masked, state restores exactly."""
 
 import json
 
@@ -10,15 +11,15 @@ from hypothesis import given, settings, strategies as st
 
 from lsm.data.packing import PackIterDataset
 
-EOS, PAD = 2, 0
+BOS, EOS, PAD = 1, 2, 0
 KEYS = ("inputs", "targets", "mask", "segment_ids", "positions")
 
 
 def _docs(lengths, seed=0):
-  """Documents of random tokens in [3, 500) ending in EOS."""
+  """Documents of random tokens in [3, 500) starting with BOS (n >= 2: EOS last)."""
   rng = np.random.default_rng(seed)
-  return [np.append(rng.integers(3, 500, size=n - 1), EOS).astype(np.int32)
-          for n in lengths]
+  return [np.concatenate([[BOS], rng.integers(3, 500, size=max(n - 2, 0)),
+                          [EOS] * (n > 1)]).astype(np.int32) for n in lengths]
 
 
 def _pack(docs, seq_len):
@@ -27,13 +28,15 @@ def _pack(docs, seq_len):
 
 
 def test_worked_example():
-  # Documents of 3, 7 and 2 tokens (values say doc and position), T = 4: rows of 5.
+  # Documents of 3, 7 and 2 tokens (values say doc and position), T = 4: rows of
+  # 5. 12 -> 20 and 26 -> 30 cross into the next document: masked. 26 -> 30
+  # crosses between rows too: 26 ends row 1 (a target only), 30 starts row 2.
   docs = [np.array([10, 11, 12]), np.array([20, 21, 22, 23, 24, 25, 26]),
           np.array([30, 31])]
   rows = list(_pack(docs, 4))
   assert len(rows) == 3
   want = [  # inputs, targets, mask, segment_ids, positions
-      ([10, 11, 12, 20], [11, 12, 20, 21], [1, 1, 1, 1], [1, 1, 1, 2], [0, 1, 2, 0]),
+      ([10, 11, 12, 20], [11, 12, 20, 21], [1, 1, 0, 1], [1, 1, 1, 2], [0, 1, 2, 0]),
       ([22, 23, 24, 25], [23, 24, 25, 26], [1, 1, 1, 1], [1, 1, 1, 1], [2, 3, 4, 5]),
       ([30, 31, 0, 0], [31, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]),
   ]
@@ -56,11 +59,16 @@ def _check_rows(rows, docs, seq_len):
     assert all(row[k].dtype == np.int32 for k in KEYS if k != "mask")
     np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
     tokens = np.append(row["inputs"], row["targets"][-1])
-    filled = int(row["mask"].sum()) + 1
+    start = r * n
+    filled = min(n, len(stream) - start)
     if r < len(rows) - 1:
       assert filled == n, "only the last row may be padded"
-    # The mask is a prefix: False exactly where the target is padding.
-    np.testing.assert_array_equal(row["mask"], np.arange(1, n) < filled)
+    # A target counts iff it is a real token of the input's own document.
+    at = np.arange(start, start + filled)
+    same_doc = doc_of[at[1:]] == doc_of[at[:-1]]
+    want_mask = np.zeros(seq_len, bool)
+    want_mask[:filled - 1] = same_doc
+    np.testing.assert_array_equal(row["mask"], want_mask)
     assert np.all(tokens[filled:] == PAD)
     assert np.all(row["segment_ids"][filled:] == 0)
     assert np.all(row["positions"][filled:] == 0)
@@ -70,11 +78,13 @@ def _check_rows(rows, docs, seq_len):
     np.testing.assert_array_equal(row["positions"][:k], pos_of[span])
     np.testing.assert_array_equal(row["segment_ids"][:k],
                                   doc_of[span] - doc_of[span.start] + 1)
-    # Each segment change inside a row follows an EOS and starts at position 0.
+    # Each segment change inside a row is a document's start token, at
+    # position 0, and the target crossing into it is masked.
     seg = row["segment_ids"][:k]
     change = np.flatnonzero(seg[1:] != seg[:-1])
-    assert np.all(row["inputs"][change] == EOS)
+    assert np.all(row["inputs"][change + 1] == BOS)
     assert np.all(row["positions"][change + 1] == 0)
+    assert not row["mask"][change].any()
   np.testing.assert_array_equal(np.concatenate(got), stream)
 
 

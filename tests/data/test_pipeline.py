@@ -1,6 +1,7 @@
 """Pipelines: deterministic shuffles that change each epoch, disjoint per-host
-shards covering the data, exact iterator restore through Orbax, finite padded
-eval, batch shapes and dtypes, clear config errors."""
+shards covering the data, documents laid out as inference reads them, rows
+shuffled across documents by default, exact iterator restore through Orbax,
+finite padded eval, batch shapes and dtypes, clear config errors."""
 
 import itertools
 
@@ -38,18 +39,19 @@ def _equal(a, b):
 
 
 def _tokens(batches):
-  """The token stream of packed batches: each row's inputs + last target, unpadded."""
+  """The token stream of packed batches: each row's inputs + last target, unpadded
+  (pad id 0 is never a real token)."""
   tokens = []
   for batch in batches:
-    for row in zip(*(batch[k] for k in ("inputs", "targets", "mask", "segment_ids"))):
-      inputs, targets, mask, segment_ids = row
-      if segment_ids[0]:  # not an all-padding row
-        tokens.extend(np.append(inputs, targets[-1])[:mask.sum() + 1])
+    for inputs, targets in zip(batch["inputs"], batch["targets"]):
+      row = np.append(inputs, targets[-1])
+      tokens.extend(row[row != 0])
   return tokens
 
 
 def _documents(batches, complete=True, tok=ByteTokenizer()):
-  """The documents of a stream of packed batches, in order (EOS-split)."""
+  """The documents of a stream of packed batches, in order (EOS-split; the
+  start tokens decode to nothing)."""
   tokens = _tokens(batches)
   docs, start = [], 0
   for i, t in enumerate(tokens):
@@ -114,10 +116,15 @@ def test_eval_is_finite_ordered_and_complete():
   assert batches and all(v.shape == (3, T) for b in batches for v in b.values())
   assert _documents(batches) == [d["text"] for d in DOCS]
   assert _equal(batches, list(ds)), "a second pass must give the same batches"
-  # Targets: every token but the first of each non-empty row.
-  n_tokens = sum(len(d["text"]) + 1 for d in DOCS)
-  n_rows = -(-n_tokens // (T + 1))
-  assert sum(int(b["mask"].sum()) for b in batches) == n_tokens - n_rows
+  # Each document is BOS, its bytes, EOS. Targets: every token but each
+  # document's BOS (the target crossing into it is masked) and the first token
+  # of a row that continues a document (never a target).
+  lengths = [len(d["text"]) + 2 for d in DOCS]
+  n_tokens = sum(lengths)
+  doc_starts = set(np.cumsum([0, *lengths[:-1]]).tolist())
+  continued = [s for s in range(T + 1, n_tokens, T + 1) if s not in doc_starts]
+  assert sum(int(b["mask"].sum()) for b in batches) == (
+      n_tokens - len(DOCS) - len(continued))
 
 
 @pytest.mark.parametrize("count", [2, 3])
@@ -281,6 +288,11 @@ def test_config_from_config_dict():
     (dict(download=1), "download=1"),
     (dict(eval_split=""), "eval_split=''"),
     (dict(num_threads=-1), "num_threads=-1"),
+    (dict(row_shuffle_window=-1), "row_shuffle_window=-1; expected None"),
+    (dict(row_shuffle_window=True), "row_shuffle_window=True"),
+    (dict(row_shuffle_window=8.0), "row_shuffle_window=8.0"),
+    (dict(row_shuffle_window=3, batch_size=8),
+     "row_shuffle_window=3; .*0 \\(off\\) or an int >= batch_size=8"),
     (dict(shards=3), "shards=3"),
     (dict(shards=0), "shards=0"),
 ])
@@ -292,11 +304,76 @@ def test_config_errors(kw, match):
 def test_row_shuffle_window_permutes_rows_within_windows():
   rows = lambda cfg: [r for b in _take(pipeline.text_dataset(cfg, "train", source=DOCS), 4)
                       for r in b["inputs"].tolist()]
-  plain = rows(_cfg(seed=2))
+  plain = rows(_cfg(seed=2, row_shuffle_window=0))
   windowed = rows(_cfg(seed=2, row_shuffle_window=8))
   assert windowed != plain
   for w in range(0, 16, 8):  # same rows per window of 8, in another order
     assert sorted(windowed[w:w + 8]) == sorted(plain[w:w + 8])
+
+
+def test_rows_are_shuffled_across_documents_by_default():
+  """The default window (several global batches) mixes documents within a
+  batch; without it a batch is consecutive rows, of one or two long documents."""
+  assert DataConfig().row_shuffle_window == pipeline.ROW_SHUFFLE_MIN_WINDOW
+  assert DataConfig(batch_size=1024).row_shuffle_window == (
+      pipeline.ROW_SHUFFLE_BATCHES * 1024)
+  assert DataConfig(row_shuffle_window=0).row_shuffle_window == 0
+  # Ten documents of 5 to 6 rows each, one letter each: a row's letters name
+  # its documents.
+  letters = "abcdefghij"
+  docs = [{"text": c * (5 * (T + 1) + i)} for i, c in enumerate(letters)]
+  tok = ByteTokenizer()
+
+  def documents_per_batch(**kw):
+    batches = _take(pipeline.text_dataset(_cfg(seed=1, **kw), "train", source=docs),
+                    12)
+    return [len(set(tok.decode(b["inputs"].ravel()))) for b in batches]
+
+  off = documents_per_batch(row_shuffle_window=0)
+  assert max(off) <= 2, off
+  mixed = documents_per_batch()
+  assert np.mean(mixed) >= 3, mixed
+
+
+def test_documents_start_with_bos_and_end_with_eos():
+  """Byte tokenizer (BOS and EOS): each document is BOS, text, EOS in its own
+  segment; the target crossing into the next document (its BOS) is masked."""
+  tok = ByteTokenizer()
+  docs = [{"text": "ab"}, {"text": "cde"}, {"text": "f"}]
+  batch = next(iter(pipeline.text_dataset(_cfg(batch_size=1, seq_len=12),
+                                          "validation", source=docs)))
+  b, e = tok.bos_id, tok.eos_id
+  a_, b_, c_, d_, e_, f_ = tok.encode("abcdef")
+  row = [b, a_, b_, e, b, c_, d_, e_, e, b, f_, e, 0]
+  np.testing.assert_array_equal(batch["inputs"][0], row[:-1])
+  np.testing.assert_array_equal(batch["targets"][0], row[1:])
+  np.testing.assert_array_equal(batch["segment_ids"][0],
+                                [1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3])
+  np.testing.assert_array_equal(batch["positions"][0],
+                                [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2])
+  # Masked: EOS -> next BOS (twice) and the padding target.
+  np.testing.assert_array_equal(batch["mask"][0],
+                                [1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 0])
+
+
+class _EosOnly(ByteTokenizer):
+  """A byte tokenizer without BOS (GPT-2 style: EOS only)."""
+  bos_id = None
+  doc_start_id = ByteTokenizer.eos_id
+  eos_at_end = False
+
+
+def test_eos_only_tokenizer_starts_documents_with_eos(monkeypatch):
+  monkeypatch.setattr(pipeline, "make_tokenizer_for", lambda cfg: _EosOnly())
+  tok = _EosOnly()
+  docs = [{"text": "ab"}, {"text": "c"}]
+  batch = next(iter(pipeline.text_dataset(_cfg(batch_size=1, seq_len=6),
+                                          "validation", source=docs)))
+  e = tok.eos_id
+  a_, b_, c_ = tok.encode("abc")
+  np.testing.assert_array_equal(batch["inputs"][0], [e, a_, b_, e, c_, 0])
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(batch["mask"][0], [1, 1, 0, 1, 0, 0])
 
 
 def test_sentencepiece_pipeline(tmp_path):

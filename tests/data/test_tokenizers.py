@@ -165,3 +165,40 @@ def test_hf_errors(hf_model, tmp_path):
   t.save(str(tmp_path / "pad1.json"))
   with pytest.raises(ValueError, match="pad id 1"):
     tokenizers.HFTokenizer(str(tmp_path / "pad1.json"))
+
+
+def test_documents_start_with_bos_and_end_with_eos(sp_model, hf_model):
+  """Tokenizers with BOS and EOS: a training document is BOS, text, EOS; a
+  prompt is BOS, text (lsm.data.pipeline and lsm.eval read these)."""
+  _, sp_path = sp_model
+  _, hf_tok = hf_model
+  for tok in (ByteTokenizer(), SentencePieceTokenizer(sp_path), hf_tok):
+    assert (tok.doc_start_id, tok.eos_at_end) == (tok.bos_id, True), tok
+    ids = tok.encode("alpha beta")
+    doc = tok.encode_document("alpha beta")
+    assert doc.dtype == np.int32
+    np.testing.assert_array_equal(doc, [tok.bos_id, *ids, tok.eos_id])
+    np.testing.assert_array_equal(tok.encode_prompt("alpha beta"), [tok.bos_id, *ids])
+    np.testing.assert_array_equal(tok.encode_prompt(), [tok.bos_id])
+    assert tok.decode(doc) == "alpha beta"
+
+
+def test_eos_only_tokenizers_start_documents_with_eos(sp_model, tmp_path):
+  """Without a BOS (GPT-2's <|endoftext|> alone; SentencePiece with bos_id=-1)
+  EOS starts each document and nothing is appended at its end."""
+  import tokenizers as hf
+  t = hf.Tokenizer(hf.models.WordLevel({"<pad>": 0, "<|endoftext|>": 1, "a": 2,
+                                        "b": 3}, unk_token="<pad>"))
+  t.pre_tokenizer = hf.pre_tokenizers.Whitespace()
+  t.add_special_tokens(["<pad>", "<|endoftext|>"])
+  t.save(str(tmp_path / "eos_only.json"))
+  corpus, _ = sp_model
+  sp_path = tokenizers.train_sentencepiece([str(corpus)], str(tmp_path / "nobos"),
+                                           vocab_size=340, bos_id=-1)
+  for tok, text in ((tokenizers.HFTokenizer(str(tmp_path / "eos_only.json")), "a b"),
+                    (SentencePieceTokenizer(sp_path), "alpha beta")):
+    assert (tok.doc_start_id, tok.eos_at_end) == (tok.eos_id, False), tok
+    ids = tok.encode(text)
+    assert len(ids)
+    np.testing.assert_array_equal(tok.encode_document(text), [tok.eos_id, *ids])
+    np.testing.assert_array_equal(tok.encode_prompt(text), [tok.eos_id, *ids])

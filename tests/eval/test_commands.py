@@ -65,8 +65,18 @@ def _model(workdir):
   return loop.load_model(config, workdir, devices=jax.devices()[:1])
 
 
+def _document_positions(segment_ids):
+  """Each input's position in its document piece: 0 where a segment starts."""
+  out = np.zeros_like(segment_ids)
+  for r, row in enumerate(segment_ids):
+    for j in range(1, len(row)):
+      out[r, j] = 0 if row[j] != row[j - 1] else out[r, j - 1] + 1
+  return out
+
+
 def _nll_by_position(model, batches):
-  """Independent: numpy log-softmax of the model's logits, per target."""
+  """Independent: numpy log-softmax of the model's logits, per target, summed
+  by position in the document (the model restarts at each one)."""
   nll, count = 0.0, 0.0
   for b in batches:
     # The smoke runs train with data.reset_at_boundaries (the default): each
@@ -77,8 +87,10 @@ def _nll_by_position(model, batches):
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     picked = np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
     w = b["mask"].astype(np.float64)
-    nll = nll + (-picked * w).sum(0)
-    count = count + w.sum(0)
+    where = _document_positions(b["segment_ids"]).ravel()
+    length = w.shape[1]
+    nll = nll + np.bincount(where, (-picked * w).ravel(), minlength=length)
+    count = count + np.bincount(where, w.ravel(), minlength=length)
   return nll, count
 
 
@@ -101,7 +113,7 @@ def test_eval_matches_an_independent_loss(smoke):
             "--eval_tokens=256", f"--out={out_dir}", "--progress=False")
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads((out_dir / "eval.json").read_text())
-  assert report["step"] == 30 and report["kind"] == "lm"
+  assert report["step"] == 30 and report["kind"] == "lm" and report["by_document"]
   _, model = _model(gla)
   saved = json.loads((gla / "config.json").read_text())["data"]
   for length in (32, 64):
@@ -139,7 +151,7 @@ def test_generate_greedy_equals_generate(smoke):
   assert out.returncode == 0, out.stderr[-3000:]
   _, model = _model(gla)
   tok = ByteTokenizer()
-  ids = np.concatenate([[tok.eos_id], tok.encode(prompt)])[None]
+  ids = np.concatenate([[tok.bos_id], tok.encode(prompt)])[None]
   new = np.asarray(generate(model, ids, max_new_tokens=24))[0, ids.shape[1]:]
   if tok.eos_id in new:
     new = new[:list(new).index(tok.eos_id)]
@@ -249,9 +261,9 @@ def _logp_rows(model, rows):
 
 
 def _logliks(model, pairs) -> list[float]:
-  """log P(continuation | EOS + context) for each (context, continuation)."""
+  """log P(continuation | BOS + context) for each (context, continuation)."""
   tok = ByteTokenizer()
-  rows = [np.concatenate([[tok.eos_id], tok.encode(c), tok.encode(x)])
+  rows = [np.concatenate([[tok.bos_id], tok.encode(c), tok.encode(x)])
           for c, x in pairs]
   logp = _logp_rows(model, rows)
   out = []
@@ -284,7 +296,7 @@ def test_scorer_loglikelihoods(smoke):
   # One-token windows: every token is still scored exactly once, each predicted
   # from its predecessor alone.
   tiny = Scorer(run, max_length=1)
-  ids = np.concatenate([[2], ByteTokenizer().encode(text)])
+  ids = np.concatenate([[ByteTokenizer().bos_id], ByteTokenizer().encode(text)])
   logp = _logp_rows(model, [[a] for a in ids[:-1]])
   pairs_of_bytes = sum(logp[i, 0, ids[i + 1]] for i in range(len(ids) - 1))
   np.testing.assert_allclose(tiny.loglikelihood_rolling([text])[0], pairs_of_bytes,
@@ -340,7 +352,8 @@ def test_lm_eval_harness_local_task(smoke):
   for i, d in enumerate(docs):
     ll = lls[3 * i:3 * i + 3]
     acc.append(int(np.argmax(ll)) == d["answer"])
-    norm = [x / len(" " + c) for x, c in zip(ll, d["choices"])]
+    # acc_norm divides by the choice's own length, without the delimiter.
+    norm = [x / len(c) for x, c in zip(ll, d["choices"])]
     acc_norm.append(int(np.argmax(norm)) == d["answer"])
   assert harness["lsm_counting"]["sample_len"] == len(docs)
   np.testing.assert_allclose(harness["lsm_counting"]["acc,none"], np.mean(acc))

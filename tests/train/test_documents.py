@@ -2,7 +2,9 @@
 LM and the train / eval steps, equal each document run on its own.
 
 The expected values run the model on one document's tokens at a time, with no
-segment ids, so they check the resets of every layer of the stack at once.
+segment ids, so they check the resets of every layer of the stack at once. The
+text pipeline's rows (start token, masked crossing targets) give every document
+that fits in a row the losses it gets alone.
 """
 
 import functools
@@ -14,9 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lsm.data import pipeline
 from lsm.data.packing import PackIterDataset
 from lsm.data.pipeline import DataConfig
-from lsm.models.lm import LMConfig
+from lsm.models.lm import LanguageModel, LMConfig
 from lsm.parallel.mesh import MeshConfig, make_mesh
 from lsm.train import optim
 from lsm.train import state as state_lib
@@ -28,16 +31,16 @@ from tests import numerics
 CFG = LMConfig(vocab_size=50, d_model=32, n_layers=4, n_heads=2,
                pattern=("gla", "gated_delta_net", "mamba", "attention"),
                chunk_size=8)
-T, EOS = 16, 1
+T, BOS = 16, 1
 RTOL = numerics.TOLERANCES[("invariant", "float32")]
 
 
 @functools.cache
 def _rows():
-  """Two rows of T tokens packed from documents of 1 to 13 tokens (EOS last),
+  """Two rows of T tokens packed from documents of 1 to 13 tokens (BOS first),
   as the pipeline emits them: a document can continue into the next row."""
   rng = np.random.default_rng(0)
-  docs = [np.append(rng.integers(2, CFG.vocab_size, n), EOS).astype(np.int32)
+  docs = [np.append(BOS, rng.integers(2, CFG.vocab_size, n)).astype(np.int32)
           for n in (0, 9, 12, 4)]
   ds = PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), seq_len=T)
   rows = [next(iter_) for iter_ in [iter(ds)] for _ in range(2)]
@@ -56,7 +59,8 @@ def _pieces(batch):
 @functools.cache
 def _setup():
   tx, _ = optim.make_optimizer(
-      optim.OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+      optim.OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10,
+      state_lib.float32_mask(CFG))
   return state_lib.build(CFG, tx, make_mesh(MeshConfig(), jax.devices()[:1]), None)
 
 
@@ -112,8 +116,8 @@ def test_packed_logits_and_gradients_equal_documents_alone():
 
 
 def test_eval_step_loss_is_the_token_weighted_mean_over_documents():
-  """The step's loss on a packed batch (padding masked, every real target
-  predicted, EOS included) equals each document piece's loss run alone,
+  """The step's loss on a packed batch (padding and the targets crossing into
+  the next document masked) equals each document piece's loss run alone,
   weighted by its target count."""
   batch = _rows()
   params, _, (y_alone, _) = _results()
@@ -132,3 +136,84 @@ def test_eval_step_loss_is_the_token_weighted_mean_over_documents():
 def test_reset_at_boundaries_must_be_a_bool():
   with pytest.raises(ValueError, match="reset_at_boundaries='yes'; expected a bool"):
     DataConfig(reset_at_boundaries="yes")
+
+
+# A byte-level model on the text pipeline's own rows: a recurrent state, short
+# convolutions and attention with RoPE (every mixer's resets are tested in
+# tests/layers/test_documents.py; this one tests the rows).
+BYTES = LMConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2,
+                 pattern=("gated_delta_net", "attention"), chunk_size=8)
+TEXTS = ["the cat sat", "a", "on the mat, quietly", "linear recurrences restart at "
+         "every document", "ok", "x y z", "mamba", "state", "", "delta rule"]
+ROW = 24  # T of the text rows: documents of 2 to 20 tokens fit, one does not
+
+
+def _text_rows(texts, rows: int):
+  """All ``rows``-row batches of ``texts``, packed in order as evaluation packs
+  them (byte tokenizer: BOS, bytes, EOS), stacked: numpy [R, ROW]."""
+  cfg = DataConfig(seq_len=ROW, batch_size=rows, num_threads=0,
+                   prefetch_batches=0)
+  batches = list(pipeline.text_dataset(cfg, "validation",
+                                       source=[{"text": t} for t in texts]))
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@functools.cache
+def _per_token_losses():
+  """(packed rows, their nll, per-text alone rows, their nll, the packed rows'
+  nll read as one sequence each): one forward pass over all rows."""
+  packed = _text_rows(TEXTS, 2)
+  alone = [_text_rows([t], 1) for t in TEXTS]
+  # The packed rows again, each one segment from position 0: one sequence.
+  joined = {**packed, "segment_ids": np.ones_like(packed["segment_ids"]),
+            "positions": np.broadcast_to(np.arange(ROW, dtype=np.int32),
+                                         packed["positions"].shape)}
+  parts = [packed, joined, *alone]
+  rows = {k: np.concatenate([p[k] for p in parts]) for k in packed}
+  graphdef, params = nnx.split(LanguageModel(BYTES, rngs=nnx.Rngs(0)))
+  logits = np.asarray(jax.jit(
+      lambda p, x, s, q: nnx.merge(graphdef, p)(x, segment_ids=s, positions=q)[0])(
+          params, rows["inputs"], rows["segment_ids"], rows["positions"]), np.float64)
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0]
+  n = len(packed["inputs"])
+  return packed, nll[:n], alone, nll[2 * n:], nll[n:2 * n]
+
+
+def test_documents_that_fit_in_a_row_get_their_losses_alone():
+  """Every document that fits in one row gets, token for token, the losses it
+  gets packed alone: its start token is not a target (the target crossing into
+  it is masked), its first text token is predicted from the start token alone,
+  and the rest from its own tokens only."""
+  packed, nll, alone, nll_alone, joined = _per_token_losses()
+  n_row = ROW + 1
+  stream = np.concatenate([np.append(i, t[-1]) for i, t in
+                           zip(packed["inputs"], packed["targets"])])
+  start, fits = 0, 0
+  nll_alone = np.split(nll_alone, np.cumsum([len(a["inputs"]) for a in alone]))
+  for text, rows, losses in zip(TEXTS, alone, nll_alone):
+    tokens = np.concatenate([np.append(i, t[-1]) for i, t in
+                             zip(rows["inputs"], rows["targets"])])
+    tokens = tokens[tokens != 0]  # pad id 0 is never a token
+    n = len(tokens)
+    r, offset = divmod(start, n_row)
+    np.testing.assert_array_equal(stream[start:start + n], tokens)
+    if (start + n - 1) // n_row == r:  # the whole document is in row r
+      losses = losses[0]
+      fits += 1
+      # Targets k = 1 .. n - 1 of the document (k = 0, the start token, only
+      # when it does not open the row), at the column before each.
+      cols = np.arange(offset - 1, offset + n - 1)
+      mask = np.zeros(n, bool)
+      mask[cols >= 0] = packed["mask"][r, cols[cols >= 0]]
+      want_mask = np.arange(n) > 0
+      np.testing.assert_array_equal(mask, want_mask, err_msg=repr(text))
+      np.testing.assert_array_equal(rows["mask"][0][:n - 1], want_mask[1:])
+      numerics.assert_close(nll[r, cols[1:]], losses[:n - 1], rtol=RTOL,
+                            what=f"losses of {text!r}")
+      if offset:  # packed after another document: not the row as one sequence
+        assert numerics.errors(joined[r, cols[1:]], losses[:n - 1])[0] > 100 * RTOL
+    start += n
+  assert start == len(stream[stream != 0])
+  assert 6 <= fits < len(TEXTS), fits  # most fit; one crosses a row boundary
