@@ -111,6 +111,11 @@ class MoM(nnx.Module):
     conv_width: gated_delta only: short-conv width on q, k, v (0: none).
     gate_rank: gla only: rank of the forget-gate projection.
     aux_loss_weight: weight of the load-balancing loss in the objective.
+    routed_reads: False is an ablation: the routed memories' reads are
+      multiplied by 0 (their writes, the router and the aux loss still run),
+      so the output is the shared memory's read alone and the layer computes a
+      Gated DeltaNet (or a GLA) with extra unused parameters. Needs
+      shared_memory.
     chunk_size, impl: as the ops.
   """
 
@@ -118,7 +123,8 @@ class MoM(nnx.Module):
                top_k: int = 2, shared_memory: bool = True,
                memory: str = "gated_delta", expand_k: float = 1.0,
                expand_v: float = 1.0, conv_width: int = 4, gate_rank: int = 16,
-               aux_loss_weight: float = 0.01, chunk_size: int = 64,
+               aux_loss_weight: float = 0.01, routed_reads: bool = True,
+               chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
     key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
     if n_heads < 1 or key_dim % n_heads or value_dim % n_heads:
@@ -133,11 +139,14 @@ class MoM(nnx.Module):
       raise ValueError(f"MoM: memory={memory!r}; expected one of {MEMORY_TYPES}")
     if conv_width < 0:
       raise ValueError(f"MoM: conv_width={conv_width!r}; expected >= 0")
+    if not routed_reads and not shared_memory:
+      raise ValueError("MoM: routed_reads=False needs shared_memory=True (the "
+                       "output would be 0)")
     if aux_loss_weight < 0:
       raise ValueError(f"MoM: aux_loss_weight={aux_loss_weight!r}; expected >= 0")
     self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
     self.n_memories, self.top_k, self.memory = n_memories, top_k, memory
-    self.shared_memory = shared_memory
+    self.shared_memory, self.routed_reads = shared_memory, routed_reads
     self.n_slots = n_memories + int(shared_memory)  # memories in the op call
     self.aux_loss_weight = float(aux_loss_weight)
     self.chunk_size, self.impl = chunk_size, impl
@@ -160,10 +169,11 @@ class MoM(nnx.Module):
       self.b_proj = linear(d_model, S * H)
       self.a_proj = linear(d_model, S * H)
       a = jax.random.uniform(rngs.params(), (S * H,), jnp.float32, 1.0, 16.0)
-      self.A_log = param(jnp.log(a), axes.HEADS)
+      self.A_log = param(jnp.log(a), axes.HEADS, float32=True)
       dt = jnp.exp(jax.random.uniform(rngs.params(), (S * H,), jnp.float32,
                                       math.log(1e-3), math.log(1e-1)))
-      self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS)
+      self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS,
+                           float32=True)
     else:
       self.gk_down = linear(d_model, gate_rank, axes.EMBED, None)
       self.gk_up = linear(gate_rank, S * key_dim, None, axes.HEADS, bias=True)
@@ -197,6 +207,8 @@ class MoM(nnx.Module):
     probs, chosen, weights = route(self.router(x), self.top_k)
     if self.shared_memory:
       one = jnp.ones((*weights.shape[:-1], 1), jnp.float32)
+      if not self.routed_reads:  # the ablation (class docstring)
+        weights = jnp.zeros_like(weights)
       return probs, chosen, jnp.concatenate([weights, one], -1), jnp.concatenate(
           [chosen, one > 0], -1)
     return probs, chosen, weights, chosen

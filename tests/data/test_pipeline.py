@@ -314,10 +314,10 @@ def test_row_shuffle_window_permutes_rows_within_windows():
 def test_rows_are_shuffled_across_documents_by_default():
   """The default window (several global batches) mixes documents within a
   batch; without it a batch is consecutive rows, of one or two long documents."""
-  assert DataConfig().row_shuffle_window == pipeline.ROW_SHUFFLE_MIN_WINDOW
-  assert DataConfig(batch_size=1024).row_shuffle_window == (
+  assert DataConfig().row_window() == pipeline.ROW_SHUFFLE_MIN_WINDOW
+  assert DataConfig(batch_size=1024).row_window() == (
       pipeline.ROW_SHUFFLE_BATCHES * 1024)
-  assert DataConfig(row_shuffle_window=0).row_shuffle_window == 0
+  assert DataConfig(row_shuffle_window=0).row_window() == 0
   # Ten documents of 5 to 6 rows each, one letter each: a row's letters name
   # its documents.
   letters = "abcdefghij"

@@ -120,7 +120,8 @@ def test_eval_matches_an_independent_loss(smoke):
     r = report["results"][str(length)]
     # The same batches: the held-out split, rows of `length` tokens, in order.
     cfg = DataConfig(**{**saved, "seq_len": length, "batch_size": r["batch_rows"],
-                        "prefetch_batches": 0, "num_threads": 0})
+                        "prefetch_batches": 0, "num_threads": 0,
+                        "shards": None, "row_shuffle_window": 0})
     batches = [b for _, b in zip(range(r["batches"]), make_dataset(cfg, cfg.eval_split))]
     nll, count = _nll_by_position(model, batches)
     np.testing.assert_allclose(r["loss"], nll.sum() / count.sum(), rtol=1e-5)

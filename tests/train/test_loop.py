@@ -1,6 +1,7 @@
 """The training loop in-process on one CPU device: it learns, resumes exactly,
 survives a damaged checkpoint, refuses a mismatched model, stops on divergence."""
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -184,3 +185,26 @@ def test_bad_options_fail_before_training(corpus, tmp_path, section, values,
   # Refused before anything is written.
   assert not (tmp_path / "checkpoints").exists()
   assert not (tmp_path / "config.json").exists()
+
+
+def test_a_resumed_run_keeps_the_data_settings_it_recorded(corpus, tmp_path):
+  """Left at their defaults, data.shards and data.row_shuffle_window take the
+  values the resumed run recorded (else the defaults of today); set to other
+  values, the checkpoint does not fit (see the clip_norm test)."""
+  glob, data_dir = corpus
+  run = loop.RunConfig.from_config(runs.tiny_config(glob, data_dir))
+  assert run.data.shards is None and run.data.row_shuffle_window is None
+  fresh = loop.resolve(run, tmp_path)
+  assert (fresh.data.shards, fresh.data.row_shuffle_window) == (4, 1024)
+  recorded = {"config": {"data": {"shards": 2, "row_shuffle_window": 0}}}
+  kept = loop.resolve(run, tmp_path, recorded)
+  assert (kept.data.shards, kept.data.row_shuffle_window) == (2, 0)
+  # Before shards were fixed: one per process of the recorded run.
+  old = loop.resolve(run, tmp_path, {"model": {}, "process_count": 1})
+  assert old.data.shards == 1
+  lines = ckpt_lib.settings_diff(
+      {"config": loop._jsonable(kept)},
+      {"config": loop._jsonable(dataclasses.replace(
+          kept, data=dataclasses.replace(kept.data, row_shuffle_window=8)))})
+  assert lines == ["data.row_shuffle_window: checkpoint has 0, config has 8 "
+                   "(the saved data position is for the recorded pipeline)"]
