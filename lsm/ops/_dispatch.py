@@ -1,25 +1,38 @@
-"""Choice of an op implementation from its ``impl=`` argument.
+"""Choice of an op implementation from its ``impl=`` argument, by capability.
 
-``"auto"`` resolves by platform among the impls an op supports, logs the choice
-once per (op, platform), and never picks the reference:
+Each impl states once, beside its kernels, what it accepts (an ``Accepts``:
+platforms, input dtypes, head dims, chunk sizes, gate kinds, documents); an op
+describes each call as a ``Call``. ``"auto"`` walks the platform's preference
+order and takes the first impl that accepts the call, logging once per (op,
+platform, shape class) which impls it skipped and why; it ends at "chunked" and
+never picks the reference:
 
-  TPU                          pallas_tpu
-  NVIDIA sm_90 and newer       pallas_mosaic_gpu, else pallas_triton
-  NVIDIA sm_80 - sm_89         pallas_triton (the Mosaic GPU lowering needs
-                               Hopper's TMA and wgmma)
+  TPU                          pallas_tpu, chunked
+  NVIDIA sm_90 and newer       pallas_mosaic_gpu, pallas_triton, chunked
+  NVIDIA sm_80 - sm_89         pallas_triton, chunked (the Mosaic GPU lowering
+                               needs Hopper's TMA and wgmma)
   anything else (CPU, ROCm)    chunked
 
-An explicit impl is returned unchanged or rejected; it is never swapped for
-another. ``"pallas_gpu"``, the Triton impl's name before 2026-12, is accepted as
-an alias of ``"pallas_triton"`` (a DeprecationWarning says so).
+An explicit impl is checked against the same declaration and raises naming the
+limit it hit; it is never swapped for another. ``"pallas_gpu"``, the Triton
+impl's name before 2026-12, is accepted as an alias of ``"pallas_triton"`` (a
+DeprecationWarning says so).
+
+``assume_platform("gpu", "hopper")`` makes the choice as that platform would,
+for tests and deviceless lowering (``jax.default_backend()`` stays "cpu" under
+an abstract device).
 """
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 
 _log = logging.getLogger("lsm.ops")
 
@@ -31,17 +44,48 @@ _PREFERENCE = {
     "ampere": ("pallas_triton", "chunked"),
 }
 _DEFAULT_PREFERENCE = ("chunked",)
+GATES = ("channel", "head", None)
+_ASSUMED = contextvars.ContextVar("lsm_assumed_platform", default=None)
+
+
+@contextlib.contextmanager
+def assume_platform(plat: str, family: str = "other") -> Iterator[None]:
+  """Within the block, ``platform()`` is ``plat`` and ``gpu_family()`` is
+  ``family``: "auto" resolves as it would there (e.g. while lowering for
+  ``("cuda",)`` on an abstract H100 from a CPU machine).
+
+  Args:
+    plat: "cpu", "gpu" or "tpu".
+    family: for "gpu": "hopper", "ampere" or "other".
+  """
+  if plat not in ("cpu", "gpu", "tpu"):
+    raise ValueError(f"assume_platform: plat={plat!r}; expected 'cpu', 'gpu' "
+                     "or 'tpu'")
+  if family not in ("hopper", "ampere", "other"):
+    raise ValueError(f"assume_platform: family={family!r}; expected 'hopper', "
+                     "'ampere' or 'other'")
+  token = _ASSUMED.set((plat, family))
+  try:
+    yield
+  finally:
+    _ASSUMED.reset(token)
 
 
 def platform() -> str:
-  """The default backend's platform name: "cpu", "gpu" (CUDA or ROCm) or "tpu"."""
+  """The default backend's platform name: "cpu", "gpu" (CUDA or ROCm) or "tpu"
+  (or the one ``assume_platform`` set)."""
+  if _ASSUMED.get() is not None:
+    return _ASSUMED.get()[0]
   name = jax.default_backend()
   return "gpu" if name in ("cuda", "rocm") else name
 
 
 def gpu_family() -> str:
   """For the default backend: "hopper" (NVIDIA compute capability >= 9.0),
-  "ampere" (8.x, pre-Hopper) or "other" (older NVIDIA, ROCm, not a GPU)."""
+  "ampere" (8.x, pre-Hopper) or "other" (older NVIDIA, ROCm, not a GPU); or the
+  one ``assume_platform`` set."""
+  if _ASSUMED.get() is not None:
+    return _ASSUMED.get()[1]
   if jax.default_backend() != "cuda":
     return "other"
   cc = getattr(jax.devices()[0], "compute_capability", "0.0")
@@ -56,9 +100,110 @@ def preference(plat: str, family: str) -> tuple[str, ...]:
   return _PREFERENCE.get(plat, _DEFAULT_PREFERENCE)
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """What one op call asks of an impl (hashable: a shape class for logging).
+
+  Attributes:
+    dtype: the inputs' dtype name ("float32", "bfloat16", "float16").
+    K: key / query head dim.
+    V: value head dim.
+    chunk_size: the call's chunk length.
+    gate: "channel" ([B, T, H, K] gates), "head" ([B, T, H]) or None.
+    documents: whether the call carries segment_ids.
+  """
+  dtype: str
+  K: int
+  V: int
+  chunk_size: int
+  gate: str | None = None
+  documents: bool = False
+
+  @classmethod
+  def of(cls, dtype, K: int, V: int, chunk_size: int, gate: str | None = None,
+         documents: bool = False) -> "Call":
+    return cls(jnp.dtype(dtype).name, int(K), int(V), int(chunk_size), gate,
+               bool(documents))
+
+
+def padded_pow2(n: int) -> int:
+  """The head dim the Pallas kernels pad ``n`` to: a power of two >= 16."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepts:
+  """What an impl takes; None in a field means anything.
+
+  Attributes:
+    platforms: where "auto" may pick it: "cpu", "tpu", "gpu:hopper",
+      "gpu:ampere", "gpu:other"; None for anywhere. An explicit impl is not held
+      to it (interpret mode and deviceless lowering run anywhere).
+    dtypes: input dtype names.
+    dtype_note: why other dtypes are refused (part of the message).
+    max_head_dim: K and V up to this, after padding to ``padded_pow2``.
+    chunk_sizes: chunk lengths.
+    chunk_note: why (part of the message).
+    gates: gate kinds (see ``Call.gate``).
+    documents: whether it takes segment_ids.
+  """
+  platforms: tuple[str, ...] | None = None
+  dtypes: tuple[str, ...] | None = None
+  dtype_note: str = ""
+  max_head_dim: int | None = None
+  chunk_sizes: tuple[int, ...] | None = None
+  chunk_note: str = ""
+  gates: tuple[str | None, ...] = GATES
+  documents: bool = True
+
+  def on(self, plat: str, family: str) -> bool:
+    """Whether "auto" may pick the impl on (platform, gpu family)."""
+    where = f"gpu:{family}" if plat == "gpu" else plat
+    return self.platforms is None or where in self.platforms
+
+  def refusal(self, call: Call) -> str | None:
+    """None if the impl takes ``call``, else the limit it hits, as a phrase
+    ("supports head dims up to 128; got K (key/query head dim) = 273")."""
+    if self.dtypes is not None and call.dtype not in self.dtypes:
+      return (f"takes {' or '.join(self.dtypes)} inputs; got {call.dtype}"
+              + (f" ({self.dtype_note})" if self.dtype_note else ""))
+    if self.chunk_sizes is not None and call.chunk_size not in self.chunk_sizes:
+      want = (f"chunk_size={self.chunk_sizes[0]}" if len(self.chunk_sizes) == 1
+              else f"chunk_size in {self.chunk_sizes}")
+      note = f" ({self.chunk_note})" if self.chunk_note else ""
+      return f"needs {want}{note}; got chunk_size={call.chunk_size}"
+    if self.max_head_dim is not None:
+      for name, d in (("K (key/query head dim)", call.K),
+                      ("V (value head dim)", call.V)):
+        if padded_pow2(d) > self.max_head_dim:
+          return (f"supports head dims up to {self.max_head_dim}; got {name} "
+                  f"= {d}")
+    if call.gate not in self.gates:
+      return f"takes gates {self.gates}; got {call.gate!r}"
+    if call.documents and not self.documents:
+      return "does not take segment_ids yet"
+    return None
+
+  def check(self, op: str, impl: str, call: Call) -> None:
+    """Raises ValueError naming the limit ``call`` hits, if any."""
+    why = self.refusal(call)
+    if why is not None:
+      raise ValueError(f"{op}: impl={impl!r} {why}")
+
+
+# The pure-JAX impls take every call.
+ANYTHING = Accepts()
+
+
 @functools.cache
-def _log_choice(op: str, plat: str, name: str) -> None:
-  _log.info("lsm.ops.%s: impl='auto' resolved to %r on %s", op, name, plat)
+def _log_choice(op: str, where: str, call: Call, name: str,
+                skipped: tuple[tuple[str, str], ...]) -> None:
+  if skipped:
+    _log.info("lsm.ops.%s: impl='auto' on %s for %s skipped %s; took %r", op,
+              where, call, "; ".join(f"{n} ({why})" for n, why in skipped),
+              name)
+  else:
+    _log.info("lsm.ops.%s: impl='auto' resolved to %r on %s", op, name, where)
 
 
 @functools.cache
@@ -67,33 +212,50 @@ def _warn_alias(impl: str) -> None:
                 f"is an alias and will go", DeprecationWarning, stacklevel=4)
 
 
-def resolve_impl(impl: str, *, supported: Collection[str], op: str) -> str:
-  """Returns the impl name to run.
+def resolve(op: str, impl: str, accepts: Mapping[str, Accepts],
+            call: Call) -> str:
+  """The impl to run for ``call``.
 
   Args:
-    impl: the user's choice: "auto", one of ``supported``, or an alias of one.
-    supported: impl names the op provides.
     op: the op's name, for messages.
+    impl: the user's choice: "auto", a name in ``accepts``, or an alias.
+    accepts: every impl of the op and what it accepts.
+    call: the call.
 
   Raises:
-    ValueError: ``impl`` is neither "auto" nor supported.
+    ValueError: ``impl`` is unknown, or explicit and refuses ``call`` (the
+      message names the limit).
   """
   if impl == AUTO:
     plat = platform()
     family = gpu_family() if plat == "gpu" else "other"
+    where = plat if plat != "gpu" else f"gpu ({family})"
+    skipped = []
     for name in preference(plat, family):
-      if name in supported:
-        _log_choice(op, plat if plat != "gpu" else f"gpu ({family})", name)
+      if name not in accepts or not accepts[name].on(plat, family):
+        continue
+      why = accepts[name].refusal(call)
+      if why is None:
+        _log_choice(op, where, call, name, tuple(skipped))
         return name
-    raise ValueError(f"{op}: impl='auto' found no implementation for platform "
-                     f"{plat!r} among {sorted(supported)}")
-  if impl in ALIASES and ALIASES[impl] in supported:
+      skipped.append((name, why))
+    raise ValueError(f"{op}: impl='auto' found no implementation on {where} "
+                     f"for {call}: " + "; ".join(f"{n}: {w}" for n, w in skipped))
+  if impl in ALIASES and ALIASES[impl] in accepts:
     _warn_alias(impl)
-    return ALIASES[impl]
-  if impl not in supported:
+    impl = ALIASES[impl]
+  if impl not in accepts:
     raise ValueError(f"{op}: impl={impl!r} is not one of "
-                     f"{sorted([AUTO, *supported])}")
+                     f"{sorted([AUTO, *accepts])}")
+  accepts[impl].check(op, impl, call)
   return impl
+
+
+def resolve_impl(impl: str, *, supported: Collection[str], op: str) -> str:
+  """The impl name for ``impl`` among ``supported``, by platform only (no
+  call to check; ``resolve`` is the capability-aware form the ops use)."""
+  return resolve(op, impl, {n: ANYTHING for n in supported},
+                 Call("float32", 16, 16, 64))
 
 
 def interpret_mode(name: str, interpret):

@@ -77,13 +77,12 @@ def test_documents_through_api_and_auto_takes_mosaic_gpu(monkeypatch):
       gla(**x, impl=IMPL, interpret=True),
       rtol=numerics.TOLERANCES[("invariant", "float32")], names=("o", "h_T"))
   from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
-  monkeypatch.setattr(_dispatch, "gpu_family", lambda: "hopper")
-  resolve = functools.partial(segments.resolve, "gla", "auto", gla_api._IMPLS,
-                              batch=1, length=16,
-                              with_resets=gla_api._WITH_RESETS)
-  assert resolve(ids)[0] == IMPL
-  assert resolve(None)[0] == IMPL
+  with _dispatch.assume_platform("gpu", "hopper"):
+    for docs in (ids, None):
+      call = _dispatch.Call.of(jnp.bfloat16, 64, 64, 64, "channel",
+                               docs is not None)
+      assert segments.resolve("gla", "auto", gla_api._ACCEPTS, call, docs, 1,
+                              16)[0] == IMPL
 
 
 # Packed rows (T = 150: chunks [0, 64), [64, 128), [128, 150) padded to 192):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsm.ops import _dispatch
 from lsm.ops.common import segments
 from lsm.ops.delta_rule import delta_rule
 from lsm.ops.gla import gla
@@ -227,10 +228,12 @@ _Q = jnp.zeros((2, 5, 1, 4))
      "gla: segment_ids has dtype float32; expected an integer dtype"),
     # An impl without the masks (none of gla's and delta_rule's today) is
     # refused by name, never run without them.
-    (lambda: segments.resolve("gla", "pallas_mosaic_gpu",
-                              ("chunked", "pallas_mosaic_gpu"),
-                              jnp.ones((2, 5), jnp.int32), 2, 5,
-                              with_resets=("reference", "chunked")),
+    (lambda: segments.resolve(
+        "gla", "pallas_mosaic_gpu",
+        {"chunked": _dispatch.ANYTHING,
+         "pallas_mosaic_gpu": _dispatch.Accepts(documents=False)},
+        _dispatch.Call.of("float32", 4, 4, 64, documents=True),
+        jnp.ones((2, 5), jnp.int32), 2, 5),
      "gla: impl='pallas_mosaic_gpu' does not take segment_ids yet"),
     (lambda: ssm_scan(_Q, _Q, segment_ids=jnp.ones((5,), jnp.int32)),
      "ssm_scan: segment_ids has shape"),

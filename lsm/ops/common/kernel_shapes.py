@@ -15,24 +15,27 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lsm.ops import _dispatch
+
 MAX_HEAD_DIM = 256  # one [C, K] tile per chunk and a [K, V] float32 state
 CHUNK_SIZES = (16, 32, 64, 128)  # multiples of the 16-token sub-chunk, powers of 2
 
 
 def padded_dim(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
+  return _dispatch.padded_pow2(n)
 
 
-def check(op: str, impl: str, *, chunk_size: int, K: int, V: int) -> None:
-  """Raises ValueError when a Pallas impl cannot run this shape."""
-  if chunk_size not in CHUNK_SIZES:
-    raise ValueError(f"{op}: impl={impl!r} needs chunk_size in {CHUNK_SIZES} "
-                     f"(a power of two, whole 16-token sub-chunks); got "
-                     f"chunk_size={chunk_size}")
-  for name, n in (("K (key/query head dim)", K), ("V (value head dim)", V)):
-    if n > MAX_HEAD_DIM:
-      raise ValueError(f"{op}: impl={impl!r} supports head dims up to "
-                       f"{MAX_HEAD_DIM}; got {name} = {n}")
+def _accepts(platforms: tuple[str, ...]) -> _dispatch.Accepts:
+  return _dispatch.Accepts(
+      platforms=platforms, max_head_dim=MAX_HEAD_DIM, chunk_sizes=CHUNK_SIZES,
+      chunk_note="a power of two, whole 16-token sub-chunks")
+
+
+# What the Triton and TPU kernels of gla and delta_rule take (the ops' impl
+# modules state it as their ACCEPTS): any float dtype (float32 runs IEEE
+# float32 matmuls), head dims up to MAX_HEAD_DIM after padding.
+TRITON = _accepts(("gpu:hopper", "gpu:ampere"))
+TPU = _accepts(("tpu",))
 
 
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:

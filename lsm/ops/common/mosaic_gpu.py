@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lsm.ops import _dispatch
+
 _F32 = jnp.float32
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(0)  # a [D] vector laid out like a tile row
@@ -112,20 +114,19 @@ MAX_HEAD_DIM = 128
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+# What the Mosaic GPU kernels of gla and delta_rule take (their impl modules
+# state it as ACCEPTS): bfloat16 / float16 inputs, one chunk length, head dims
+# up to MAX_HEAD_DIM. K = 256 calls go to Triton through "auto".
+ACCEPTS = _dispatch.Accepts(
+    platforms=("gpu:hopper",), dtypes=tuple(d.name for d in DTYPES),
+    dtype_note="wgmma's float32 path is TF32, which misses the float32 "
+    "tolerance", max_head_dim=MAX_HEAD_DIM, chunk_sizes=(CHUNK,))
+
+
 def check_inputs(op: str, dtype, chunk_size: int, K: int, V: int) -> None:
   """Raises ValueError (naming the argument, its value and the limit) for what
-  the Mosaic GPU kernels cannot run: inputs other than bfloat16 / float16
-  (wgmma's float32 path is TF32, which misses the float32 tolerance), a chunk
-  size other than ``CHUNK``, head dims above ``MAX_HEAD_DIM``. ``op`` names
-  the caller, e.g. "gla: impl='pallas_mosaic_gpu'"."""
-  dtype = jnp.dtype(dtype)
-  if dtype not in DTYPES:
-    raise ValueError(
-        f"{op} takes bfloat16 or float16 inputs; got {dtype.name} (wgmma's "
-        "float32 path is TF32, which misses the float32 tolerance)")
-  if chunk_size != CHUNK:
-    raise ValueError(f"{op} needs chunk_size={CHUNK}; got chunk_size={chunk_size}")
-  for name, d in (("K (key/query head dim)", K), ("V (value head dim)", V)):
-    if d > MAX_HEAD_DIM:
-      raise ValueError(f"{op} supports head dims up to {MAX_HEAD_DIM}; got "
-                       f"{name} = {d}")
+  the Mosaic GPU kernels cannot run (``ACCEPTS``). ``op`` names the caller,
+  e.g. "gla: impl='pallas_mosaic_gpu'"."""
+  why = ACCEPTS.refusal(_dispatch.Call.of(dtype, K, V, chunk_size))
+  if why is not None:
+    raise ValueError(f"{op} {why}")

@@ -26,10 +26,6 @@ from jax.experimental import pallas as pl
 from lsm.ops import _dispatch
 from lsm.ops.common import tiles
 
-# Impls that take ``resets`` unless an op says otherwise (``resolve``).
-IMPLS_WITH_RESETS = ("reference", "chunked")
-
-
 def check(op: str, segment_ids, batch: int, length: int) -> None:
   """Raises ValueError unless ``segment_ids`` is an int [batch, length] array."""
   shape = tuple(np.shape(segment_ids))
@@ -238,26 +234,19 @@ def cut(mask, x):
   return x if mask is None else jnp.where(mask, x, 0.0)
 
 
-def resolve(op: str, impl: str, impls, segment_ids, batch: int, length: int,
-            with_resets=IMPLS_WITH_RESETS):
+def resolve(op: str, impl: str, accepts, call, segment_ids, batch: int,
+            length: int):
   """The impl name and its extra keyword arguments for an op call.
 
-  Without ``segment_ids``: ``_dispatch.resolve_impl`` and no extras. With them:
-  checks them, resolves ``impl`` among the op's impls that take resets
-  (``with_resets``; "auto" picks among those as it would without documents)
-  and passes ``resets=``.
+  ``_dispatch.resolve`` for ``call`` (whose ``documents`` says whether
+  ``segment_ids`` came: "auto" skips impls that do not take them, an explicit
+  one raises); with ``segment_ids``, also checks them and passes ``resets=``.
 
   Raises:
-    ValueError: bad ``segment_ids``, or an explicit impl without resets.
+    ValueError: bad ``segment_ids``, or an explicit impl that refuses the call.
   """
-  if segment_ids is None:
-    return _dispatch.resolve_impl(impl, supported=impls, op=op), {}
-  check(op, segment_ids, batch, length)
-  if impl == _dispatch.AUTO:
-    impls = [n for n in impls if n in with_resets]
-  name = _dispatch.resolve_impl(impl, supported=impls, op=op)
-  if name not in with_resets:
-    raise ValueError(f"{op}: impl={impl!r} does not take segment_ids yet; "
-                     f"expected one of {[_dispatch.AUTO, *with_resets]} "
-                     "with segment_ids")
-  return name, {"resets": resets(segment_ids)}
+  if segment_ids is not None:
+    check(op, segment_ids, batch, length)
+  name = _dispatch.resolve(op, impl, accepts, call)
+  return name, ({} if segment_ids is None else
+                {"resets": resets(segment_ids)})

@@ -3,16 +3,16 @@
 import jax.numpy as jnp
 
 from lsm.ops import _dispatch
-from lsm.ops.common import checks, kernel_shapes, segments
+from lsm.ops.common import checks, segments
 from lsm.ops.delta_rule import (chunked, pallas_mosaic_gpu, pallas_triton,
                                 pallas_tpu, reference)
 
-_IMPLS = {"reference": reference.delta_rule, "chunked": chunked.delta_rule,
-          "pallas_mosaic_gpu": pallas_mosaic_gpu.delta_rule,
-          "pallas_triton": pallas_triton.delta_rule, "pallas_tpu": pallas_tpu.delta_rule}
-# Every impl takes segment_ids (the Pallas kernels as document masks), so
-# "auto" picks with them as it would without.
-_WITH_RESETS = tuple(_IMPLS)
+_MODULES = {"reference": reference, "chunked": chunked,
+            "pallas_mosaic_gpu": pallas_mosaic_gpu,
+            "pallas_triton": pallas_triton, "pallas_tpu": pallas_tpu}
+_IMPLS = {name: m.delta_rule for name, m in _MODULES.items()}
+# What each impl takes, as it states beside its kernels.
+_ACCEPTS = {name: m.ACCEPTS for name, m in _MODULES.items()}
 _OP = "delta_rule"
 
 
@@ -70,12 +70,11 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
   checks.check_scale(_OP, scale)
   checks.check_chunk_size(_OP, chunk_size)
-  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T,
-                                  with_resets=_WITH_RESETS)
+  call = _dispatch.Call.of(q.dtype, K, V, chunk_size, "head",
+                           segment_ids is not None)
+  name, kwargs = segments.resolve(_OP, impl, _ACCEPTS, call, segment_ids, B, T)
   scale = K ** -0.5 if scale is None else float(scale)
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
-  if "interpret" in kwargs:
-    kernel_shapes.check(_OP, name, chunk_size=chunk_size, K=K, V=V)
   return _IMPLS[name](q, k, v, beta, log_g, h0=h0, scale=scale,
                       chunk_size=chunk_size, **kwargs)
 

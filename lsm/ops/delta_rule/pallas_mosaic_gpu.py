@@ -98,6 +98,9 @@ from lsm.ops.common import kernel_shapes, mosaic_gpu, segments
 from lsm.ops.common.triangular import unit_lower_inverse
 from lsm.ops.delta_rule import pallas_vjp
 
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+ACCEPTS = mosaic_gpu.ACCEPTS
+
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 C = mosaic_gpu.CHUNK  # chunk length: one wgmma M tile

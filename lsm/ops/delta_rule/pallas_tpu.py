@@ -48,6 +48,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lsm.ops.common import segments, tiles
 from lsm.ops.delta_rule import chunk_tiles, pallas_vjp
+from lsm.ops.common import kernel_shapes
+
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+ACCEPTS = kernel_shapes.TPU
 
 _F32 = jnp.float32
 _PARALLEL = ("parallel", "parallel")

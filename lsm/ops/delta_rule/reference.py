@@ -29,6 +29,11 @@ truth for the fast impls, not a fast path.
 import jax
 import jax.numpy as jnp
 
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

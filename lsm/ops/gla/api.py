@@ -3,16 +3,16 @@
 import jax.numpy as jnp
 
 from lsm.ops import _dispatch
-from lsm.ops.common import checks, kernel_shapes, segments
+from lsm.ops.common import checks, segments
 from lsm.ops.gla import (chunked, pallas_mosaic_gpu, pallas_triton, pallas_tpu,
                          reference)
 
-_IMPLS = {"reference": reference.gla, "chunked": chunked.gla,
-          "pallas_mosaic_gpu": pallas_mosaic_gpu.gla,
-          "pallas_triton": pallas_triton.gla, "pallas_tpu": pallas_tpu.gla}
-# Every impl takes segment_ids (the Pallas kernels as document masks), so
-# "auto" picks with them as it would without.
-_WITH_RESETS = tuple(_IMPLS)
+_MODULES = {"reference": reference, "chunked": chunked,
+            "pallas_mosaic_gpu": pallas_mosaic_gpu,
+            "pallas_triton": pallas_triton, "pallas_tpu": pallas_tpu}
+_IMPLS = {name: m.gla for name, m in _MODULES.items()}
+# What each impl takes, as it states beside its kernels.
+_ACCEPTS = {name: m.ACCEPTS for name, m in _MODULES.items()}
 _OP = "gla"
 # Impls with a no-decay form for log_g=None (skipping the gate factors, and
 # the constant all-zero gate that XLA would otherwise fold: 3.8x the time on
@@ -53,7 +53,10 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
       "pallas_mosaic_gpu" 64. T need not be a multiple of it.
     impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
       newer; bfloat16 / float16 inputs, head dims up to 128) |
-      "pallas_triton" | "pallas_tpu".
+      "pallas_triton" | "pallas_tpu" (head dims up to 256). Each impl's
+      ``ACCEPTS`` states what it takes: "auto" takes the first in the
+      platform's order that accepts the call (``_dispatch.resolve``), an
+      explicit impl raises naming the limit the call hits.
     interpret: Pallas impls only: run the kernels in interpret mode (any
       platform, slow; for tests). True is each backend's own interpreter
       (``_dispatch.interpret_mode``: ``plgpu.InterpretGPUParams()`` for
@@ -70,18 +73,19 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
   """
   B, T, H, K, V = checks.check_qkv(_OP, q, k, v)
+  gate = None if log_g is None else (
+      "head" if jnp.ndim(log_g) == 3 else "channel")
   log_g = _gate(log_g, (B, T, H, K), _OP, "log_g")
   if h0 is None:
     h0 = jnp.zeros((B, H, K, V), jnp.float32)
   checks.check_state(_OP, "h0", h0, (B, H, K, V), "BHKV")
   checks.check_scale(_OP, scale)
   checks.check_chunk_size(_OP, chunk_size)
-  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, B, T,
-                                  with_resets=_WITH_RESETS)
+  call = _dispatch.Call.of(q.dtype, K, V, chunk_size, gate,
+                           segment_ids is not None)
+  name, kwargs = segments.resolve(_OP, impl, _ACCEPTS, call, segment_ids, B, T)
   scale = K ** -0.5 if scale is None else float(scale)
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
-  if "interpret" in kwargs:
-    kernel_shapes.check(_OP, name, chunk_size=chunk_size, K=K, V=V)
   if log_g is None and name not in _UNGATED:
     log_g = jnp.zeros((B, T, H, K), jnp.float32)
   return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale, chunk_size=chunk_size,

@@ -62,6 +62,10 @@ import jax.numpy as jnp
 
 from lsm.ops.common import segments
 from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SUB_CHUNK = 16  # sub-chunk length of the secondary-chunking form

@@ -127,6 +127,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from lsm.ops.common import kernel_shapes, mosaic_gpu
 from lsm.ops.gla import pallas_vjp
 
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+ACCEPTS = mosaic_gpu.ACCEPTS
+
 _F32 = jnp.float32
 C = mosaic_gpu.CHUNK  # chunk length: one wgmma M tile
 SUB = 16  # sub-chunk length of the intra-chunk pivots

@@ -52,6 +52,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from lsm.ops.common import segments, tiles
 from lsm.ops.gla import chunk_tiles, pallas_vjp
+from lsm.ops.common import kernel_shapes
+
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+ACCEPTS = kernel_shapes.TRITON
 
 _F32 = jnp.float32
 SUB = chunk_tiles.SUB

@@ -25,6 +25,11 @@ the fast impls are tested against, not a fast path.
 import jax
 import jax.numpy as jnp
 
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

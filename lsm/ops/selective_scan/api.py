@@ -3,10 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 
+from lsm.ops import _dispatch
 from lsm.ops.common import checks, segments
 from lsm.ops.selective_scan import chunked, reference
 
 _IMPLS = {"reference": reference.selective_scan, "chunked": chunked.selective_scan}
+_ACCEPTS = {"reference": reference.ACCEPTS, "chunked": chunked.ACCEPTS}
 _OP = "selective_scan"
 EIGENVALUE_RANGES = reference.EIGENVALUE_RANGES
 
@@ -97,7 +99,10 @@ def selective_scan(x, dt, A, B, C, *, D=None, h0=None, chunk_size=64,
       or chunk_size < 1):
     raise ValueError(f"{_OP}: chunk_size={chunk_size!r}; expected a positive int")
   _check_range(_OP, eigenvalue_range)
-  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, Bsz, T)
+  call = _dispatch.Call.of(x.dtype, N, E, chunk_size, "channel",
+                           segment_ids is not None)
+  name, kwargs = segments.resolve(_OP, impl, _ACCEPTS, call, segment_ids, Bsz,
+                                  T)
   return _IMPLS[name](x, dt, A, B, C, D=D, h0=h0, chunk_size=int(chunk_size),
                       eigenvalue_range=eigenvalue_range, **kwargs)
 

@@ -42,6 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from lsm.ops.selective_scan.reference import decay, grouped
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
 
 FORMS = ("sequential", "associative")
 _HIGHEST = jax.lax.Precision.HIGHEST

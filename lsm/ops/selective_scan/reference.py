@@ -31,6 +31,11 @@ not a fast path: its autodiff keeps every state, [B, T, E, N].
 import jax
 import jax.numpy as jnp
 
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
+
 EIGENVALUE_RANGES = ("positive", "signed")
 _HIGHEST = jax.lax.Precision.HIGHEST
 

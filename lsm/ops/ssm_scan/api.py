@@ -3,10 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 
+from lsm.ops import _dispatch
 from lsm.ops.common import checks, segments
 from lsm.ops.ssm_scan import chunked, reference
 
 _IMPLS = {"reference": reference.ssm_scan, "chunked": chunked.ssm_scan}
+_ACCEPTS = {"reference": reference.ACCEPTS, "chunked": chunked.ACCEPTS}
 _OP = "ssm_scan"
 
 
@@ -54,7 +56,10 @@ def ssm_scan(a, b, *, h0=None, impl="auto", segment_ids=None):
   if h0 is None:
     h0 = jnp.zeros(state_shape, jnp.float32)
   checks.check_state(_OP, "h0", h0, state_shape, _letters(len(state_shape), "B"))
-  name, kwargs = segments.resolve(_OP, impl, _IMPLS, segment_ids, *shape[:2])
+  # A diagonal scan has no head dims or chunks: the call is its dtype.
+  call = _dispatch.Call.of(b.dtype, 1, 1, 1, "channel", segment_ids is not None)
+  name, kwargs = segments.resolve(_OP, impl, _ACCEPTS, call, segment_ids,
+                                  *shape[:2])
   return _IMPLS[name](a, b, h0=h0, **kwargs)
 
 

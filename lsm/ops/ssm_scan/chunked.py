@@ -44,6 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from lsm.ops.common import segments
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
 
 FORMS = ("sequential", "associative")
 

@@ -24,6 +24,11 @@ the fast impls are tested against, not a fast path.
 import jax
 import jax.numpy as jnp
 
+from lsm.ops import _dispatch
+
+# Every call (lsm.ops._dispatch).
+ACCEPTS = _dispatch.ANYTHING
+
 
 def ssm_scan_step(a_t, b_t, h):
   """One token of the diagonal SSM scan.
