@@ -49,7 +49,8 @@ def _check_same_run(config, workdir: pathlib.Path):
   path = workdir / "config.json"
   if not path.exists():
     return
-  stored, now = json.loads(path.read_text()), loop.run_record(config)
+  stored = json.loads(path.read_text())
+  now = loop.run_record(config, workdir, {"config": stored})
   diffs = []
   for section in sorted(set(stored) | set(now)):
     a, b = stored.get(section, {}), now.get(section, {})

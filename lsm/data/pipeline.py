@@ -428,12 +428,20 @@ def make_dataset(cfg: DataConfig, split: str, *, process_index: int = 0,
     raise ValueError("make_dataset: source=None with cfg.source='task'; expected "
                      "the task's random-access example records")
   shards = cfg.shards or process_count
+  if source is None and cfg.source != "task":
+    source = open_text_source(cfg, split)
+  if _is_train(cfg, split) and cfg.shards and len(source) < shards:
+    fits = max(d for d in range(1, len(source) + 1) if not shards % d) if len(
+        source) else 0
+    raise ValueError(
+        f"DataConfig: shards={shards}: split {split!r} has {len(source)} "
+        f"records, fewer than the record shards the batch is drawn from; "
+        f"expected data.shards <= {len(source)} dividing batch_size="
+        f"{cfg.batch_size} (e.g. --config.data.shards={fits})")
   if not _is_train(cfg, split):
     # Evaluation reads one ordered pass whatever the run's position: a short
     # split gets fewer shards (the largest divisor of data.shards it fills,
     # still independent of the process count where that count divides it).
-    if source is None and cfg.source != "task":
-      source = open_text_source(cfg, split)
     fits = [d for d in range(1, shards + 1) if shards % d == 0
             and d <= len(source) and d % process_count == 0]
     shards = max(fits) if fits else process_count

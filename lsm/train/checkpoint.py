@@ -174,6 +174,7 @@ class Checkpointer:
     self._options = dict(max_to_keep=keep, keep_period=keep_period,
                          enable_async_checkpointing=async_save)
     self.manager = self._open(create=False)
+    self._writable = False
 
   def _open(self, *, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(create=create, **self._options)
@@ -191,12 +192,15 @@ class Checkpointer:
       return False
     position = [s for states in distributed.gather_json(
         pipeline.shard_states(data_iter)) for s in states]
-    if not self.directory.exists():
+    if not self._writable:
+      # Every process passes here at its first save (whether or not another
+      # process has made the directory yet), so the barrier always pairs up.
       if jax.process_index() == 0:
         self.directory.mkdir(parents=True, exist_ok=True)
       distributed.barrier("lsm_checkpoint_dir")
       self.manager.close()
       self.manager = self._open(create=True)
+      self._writable = True
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data_position=ocp.args.JsonSave(
                                   {"shards": position}),

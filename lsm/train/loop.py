@@ -156,10 +156,13 @@ def _jsonable(x):
   return x
 
 
-def run_record(config: ml_collections.ConfigDict) -> dict:
-  """The run config of ``config`` as a run's config.json holds it (JSON
+def run_record(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+               recorded: dict | None = None) -> dict:
+  """The run config of ``config`` as its config.json in ``workdir`` would
+  hold it (resolved as ``resolve`` does, resuming ``recorded`` if given; JSON
   types: lists, not tuples); e.g. to check that a directory holds this run."""
-  return json.loads(json.dumps(_jsonable(RunConfig.from_config(config))))
+  run = resolve(RunConfig.from_config(config), Path(workdir), recorded)
+  return json.loads(json.dumps(_jsonable(run)))
 
 
 class _StopSignal:

@@ -159,6 +159,10 @@ def test_fixed_shards_give_the_same_global_batches_on_any_process_count():
   assert not _equal(one, default)
   with pytest.raises(ValueError, match="shards=2 is not divisible by process_count=4"):
     pipeline.make_dataset(cfg, "train", source=DOCS, process_count=4)
+  # Fewer training records than shards: the error names data.shards and a fit.
+  with pytest.raises(ValueError, match=r"shards=4: split 'train' has 3 records"
+                     r".*expected data.shards <= 3 .*--config.data.shards=2"):
+    pipeline.make_dataset(_cfg(shards=4, **text), "train", source=DOCS[:3])
 
 
 def test_stacked_shards_eval_pads_the_shorter_shard_and_state_round_trips():
