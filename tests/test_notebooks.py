@@ -10,7 +10,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# state_tracking.ipynb trains for about 2 minutes of a worker: slow (-m slow),
+# kept out of the default suite's budget; the other notebooks stay in it.
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p.name == "state_tracking.ipynb"
+    else p for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_runs_at_smoke_size(path, monkeypatch):
   cells = [c for c in json.loads(path.read_text())["cells"]
            if c["cell_type"] == "code"]

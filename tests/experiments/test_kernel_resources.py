@@ -44,6 +44,11 @@ def test_kernels_fit_the_hardware(rows, op):
   assert kr.violations([r for r in rows if r.op == op]) == []
 
 
+# The +docs kernels' compile sweep takes about 5 minutes of a worker: a long
+# sweep (slow), kept out of the default suite's 20-minute budget since
+# 2026-12-06; the plain kernels above stay in it. Run with -m slow after any
+# change to the document masks.
+@pytest.mark.slow
 def test_kernels_with_documents_fit_shared_memory(doc_rows):
   kernels = {(r.op, r.kernel, r.sm) for r in doc_rows}
   plain = {(o, k, sm) for o, k, sm in kernels if not k.endswith("+docs")}
