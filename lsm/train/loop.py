@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from tqdm import tqdm
@@ -38,7 +37,6 @@ from lsm.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +95,7 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"train.{name}={value!r}; expected an int >= 0")
-    if self.compute_dtype not in ("auto", *COMPUTE_DTYPES):
-      raise ValueError(f"train.compute_dtype={self.compute_dtype!r}; expected "
-                       f"one of {['auto', *COMPUTE_DTYPES]}")
+    step_lib.resolve_compute_dtype(self.compute_dtype, "cpu")  # checks it
 
 
 class TrainingDiverged(RuntimeError):
@@ -252,15 +248,14 @@ def check_inputs(run: RunConfig, source=None) -> tuple[int | None, str]:
   """The data source, tokenizer and task exist and can be read, without
   writing anything. Returns (vocabulary size the data needs, its name)."""
   data = run.data
-  if source is not None:
-    if data.source == "task":
-      return None, ""
-  elif data.source == "local_text":
-    text_builder.expand_globs(data.globs)
-  elif data.source == "tfds":
-    open_text_source(data, data.train_split)
   if data.source == "task":
-    return make_task(run.task).vocab_size, "task"
+    # Records passed in carry their own tokens; a named task has a vocabulary.
+    return (None, "") if source is not None else (
+        make_task(run.task).vocab_size, "task")
+  if source is None and data.source == "local_text":
+    text_builder.expand_globs(data.globs)
+  elif source is None and data.source == "tfds":
+    open_text_source(data, data.train_split)
   try:
     return make_tokenizer_for(data).vocab_size, "tokenizer"
   except (ValueError, OSError, RuntimeError) as e:
@@ -350,7 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     distributed.barrier("lsm_data_prepared")
   distributed.barrier("lsm_workdir_ready")
 
-  dtype = COMPUTE_DTYPES[run.train.compute_dtype]
+  dtype = run.train.compute_dtype  # resolved: "float32" or "bfloat16"
   train_step = jax.jit(
       step_lib.make_train_step(setup, schedule, grad_accum=run.train.grad_accum,
                                compute_dtype=dtype),
