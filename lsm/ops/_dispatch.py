@@ -141,7 +141,9 @@ class Accepts:
       to it (interpret mode and deviceless lowering run anywhere).
     dtypes: input dtype names.
     dtype_note: why other dtypes are refused (part of the message).
-    max_head_dim: K and V up to this, after padding to ``padded_pow2``.
+    max_k: K (key / query head dim) up to this, after padding to
+      ``padded_pow2``.
+    max_v: V (value head dim) up to this, after the same padding.
     chunk_sizes: chunk lengths.
     chunk_note: why (part of the message).
     gates: gate kinds (see ``Call.gate``).
@@ -150,7 +152,8 @@ class Accepts:
   platforms: tuple[str, ...] | None = None
   dtypes: tuple[str, ...] | None = None
   dtype_note: str = ""
-  max_head_dim: int | None = None
+  max_k: int | None = None
+  max_v: int | None = None
   chunk_sizes: tuple[int, ...] | None = None
   chunk_note: str = ""
   gates: tuple[str | None, ...] = GATES
@@ -163,7 +166,7 @@ class Accepts:
 
   def refusal(self, call: Call) -> str | None:
     """None if the impl takes ``call``, else the limit it hits, as a phrase
-    ("supports head dims up to 128; got K (key/query head dim) = 273")."""
+    ("supports K up to 128; got K (key/query head dim) = 273")."""
     if self.dtypes is not None and call.dtype not in self.dtypes:
       return (f"takes {' or '.join(self.dtypes)} inputs; got {call.dtype}"
               + (f" ({self.dtype_note})" if self.dtype_note else ""))
@@ -172,12 +175,10 @@ class Accepts:
               else f"chunk_size in {self.chunk_sizes}")
       note = f" ({self.chunk_note})" if self.chunk_note else ""
       return f"needs {want}{note}; got chunk_size={call.chunk_size}"
-    if self.max_head_dim is not None:
-      for name, d in (("K (key/query head dim)", call.K),
-                      ("V (value head dim)", call.V)):
-        if padded_pow2(d) > self.max_head_dim:
-          return (f"supports head dims up to {self.max_head_dim}; got {name} "
-                  f"= {d}")
+    for name, d, limit in (("K (key/query head dim)", call.K, self.max_k),
+                           ("V (value head dim)", call.V, self.max_v)):
+      if limit is not None and padded_pow2(d) > limit:
+        return f"supports {name.split()[0]} up to {limit}; got {name} = {d}"
     if call.gate not in self.gates:
       return f"takes gates {self.gates}; got {call.gate!r}"
     if call.documents and not self.documents:

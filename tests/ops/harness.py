@@ -121,9 +121,9 @@ def mosaic_gpu_kernels(lowered):
 # message after "<op>: impl='pallas_mosaic_gpu' ").
 MOSAIC_GPU_BAD_INPUTS = [
     (dict(dtype=jnp.float32), r"takes bfloat16 or float16 inputs; got float32"),
-    (dict(K=160), r"supports head dims up to 128; got K \(key/query head dim\) "
+    (dict(K=160), r"supports K up to 128; got K \(key/query head dim\) "
                   r"= 160"),
-    (dict(V=256), r"supports head dims up to 128; got V \(value head dim\) "
+    (dict(V=256), r"supports V up to 128; got V \(value head dim\) "
                   r"= 256"),
     (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
 ]

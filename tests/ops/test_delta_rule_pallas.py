@@ -148,7 +148,7 @@ def test_tpu_lowers_for_mosaic(D, documents):
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
 @pytest.mark.parametrize("K, chunk_size, match", [
     (16, 48, r"chunk_size in \(16, 32, 64, 128\).*chunk_size=48"),
-    (300, 64, r"head dims up to 256; got K .* = 300"),
+    (300, 64, r"K up to 256; got K .* = 300"),
 ])
 def test_unsupported_shape_raises(impl, K, chunk_size, match):
   qk, v, beta = jnp.zeros((1, 8, 1, K)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1))

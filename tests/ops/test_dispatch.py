@@ -62,19 +62,19 @@ def test_auto_logs_once_what_it_skipped_and_why(caplog):
   assert len(lines) == 1, lines
   assert ("skipped pallas_mosaic_gpu (takes bfloat16 or float16 inputs; got "
           "float32 (wgmma's float32 path is TF32") in lines[0], lines
-  assert ("pallas_triton (supports head dims up to 256; got K (key/query head "
+  assert ("pallas_triton (supports K up to 256; got K (key/query head "
           "dim) = 273); took 'chunked'") in lines[0], lines
 
 
 @pytest.mark.parametrize("impl, K, match", [
     # Each impl names its own limit (before, the common check answered
     # "up to 256" for Mosaic GPU too).
-    ("pallas_mosaic_gpu", 273, r"supports head dims up to 128; got K \(key/"
+    ("pallas_mosaic_gpu", 273, r"supports K up to 128; got K \(key/"
      r"query head dim\) = 273"),
-    ("pallas_mosaic_gpu", 160, r"supports head dims up to 128; got K"),
-    ("pallas_triton", 273, r"supports head dims up to 256; got K \(key/query "
+    ("pallas_mosaic_gpu", 160, r"supports K up to 128; got K"),
+    ("pallas_triton", 273, r"supports K up to 256; got K \(key/query "
      r"head dim\) = 273"),
-    ("pallas_tpu", 300, r"supports head dims up to 256"),
+    ("pallas_tpu", 300, r"supports K up to 256"),
 ])
 @pytest.mark.parametrize("op", ["gla", "delta_rule"])
 def test_explicit_impl_raises_naming_its_limit(op, impl, K, match):

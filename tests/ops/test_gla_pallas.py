@@ -153,7 +153,7 @@ def test_tpu_exports_for_mosaic(D, dtype, documents):
 @pytest.mark.parametrize("K, chunk_size, match", [
     (16, 48, r"gla: impl='pallas_t[a-z]*' needs chunk_size in \(16, 32, 64, 128\).*"
              r"chunk_size=48"),
-    (300, 64, r"gla: impl='pallas_t[a-z]*' supports head dims up to 256; got K .* = 300"),
+    (300, 64, r"gla: impl='pallas_t[a-z]*' supports K up to 256; got K .* = 300"),
 ])
 def test_unsupported_shape_raises(impl, K, chunk_size, match):
   x = make_inputs(0, 1, 8, 1, K, 16)

@@ -27,7 +27,8 @@ def padded_dim(n: int) -> int:
 
 def _accepts(platforms: tuple[str, ...]) -> _dispatch.Accepts:
   return _dispatch.Accepts(
-      platforms=platforms, max_head_dim=MAX_HEAD_DIM, chunk_sizes=CHUNK_SIZES,
+      platforms=platforms, max_k=MAX_HEAD_DIM, max_v=MAX_HEAD_DIM,
+      chunk_sizes=CHUNK_SIZES,
       chunk_note="a power of two, whole 16-token sub-chunks")
 
 

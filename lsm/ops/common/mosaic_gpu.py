@@ -120,7 +120,7 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ACCEPTS = _dispatch.Accepts(
     platforms=("gpu:hopper",), dtypes=tuple(d.name for d in DTYPES),
     dtype_note="wgmma's float32 path is TF32, which misses the float32 "
-    "tolerance", max_head_dim=MAX_HEAD_DIM, chunk_sizes=(CHUNK,))
+    "tolerance", max_k=MAX_HEAD_DIM, max_v=MAX_HEAD_DIM, chunk_sizes=(CHUNK,))
 
 
 def check_inputs(op: str, dtype, chunk_size: int, K: int, V: int) -> None:
