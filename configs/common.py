@@ -53,15 +53,16 @@ def section(name: str, **values) -> dict:
 
 # Model shapes. 340m and 1.3b follow the GLA / DeltaNet papers (Yang et al. 2023,
 # 2024: d_model 1024 / 2048, 24 layers); 125m and 760m follow the GPT-3 / Mamba
-# ladder (768 x 12, 1536 x 24); 20m is for CPU work. Parameter counts depend on the
-# mixer and vocabulary: tests/models/test_lm.py checks each preset against a
-# closed form.
+# ladder (768 x 12, 1536 x 24); 20m is for CPU work. Each mixer's heads follow
+# its paper at that width (``preset``, beside the mixer in lsm/layers), in
+# model.mixer_kwargs. Parameter counts depend on the mixer and vocabulary:
+# tests/models/test_lm.py checks each preset against a closed form.
 SIZES = {
-    "20m": dict(d_model=384, n_layers=8, n_heads=4),
-    "125m": dict(d_model=768, n_layers=12, n_heads=4),
-    "340m": dict(d_model=1024, n_layers=24, n_heads=4),
-    "760m": dict(d_model=1536, n_layers=24, n_heads=4),
-    "1.3b": dict(d_model=2048, n_layers=24, n_heads=4),
+    "20m": dict(d_model=384, n_layers=8),
+    "125m": dict(d_model=768, n_layers=12),
+    "340m": dict(d_model=1024, n_layers=24),
+    "760m": dict(d_model=1536, n_layers=24),
+    "1.3b": dict(d_model=2048, n_layers=24),
 }
 # Tiny shapes that compile and run one step on a laptop CPU in seconds.
 SMOKE = dict(d_model=64, n_layers=2, n_heads=2, vocab_size=256, chunk_size=16)
@@ -93,6 +94,14 @@ def check_size(size: str) -> dict:
   if size not in SIZES:
     raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
   return dict(SIZES[size])
+
+
+def head_shapes(mixers, d_model: int) -> dict:
+  """{mixer: its paper's head options at width ``d_model``} for each known
+  name in ``mixers`` (each mixer's ``preset`` in lsm/layers)."""
+  from lsm import layers  # pylint: disable=g-import-not-at-top
+  return {m: layers.MIXERS[m].preset(d_model) for m in dict.fromkeys(mixers)
+          if m in layers.MIXERS}
 
 
 # The corpus the quick start trains on: lsm's own source and docs, read from the
@@ -146,7 +155,12 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   else:
     model["mixer"] = arg.mixer
   # beta_scale=2 lets DeltaNet transitions reach eigenvalue -1 (state tracking).
-  model["mixer_kwargs"] = mixer_kwargs(arg.beta_scale, arg.eigenvalues)
+  options = mixer_kwargs(arg.beta_scale, arg.eigenvalues)
+  if not arg.smoke:  # the papers' heads; smoke runs keep SMOKE's 2 small heads
+    mixers = HYBRID if arg.mixer == "hybrid" else (arg.mixer,)
+    for name, shape in head_shapes(mixers, model["d_model"]).items():
+      options[name] = {**shape, **options.get(name, {})}
+  model["mixer_kwargs"] = options
   # seq_len, batch_size, steps: 0 takes the preset (smoke or full).
   seq_len, batch_size, steps = 2048, 64, 20000
   if arg.smoke:

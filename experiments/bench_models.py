@@ -87,8 +87,10 @@ MAX_TEMP_GIB = 16.0
 
 def build_model(mixer: str) -> LanguageModel:
   """The SIZE preset LM with ``mixer`` in every layer (see module docstring)."""
+  shape = common.check_size(SIZE)
   cfg = LMConfig(vocab_size=VOCAB_SIZE, mixer=mixer, impl=IMPL,
-                 **common.check_size(SIZE))
+                 mixer_kwargs=common.head_shapes([mixer], shape["d_model"]),
+                 **shape)
   return LanguageModel(cfg, rngs=nnx.Rngs(SEED))
 
 

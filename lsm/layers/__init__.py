@@ -20,7 +20,9 @@ attention attends within the document, and RoPE takes ``positions`` (int
 them. The state in a given cache enters the row's first document. Linear mixers' caches are O(1) in the context length (recurrent state,
 conv window); attention's is a KV buffer of ``max_len``. Mixers call the ops in
 lsm.ops with the ``impl`` from the config and never reimplement a recurrence.
-Every parameter carries logical axis names (lsm.parallel.axes) as sharding
+Each mixer class also has ``preset(d_model)`` (its paper's head shapes at that
+width: the size presets' ``mixer_kwargs``) and ``flops_per_token(seq_len)`` (its
+sequence mixing's training FLOPs beyond the projections, for MFU). Every parameter carries logical axis names (lsm.parallel.axes) as sharding
 metadata; the trainer maps them to mesh axes. Parameters that stay float32 in a
 low-precision step and are never weight-decayed (decay rates, step sizes, SSM
 parameters, skip gains, norms, biases) are created as

@@ -83,6 +83,19 @@ class Attention(nnx.Module):
     rngs: parameter initialisation.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the usual head structure at width ``d_model``
+    (the size presets; GPT-3 ladder): heads of dim 64."""
+    return dict(n_heads=max(1, d_model // 64))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of QK^T and AV beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H d_h L, with L the keys a query
+    sees on average: T / 2 causal, at most the window."""
+    seen = seq_len / 2 if not self.window else min(self.window, seq_len / 2)
+    return 12.0 * self.n_heads * self.head_dim * seen
+
   def __init__(self, d_model: int, *, n_heads: int, n_kv_heads: int | None = None,
                head_dim: int | None = None, rope_base: float = 10000.0,
                window: int | None = None, impl: str = "auto", rngs: nnx.Rngs):

@@ -115,6 +115,20 @@ class Based(nnx.Module):
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): feature dim 16, value heads of dim 64 (D / 64 heads),
+    the 64-token window."""
+    return dict(n_heads=max(1, d_model // 64), feature_dim=16)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H F V for the linear branch (F =
+    ``state_dim``, V = D / H) plus the window branch's attention."""
+    linear = 12.0 * self.state_dim * self.d_model
+    return linear + (0.0 if self.attn is None else self.attn.flops_per_token(seq_len))
+
   def __init__(self, d_model: int, *, n_heads: int, feature_dim: int = 16,
                window: int | None = 64, eps: float = 1e-6, chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):

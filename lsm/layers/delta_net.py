@@ -49,12 +49,25 @@ class DeltaNet(nnx.Module):
     impl: op implementation.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): heads of K = V = 128 (d_model 2048: 16 heads), one head
+    of width D below 128."""
+    return dict(n_heads=max(1, d_model // 128), expand_k=1.0, expand_v=1.0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the recurrence beyond the projections
+    (``lsm.models.lm.flops_per_token``): 18 H K V (the delta rule reads S k
+    before it writes)."""
+    return 18.0 * self.key_dim * self.value_dim / self.n_heads
+
   def __init__(self, d_model: int, *, n_heads: int, expand_k: float = 1.0,
                expand_v: float = 1.0, beta_scale: float = 1.0, gated: bool = False,
                conv_width: int = 4, output_gate: bool = True, chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
     name = type(self).__name__
-    key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+    key_dim, value_dim = round(d_model * expand_k), round(d_model * expand_v)
     if n_heads < 1 or key_dim % n_heads or value_dim % n_heads:
       raise ValueError(f"{name}: n_heads={n_heads!r}; expected a positive divisor "
                        f"of key width {key_dim} and value width {value_dim}")
@@ -174,6 +187,14 @@ class DeltaNet(nnx.Module):
 
 class GatedDeltaNet(DeltaNet):
   """Gated DeltaNet: DeltaNet with a per-head Mamba2-style decay (gated=True)."""
+
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets; flash-linear-attention's configs at 340M and 1.3B): 6
+    heads of K = 256, V = 512 from d_model 1024 up, K = D/4 and V = D/2 below."""
+    k = min(256, d_model // 4)
+    return dict(n_heads=6, expand_k=6 * k / d_model, expand_v=12 * k / d_model)
 
   def __init__(self, d_model: int, *, n_heads: int, chunk_size: int = 64,
                impl: str = "auto", gated: bool = True, **kwargs):

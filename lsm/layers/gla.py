@@ -38,11 +38,23 @@ class GLA(nnx.Module):
     impl: op implementation ("auto", "chunked", "reference", ...).
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): 4 heads, key width D/2, value width D, so K = D/8 and
+    V = D/4 per head (d_model 2048: K 256, V 512)."""
+    return dict(n_heads=4, expand_k=0.5, expand_v=1.0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the recurrence beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H K V."""
+    return 12.0 * self.key_dim * self.value_dim / self.n_heads
+
   def __init__(self, d_model: int, *, n_heads: int, expand_k: float = 0.5,
                expand_v: float = 1.0, gate_rank: int = 16,
                gate_normalizer: float = 16.0, chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
-    key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+    key_dim, value_dim = round(d_model * expand_k), round(d_model * expand_v)
     _check("n_heads", n_heads, n_heads >= 1 and key_dim % n_heads == 0
            and value_dim % n_heads == 0,
            f"a positive divisor of key width {key_dim} and value width {value_dim}")

@@ -110,6 +110,18 @@ class Hedgehog(nnx.Module):
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets; GPT-2-style heads of 64, feature dim = head dim)."""
+    return dict(n_heads=max(1, d_model // 64))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the recurrence beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H (2 F) K, the feature map's 2 F
+    outputs per head as the state's key side."""
+    return 12.0 * self.n_heads * 2 * self.feature_dim * self.head_dim
+
   def __init__(self, d_model: int, *, n_heads: int, feature_dim: int | None = None,
                eps: float = 1e-6, chunk_size: int = 64, impl: str = "auto",
                rngs: nnx.Rngs):

@@ -59,6 +59,18 @@ class Lightning(nnx.Module):
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets; TransNormerLLM): heads of dim 128, one head of width D
+    below 128."""
+    return dict(n_heads=max(1, d_model // 128))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the recurrence beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H K V with K = V = D / H."""
+    return 12.0 * self.d_model * self.d_model / self.n_heads
+
   def __init__(self, d_model: int, *, n_heads: int, layer_index: int = 0,
                n_layers: int = 1, gate_act: str = "swish", eps: float = 1e-6,
                chunk_size: int = 64, impl: str = "auto", rngs: nnx.Rngs):

@@ -66,6 +66,18 @@ class Mamba(nnx.Module):
       [B, E, N] state per chunk boundary, one chunk's states at a time).
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options at width ``d_model`` (the size presets): the
+    defaults (expand 2, state 16); Mamba has no heads."""
+    del d_model
+    return {}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the selective scan beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 E N."""
+    return 12.0 * self.d_inner * self.state_size
+
   def __init__(self, d_model: int, *, n_heads: int | None = None,
                state_size: int = 16, expand: int = 2, conv_width: int = 4,
                eigenvalue_range: str = "positive", dt_min: float = 1e-3,

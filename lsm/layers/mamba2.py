@@ -60,6 +60,18 @@ class Mamba2(nnx.Module):
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): expand 2, heads of dim P = 64 (2 D / 64 heads), state
+    N = 128, B and C shared by all heads (one group)."""
+    return dict(n_heads=max(1, 2 * d_model // 64), state_size=128, expand=2)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the SSD recurrence beyond the projections
+    (``lsm.models.lm.flops_per_token``): 12 H N P = 12 N times the inner width."""
+    return 12.0 * self.state_size * self.inner
+
   def __init__(self, d_model: int, *, n_heads: int, state_size: int = 64,
                expand: int = 2, conv_width: int = 4,
                eigenvalue_range: str = "positive", chunk_size: int = 64,

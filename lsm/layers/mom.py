@@ -119,6 +119,21 @@ class MoM(nnx.Module):
     chunk_size, impl: as the ops.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): 4 heads of K = V = 256 per memory from d_model 1024 up,
+    D/4 below; 4 memories, top-2, the shared memory."""
+    k = min(256, d_model // 4)
+    return dict(n_heads=4, expand_k=4 * k / d_model, expand_v=4 * k / d_model)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the memories' recurrences beyond the
+    projections (``lsm.models.lm.flops_per_token``): every memory slot of the
+    op call (routed and shared), 18 H K V each for gated_delta, 12 for gla."""
+    per = 18.0 if self.memory == "gated_delta" else 12.0
+    return per * self.n_slots * self.key_dim * self.value_dim / self.n_heads
+
   def __init__(self, d_model: int, *, n_heads: int, n_memories: int = 4,
                top_k: int = 2, shared_memory: bool = True,
                memory: str = "gated_delta", expand_k: float = 1.0,
@@ -126,7 +141,7 @@ class MoM(nnx.Module):
                aux_loss_weight: float = 0.01, routed_reads: bool = True,
                chunk_size: int = 64,
                impl: str = "auto", rngs: nnx.Rngs):
-    key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+    key_dim, value_dim = round(d_model * expand_k), round(d_model * expand_v)
     if n_heads < 1 or key_dim % n_heads or value_dim % n_heads:
       raise ValueError(f"MoM: n_heads={n_heads!r}; expected a positive divisor "
                        f"of key width {key_dim} and value width {value_dim}")

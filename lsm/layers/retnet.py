@@ -53,6 +53,18 @@ class RetNet(nnx.Module):
     chunk_size, impl: as lsm.ops.gla.gla.
   """
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options of the paper's head structure at width ``d_model``
+    (the size presets): 8 heads, key width D, value width 2 D, so K = D/8 and
+    V = D/4 per head (d_model 2048: K 256, V 512)."""
+    return dict(n_heads=8, expand_v=2.0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of the retention recurrence beyond the
+    projections (``lsm.models.lm.flops_per_token``): 12 H K V."""
+    return 12.0 * self.d_model * self.value_dim / self.n_heads
+
   def __init__(self, d_model: int, *, n_heads: int, expand_v: float = 2.0,
                rope_base: float = 10000.0, eps: float = 1e-5,
                chunk_size: int = 64, impl: str = "auto", rngs: nnx.Rngs):

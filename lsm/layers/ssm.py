@@ -182,6 +182,19 @@ class _DiagonalSSM(nnx.Module):
 
   NAME = "_DiagonalSSM"
 
+  @staticmethod
+  def preset(d_model: int) -> dict:
+    """Constructor options at width ``d_model`` (the size presets): the
+    defaults; one SISO SSM per channel, no heads."""
+    del d_model
+    return {}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token beyond the output map
+    (``lsm.models.lm.flops_per_token``): 12 D N, the real-equivalent state
+    (an estimate for both modes; the FFT convolution costs about as much)."""
+    return 12.0 * self.d_model * self.state_size
+
   def __init__(self, d_model: int, *, n_heads: int | None = None,
                state_size: int = 64, discretization: str = "zoh",
                mode: str = "conv", dt_min: float = 1e-3, dt_max: float = 1e-1,

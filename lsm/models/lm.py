@@ -103,16 +103,9 @@ class Block(nnx.Module):
 
   def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs,
                layer_index: int = 0):
-    kwargs = {"n_heads": cfg.n_heads, "impl": cfg.impl,
-              **cfg.mixer_kwargs.get(mixer, {})}
-    signature = _signature(layers.MIXERS[mixer])
-    if "chunk_size" in signature:
-      kwargs.setdefault("chunk_size", cfg.chunk_size)
-    if "layer_index" in signature:  # depth-dependent mixers (Lightning's decays)
-      kwargs.setdefault("layer_index", layer_index)
-      kwargs.setdefault("n_layers", cfg.n_layers)
     self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = layers.MIXERS[mixer](cfg.d_model, **kwargs, rngs=rngs)
+    self.mixer = layers.MIXERS[mixer](
+        cfg.d_model, **mixer_options(cfg, mixer, layer_index), rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.mlp_width else None
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, rngs=rngs) if cfg.mlp_width else None
 
@@ -131,6 +124,22 @@ class Block(nnx.Module):
 
 def _signature(cls) -> set[str]:
   return set(inspect.signature(cls.__init__).parameters)
+
+
+def mixer_options(cfg: LMConfig, mixer: str, layer_index: int = 0) -> dict:
+  """Constructor options of layer ``layer_index``'s mixer ``mixer``:
+  ``n_heads`` and ``impl`` from the config, then ``mixer_kwargs[mixer]`` (which
+  may set its own n_heads), the config's chunk size, and the depth for mixers
+  that depend on it (Lightning's decays)."""
+  kwargs = {"n_heads": cfg.n_heads, "impl": cfg.impl,
+            **cfg.mixer_kwargs.get(mixer, {})}
+  signature = _signature(layers.MIXERS[mixer])
+  if "chunk_size" in signature:
+    kwargs.setdefault("chunk_size", cfg.chunk_size)
+  if "layer_index" in signature:
+    kwargs.setdefault("layer_index", layer_index)
+    kwargs.setdefault("n_layers", cfg.n_layers)
+  return kwargs
 
 
 class LanguageModel(nnx.Module):
@@ -212,20 +221,23 @@ def count_params(model: nnx.Module) -> int:
 
 
 def flops_per_token(cfg: LMConfig, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward), for MFU.
+  """Training FLOPs per token (forward + backward), for MFU. An estimate.
 
   6 N for the weights (Kaplan et al. 2020; the embedding lookup is excluded, the
-  tied or untied head included), plus per attention layer 12 * D * T / 2 for
-  causal QK^T and AV (fwd + bwd), plus per linear-attention layer about
-  6 * 4 * D * d_state for its state update and readout, with d_state the
-  per-head state width, taken as D / n_heads. An estimate, stated as such.
+  tied or untied head included), plus each layer's sequence mixing beyond its
+  projections, from the mixer's own head shapes (its ``flops_per_token``:
+  causal QK^T and AV for attention, about 12 H K V for a linear recurrence's
+  state write and read, forward and backward). The mixers are built abstractly
+  (``nnx.eval_shape``) once per distinct mixer to read their shapes.
   """
   table = cfg.vocab_size * cfg.d_model  # embedding; the head has the same size
   non_embedding = n_params - table - (0 if cfg.tie_embeddings else table)
   flops = 6.0 * (non_embedding + table)
+  per_mixer = {}
   for name in cfg.layer_mixers:
-    if name == "attention":
-      flops += 12.0 * cfg.d_model * seq_len / 2
-    else:
-      flops += 6.0 * 4 * cfg.d_model * (cfg.d_model // cfg.n_heads)
+    if name not in per_mixer:
+      mixer = nnx.eval_shape(lambda n=name: layers.MIXERS[n](
+          cfg.d_model, **mixer_options(cfg, n), rngs=nnx.Rngs(0)))
+      per_mixer[name] = float(mixer.flops_per_token(seq_len))
+    flops += per_mixer[name]
   return flops

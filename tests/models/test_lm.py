@@ -12,7 +12,8 @@ from flax import nnx
 from configs import common
 from lsm import layers
 from lsm.models.decoding import generate, sample_logits
-from lsm.models.lm import LanguageModel, LMConfig, count_params, default_mlp_hidden
+from lsm.models.lm import (LanguageModel, LMConfig, count_params, default_mlp_hidden,
+                           flops_per_token)
 from tests import numerics
 
 LINEAR = ("gla", "delta_net", "gated_delta_net")
@@ -141,68 +142,77 @@ def test_invalid_size_lists_presets():
     common.check_size("7b")
 
 
-# Closed-form parameter counts, written from the layer definitions.
-def _gla(d, h):
-  dk, dv = d // 2, d
+# Closed-form parameter counts, written from the layer definitions. Each takes
+# the width d and the mixer's options o (n_heads and the preset's head shapes).
+def _gla(d, o):
+  h, dk, dv = o["n_heads"], round(d * o.get("expand_k", 0.5)), round(
+      d * o.get("expand_v", 1.0))
   return 2 * d * dk + 2 * d * dv + d * 16 + 16 * dk + dk + dv // h + dv * d
 
 
-def _delta(d, h, gated, conv=4):
-  dk = dv = d
-  n = 2 * d * dk + 2 * d * dv + d * h + (conv + 1) * (2 * dk + dv) + dv // h + dv * d
-  return n + (d * h + 2 * h if gated else 0)
+def _delta(d, o, gated, conv=4):
+  h, dk, dv = o["n_heads"], round(d * o.get("expand_k", 1.0)), round(
+      d * o.get("expand_v", 1.0))
+  n = (d * (2 * dk + dv) + d * h + (conv + 1) * (2 * dk + dv) + dv // h
+       + d * dv + dv * d)  # q, k, v; beta; convs; norm; output gate; o
+  return n + (d * h + 2 * h if gated else 0)  # decay projection, A_log, dt_bias
 
 
-def _attention(d, h):
-  return 4 * d * d  # q, k, v, o; n_kv_heads = n_heads, head_dim = d / h
+def _attention(d, o):
+  h = o["n_heads"]
+  return 4 * d * (d // h) * h  # q, k, v, o; n_kv_heads = n_heads, head_dim = d / h
 
 
-def _ssm(d, h, n=64):
+def _ssm(d, o, n=64):
   # Per channel: log dt, skip D; per (channel, complex mode), N / 2 modes: log -Re A,
   # Im A, Re/Im B, Re/Im C; then the d x d output map.
   return 2 * d + 6 * d * (n // 2) + d * d
 
 
-def _mamba(d, h, n=16, expand=2, width=4):
+def _mamba(d, o, n=16, expand=2, width=4):
   e, r = expand * d, -(-d // 16)
   return (2 * d * e + (width + 1) * e + 2 * e * n + 2 * e * r + e + e * n + e
           + e * d)  # in_proj, conv, B/C, low-rank dt, dt_bias, A, D, out_proj
 
 
-def _mamba2(d, h, n=64, expand=2, width=4):
-  e = expand * d
+def _mamba2(d, o, width=4):
+  h, n, e = o["n_heads"], o.get("state_size", 64), o.get("expand", 2) * d
   return (d * (2 * e + 2 * n + h) + (width + 1) * (e + 2 * n)  # in_proj, conv
           + 3 * h + e // h + e * d)  # dt_bias, A_log, D; norm; out_proj
 
 
-def _lightning(d, h):
+def _lightning(d, o):
   return 5 * d * d  # q, k, v, u, o; SRMSNorm has no parameters
 
 
-def _retnet(d, h):
-  dv = 2 * d  # expand_v = 2
+def _retnet(d, o):
+  dv = round(d * o.get("expand_v", 2.0))
   return 2 * d * d + 3 * d * dv + 2 * dv  # q, k; v, g, o; GroupNorm scale, bias
 
 
-def _based(d, h, f=16):
-  return 2 * d * h * f + 2 * d * d + _attention(d, h)  # q, k; v, o; window branch
+def _based(d, o):
+  h, f = o["n_heads"], o.get("feature_dim", 16)
+  return 2 * d * h * f + 2 * d * d + _attention(d, o)  # q, k; v, o; window branch
 
 
-def _hedgehog(d, h):
+def _hedgehog(d, o):
+  h = o["n_heads"]
   k = d // h
   return 4 * d * d + 2 * (h * k * k + h * k)  # q, k, v, o; two maps W, b
 
 
-def _mom(d, h, m=4, conv=4):
-  s = m + 1  # routed memories + the shared one; key and value widths d each
-  return (d * m + d * d + 2 * s * d * d  # router, q, per-memory k and v
-          + (conv + 1) * (d + 2 * s * d)  # short convs on q, k, v
+def _mom(d, o, m=4, conv=4):
+  h, dk, dv = o["n_heads"], round(d * o.get("expand_k", 1.0)), round(
+      d * o.get("expand_v", 1.0))
+  s = m + 1  # routed memories + the shared one
+  return (d * m + d * dk + s * d * (dk + dv)  # router, q, per-memory k and v
+          + (conv + 1) * (dk + s * (dk + dv))  # short convs on q, k, v
           + 2 * d * s * h + 2 * s * h  # beta and decay projections, A_log, dt_bias
-          + d // h + 2 * d * d)  # norm scale, output gate, output projection
+          + dv // h + d * dv + dv * d)  # norm scale, output gate, output projection
 
 
-MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, h: _delta(d, h, False),
-               "gated_delta_net": lambda d, h: _delta(d, h, True),
+MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, o: _delta(d, o, False),
+               "gated_delta_net": lambda d, o: _delta(d, o, True),
                "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba, "mamba2": _mamba2,
                "lightning": _lightning, "retnet": _retnet, "based": _based,
                "hedgehog": _hedgehog, "mom": _mom}
@@ -211,17 +221,64 @@ MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, h: _delta(d, h, False),
 def closed_form(cfg: LMConfig) -> int:
   d, v = cfg.d_model, cfg.vocab_size
   hidden = default_mlp_hidden(d)
-  block = lambda m: 2 * d + 3 * d * hidden + MIXER_COUNT[m](d, cfg.n_heads)
+  opts = lambda m: {"n_heads": cfg.n_heads, **cfg.mixer_kwargs.get(m, {})}
+  block = lambda m: 2 * d + 3 * d * hidden + MIXER_COUNT[m](d, opts(m))
   n = v * d + sum(block(m) for m in cfg.layer_mixers) + d
   return n + (0 if cfg.tie_embeddings else d * v)
+
+
+def _preset(mixer: str, size: str) -> LMConfig:
+  """The ``lm_run`` model section of ``mixer`` at ``size``, 32k vocabulary."""
+  model = dict(common.lm_run(f"mixer={mixer},size={size}").model)
+  return LMConfig(**{**model, "vocab_size": 32000})
 
 
 @pytest.mark.parametrize("size", sorted(common.SIZES))
 @pytest.mark.parametrize("mixer", sorted(MIXER_COUNT))
 def test_preset_parameter_counts_match_closed_form(size, mixer):
-  cfg = LMConfig(vocab_size=32000, mixer=mixer, **common.SIZES[size])
+  cfg = _preset(mixer, size)
   model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  assert count_params(model) == closed_form(cfg)
+  n = count_params(model)
+  assert n == closed_form(cfg)
+  mixing = flops_per_token(cfg, n, 2048) - 6.0 * n
+  assert 0 < mixing < 6.0 * n, mixing  # the mixers' own term, below the weights'
+
+
+# The papers' per-head (K, V) at d_model 2048 (flash-linear-attention's model
+# configs; Mamba-2: state N and head dim P), written from the papers, not from
+# the presets.
+PAPER_HEADS_2048 = {"gla": (4, 256, 512), "delta_net": (16, 128, 128),
+                    "gated_delta_net": (6, 256, 512), "retnet": (8, 256, 512),
+                    "mamba2": (64, 128, 64)}
+
+
+@pytest.mark.parametrize("mixer", sorted(PAPER_HEADS_2048))
+def test_1_3b_presets_have_the_papers_heads(mixer):
+  cfg = _preset(mixer, "1.3b")
+  layer = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))).blocks[0].mixer
+  if mixer == "mamba2":
+    shape = (layer.n_heads, layer.state_size, layer.inner // layer.n_heads)
+  elif mixer == "retnet":
+    shape = (layer.n_heads, layer.d_model // layer.n_heads,
+             layer.value_dim // layer.n_heads)
+  else:
+    shape = (layer.n_heads, layer.key_dim // layer.n_heads,
+             layer.value_dim // layer.n_heads)
+  assert shape == PAPER_HEADS_2048[mixer]
+
+
+def test_flops_per_token_reads_the_head_shapes():
+  """Two GLA configs with the same parameters but other head counts differ in
+  their recurrence FLOPs by the ratio of their H K V (12 H K V per token)."""
+  base = dict(vocab_size=64, d_model=128, n_layers=1, mixer="gla")
+  four = LMConfig(**base, n_heads=4)
+  one = LMConfig(**base, n_heads=1)
+  n = 10 ** 6
+  # K = 64 and V = 128 in total: H K V = 64 * 128 / H.
+  assert flops_per_token(one, n, 512) - flops_per_token(four, n, 512) == (
+      12 * 64 * 128 * (1 - 1 / 4))
+  attn = LMConfig(**{**base, "mixer": "attention"}, n_heads=2)
+  assert flops_per_token(attn, n, 512) - 6.0 * n == 12 * 128 * 256
 
 
 def test_untied_head_adds_one_table():
