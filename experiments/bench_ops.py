@@ -2,7 +2,8 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 
 Run from the repo root. Benchmarks the chunked vs reference impls of gla,
 delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
-into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan,
+into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan
+(and gla_head: per-head gates [B, T, H], not in the default set),
 --repeats N, --markdown, --segments, --selective, --blocks, --ungated.
 
 With --segments it prints a second kind of table instead: the chunked impl's
@@ -80,6 +81,9 @@ from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
 B, H, K, V = 2, 4, 64, 64
 IMPLS = ("chunked", "reference")
 OPS = ("gla", "delta_rule", "ssm_scan")
+# On request (--ops gla_head): gla with one gate per head, [B, T, H] (Mamba-2,
+# RetNet, Lightning), the chunked impl's scalar-decay form.
+EXTRA_OPS = ("gla_head",)
 SEED = 0
 DOC_LEN = 512  # mean document length of the --segments rows
 # With --repeats 0 (default) the number of timed calls is chosen from the warm-up
@@ -104,11 +108,12 @@ def make_inputs(op: str, T: int):
   """
   keys = jax.random.split(jax.random.key(SEED), 5)
   normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
-  if op == "gla":
+  if op in ("gla", "gla_head"):
     q = normal(keys[0], (B, T, H, K))
     k = normal(keys[1], (B, T, H, K))
     v = normal(keys[2], (B, T, H, V))
-    log_g = jax.nn.log_sigmoid(normal(keys[3], (B, T, H, K))) / 16
+    gate_shape = (B, T, H, K) if op == "gla" else (B, T, H)
+    log_g = jax.nn.log_sigmoid(normal(keys[3], gate_shape)) / 16
     return q, k, v, log_g
   if op == "delta_rule":
     q = normal(keys[0], (B, T, H, K))
@@ -173,7 +178,7 @@ def make_forward(op: str, impl: str, segment_ids=None):
   if op == "gla" and impl == "plain":
     return plain_chunked_gla
   seg = {} if segment_ids is None else {"segment_ids": segment_ids}
-  if op == "gla":
+  if op in ("gla", "gla_head"):
     return lambda q, k, v, log_g: gla(q, k, v, log_g, impl=impl, **seg)
   if op == "delta_rule":
     return lambda q, k, v, beta, log_g: delta_rule(q, k, v, beta, log_g=log_g,
@@ -405,7 +410,8 @@ def main():
       description="Chunked vs reference timings and memory of the lsm ops on CPU.")
   parser.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192],
                       help="sequence lengths")
-  parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+  parser.add_argument("--ops", nargs="+", choices=OPS + EXTRA_OPS,
+                      default=list(OPS),
                       help="ops to benchmark")
   parser.add_argument("--repeats", type=int, default=0,
                       help="timed calls per measurement after one warm-up; 0 "

@@ -30,7 +30,9 @@ the slice's transition and Q_t S is the readout of the carried state. Per slice
 
 * GLA (any gated or ungated linear attention): M = diag(exp(sum_t log_g_t)) is
   packed as one extra value column beside D, [B, H, K, V + 1];
-  Q_t = scale * q_t * exp(sum_{s<=t} log_g_s).
+  Q_t = scale * q_t * exp(sum_{s<=t} log_g_s). One gate per head ([B, T, H])
+  stays one per head: its cumulative decay is [B, t, H], scales the rows of
+  the [B, t, H, V] readout q_t S, and fills the K entries of M's column.
 * Delta rule (DeltaNet, Gated DeltaNet, beta in [0, 2]): the op runs once with
   the K x K identity appended to the state and zeros appended to the values,
   h0 = [I | 0], v = [0 | v]. Then the state's first K columns evolve as
@@ -231,12 +233,10 @@ def _reach(resets):
   return jnp.cumsum(resets.astype(jnp.int32), axis=1) == 0
 
 
-def _gla_gates(log_g, shape):
-  """[B, T, H] or [B, T, H, K] log gates -> float32 [B, T, H, K]."""
-  log_g = log_g.astype(jnp.float32)
-  if log_g.ndim == 3:
-    log_g = log_g[..., None]
-  return jnp.broadcast_to(log_g, shape)
+def _gla_gates(log_g):
+  """[B, t, H] or [B, t, H, K] log gates -> float32 of the same shape: one gate
+  per head stays one per head (the op reads it so; no [B, t, H, K] copy)."""
+  return log_g.astype(jnp.float32)
 
 
 def gla_slice(q, k, v, log_g, h0, segment_ids=None, resets=None, *, call,
@@ -260,22 +260,29 @@ def gla_slice(q, k, v, log_g, h0, segment_ids=None, resets=None, *, call,
   V = v.shape[-1]
   # zero start: [B, t, H, V], [B, H, K, V]
   o0, d = call(q, k, v, log_g, h0=None, segment_ids=segment_ids)
-  if log_g is None:  # no decay (no constant zero gates for XLA to fold)
-    gate_in, decay = 1.0, jnp.ones(d.shape[:-1], jnp.float32)
-  else:
-    cum = jnp.cumsum(_gla_gates(log_g, q.shape), axis=1)  # [B, t, H, K]
-    gate_in = jnp.exp(cum)  # decay from the slice start to t
-    decay = gate_in[:, -1]  # [B, H, K]: the slice's total decay
   reach = _reach(resets)  # [B, t]: the incoming state still reaches t
+  if log_g is None:  # no decay (no constant zero gates for XLA to fold)
+    gate_in, decay = None, jnp.ones(d.shape[:-1], jnp.float32)
+  else:
+    # decay from the slice start to t: [B, t, H, K], or [B, t, H] per head
+    gate_in = jnp.exp(jnp.cumsum(_gla_gates(log_g), axis=1))
+    decay = gate_in[:, -1]  # the slice's total decay, [B, H, K] or [B, H]
+    if decay.ndim == 2:  # per head: one value for the K rows of the summary
+      decay = jnp.broadcast_to(decay[..., None], d.shape[:-1])
   if reach is not None:
     decay = jnp.where(reach[:, -1, None, None], decay, 0.0)
   summary = jnp.concatenate([d, decay[..., None]], axis=-1)  # [B, H, K, V + 1]
   apply = lambda x, h: x[..., V:] * h + x[..., :V]  # noqa: E731
   h_in, h_t = _fold(summary, h0, apply, axis, d)
-  q_eff = scale * q.astype(jnp.float32) * gate_in
+  q_eff = scale * q.astype(jnp.float32)
+  if gate_in is not None and gate_in.ndim == 4:
+    q_eff = q_eff * gate_in
+  o_in = _einsum("bthk,bhkv->bthv", q_eff, h_in)  # [B, t, H, V]
+  if gate_in is not None and gate_in.ndim == 3:
+    o_in = gate_in[..., None] * o_in  # per head: scales rows of the readout
   if reach is not None:
-    q_eff = jnp.where(reach[..., None, None], q_eff, 0.0)
-  o = o0.astype(jnp.float32) + _einsum("bthk,bhkv->bthv", q_eff, h_in)
+    o_in = jnp.where(reach[..., None, None], o_in, 0.0)
+  o = o0.astype(jnp.float32) + o_in
   return o.astype(q.dtype), h_t
 
 

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lsm import layers  # noqa: E402
+from lsm.ops.gla import gla, signed  # noqa: E402
 from lsm.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
 from tests import numerics  # noqa: E402
 
@@ -55,6 +56,31 @@ def grads_fn(graphdef):
   return jax.jit(run)
 
 
+def skip_gain_term_sums(layer, x, ct):
+  """Mamba-2's D gradient is a sum over tokens and channels of v * dy, where dy
+  (the cotangent in front of the gated RMSNorm) is orthogonal to the normed
+  vector per head, so the terms cancel: their magnitudes sum to 600-3600 times
+  the result at this check's shapes (measured). A float32 sum is accurate
+  relative to the sum of its terms' magnitudes, not to its value, so D's
+  gradient is held to RTOL times that sum (per head); every other leaf keeps
+  the relative bound. Returns sum |v * dy| per head, float64."""
+  z, xbc, dt = layer._split(x)  # pylint: disable=protected-access
+  xbc, _ = layer.conv(xbc, None)
+  q, k, v, log_g, xv, negative = layer._ssd_inputs(xbc, dt, x.dtype)  # pylint: disable=protected-access
+  if negative is not None:
+    sign = signed.parity(negative)[..., None]
+    q, k = q * sign, k * sign
+  o, _ = gla(q, k, v, log_g, scale=1.0, chunk_size=16, impl="reference")
+  h = layer.n_heads
+
+  def tail(y):
+    y = layer.norm(y * jax.nn.silu(z.reshape(*z.shape[:-1], h, -1)))
+    return layer.out_proj(y.reshape(*y.shape[:-2], layer.inner))
+  _, vjp = jax.vjp(tail, o + layer.D[...][:, None] * xv)
+  dy, = vjp(ct)
+  return np.abs(np.asarray(xv * dy, np.float64)).sum(axis=(0, 1, 3))
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
   rng = np.random.default_rng(0)
@@ -77,6 +103,12 @@ def main():
       gathers = hlo.count(" all-gather(") + hlo.count(" all-gather-start(")
       assert gathers >= 1, f"{name}: no all-gather in the sequence-parallel HLO"
       numerics.assert_close(actual[0], expected[0], rtol=RTOL, what=f"{name} y")
+      if mixer == "mamba2":
+        bound = RTOL * skip_gain_term_sums(layer, x, ct)
+        err = np.abs(np.asarray(actual[1]["D"].get_value() - expected[1]["D"].get_value()))
+        assert np.all(err <= bound), (f"{name} dparams['D']: error {err} "
+                                      f"above {bound} (RTOL x sum |terms|)")
+        actual[1]["D"].set_value(expected[1]["D"].get_value())  # checked above
       numerics.assert_pytrees_close(actual[1], expected[1], rtol=RTOL,
                                     what=f"{name} dparams")
       numerics.assert_close(actual[2], expected[2], rtol=RTOL, what=f"{name} dx")

@@ -77,18 +77,7 @@ def _run(case: str):
   return with_grads(packed)(params, x), with_grads(separate)(params, x)
 
 
-# Signed Mamba-2's A_log gradient: packed 0.814492 vs alone 0.814471 (head
-# 0, relative error 2.5e-5 > 1e-5) on this machine, at 47f3bad as at this
-# commit (2026-12-06); every other output and gradient of the case holds.
-# Not understood yet (signed_log_decay near a = 0 is the suspect): a known
-# failure, reported as xfail (never as a pass), not a looser bound.
-_KNOWN = {"mamba2_signed": "A_log gradient 2.5e-5 off on this machine (see "
-                           "comment; open)"}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(reason=_KNOWN[c], strict=False))
-    if c in _KNOWN else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_packed_row_equals_documents_alone(case):
   (y, (dp, dx)), (y_e, (dp_e, dx_e)) = _run(case)
   numerics.assert_close(y, y_e, rtol=RTOL, what=f"{case} output")

@@ -64,12 +64,30 @@ def test_matches_reference_bf16(impl, gate, shape):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("gate", ["channel", "head"])
 @pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
-def test_strong_decay(impl, log_g_value):
+def test_strong_decay(impl, gate, log_g_value):
   """log_g = -5 per step on every channel over T = 1024: the naive exp(+-cumsum)
-  split overflows here; -50 drives the in-chunk log-space path."""
-  primals = make_inputs(2, 1, 1024, 1, 16, 16, log_g_value=log_g_value)
+  split overflows here; -50 drives the in-chunk log-space path. Per head: the
+  scalar-decay form's one path, exact at any decay."""
+  primals = make_inputs(2, 1, 1024, 1, 16, 16, gate=gate,
+                        log_g_value=log_g_value)
   harness.check_against_reference(gla, impl, 64, primals, jax.random.key(3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_gates_mixed_strong_and_mild(dtype):
+  """Per-head gates that jump between -50, -5 and mild inside chunks, at an
+  awkward shape (T = 150 over chunks of 64, K != V, two heads): every segment
+  sum mixes strong and weak gates, where a difference of cumsums would lose
+  the weak ones."""
+  primals = make_inputs(12, 2, 150, 2, 16, 24, gate="head", dtype=dtype)
+  pick = jax.random.randint(jax.random.key(13), (2, 150, 2), 0, 5)
+  strong = jnp.asarray([-50.0, -5.0, 0.0, 0.0, 0.0])[pick]
+  primals["log_g"] = jnp.where(strong < 0, strong,
+                               primals["log_g"].astype(jnp.float32)).astype(dtype)
+  harness.check_against_reference(gla, "chunked", 64, primals,
+                                  jax.random.key(14))
 
 
 @functools.cache
@@ -79,11 +97,13 @@ def _chunked(chunk_size):
 
 # -5 per step exceeds the single-pivot limit: the exact secondary-chunking form.
 DECAYS = pytest.mark.parametrize("log_g_value", [None, -5.0], ids=["mild", "strong"])
+GATES = pytest.mark.parametrize("gate", ["channel", "head"])
 
 
+@GATES
 @DECAYS
-def test_split_sequence_equals_whole(log_g_value):
-  x = make_inputs(4, 2, 90, 2, 16, 8, log_g_value=log_g_value)
+def test_split_sequence_equals_whole(log_g_value, gate):
+  x = make_inputs(4, 2, 90, 2, 16, 8, gate=gate, log_g_value=log_g_value)
   o, h = _chunked(32)(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"])
   t = 37  # not a chunk boundary
   first = {n: a[:, :t] for n, a in x.items() if n != "h0"}
@@ -95,9 +115,10 @@ def test_split_sequence_equals_whole(log_g_value):
   numerics.assert_close(h2, h, rtol=rtol, what="h_T")
 
 
+@GATES
 @DECAYS
-def test_chunk_size_does_not_matter(log_g_value):
-  x = make_inputs(5, 1, 70, 2, 16, 8, log_g_value=log_g_value)
+def test_chunk_size_does_not_matter(log_g_value, gate):
+  x = make_inputs(5, 1, 70, 2, 16, 8, gate=gate, log_g_value=log_g_value)
   o, h = _chunked(64)(**x)
   rtol = numerics.TOLERANCES[("invariant", "float32")]
   for c in (8, 16, 32):
@@ -155,9 +176,168 @@ def test_one_strong_chunk_forces_the_exact_form(impl):
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_strong_decay_bf16(impl):
-  primals = make_inputs(10, 1, 200, 1, 16, 16, log_g_value=-5.0, dtype=jnp.bfloat16)
+@GATES
+def test_strong_decay_bf16(impl, gate):
+  primals = make_inputs(10, 1, 200, 1, 16, 16, gate=gate, log_g_value=-5.0,
+                        dtype=jnp.bfloat16)
   harness.check_against_reference(gla, impl, 64, primals, jax.random.key(11))
+
+
+# -- one gate per head ([B, T, H]) ---------------------------------------------
+
+
+@pytest.mark.parametrize("log_g_value", [None, -5.0, -50.0],
+                         ids=["mild", "strong", "very_strong"])
+def test_head_gates_equal_their_channel_broadcast(log_g_value):
+  """[B, T, H] gates (the scalar-decay form) against the same gates broadcast
+  to [B, T, H, K] (the per-channel forms: fast while mild, else stable):
+  outputs, h_T and every gradient, the head gates' being the sum over K of
+  the broadcast gates'."""
+  x = make_inputs(15, 2, 75, 2, 12, 8, gate="head", log_g_value=log_g_value)
+  broadcast = lambda g: jnp.broadcast_to(g[..., None], (*g.shape, 12))  # noqa: E731
+
+  def run(x, per_channel):
+    f = lambda x: gla(**dict(x, log_g=broadcast(x["log_g"]) if per_channel  # noqa: E731
+                             else x["log_g"]), impl="chunked", chunk_size=32)
+    (o, h_t), pull = jax.vjp(f, x)
+    cts = (jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape),
+           jnp.sin(jnp.arange(h_t.size, dtype=jnp.float32)).reshape(h_t.shape))
+    (grads,) = pull(cts)
+    return (o, h_t, *(grads[n] for n in sorted(grads)))
+
+  names = ("o", "h_T", *(f"d{n}" for n in sorted(x)))
+  numerics.assert_trees_close(
+      jax.jit(run, static_argnums=1)(x, False),
+      jax.jit(run, static_argnums=1)(x, True),
+      rtol=numerics.TOLERANCES[("invariant", "float32")], names=names)
+
+
+# Packed rows (T = 47, chunk 16): a 1-token document, documents shorter and
+# longer than a chunk, starts at a chunk's first and last token, several in one
+# chunk.
+_DOC_LENGTHS = ((1, 13, 21, 12), (16, 17, 14))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("log_g_value", [None, -5.0], ids=["mild", "strong"])
+def test_head_gates_packed_row_equals_documents_run_alone(log_g_value, dtype):
+  """Chunked with [B, T, H] gates and segment_ids against each document run
+  alone by the reference (h0 entering each row's first document only):
+  outputs, final states and the gradients of every input."""
+  T = sum(_DOC_LENGTHS[0])
+  x = make_inputs(16, len(_DOC_LENGTHS), T, 2, 8, 6, gate="head",
+                  log_g_value=log_g_value, dtype=dtype)
+  x_32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+  ids = jnp.asarray([[i for i, n in enumerate(row) for _ in range(n)]
+                     for row in _DOC_LENGTHS], jnp.int32)
+
+  def packed(x):
+    return gla(**x, impl="chunked", chunk_size=16, segment_ids=ids)
+
+  def alone(x):
+    outs, finals = [], []
+    for row, lengths in enumerate(_DOC_LENGTHS):
+      start, pieces, h = 0, [], x["h0"][row:row + 1]
+      for i, n in enumerate(lengths):
+        doc = {name: a[row:row + 1, start:start + n]
+               for name, a in x.items() if name != "h0"}
+        o, h = gla(**doc, h0=h if i == 0 else jnp.zeros_like(h),
+                   impl="reference")
+        pieces.append(o)
+        start += n
+      outs.append(jnp.concatenate(pieces, axis=1))
+      finals.append(h)
+    return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+  def with_grads(f, x, cts):
+    (o, h_t), pull = jax.vjp(f, x)
+    (grads,) = pull(cts)
+    return (o, h_t, *(grads[n] for n in sorted(grads)))
+
+  o_shape, h_shape = (2, T, 2, 6), (2, 2, 8, 6)
+  k1, k2 = jax.random.split(jax.random.key(17))
+  cts = (jax.random.normal(k1, o_shape).astype(dtype),
+         jax.random.normal(k2, h_shape))
+  got = jax.jit(functools.partial(with_grads, packed))(x, cts)
+  want = jax.jit(functools.partial(with_grads, alone))(
+      x_32, tuple(c.astype(jnp.float32) for c in cts))
+  numerics.assert_outputs_close(
+      got, want, impl="chunked", dtype=dtype,
+      names=("o", "h_t", *(f"d{n}" for n in sorted(x))))
+
+
+def test_head_gates_reach_the_impls_as_they_are(monkeypatch):
+  """[B, T, H] gates reach the impls in ``api._HEAD_GATES`` (reference,
+  chunked) as float32 [B, T, H]; the others (the Pallas impls, until their
+  kernels read one gate per head) get them broadcast to [B, T, H, K]."""
+  from lsm.ops.gla import api
+  seen = {}
+
+  def recorder(name):
+    def impl(q, k, v, log_g, **kwargs):
+      del k, kwargs
+      seen[name] = (log_g.shape, log_g.dtype)
+      return jnp.zeros((*q.shape[:-1], v.shape[-1]), q.dtype), None
+    return impl
+
+  for name in api._IMPLS:
+    monkeypatch.setitem(api._IMPLS, name, recorder(name))
+  x = make_inputs(18, 1, 16, 2, 8, 8, gate="head", dtype=jnp.bfloat16)
+  for name in api._IMPLS:
+    gla(**x, impl=name, chunk_size=64 if name == "pallas_mosaic_gpu" else 16)
+  for name, got in seen.items():
+    want = (1, 16, 2) if name in api._HEAD_GATES else (1, 16, 2, 8)
+    assert got == (want, jnp.float32), (name, got)
+  assert {"reference", "chunked"} <= set(api._HEAD_GATES)
+  assert set(seen) == set(api._IMPLS)
+
+
+def gate_broadcasts(jaxpr, lead_shapes, K: int):
+  """The ``broadcast_in_dim`` equations anywhere in ``jaxpr`` (nested jaxprs
+  of jit, scan, custom_vjp, shard_map, ... included) that widen a non-scalar
+  float32 operand to [B, T', H, K] for a (B, T', H) in ``lead_shapes``: what
+  broadcasting [B, T, H] gates over K in the time-major layout looks like
+  (zero cotangents, broadcast from scalars, are not counted)."""
+  targets = {(*lead, K) for lead in lead_shapes}
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "broadcast_in_dim":
+      (x,), (y,) = eqn.invars, eqn.outvars
+      if (y.aval.dtype == jnp.float32 and tuple(y.aval.shape) in targets
+          and x.aval.ndim > 0 and tuple(x.aval.shape) != tuple(y.aval.shape)):
+        found.append(f"{x.aval.str_short()} -> {y.aval.str_short()}")
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += gate_broadcasts(sub, lead_shapes, K)
+  return found
+
+
+def test_no_gate_is_broadcast_over_K():
+  """Forward and backward of chunked GLA with [B, T, H] gates (and documents)
+  never widen a [B, T, H] array to a float32 [B, T, H, K] one (nor the padded
+  [B, Tp, H, K]); the same gates given broadcast by the caller are, which
+  shows the check sees such a broadcast."""
+  B, T, H, K, V, C = 2, 40, 3, 24, 12, 16  # distinct sizes; Tp = 48
+  x = make_inputs(19, B, T, H, K, V, gate="head")
+  ids = jnp.asarray([[0] * 9 + [1] * 31, [0] * 40], jnp.int32)
+
+  def vjp(widen, segment_ids):
+    def run(x):
+      g = x["log_g"]
+      if widen:
+        g = jnp.broadcast_to(g[..., None], (B, T, H, K))
+      f = lambda x: gla(**dict(x, log_g=g), impl="chunked", chunk_size=C,  # noqa: E731
+                        segment_ids=segment_ids)
+      ys, pull = jax.vjp(f, x)
+      return pull(tuple(jnp.ones_like(y) for y in ys))
+    return jax.make_jaxpr(run)(x).jaxpr
+
+  leads = [(B, T, H), (B, 48, H)]
+  for segment_ids in (None, ids):
+    assert not gate_broadcasts(vjp(False, segment_ids), leads, K)
+  assert gate_broadcasts(vjp(True, None), leads, K)
 
 
 def _zeros(*shape, dtype=jnp.float32):

@@ -5,7 +5,8 @@ sequence parallelism (lsm.parallel.sequence) against one device.
    attention) on meshes with seq = 2, 4 and 8 (combined with data and tensor
    axes): outputs, final states and the gradients of every input and of h0 equal the
    single-device op within the float32 "invariant" tolerance, at T / seq not a
-   multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays;
+   multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays,
+   GLA with per-channel and per-head gates;
    and the linear ops on packed rows (segment_ids) with document starts inside
    slices, several in one slice, at slice edges, and slices without one.
 2. Compiled HLO of one layer's forward + backward on seq = 8: exactly one
@@ -364,6 +365,14 @@ def main(slow: bool):
                               "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="documents", segments=True)
+    # One gate per head ([B, T, H]: Mamba-2, RetNet, Lightning): the chunked
+    # scalar-decay form in every slice, per-head slice decays, with and without
+    # documents.
+    for segments in (False, True):
+      check_ops(results, names=("gla",), shape_args=(2, 40, 2, 8, 12),
+                gate="head", h0=True, chunk=16,
+                tag="gla_head" + ("_documents" if segments else ""),
+                segments=segments)
     t1 = time.perf_counter()
     check_hlo(results)
     check_hlo_selective_scan(results)

@@ -77,6 +77,15 @@ CASES = {
         ("q", "k", "v", "log_g"),
         lambda x: gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"],
                       chunk_size=16, impl=IMPL)),
+    # One gate per head, [B, T, H]: the slices' decays stay per head.
+    "gla_head": (
+        lambda x: functools.partial(
+            sequence.gla_slice, call=functools.partial(
+                gla, scale=K ** -0.5, chunk_size=16, impl=IMPL),
+            scale=K ** -0.5, axis=sequence.SEQ_AXIS),
+        ("q", "k", "v", "log_g_head"),
+        lambda x: gla(x["q"], x["k"], x["v"], x["log_g_head"], h0=x["h0"],
+                      chunk_size=16, impl=IMPL)),
     "gated_delta_rule": (
         lambda x: lambda q, k, v, beta, g, h0: sequence.delta_rule_slice(
             q, k, v, beta, g, h0, axis=sequence.SEQ_AXIS,
@@ -120,6 +129,13 @@ DOC_CASES = {
         scale=K ** -0.5, axis=sequence.SEQ_AXIS),
             lambda x: gla(x["q"], x["k"], x["v"], x["log_g"], h0=x["h0"],
                           chunk_size=16, impl=IMPL, segment_ids=_SEGMENT_IDS)),
+    "gla_head": (lambda ids, resets, x, h0: sequence.gla_slice(
+        x["q"], x["k"], x["v"], x["log_g_head"], h0, ids, resets,
+        call=functools.partial(gla, scale=K ** -0.5, chunk_size=16, impl=IMPL),
+        scale=K ** -0.5, axis=sequence.SEQ_AXIS),
+                 lambda x: gla(x["q"], x["k"], x["v"], x["log_g_head"],
+                               h0=x["h0"], chunk_size=16, impl=IMPL,
+                               segment_ids=_SEGMENT_IDS)),
     "gated_delta_rule": (lambda ids, resets, x, h0: sequence.delta_rule_slice(
         x["q"], x["k"], x["v"], x["beta"], x["log_g_head"], h0, ids, resets,
         call=functools.partial(delta_rule, chunk_size=16, impl=IMPL),
@@ -311,6 +327,38 @@ def test_no_zero_size_array_crosses_a_shard_map(op):
     avals = _shard_map_avals(jax.make_jaxpr(run)(x).jaxpr)
   assert len(avals) > 4, "no shard_map traced"
   assert not [a for a in avals if 0 in a.shape], avals
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "documents"])
+def test_head_gates_stay_per_head_in_the_slices(documents):
+  """sequence.gla with [B, T, H] gates on a seq = 4 mesh (traced, forward and
+  backward): the op in each slice gets [B, t, H] gates, and nothing widens a
+  [B, t, H] array to float32 [B, t, H, K] (the slice's decays scale the rows
+  of its [B, t, H, V] readout instead)."""
+  from tests.ops.test_gla import gate_broadcasts
+  x = _inputs()
+  ids = _SEGMENT_IDS if documents else None
+  seen = []
+
+  def op(q, k, v, log_g, **kw):
+    seen.append(log_g.shape)
+    return gla(q, k, v, log_g, **kw)
+
+  def run(x):
+    f = lambda x: sequence.gla(x["q"], x["k"], x["v"], x["log_g_head"],  # noqa: E731
+                               h0=x["h0"], chunk_size=16, impl="chunked",
+                               segment_ids=ids)
+    ys, pull = jax.vjp(f, x)
+    return pull(tuple(jnp.ones_like(y) for y in ys))
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sequence, "_gla_op", op)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(N)):
+      jaxpr = jax.make_jaxpr(run)(x).jaxpr
+  assert (B, T // N, H) in seen, seen
+  assert not [s for s in seen if len(s) != 3], seen
+  leads = [(B, T // N, H), (B, 16, H), (B, T, H)]  # slice, padded slice, row
+  assert not gate_broadcasts(jaxpr, leads, K)
 
 
 @pytest.mark.parametrize("shape, match", [

@@ -1,4 +1,4 @@
-"""Public GLA op: input checks, gate broadcasting, dispatch on ``impl=``."""
+"""Public GLA op: input checks, gate forms, dispatch on ``impl=``."""
 
 import jax.numpy as jnp
 
@@ -18,11 +18,16 @@ _OP = "gla"
 # the constant all-zero gate that XLA would otherwise fold: 3.8x the time on
 # CPU at Based's K = 273); the others get zeros.
 _UNGATED = ("chunked",)
+# Impls that read one gate per head, [B, T, H], as it is (chunked: its
+# scalar-decay form, lsm/ops/gla/chunked_scalar.py); the others are given the
+# gates broadcast over K (``_for_impl``).
+_HEAD_GATES = ("reference", "chunked")
 
 
 def _gate(log_g, shape, op: str, name: str):
-  """None, [*lead] or [*lead, K] log gates -> float32 [*lead, K], or None
-  for None (each impl then has no decay; see ``gla``)."""
+  """None, [*lead] or [*lead, K] log gates -> float32 of the same shape (one
+  gate per head stays one gate per head), or None for None (each impl then has
+  no decay; see ``gla``)."""
   *lead, K = shape
   if log_g is None:
     return None
@@ -30,10 +35,19 @@ def _gate(log_g, shape, op: str, name: str):
   letters = "BTH" if len(lead) == 3 else "BH"  # sequence or one decoding step
   if jnp.ndim(log_g) == len(lead):
     checks.check_shape(op, name, log_g, lead, letters)
-    log_g = log_g[..., None]
   else:
     checks.check_shape(op, name, log_g, shape, letters + "K")
-  return jnp.broadcast_to(log_g.astype(jnp.float32), shape)
+  return log_g.astype(jnp.float32)
+
+
+def _for_impl(name: str, log_g, K: int):
+  """The gates as impl ``name`` reads them: [B, T, H] as they are for the
+  impls in ``_HEAD_GATES``; broadcast to [B, T, H, K] for the others (the
+  Pallas kernels, until they read [B, T, H] gates: then they join
+  ``_HEAD_GATES`` and this broadcast goes)."""
+  if log_g is None or log_g.ndim == 4 or name in _HEAD_GATES:
+    return log_g
+  return jnp.broadcast_to(log_g[..., None], (*log_g.shape, K))
 
 
 def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
@@ -45,7 +59,9 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     k: [B, T, H, K] keys, q's dtype.
     v: [B, T, H, V] values, q's dtype.
     log_g: log forget gates, <= 0: [B, T, H, K] per channel, [B, T, H] one per
-      head (broadcast over K), or None for no decay. Any float dtype.
+      head (used as it is: "reference" and "chunked" have a scalar-decay form,
+      the Pallas impls get it broadcast over K), or None for no decay. Any
+      float dtype; used in float32.
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
@@ -87,9 +103,9 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   scale = K ** -0.5 if scale is None else float(scale)
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
   if log_g is None and name not in _UNGATED:
-    log_g = jnp.zeros((B, T, H, K), jnp.float32)
-  return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale, chunk_size=chunk_size,
-                      **kwargs)
+    log_g = jnp.zeros((B, T, H), jnp.float32)
+  return _IMPLS[name](q, k, v, _for_impl(name, log_g, K), h0=h0, scale=scale,
+                      chunk_size=chunk_size, **kwargs)
 
 
 def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from lsm.ops.common import segments
 from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 from lsm.ops import _dispatch
+from lsm.ops.gla import chunked_scalar
 
 # Every call (lsm.ops._dispatch).
 ACCEPTS = _dispatch.ANYTHING
@@ -435,10 +436,14 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64, resets=None):
-  """Chunked GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g`` already
-  [B, T, H, K] or None (no decay: plain linear attention, without the gate
-  factors), ``h0`` a float32 [B, H, K, V] array and ``resets`` None or
-  ``segments.resets(segment_ids)``."""
+  """Chunked GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g`` float32
+  [B, T, H, K] (per channel: the forms above), [B, T, H] (one gate per head:
+  ``chunked_scalar``'s scalar-decay form, exact at any decay) or None (no
+  decay: plain linear attention, without the gate factors), ``h0`` a float32
+  [B, H, K, V] array and ``resets`` None or ``segments.resets(segment_ids)``."""
+  if log_g is not None and log_g.ndim == 3:
+    return chunked_scalar.gla(q, k, v, log_g, h0=h0, scale=scale,
+                              chunk_size=chunk_size, resets=resets)
   T, dtype = q.shape[1], q.dtype
   q, k, v = (pad_time(x.astype(jnp.float32), chunk_size)
              for x in (q, k, v))  # [B, Tp, H, *]

@@ -7,15 +7,17 @@ For each batch element and head, with a float32 state S_t in R^{K x V}:
 
 q_t, k_t and log_g_t are rows in R^K, v_t is a row in R^V, S_0 = h0 (zeros when
 absent) and scale defaults to K^{-1/2}. The output at t sees token t itself.
-log_g_t <= 0 is a per-channel log forget gate (GLA, Yang et al. 2023).
+log_g_t <= 0 is a per-channel log forget gate (GLA, Yang et al. 2023), or one
+gate per head, the same for every channel (RetNet, Lightning Attention,
+Mamba-2's scalar decay): diag(exp(log_g_t)) is then exp(log_g_t) I.
 
 Packed documents (``segment_ids``, see ``lsm.ops.common.segments``): where token
 t starts a document (t > 0), S_{t-1} is replaced by 0 in the update, so no
 document sees another's tokens; h0 enters the row's first document only, and
 the final state is the state after token T-1. The public
-``gla`` also accepts one gate per head, ``[B, T, H]`` (RetNet, Lightning Attention,
-Mamba2-style decay), and no gate (plain linear attention); both are broadcast to
-``[B, T, H, K]`` before any impl sees them, so every impl has one code path.
+``gla`` takes per-channel gates ``[B, T, H, K]``, no gate (plain linear
+attention), and one gate per head ``[B, T, H]``, which this module and
+``chunked`` read as it is (the Pallas impls are given it broadcast over K).
 
 This module is token-by-token ``lax.scan`` in float32 with ``precision=HIGHEST``
 matmuls, so no TF32 or bf16 pass leaks into the definition. It is the ground truth
@@ -40,7 +42,8 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
     q_t: [B, H, K] query.
     k_t: [B, H, K] key.
     v_t: [B, H, V] value.
-    log_g_t: [B, H, K] log forget gate, or None (no decay).
+    log_g_t: [B, H, K] log forget gate, [B, H] one per head, or None (no
+      decay).
     h: [B, H, K, V] float32 state before the token.
     scale: query scale.
 
@@ -49,7 +52,8 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
   """
   f32 = jnp.float32
   if log_g_t is not None:
-    h = jnp.exp(log_g_t.astype(f32))[..., None] * h
+    decay = jnp.exp(log_g_t.astype(f32))  # [B, H, K] or [B, H]
+    h = decay.reshape(*decay.shape, *(1,) * (h.ndim - decay.ndim)) * h
   h = h + k_t.astype(f32)[..., :, None] * v_t.astype(f32)[..., None, :]
   o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t.astype(f32), h, precision=_HIGHEST)
   return o_t.astype(q_t.dtype), h
@@ -58,8 +62,8 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale: float):
 def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int | None = None,
         resets=None):
   """GLA over a sequence, token by token. Arguments as in ``lsm.ops.gla.gla``,
-  with ``log_g`` already [B, T, H, K] and ``h0`` a float32 array; chunk_size is
-  ignored. ``resets`` (bool [B, T], ``segments.resets(segment_ids)``) zeroes the
+  with ``log_g`` [B, T, H, K] or [B, T, H] and ``h0`` a float32 array;
+  chunk_size is ignored. ``resets`` (bool [B, T], ``segments.resets(segment_ids)``) zeroes the
   state entering each document's first token."""
   del chunk_size
   f32 = jnp.float32

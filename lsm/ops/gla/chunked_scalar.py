@@ -1,0 +1,111 @@
+r"""GLA with one gate per head ([B, T, H]: Mamba-2, RetNet, Lightning Attention)
+in chunkwise-parallel form, pure JAX. The recurrence is defined in
+``reference.py``; this computes the same function. ``chunked.gla`` hands
+[B, T, H] gates here; per-channel gates take ``chunked.py``'s forms.
+
+With a scalar decay per token the chunk needs no per-channel factors and no
+secondary chunking: the decay between tokens s <= t of a chunk is one number,
+exp(L_ts) with the segment sum L_ts = sum_{s < u <= t} g_u, so for the state S
+entering the chunk and b_t = sum_{u <= t} g_u:
+
+    o_t   = scale * [exp(b_t) q_t S + sum_{s <= t} exp(L_ts) (q_t . k_s) v_s]
+    S_out = exp(b_C) S + sum_s exp(L_Cs) k_s^T v_s
+
+L is a [C, C] matrix per (batch, head, chunk), formed as a masked cumsum of
+the gates (each entry a sum of gates <= 0, never a difference of cumsums, so
+it carries no cancellation error however strong the decay), masked to the
+causal part before ``exp``: every exponent is <= 0, nothing overflows, and the
+form is exact at any decay (-5 or -50 per token alike), with no fallback form.
+The decay factors of the inter-chunk terms, exp(b_t) and exp(L_Cs), are cumsums
+and shifted reverse cumsums of the gates, also sums of gates <= 0; they scale
+rows of [C, V] products, so no gate-derived array has a K axis.
+
+Packed documents cut the terms with ``segments.chunk_masks`` as ``chunked.py``
+does: the [C, C] weights keep pairs in one document, the incoming state reaches
+tokens before the chunk's first reset, only the last document's tokens write
+the outgoing state, which keeps the incoming one only if the chunk has no reset.
+
+The chunk-to-chunk state pass is a ``lax.scan`` over N chunks (one [K, V]
+state per chunk is kept for the backward pass); everything else is batched
+matmuls. Gradients come from autodiff: the residuals are [C, C] and [C]-sized
+per chunk besides the inputs, no [B, T, H, K] gate tensor. All arithmetic is
+float32 with HIGHEST-precision matmuls; outputs are cast back to q's dtype.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lsm.ops.common import segments
+from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _einsum(spec, *xs):
+  return jnp.einsum(spec, *xs, precision=_HIGHEST)
+
+
+def segment_sums(g):
+  """[..., C] gates -> [..., C, C]: L_ts = sum_{s < u <= t} g_u for s < t, and
+  0 for s >= t. A cumsum over t of the gates masked to t > s, so each entry is
+  a sum of same-signed gates (no difference of cumsums)."""
+  C = g.shape[-1]
+  idx = jnp.arange(C)
+  below = idx[:, None] > idx[None, :]  # [C, C]: t > s
+  return jnp.cumsum(jnp.where(below, g[..., :, None], 0.0), axis=-2)
+
+
+def _forward(q, k, v, g, h0, masks, *, scale: float):
+  """On chunks: q, k [B, H, N, C, K], v [B, H, N, C, V], g [B, H, N, C] float32;
+  ``masks`` ``segments.chunk_masks`` broadcast over H, or None. Returns o
+  [B, H, N, C, V] and h_T [B, H, K, V]."""
+  C = g.shape[-1]
+  idx = jnp.arange(C)
+  keep = idx[:, None] >= idx[None, :]  # [C, C]
+  if masks is not None:
+    same, carry, tail = masks
+    keep = keep & same
+  w = jnp.where(keep, jnp.exp(segment_sums(g)), 0.0)  # [B, H, N, C, C]
+  a = w * _einsum("bhntk,bhnsk->bhnts", q, k)
+  # Decay to the chunk end, sum_{u > s} g_u: the reverse cumsum shifted by one.
+  rev = jnp.cumsum(g[..., ::-1], axis=-1)[..., ::-1]  # sum_{u >= s} g_u
+  to_end = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], -1)
+  gate_in, gate_out, decay = (jnp.exp(jnp.cumsum(g, axis=-1)), jnp.exp(to_end),
+                              jnp.exp(rev[..., 0]))  # [B, H, N, C], [.., N]
+  if masks is not None:
+    gate_in = jnp.where(carry, gate_in, 0.0)
+    gate_out = jnp.where(tail, gate_out, 0.0)
+    decay = jnp.where(carry[..., -1], decay, 0.0)
+  u = _einsum("bhnck,bhncv->bhnkv", k, gate_out[..., None] * v)
+
+  def step(h, x):
+    d, u_n = x
+    return d[..., None, None] * h + u_n, h
+
+  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 2, 0),
+                                      jnp.moveaxis(u, 2, 0)))
+  h_in = jnp.moveaxis(h_in, 0, 2)  # [B, H, N, K, V]: the state entering each chunk
+  o = (_einsum("bhnts,bhnsv->bhntv", a, v)
+       + gate_in[..., None] * _einsum("bhnck,bhnkv->bhncv", q, h_in))
+  return scale * o, h_t
+
+
+def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64, resets=None):
+  """Chunked GLA with per-head gates. Arguments as in ``lsm.ops.gla.gla``, with
+  ``log_g`` [B, T, H] (any float dtype; used in float32), ``h0`` a float32
+  [B, H, K, V] array and ``resets`` None or ``segments.resets(segment_ids)``.
+  Any chunk_size >= 1.
+
+  Returns:
+    o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.
+  """
+  T, dtype = q.shape[1], q.dtype
+  f32 = jnp.float32
+  q, k, v, g = (to_chunks(pad_time(x.astype(f32), chunk_size), chunk_size)
+                for x in (q, k, v, log_g))  # [B, H, N, C, *]
+  masks = None
+  if resets is not None:
+    resets = jnp.pad(resets, ((0, 0), (0, q.shape[2] * chunk_size - T)))
+    masks = tuple(x[:, None] for x in segments.chunk_masks(resets, chunk_size))
+  o, h_t = _forward(q, k, v, g, h0.astype(f32), masks, scale=float(scale))
+  return from_chunks(o, T).astype(dtype), h_t
