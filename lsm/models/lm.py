@@ -164,11 +164,21 @@ class LanguageModel(nnx.Module):
         cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
         kernel_init=sharded(nnx.initializers.lecun_normal(), axes.EMBED, axes.VOCAB))
 
+  def _embed(self, tokens):
+    """Rows of the table in the table's dtype: bfloat16 under a bf16 compute
+    step (``nnx.Embed`` would promote to the float32 it was built with, and
+    every layer after it would run in float32)."""
+    return jnp.take(self.embed.embedding[...], tokens, axis=0)
+
   def _logits(self, x):
+    """float32 logits: the head's matmul in the compute dtype, accumulated
+    and returned in float32."""
     x = self.norm(x)
     if self.head is None:
-      return self.embed.attend(x).astype(jnp.float32)
-    return self.head(x).astype(jnp.float32)
+      w = self.embed.embedding[...].T
+    else:
+      w = self.head.kernel[...]
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, max_len: int):
     """One cache per layer; linear mixers' are O(1) in ``max_len``."""
@@ -178,7 +188,7 @@ class LanguageModel(nnx.Module):
     """tokens: int [B, T] -> (logits float32 [B, T, vocab], cache or None).
     segment_ids, positions: optional int [B, T] of packed rows (lsm.data.packing;
     every mixer restarts at each document start)."""
-    x = self.embed(tokens)
+    x = self._embed(tokens)
     new_cache = None if cache is None else []
     for i, blk in enumerate(self.blocks):
       x, c = blk(x, None if cache is None else cache[i], segment_ids=segment_ids,
@@ -189,7 +199,7 @@ class LanguageModel(nnx.Module):
 
   def step(self, token, cache):
     """token: int [B] -> (logits float32 [B, vocab], cache)."""
-    x = self.embed(token)
+    x = self._embed(token)
     new_cache = []
     for blk, c in zip(self.blocks, cache):
       x, c = blk.step(x, c)
