@@ -77,6 +77,22 @@ TOLERANCES = _Table({
              "ddt", "dB", "dC"), 1e-2),
     **{("chunked", "bfloat16", o): r for o, r in {
         "h_t": 5e-6, "dh0": 5e-6, "dA": 1e-6, "dD": 1e-6}.items()},
+    # dplr (lsm.ops.dplr), chunked: the gradients of its rank-one vectors a,
+    # b, u, named "dplr:da" etc. because "da" and "db" above are ssm_scan's.
+    # They are key-side gradients like the delta rule's dk, so they start
+    # from its rows (1e-5 float32, 1e-2 bfloat16). Measured
+    # (tests/ops/test_dplr.py: every gate kind, T < C, two remat groups,
+    # decay -5 and -50, mixed strong and mild gates, packed documents):
+    # float32 da 5.3e-7, db 5.4e-7, du 3.9e-7 -> 1e-5 (10x rounded up, the
+    # starting bound); bfloat16 1.7e-3 each (bf16 rounding of the returned
+    # gradients; 10x is above 1e-2, so 1e-2 stays). dplr's other outputs use
+    # the shared rows above; measured float32 o 3.7e-7, h_t 3.8e-7, dq 3.5e-7,
+    # dv 3.8e-7, dlog_g 5.0e-7, dh0 4.1e-7; bfloat16 h_t 2.8e-7, dh0 3.7e-7,
+    # the rest 1.7e-3.
+    **{("chunked", "float32", o): 1e-5 for o in ("dplr:da", "dplr:db",
+                                                  "dplr:du")},
+    **_rows(("chunked",), ("bfloat16",), ("dplr:da", "dplr:db", "dplr:du"),
+            1e-2),
     # Pallas kernels. bfloat16 / float16 inputs: every output keeps the 16-bit
     # bound. The kernels round by design: pallas_triton and pallas_tpu run
     # their matmuls on 16-bit inputs at TF32 (tiles.precision_for), so h_t and
