@@ -24,13 +24,16 @@ PyPI triton stands in for the Triton inside XLA, so a GPU run may differ by a
 few registers; an XLA dump on a GPU (``XLA_FLAGS=--xla_dump_to``) confirms.
 
 Limits (``violations``; tests/experiments/test_kernel_resources.py holds every
-kernel to them): at head dims <= 128 in bf16, dynamic shared memory within the
-target's per-block limit, no spills on sm_90a, at most ``MAX_SM80_SPILL`` bytes
-of spill stores on sm_80, and no ptxas fallback to 32 registers; above 128, or
-in float32, the shared-memory limit only.
+kernel to them): dynamic shared memory within the target's per-block limit at
+every shape and dtype. In bf16, at every head shape the kernels accept (K up
+to 256, V up to 512): at most ``MAX_SPILL`` bytes of spill stores on either
+target, no ptxas fallback to 32 registers and no serialized wgmma; at K and
+V <= 128 also no spills on sm_90a (as since the kernels were first tuned).
+float32 (IEEE matmuls on FMA units) is held to the shared-memory limit only.
 
-Options: --ops gla delta_rule, --dims 64 128 256, --dtypes bfloat16 float32,
---targets a100 h100, --chunk 64, --T 256, --out DIR (TTIR, PTX and ptxas logs,
+Options: --ops gla delta_rule, --dims 64 128 256 (K = V), --shapes 256x512
+64x512 (K x V pairs, beside --dims), --dtypes bfloat16 float32, --targets
+a100 h100, --chunk 64, --T 256, --out DIR (TTIR, PTX and ptxas logs,
 results.json), --documents (also every kernel on packed rows, named
 "kernel+docs"), --markdown, --check (exit 1 on a violation).
 """
@@ -49,13 +52,16 @@ from lsm.ops.common import cuda_targets  # no jax at import (see its docstring)
 
 OPS = ("gla", "delta_rule")
 DIMS = (64, 128, 256)
+# K x V head shapes beside the square ones: flash-linear-attention's GLA, Gated
+# DeltaNet and RetNet heads at d_model 2048 are K 256, V 512.
+WIDE = ((256, 512),)
 DTYPES = ("bfloat16", "float32")
 TARGETS = tuple(sorted(cuda_targets.TARGETS))  # "a100", "h100"
 SM = {name: t.sm for name, t in cuda_targets.TARGETS.items()}
 # Opt-in dynamic shared memory per block, by compute capability.
 SMEM_LIMIT = {t.sm: t.smem_per_block for t in cuda_targets.TARGETS.values()}
-MAX_SM80_SPILL = 1024  # bytes of spill stores allowed on sm_80 at D <= 128, bf16
-STRICT_MAX_DIM = 128
+MAX_SPILL = 1024  # bytes of spill stores allowed in bf16 (sm_90a: see below)
+STRICT_MAX_DIM = 128  # K, V <= this in bf16: no spills on sm_90a
 
 
 # ------------------------------------------------------- 1. jax side ---
@@ -94,15 +100,27 @@ def _op_fn(op, chunk, documents=False):
   return fwd_bwd
 
 
-def _structs(op, D, dtype, T, B=1, H=2):
+def _structs(op, K, V, dtype, T, B=1, H=2):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   s = jax.ShapeDtypeStruct
   f32 = jnp.float32
-  x = [s((B, T, H, D), dtype)] * 3
-  gates = [s((B, T, H, D), f32)] if op == "gla" else [s((B, T, H), f32)] * 2
-  state = s((B, H, D, D), f32)
-  return x + gates + [state, s((B, T, H, D), dtype), state]
+  x = [s((B, T, H, K), dtype)] * 2 + [s((B, T, H, V), dtype)]
+  gates = [s((B, T, H, K), f32)] if op == "gla" else [s((B, T, H), f32)] * 2
+  state = s((B, H, K, V), f32)
+  return x + gates + [state, s((B, T, H, V), dtype), state]
+
+
+def shapes_of(dims=(), shapes=()):
+  """(K, V) pairs: (D, D) for each of ``dims``, then ``shapes``, in order and
+  without repeats."""
+  return list(dict.fromkeys([(d, d) for d in dims] + [tuple(x) for x in shapes]))
+
+
+def _kv(text):
+  """"256x512" -> (256, 512)."""
+  k, v = text.lower().split("x")
+  return int(k), int(v)
 
 
 def _triton_calls(lowered):
@@ -129,11 +147,11 @@ def _triton_calls(lowered):
   return calls
 
 
-def extract(ops, dims, dtypes, targets, chunk, T, out, documents=False):
+def extract(ops, shapes, dtypes, targets, chunk, T, out, documents=False):
   """Writes out/ttir/<hash>.ttir and out/index.json (one entry per kernel
-  launch kind and case; the same kernel launched twice is listed once). With
-  ``documents``, each case is also lowered on packed rows; those kernels are
-  named with a "+docs" suffix."""
+  launch kind and case; the same kernel launched twice is listed once);
+  ``shapes``: (K, V) pairs. With ``documents``, each case is also lowered on
+  packed rows; those kernels are named with a "+docs" suffix."""
   import warnings  # pylint: disable=g-import-not-at-top
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -143,12 +161,13 @@ def extract(ops, dims, dtypes, targets, chunk, T, out, documents=False):
   warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated")
   os.makedirs(os.path.join(out, "ttir"), exist_ok=True)
   index = []
-  cases = [(op, D, dtype, target, docs)
-           for op in ops for D in dims for dtype in dtypes for target in targets
+  cases = [(op, K, V, dtype, target, docs)
+           for op in ops for K, V in shapes for dtype in dtypes
+           for target in targets
            for docs in ((False, True) if documents else (False,))]
-  for op, D, dtype, target, docs in cases:
+  for op, K, V, dtype, target, docs in cases:
     lowered = cuda_targets.lower_for_cuda(
-        _op_fn(op, chunk, docs), *_structs(op, D, jnp.dtype(dtype), T),
+        _op_fn(op, chunk, docs), *_structs(op, K, V, jnp.dtype(dtype), T),
         target=target)
     seen = set()
     for name, warps, stages, code in _triton_calls(lowered):
@@ -161,7 +180,7 @@ def extract(ops, dims, dtypes, targets, chunk, T, out, documents=False):
       seen.add(digest)
       with open(os.path.join(out, "ttir", f"{digest}.ttir"), "w") as f:
         f.write(text)
-      index.append(dict(op=op, D=D, dtype=dtype, target=target,
+      index.append(dict(op=op, K=K, V=V, dtype=dtype, target=target,
                         kernel=name + ("+docs" if docs else ""),
                         num_warps=warps, num_stages=stages, ttir=digest))
   with open(os.path.join(out, "index.json"), "w") as f:
@@ -220,7 +239,8 @@ def compile_ttir(path, sm, num_warps, num_stages, log_dir):
 class Row:
   op: str
   kernel: str
-  D: int
+  K: int
+  V: int
   dtype: str
   sm: str
   num_warps: int
@@ -249,9 +269,11 @@ def compile_all(out):
       cache[key] = compile_ttir(os.path.join(out, "ttir", e["ttir"] + ".ttir"),
                                 sm, e["num_warps"], e["num_stages"], log_dir)
     r = cache[key]
-    rows.append(Row(op=e["op"], kernel=e["kernel"], D=e["D"], dtype=e["dtype"],
-                    num_warps=e["num_warps"], num_stages=e["num_stages"], **r))
-    print(f"{e['op']:>10} {e['kernel']:<28} D={e['D']:<3} {e['dtype']:<8} "
+    rows.append(Row(op=e["op"], kernel=e["kernel"], K=e["K"], V=e["V"],
+                    dtype=e["dtype"], num_warps=e["num_warps"],
+                    num_stages=e["num_stages"], **r))
+    print(f"{e['op']:>10} {e['kernel']:<28} K={e['K']:<3} V={e['V']:<3} "
+          f"{e['dtype']:<8} "
           f"{r['sm']:<6} regs {r['regs']:>3}  spill {r['spill_stores']:>7} B  "
           f"smem {r['smem']:>7} B", flush=True)
   return rows
@@ -270,12 +292,13 @@ def violations(rows):
   bad = []
   for r in rows:
     sm = _capability(r.sm)
-    where = f"{r.kernel} D={r.D} {r.dtype} {r.sm}"
+    where = f"{r.kernel} K={r.K} V={r.V} {r.dtype} {r.sm}"
     if r.smem > SMEM_LIMIT[sm]:
       bad.append(f"{where}: {r.smem} B of shared memory > {SMEM_LIMIT[sm]}")
-    if r.D > STRICT_MAX_DIM or r.dtype != "bfloat16":
+    if r.dtype != "bfloat16":
       continue
-    allowed = 0 if sm >= 90 else MAX_SM80_SPILL
+    strict = max(r.K, r.V) <= STRICT_MAX_DIM and sm >= 90
+    allowed = 0 if strict else MAX_SPILL
     if r.spill_stores > allowed:
       bad.append(f"{where}: {r.spill_stores} B of spill stores > {allowed}")
     if r.regs == 32 and r.spill_stores:
@@ -286,13 +309,13 @@ def violations(rows):
 
 
 def markdown(rows):
-  lines = ["| op | kernel | D | dtype | warps / stages | sm_80 regs / spill B / smem B "
-           "| sm_90a regs / spill B / smem B |",
+  lines = ["| op | kernel | K x V | dtype | warps / stages "
+           "| sm_80 regs / spill B / smem B | sm_90a regs / spill B / smem B |",
            "|---|---|---|---|---|---|---|"]
   cells = {}
   for r in rows:
-    cells.setdefault((r.op, r.kernel, r.D, r.dtype), {})[r.sm] = r
-  for (op, kernel, D, dtype), by_sm in cells.items():
+    cells.setdefault((r.op, r.kernel, f"{r.K} x {r.V}", r.dtype), {})[r.sm] = r
+  for (op, kernel, kv, dtype), by_sm in cells.items():
     any_r = next(iter(by_sm.values()))
     cols = []
     for sm in ("sm_80", "sm_90a"):
@@ -301,18 +324,20 @@ def markdown(rows):
       cols.append("" if r is None else
                   f"{r.regs} / {r.spill_stores:,} / {r.smem:,}"
                   + (" **over**" if r.smem > limit else ""))
-    lines.append(f"| {op} | {kernel} | {D} | {dtype} | {any_r.num_warps} / "
+    lines.append(f"| {op} | {kernel} | {kv} | {dtype} | {any_r.num_warps} / "
                  f"{any_r.num_stages} | {cols[0]} | {cols[1]} |")
   return "\n".join(lines)
 
 
 def measure(ops=OPS, dims=DIMS, dtypes=DTYPES, targets=TARGETS, chunk=64, T=256,
-            out=None, documents=False):
-  """Extracts (in a subprocess) and compiles; returns the ``Row``s."""
+            out=None, documents=False, shapes=()):
+  """Extracts (in a subprocess) and compiles; returns the ``Row``s. Head
+  shapes: K = V = each of ``dims``, then the (K, V) pairs of ``shapes``."""
   out = out or tempfile.mkdtemp(prefix="kernel-resources-")
+  kv = [f"{k}x{v}" for k, v in shapes_of(dims, shapes)]
   cmd = [sys.executable, os.path.abspath(__file__), "--extract-only",
          "--out", out, "--chunk", str(chunk), "--T", str(T), "--ops", *ops,
-         "--dims", *map(str, dims), "--dtypes", *dtypes, "--targets", *targets,
+         "--dims", "--shapes", *kv, "--dtypes", *dtypes, "--targets", *targets,
          *(["--documents"] if documents else [])]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -325,7 +350,10 @@ def measure(ops=OPS, dims=DIMS, dtypes=DTYPES, targets=TARGETS, chunk=64, T=256,
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
   p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-  p.add_argument("--dims", nargs="+", type=int, default=list(DIMS))
+  p.add_argument("--dims", nargs="*", type=int, default=list(DIMS),
+                 help="head dims with K = V")
+  p.add_argument("--shapes", nargs="*", type=_kv, default=list(WIDE),
+                 help="K x V pairs (e.g. 256x512), beside --dims")
   p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
   p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
   p.add_argument("--chunk", type=int, default=64)
@@ -338,11 +366,12 @@ def main(argv=None):
   p.add_argument("--extract-only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.extract_only:
-    extract(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, a.out, a.documents)
+    extract(a.ops, shapes_of(a.dims, a.shapes), a.dtypes, a.targets, a.chunk,
+            a.T, a.out, a.documents)
     return 0
   out = a.out or tempfile.mkdtemp(prefix="kernel-resources-")
   rows = measure(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, out,
-                 a.documents)
+                 a.documents, a.shapes)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
   if a.markdown:

@@ -2,7 +2,8 @@
 forward and backward, compiled to cubin without a GPU (experiments/
 kernel_resources.py), at head dims 64 and 128 in bf16, within the limits that
 ``kernel_resources.violations`` states (shared memory per block, spills,
-no ptxas fallback to 32 registers). Needs PyPI triton (the test extra pins it).
+no ptxas fallback to 32 registers); the widest heads (K 256, V 256 and 512,
+bf16 and float32) in a slow sweep. Needs PyPI triton (the test extra pins it).
 
 The kernels on packed rows ("+docs", with their document masks) are compiled
 too, at D = 128, and must fit the shared memory; they are not held to the spill limits:
@@ -24,6 +25,13 @@ def rows(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wide_rows(tmp_path_factory):
+  """K = V = 256 and K 256 x V 512, bf16 and float32."""
+  return kr.measure(dims=(256,), shapes=kr.WIDE, dtypes=("bfloat16", "float32"),
+                    out=str(tmp_path_factory.mktemp("kernel-resources-wide")))
+
+
+@pytest.fixture(scope="module")
 def doc_rows(tmp_path_factory):
   """Plain and "+docs" kernels at D = 128 (the larger tiles)."""
   return kr.measure(dims=(128,), dtypes=("bfloat16",), documents=True,
@@ -31,17 +39,32 @@ def doc_rows(tmp_path_factory):
 
 
 def test_every_kernel_was_compiled_for_both_targets(rows):
-  kernels = {(r.op, r.kernel, r.D) for r in rows}
-  by_sm = {sm: {(r.op, r.kernel, r.D) for r in rows if r.sm == sm}
+  kernels = {(r.op, r.kernel, r.K, r.V) for r in rows}
+  by_sm = {sm: {(r.op, r.kernel, r.K, r.V) for r in rows if r.sm == sm}
            for sm in ("sm_80", "sm_90a")}
   assert by_sm["sm_80"] == by_sm["sm_90a"] == kernels
   for op in kr.OPS:  # forward and backward kernels of each op
-    assert len({k for o, k, _ in kernels if o == op}) >= 4, op
+    assert len({k for o, k, *_ in kernels if o == op}) >= 4, op
 
 
 @pytest.mark.parametrize("op", kr.OPS)
 def test_kernels_fit_the_hardware(rows, op):
   assert kr.violations([r for r in rows if r.op == op]) == []
+
+
+# Two dtypes, two shapes, two targets: 5-15 minutes of a worker (the float32
+# kernels that fall back to 32 registers compile slowly), past the suite's
+# 300 s per test, hence slow and its own timeout.
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("op", kr.OPS)
+def test_wide_head_kernels_fit_the_hardware(wide_rows, op):
+  """K up to 256 and V up to 512: shared memory in bf16 and float32, and in
+  bf16 at most 1 KiB of spills on either target, never a fallback to 32
+  registers."""
+  rows = [r for r in wide_rows if r.op == op]
+  assert {(r.K, r.V) for r in rows} == {(256, 256), (256, 512)}
+  assert kr.violations(rows) == []
 
 
 # The +docs kernels' compile sweep takes about 5 minutes of a worker: a long
@@ -58,7 +81,7 @@ def test_kernels_with_documents_fit_shared_memory(doc_rows):
 
 
 def _row(**kw):
-  base = dict(op="gla", kernel="k", D=128, dtype="bfloat16", sm="sm_90a",
+  base = dict(op="gla", kernel="k", K=128, V=128, dtype="bfloat16", sm="sm_90a",
               num_warps=4, num_stages=1, regs=200, spill_stores=0, spill_loads=0,
               smem=1000, serialized_wgmma=False)
   return kr.Row(**{**base, **kw})
@@ -66,22 +89,34 @@ def _row(**kw):
 
 def test_violations_names_each_limit():
   """The limits themselves, on made-up rows, so the check above can fail."""
-  assert kr.violations([_row(), _row(sm="sm_80", spill_stores=1024)]) == []
+  assert kr.violations([
+      _row(), _row(sm="sm_80", spill_stores=1024),
+      _row(K=256, V=512, spill_stores=1024),  # past 128: 1 KiB on sm_90a too
+      _row(dtype="float32", spill_stores=10**5, regs=32),  # float32: smem only
+  ]) == []
   msgs = kr.violations([
       _row(smem=232_449),
-      _row(sm="sm_80", smem=166_913, D=256),  # shared memory counts at any D
-      _row(spill_stores=4),  # none allowed on sm_90a
+      _row(sm="sm_80", smem=166_913, K=256, V=512),  # at any shape
+      _row(dtype="float32", smem=232_449),  # and dtype
+      _row(spill_stores=4),  # none allowed on sm_90a at K, V <= 128
+      _row(V=512, spill_stores=1025),
       _row(sm="sm_80", spill_stores=1025),
-      _row(sm="sm_80", regs=32, spill_stores=8),
+      _row(sm="sm_80", K=256, V=512, regs=32, spill_stores=8),
       _row(serialized_wgmma=True),
-      _row(D=256, spill_stores=10**5),  # D > 128: spills allowed
-      _row(dtype="float32", spill_stores=10**5),
   ])
   assert msgs == [
-      "k D=128 bfloat16 sm_90a: 232449 B of shared memory > 232448",
-      "k D=256 bfloat16 sm_80: 166913 B of shared memory > 166912",
-      "k D=128 bfloat16 sm_90a: 4 B of spill stores > 0",
-      "k D=128 bfloat16 sm_80: 1025 B of spill stores > 1024",
-      "k D=128 bfloat16 sm_80: ptxas fell back to 32 registers",
-      "k D=128 bfloat16 sm_90a: ptxas serialized wgmma",
+      "k K=128 V=128 bfloat16 sm_90a: 232449 B of shared memory > 232448",
+      "k K=256 V=512 bfloat16 sm_80: 166913 B of shared memory > 166912",
+      "k K=128 V=128 float32 sm_90a: 232449 B of shared memory > 232448",
+      "k K=128 V=128 bfloat16 sm_90a: 4 B of spill stores > 0",
+      "k K=128 V=512 bfloat16 sm_90a: 1025 B of spill stores > 1024",
+      "k K=128 V=128 bfloat16 sm_80: 1025 B of spill stores > 1024",
+      "k K=256 V=512 bfloat16 sm_80: ptxas fell back to 32 registers",
+      "k K=128 V=128 bfloat16 sm_90a: ptxas serialized wgmma",
   ]
+
+
+def test_shapes_of_pairs_square_dims_with_wide_shapes():
+  assert kr.shapes_of((64, 128), ((256, 512), (64, 64))) == [
+      (64, 64), (128, 128), (256, 512)]
+  assert kr._kv("256x512") == (256, 512)

@@ -25,6 +25,8 @@ SHAPES = {
     "TltC": (1, 40, 1, 32, 16, 64),  # T shorter than one chunk
     # K padded to 128: two key blocks in the GPU kernels
     "K80": (1, 70, 1, 80, 72, 32),
+    # the widest V the kernels take, K != V, T % C != 0
+    "Vwide": (1, 40, 1, 32, 512, 32),
 }
 
 
@@ -54,6 +56,37 @@ def test_gpu_interpret_matches_reference_bf16():
   O(1) error, far above the bf16 tolerance."""
   _check("pallas_triton", "TltC", beta_max=2.0, dtype=jnp.bfloat16)
 
+
+# 32 value blocks of 16 columns per chunk: about as long as the cases above;
+# the float32 one runs with -m slow.
+@pytest.mark.parametrize("dtype", [
+    pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.bfloat16],
+    ids=["fp32", "bf16"])
+def test_gpu_interpret_wide_values(dtype):
+  """V = 512 (the widest accepted) with K = 32: bf16 operands enter every
+  matmul in bf16 and still meet the bf16 rows; float32 stays exact."""
+  _check("pallas_triton", "Vwide", beta_max=2.0, dtype=dtype)
+
+
+@pytest.mark.slow
+def test_gpu_interpret_wide_values_with_documents():
+  """V = 512 on packed rows (three documents, starts inside chunks)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  *dims, chunk = SHAPES["Vwide"]
+  T = dims[1]
+  ids = jnp.broadcast_to(jnp.arange(T) * 3 // T, (dims[0], T)).astype(jnp.int32)
+  harness.check_against_reference(
+      functools.partial(delta_rule, segment_ids=ids), "pallas_triton", chunk,
+      make_inputs(4, *dims, beta_max=2.0, dtype=jnp.bfloat16),
+      jax.random.key(5), interpret=True)
+
+
+
+@pytest.mark.slow  # about 20-40 s
+def test_tpu_interpret_wide_values_bf16():
+  """V = 512 in bf16 with TPU semantics (16-bit matmul operands)."""
+  _check("pallas_tpu", "Vwide", interpret=pltpu.InterpretParams(),
+         beta_max=2.0, dtype=jnp.bfloat16)
 
 def test_tpu_interpret_params_matches_reference():
   """TPU semantics emulated: uninitialised scratch is NaN, so a read of the
@@ -98,20 +131,25 @@ def _fwd_fn(impl, chunk_size=64):
   return f
 
 
-def _structs(D, dtype, B=1, T=128, H=2):
+def _structs(K, dtype, V=None, B=1, T=128, H=2):
   s = jax.ShapeDtypeStruct
-  return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H), jnp.float32)] * 2
-          + [s((B, H, D, D), jnp.float32), s((B, T, H, D), dtype),
-             s((B, H, D, D), jnp.float32)])
+  V = K if V is None else V
+  return ([s((B, T, H, K), dtype)] * 2 + [s((B, T, H, V), dtype)]
+          + [s((B, T, H), jnp.float32)] * 2
+          + [s((B, H, K, V), jnp.float32), s((B, T, H, V), dtype),
+             s((B, H, K, V), jnp.float32)])
 
 
 @pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_lowers_for_cuda(D, target):
+@pytest.mark.parametrize("K, V, dtype", [
+    (64, 64, jnp.bfloat16), (128, 128, jnp.bfloat16),
+    # the widest heads (Gated DeltaNet at d_model 2048)
+    (256, 512, jnp.bfloat16), (256, 512, jnp.float32)])
+def test_gpu_lowers_for_cuda(K, V, dtype, target):
   """Forward and backward kernels lower through Triton for an A100 and an H100
   (no GPU needed; an abstract device on jax >= 0.11)."""
   text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton"),
-                                     *_structs(D, jnp.bfloat16),
+                                     *_structs(K, dtype, V),
                                      target=target).as_text()
   for name in KERNELS:
     assert f"delta_rule_{name}" in text, name
@@ -129,11 +167,14 @@ def test_gpu_lowers_for_cuda_with_documents(target):
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 11
 
 
-@pytest.mark.parametrize("D, documents", [(64, False), (128, False), (128, True)])
-def test_tpu_lowers_for_mosaic(D, documents):
+@pytest.mark.parametrize("K, V, dtype, documents", [
+    (64, 64, jnp.bfloat16, False), (128, 128, jnp.bfloat16, False),
+    (128, 128, jnp.bfloat16, True), (256, 512, jnp.bfloat16, False),
+    (256, 512, jnp.float32, False)])
+def test_tpu_lowers_for_mosaic(K, V, dtype, documents):
   """Forward and backward kernels lower through Mosaic (no TPU needed), with
-  the document masks too."""
-  args = _structs(D, jnp.bfloat16)
+  the document masks too, up to the widest heads (K 256, V 512)."""
+  args = _structs(K, dtype, V)
   # forward: prepare, states, output; backward: prepare, states, state_grads,
   # input_grads (T and h_in recomputed, see pallas_vjp).
   for f, a, n in ((_fwd_fn("pallas_tpu"), args[:6], 3),
@@ -154,6 +195,19 @@ def test_unsupported_shape_raises(impl, K, chunk_size, match):
   qk, v, beta = jnp.zeros((1, 8, 1, K)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1))
   with pytest.raises(ValueError, match=match):
     delta_rule(qk, qk, v, beta, impl=impl, chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
+def test_values_up_to_512(impl):
+  """V is taken in blocks, so it may be wider than K: up to 512, and a wider
+  one raises naming the limit."""
+  from lsm.ops.delta_rule import api as delta_api  # pylint: disable=g-import-not-at-top
+  assert delta_api._MODULES[impl].ACCEPTS.max_v == 512
+  qk, v, beta = (jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 640)),
+                 jnp.zeros((1, 8, 1)))
+  with pytest.raises(ValueError, match=r"supports V up to 512; got V \(value "
+                                       r"head dim\) = 640"):
+    delta_rule(qk, qk, v, beta, impl=impl, interpret=True)
 
 
 def test_interpret_with_a_non_pallas_impl_raises():

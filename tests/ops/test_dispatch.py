@@ -39,7 +39,8 @@ def _auto(accepts, dtype, K, V, chunk=64, gate="channel", docs=False):
     ("gpu", "hopper", BF16, 64, 64, 48, "chunked"),
     ("gpu", "ampere", BF16, 64, 64, 64, "pallas_triton"),
     ("gpu", "ampere", F32, 256, 256, 64, "pallas_triton"),
-    ("gpu", "ampere", BF16, 64, 512, 64, "chunked"),
+    ("gpu", "ampere", BF16, 64, 512, 64, "pallas_triton"),  # V tiled to 512
+    ("gpu", "ampere", BF16, 64, 1024, 64, "chunked"),
     ("gpu", "other", BF16, 64, 64, 64, "chunked"),
     ("tpu", "other", BF16, 256, 256, 64, "pallas_tpu"),
     ("tpu", "other", BF16, 64, 640, 64, "chunked"),

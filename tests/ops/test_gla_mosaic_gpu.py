@@ -85,6 +85,18 @@ def test_documents_through_api_and_auto_takes_mosaic_gpu(monkeypatch):
                               16)[0] == IMPL
 
 
+
+@pytest.mark.parametrize("K, V, want", [
+    (128, 128, IMPL), (64, 64, IMPL),
+    # wider heads than the Mosaic GPU kernels take go to Triton on Hopper
+    (128, 512, "pallas_triton"), (256, 512, "pallas_triton"),
+    (256, 256, "pallas_triton")])
+def test_auto_on_hopper_sends_wide_heads_to_triton(K, V, want):
+  from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
+  with _dispatch.assume_platform("gpu", "hopper"):
+    call = _dispatch.Call.of(jnp.bfloat16, K, V, 64, "channel", False)
+    assert _dispatch.resolve("gla", "auto", gla_api._ACCEPTS, call) == want
+
 # Packed rows (T = 150: chunks [0, 64), [64, 128), [128, 150) padded to 192):
 # row 0 has a document start at a chunk's last token (63), a 1-token document,
 # a start at a chunk's first token (64) and a document crossing the edge at

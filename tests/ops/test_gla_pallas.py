@@ -30,6 +30,9 @@ SHAPES = {
     # K padded to 128: several key blocks in every GPU kernel (states, output,
     # dv loop over them; dqkg has one program per block)
     "Ksplit": (1, 40, 1, 80, 24, 32),
+    # the widest V the kernels take, K != V, T % C != 0: eight value blocks in
+    # output / dv / states, sixteen steps of dqkg's value loop
+    "Vwide": (1, 40, 1, 32, 512, 32),
 }
 
 
@@ -65,9 +68,39 @@ def test_gpu_interpret_bf16():
   _check("pallas_triton", "T63_C64", dtype=jnp.bfloat16, gate="channel")
 
 
+@pytest.mark.parametrize("dtype", [
+    pytest.param(jnp.float32, marks=pytest.mark.slow),  # about 10-20 s
+    jnp.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_interpret_wide_values(dtype):
+  """V = 512 (the widest accepted) with K = 32: bf16 operands enter every
+  matmul in bf16 and still meet the bf16 rows; float32 stays exact."""
+  _check("pallas_triton", "Vwide", dtype=dtype, gate="channel")
+
+
+@pytest.mark.slow  # about 10-20 s
+def test_gpu_interpret_wide_values_with_documents():
+  """V = 512 on packed rows (three documents, starts inside chunks): the
+  document masks cut every value block alike."""
+  *dims, chunk = SHAPES["Vwide"]
+  T = dims[1]
+  ids = jnp.broadcast_to(jnp.arange(T) * 3 // T, (dims[0], T)).astype(jnp.int32)
+  harness.check_against_reference(
+      functools.partial(gla, segment_ids=ids), "pallas_triton", chunk,
+      make_inputs(4, *dims, dtype=jnp.bfloat16), jax.random.key(5),
+      interpret=True)
+
+
 def test_tpu_interpret_matches_reference():
   _check("pallas_tpu", "T63_C64", gate="channel")
 
+
+
+@pytest.mark.slow  # about 20-40 s
+def test_tpu_interpret_wide_values_bf16():
+  """V = 512 in bf16 with TPU semantics: 16-bit matmul operands, whole [V, K]
+  states per program."""
+  _check("pallas_tpu", "Vwide", interpret=pltpu.InterpretParams(),
+         dtype=jnp.bfloat16)
 
 def test_tpu_interpret_params_catch_unwritten_memory():
   """TPU semantics emulated: uninitialised VMEM and outputs are NaN-filled, so a
@@ -80,12 +113,14 @@ def test_tpu_interpret_params_catch_unwritten_memory():
 # ------------------------------------------------------------ lowering ---
 
 
-def _structs(D, dtype, B=1, T=130, H=2):  # T pads to 192: not a power of 2
+def _structs(K, dtype, V=None, B=1, T=130, H=2):  # T pads to 192: not a power of 2
   s = jax.ShapeDtypeStruct
-  return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H, D), jnp.float32),
-                                          s((B, H, D, D), jnp.float32),
-                                          s((B, T, H, D), dtype),
-                                          s((B, H, D, D), jnp.float32)])
+  V = K if V is None else V
+  return ([s((B, T, H, K), dtype)] * 2 + [s((B, T, H, V), dtype),
+                                          s((B, T, H, K), jnp.float32),
+                                          s((B, H, K, V), jnp.float32),
+                                          s((B, T, H, V), dtype),
+                                          s((B, H, K, V), jnp.float32)])
 
 
 def _vjp_fn(impl, documents=False):
@@ -108,13 +143,17 @@ _KERNELS = {"pallas_triton": ("gla_states", "gla_intra", "gla_output", "gla_dsta
 
 
 @pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
-@pytest.mark.parametrize("D, dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16),
-                                      (128, jnp.float32), (256, jnp.bfloat16)])
-def test_gpu_lowers_for_cuda(D, dtype, target):
+@pytest.mark.parametrize("K, V, dtype", [
+    (64, 64, jnp.bfloat16), (128, 128, jnp.bfloat16), (128, 128, jnp.float32),
+    (256, 256, jnp.bfloat16),
+    # the widest heads (flash-linear-attention's GLA at d_model 2048)
+    (256, 512, jnp.bfloat16), (256, 512, jnp.float32)])
+def test_gpu_lowers_for_cuda(K, V, dtype, target):
   """Forward and backward kernels lower through Pallas' Triton path without a
   GPU, for an A100 and an H100 (an abstract device on jax >= 0.11; Triton's own
   compile to PTX happens on the device, or in experiments/kernel_resources.py)."""
-  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton"), *_structs(D, dtype),
+  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton"),
+                                     *_structs(K, dtype, V),
                                      target=target).as_text()
   for name in _KERNELS["pallas_triton"]:
     assert name in text, name
@@ -132,14 +171,15 @@ def test_gpu_lowers_for_cuda_with_documents(target):
   assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
 
 
-@pytest.mark.parametrize("D, dtype, documents", [(64, jnp.float32, False),
-                                                 (128, jnp.bfloat16, False),
-                                                 (128, jnp.bfloat16, True)])
-def test_tpu_exports_for_mosaic(D, dtype, documents):
+@pytest.mark.parametrize("K, V, dtype, documents", [
+    (64, 64, jnp.float32, False), (128, 128, jnp.bfloat16, False),
+    (128, 128, jnp.bfloat16, True), (256, 512, jnp.bfloat16, False),
+    (256, 512, jnp.float32, False)])
+def test_tpu_exports_for_mosaic(K, V, dtype, documents):
   """Forward and backward kernels lower to Mosaic without a TPU (with the
-  document masks too)."""
+  document masks too), up to the widest heads (K 256, V 512)."""
   exported = jax.export.export(jax.jit(_vjp_fn("pallas_tpu", documents)),
-                               platforms=["tpu"])(*_structs(D, dtype))
+                               platforms=["tpu"])(*_structs(K, dtype, V))
   text = exported.mlir_module()
   assert text.count("tpu_custom_call") == 4
   for name in _KERNELS["pallas_tpu"]:
@@ -159,6 +199,19 @@ def test_unsupported_shape_raises(impl, K, chunk_size, match):
   x = make_inputs(0, 1, 8, 1, K, 16)
   with pytest.raises(ValueError, match=match):
     gla(**x, impl=impl, chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
+def test_values_up_to_512(impl):
+  """V is taken in blocks, so it may be wider than K: up to 512 (a call at
+  V = 512 passes the check; see the interpret and lowering tests for its
+  numerics), and a wider one raises naming the limit."""
+  from lsm.ops.gla import api as gla_api  # pylint: disable=g-import-not-at-top
+  assert gla_api._MODULES[impl].ACCEPTS.max_v == 512
+  x = make_inputs(0, 1, 8, 1, 16, 640)
+  with pytest.raises(ValueError, match=r"supports V up to 512; got V \(value "
+                                       r"head dim\) = 640"):
+    gla(**x, impl=impl, interpret=True)
 
 
 def test_interpret_with_a_non_pallas_impl_raises():

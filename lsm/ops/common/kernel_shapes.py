@@ -17,7 +17,11 @@ import jax.numpy as jnp
 
 from lsm.ops import _dispatch
 
-MAX_HEAD_DIM = 256  # one [C, K] tile per chunk and a [K, V] float32 state
+MAX_HEAD_DIM = 256  # K: one [C, K] tile per chunk and a [K, V] float32 state
+# V: every kernel takes the value dim in blocks (grid axes or loops over
+# [C, BV] tiles), so V can be wider than K (flash-linear-attention's GLA,
+# Gated DeltaNet and RetNet heads at d_model 2048 are K 256, V 512).
+MAX_V = 512
 CHUNK_SIZES = (16, 32, 64, 128)  # multiples of the 16-token sub-chunk, powers of 2
 
 
@@ -27,14 +31,14 @@ def padded_dim(n: int) -> int:
 
 def _accepts(platforms: tuple[str, ...]) -> _dispatch.Accepts:
   return _dispatch.Accepts(
-      platforms=platforms, max_k=MAX_HEAD_DIM, max_v=MAX_HEAD_DIM,
+      platforms=platforms, max_k=MAX_HEAD_DIM, max_v=MAX_V,
       chunk_sizes=CHUNK_SIZES,
       chunk_note="a power of two, whole 16-token sub-chunks")
 
 
 # What the Triton and TPU kernels of gla and delta_rule take (the ops' impl
 # modules state it as their ACCEPTS): any float dtype (float32 runs IEEE
-# float32 matmuls), head dims up to MAX_HEAD_DIM after padding.
+# float32 matmuls), K up to MAX_HEAD_DIM and V up to MAX_V after padding.
 TRITON = _accepts(("gpu:hopper", "gpu:ampere"))
 TPU = _accepts(("tpu",))
 

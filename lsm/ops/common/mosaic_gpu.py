@@ -116,7 +116,11 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # What the Mosaic GPU kernels of gla and delta_rule take (their impl modules
 # state it as ACCEPTS): bfloat16 / float16 inputs, one chunk length, head dims
-# up to MAX_HEAD_DIM. K = 256 calls go to Triton through "auto".
+# up to MAX_HEAD_DIM. K = 256 and V > 128 calls (the K 256 x V 512 heads of
+# GLA, Gated DeltaNet and RetNet at d_model 2048) go to Triton through "auto":
+# the chunk kernels hold whole [C, V] tiles and [V, 64] state blocks in SMEM
+# (GLA's dqkg: 199,744 B of the 232,448 B per block already at V = 128), so V
+# past 128 needs those kernels blocked over V, which is open work (issue 28).
 ACCEPTS = _dispatch.Accepts(
     platforms=("gpu:hopper",), dtypes=tuple(d.name for d in DTYPES),
     dtype_note="wgmma's float32 path is TF32, which misses the float32 "

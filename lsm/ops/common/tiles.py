@@ -10,6 +10,8 @@ with a masked sum. Sums by matmul are exact enough: they run at the precision
 passed in (HIGHEST for float32 inputs).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -18,16 +20,45 @@ HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT = jax.lax.Precision.DEFAULT
 
 
-def precision_for(dtype) -> jax.lax.Precision:
-  """Matmul precision inside a kernel for inputs of ``dtype``.
+@dataclasses.dataclass(frozen=True)
+class Matmuls:
+  """How a kernel's data matmuls run: the dtype their operands enter in and
+  the precision; accumulation is always float32.
 
-  float32 inputs get full float32 products (no TF32 on GPU, six bf16 passes on
-  TPU), so they match the reference to the "pallas" float32 tolerance. Low
-  precision inputs get the hardware's fast path on float32 operands (TF32 on
-  GPU): the inputs themselves are exact in it and float32 accumulation keeps
-  the error far below the inputs' own rounding.
+  float32 inputs: float32 operands at HIGHEST (no TF32 on GPU, six bf16 passes
+  on TPU), so they match the reference to the "pallas" float32 tolerance.
+  bfloat16 / float16 inputs: operands in that dtype (tensor cores / the MXU at
+  their full 16-bit rate, half the operand registers of float32 tiles, and no
+  TF32 step): loaded tiles go in as they are, and float32 values (decayed keys,
+  states, intra-chunk weights) are rounded to it where they enter, as
+  flash-linear-attention does; the 16-bit tolerance rows hold with it.
+
+  ``tiles.mm`` and friends take one of these or a bare ``jax.lax.Precision``
+  (float32 operands at that precision: the gate sums, the delta rule's
+  inverse).
   """
-  return HIGHEST if jnp.dtype(dtype) == jnp.float32 else DEFAULT
+
+  dtype: jnp.dtype
+  precision: jax.lax.Precision
+
+  def cast(self, x):
+    """x as a matmul operand (a no-op for tiles already in the dtype)."""
+    return x if x.dtype == self.dtype else x.astype(self.dtype)
+
+
+def precision_for(dtype) -> Matmuls:
+  """``Matmuls`` for a kernel's data matmuls on inputs of ``dtype``: float32
+  operands at HIGHEST for float32, 16-bit operands otherwise."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return Matmuls(jnp.dtype(_F32), HIGHEST)
+  return Matmuls(jnp.dtype(dtype), DEFAULT)
+
+
+def _dot(a, b, dims, precision):
+  if isinstance(precision, Matmuls):
+    a, b, precision = precision.cast(a), precision.cast(b), precision.precision
+  return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                             preferred_element_type=_F32)
 
 
 def iota(shape, axis: int):
@@ -36,20 +67,17 @@ def iota(shape, axis: int):
 
 def mm(a, b, precision):
   """a @ b with float32 accumulation; a [M, K], b [K, N]."""
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=_F32)
+  return _dot(a, b, ((1,), (0,)), precision)
 
 
 def mm_nt(a, b, precision):
   """a @ b^T; a [M, K], b [N, K]."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=_F32)
+  return _dot(a, b, ((1,), (1,)), precision)
 
 
 def mm_tn(a, b, precision):
   """a^T @ b; a [K, M], b [K, N]."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=_F32)
+  return _dot(a, b, ((0,), (0,)), precision)
 
 
 def lower_mask(n: int, *, strict: bool):

@@ -43,8 +43,8 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
       for "pallas_triton" and "pallas_tpu" 16, 32, 64 or 128, for
       "pallas_mosaic_gpu" 64. T need not be a multiple of it.
     impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
-      newer; bfloat16 / float16 inputs, head dims up to 128) |
-      "pallas_triton" | "pallas_tpu".
+      newer; bfloat16 / float16 inputs, K and V up to 128) |
+      "pallas_triton" | "pallas_tpu" (K up to 256, V up to 512).
     interpret: Pallas impls only: run the kernels in interpret mode (any
       platform, slow; for tests). True is each backend's own interpreter
       (``_dispatch.interpret_mode``: ``plgpu.InterpretGPUParams()`` for

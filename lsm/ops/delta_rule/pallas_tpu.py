@@ -8,7 +8,7 @@ padded to whole chunks), so every block's last two dims are (chunk, D) or
 (K, V); per-token scalars are (chunk, 1) blocks.
 
 Kernels (BH = batch x heads, N chunks; the whole value dim per program, since a
-[256, 256] float32 state fits VMEM easily):
+[256, 512] float32 state, 512 KiB, fits VMEM easily):
 
   _prepare       grid (BH, N), all "parallel": the chunk's T = (I + L)^{-1}
                  [C, C] float32, stored as t [BH, N C, C].
@@ -32,9 +32,9 @@ MXU passes than all the rest of a chunk's work in any one kernel, and in the
 sequential kernels it sat on the critical path of the chunk loop. The backward
 recomputes T and h_in (see ``pallas_vjp``).
 
-Numerics: all tiles are float32 after loading; matmuls on inputs run at
-``tiles.precision_for(q.dtype)`` (six bf16 passes for float32 inputs, one for
-bf16/f16 inputs), the inverse always at HIGHEST. Every exponent of a decay is
+Numerics: matmuls on data run as ``tiles.precision_for(q.dtype)`` says (six
+bf16 passes for float32 inputs; bf16/f16 operands, one pass, for bf16/f16
+inputs), the inverse always at HIGHEST. Every exponent of a decay is
 <= 0. The scratch is written at the first chunk before any read (checked with
 ``pltpu.InterpretParams()``, which fills uninitialised memory with NaN).
 """
@@ -274,8 +274,8 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
   """Pallas (Mosaic TPU) delta rule. Arguments as in ``chunked.delta_rule``
   (log_g and beta float32 [B, T, H], h0 float32 [B, H, K, V]), plus
   ``interpret``: False, True or a ``pltpu.InterpretParams()``. chunk_size in
-  ``kernel_shapes.CHUNK_SIZES`` and head dims up to
-  ``kernel_shapes.MAX_HEAD_DIM`` (checked in ``api.py``).
+  ``kernel_shapes.CHUNK_SIZES``, K up to ``kernel_shapes.MAX_HEAD_DIM`` and V
+  up to ``kernel_shapes.MAX_V`` (checked in ``api.py``).
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.

@@ -89,13 +89,17 @@ chunk's step. K S and the decay factors are
 recomputed where used (one [C, K] x [K, BV] matmul and elementwise work). The
 backward recomputes T and h_in (see ``pallas_vjp``).
 
-Numerics: all tiles are float32 after loading; matmuls on inputs run at
-``tiles.precision_for(q.dtype)`` (IEEE float32 for float32 inputs, TF32 for
-bf16/f16), the inverse and its VJP always at IEEE float32, as in
-``chunk_tiles``: every matmul here is one of ``chunk_tiles``'s with its
-contraction split into key or value blocks, reassociated as above (the
-intermediates K S and T^T dU take the rounding W_k and W_k^T dU took), or the
-VJP of one at the same precision. Every exponent of a decay is <= 0.
+Numerics: matmuls on data run as ``tiles.precision_for(q.dtype)`` says: IEEE
+float32 for float32 inputs; for bf16/f16 inputs their operands enter in that
+dtype with float32 accumulation (loaded q, k, v, do as they are; float32
+factors such as T, X, U, dU, the states and the decayed keys rounded to it
+where they enter, as flash-linear-attention does; about 0.3% relative RMS
+error against the 1e-2 bf16 rows). The query scale goes on float32 values,
+never on a loaded 16-bit tile. The inverse itself (``_inverse_blocks``'
+substitution) and its VJP stay at IEEE float32, as in ``chunk_tiles``: every
+matmul here is one of ``chunk_tiles``'s with its contraction split into key or
+value blocks, reassociated as above (the intermediates K S and T^T dU take the
+rounding W_k and W_k^T dU took), or the VJP of one at the same precision. Every exponent of a decay is <= 0.
 """
 
 import functools
@@ -117,8 +121,10 @@ _F32 = jnp.float32
 # 32 halves the loop kernels' carried state blocks and every [C, BV] tile next
 # to 64; 16 in _states, _state_grads and _value_grads removes their last sm_90a
 # spills at K = V = 128 (44, 76 and 220 B at 32), at twice the programs (and,
-# in _value_grads, twice the per-block dT and d(M o Q K^T) shares).
-BV = dict(states=16, output=32, state_grads=16, value_grads=16, key_grads=32)
+# in _value_grads, twice the per-block dT and d(M o Q K^T) shares). _output at
+# 16 too since its operands went 16-bit: at K = 256 it spilled 1336 B on sm_80
+# with 32 columns, 816 B with 16 (none on sm_90a either way).
+BV = dict(states=16, output=16, state_grads=16, value_grads=16, key_grads=32)
 BK = 64  # key columns per tile: bounds every dot's operand fragments
 SUB = chunk_tiles.SUB  # rows of the inverse's blocks
 NUM_STAGES = 1  # the sequential loops load one chunk at a time
@@ -140,9 +146,10 @@ def _rows(ref, rows):
   return ref[rows, :].astype(_F32)
 
 
-def _key_blocks(ref, rows=slice(None), dtype=_F32):
+def _key_blocks(ref, rows=slice(None), dtype=None):
   """Rows ``rows`` of a [*, Kp] ref as [rows, BK] column blocks of ``dtype``
-  (None: the ref's own dtype)."""
+  (None: the ref's own dtype, which matmuls take as it is and elementwise math
+  with float32 factors promotes)."""
   Kp = ref.shape[-1]
   bk = min(BK, Kp)
   blocks = [ref[rows, pl.ds(i * bk, bk)] for i in range(Kp // bk)]
@@ -158,7 +165,7 @@ def _state_blocks(ref, row0=0, Kp=None, cols=slice(None)):
           for i in range(Kp // bk)]
 
 
-def _key_block(ref, rows=slice(None), dtype=_F32):
+def _key_block(ref, rows=slice(None), dtype=None):
   """Loader of column block i of rows ``rows`` of a [*, Kp] ref (``_key_blocks``'
   block i), and the number of blocks: for kernels that load each block where
   it is used instead of keeping all of them live."""
@@ -189,20 +196,20 @@ def _total(x):
 
 
 def _qk(b_q, b_k, precision):
-  """Q K^T [C, C].
-
-  Callers pass q and k blocks in the input dtype: a bf16 x bf16 product is
-  exact in float32, as is TF32 of a bf16 value, so this is the product
-  ``chunk_tiles`` forms from float32 tiles, at half the operand registers.
-  """
+  """Q K^T [C, C] from q and k blocks in the input dtype (the operands of
+  every data matmul here are in it, see ``tiles.Matmuls``)."""
   return sum(tiles.mm_nt(q_i, k_i, precision) for q_i, k_i in zip(b_q, b_k))
 
 
 def _qk_from(q_ref, k_ref, rows=slice(None), precision=None):
   """Q K^T [C, C] of rows ``rows`` of two [*, Kp] refs, from input-dtype
   blocks (see ``_qk``)."""
-  return _qk(_key_blocks(q_ref, rows, None), _key_blocks(k_ref, rows, None),
-             precision)
+  # Each block pair is loaded where its product is taken (``map`` of
+  # loaders), so the NK blocks of both are not live at once (at K = 256 that
+  # held _wy_scalars at 1104 B of sm_80 spills).
+  q, nk = _key_block(q_ref, rows)
+  k, _ = _key_block(k_ref, rows)
+  return _qk(map(q, range(nk)), map(k, range(nk)), precision)
 
 
 def _key_state(b_k, b_s, precision):
@@ -331,11 +338,9 @@ def _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs=None):
     return jnp.sum(jnp.where(r <= c, b_g, 0.0), axis=0, keepdims=True)
 
   # Each row block's keys are loaded once: loads are issued early, so loading
-  # them per (i, j) pair would keep all of them live at once.
-  # K K^T straight from the input dtype: a bf16 x bf16 product is exact in
-  # float32, as is TF32 of a bf16 value, so this is the same product at half
-  # the operand registers.
-  b_k = [_key_blocks(k_ref, pl.ds(i * SUB, SUB), None)  # [SUB, BK]
+  # them per (i, j) pair would keep all of them live at once. K K^T takes them
+  # in the input dtype.
+  b_k = [_key_blocks(k_ref, pl.ds(i * SUB, SUB))  # [SUB, BK]
          for i in range(nb)]
 
   def l_block(i, j):
@@ -388,7 +393,7 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
         t_ref[rows, :],  # [C, C]
         b_s,
         _key_blocks(k_ref, rows),  # [C, BK] each
-        _rows(v_ref, rows),  # [C, BV]
+        v_ref[rows, :],  # [C, BV]
         _rows(beta_ref, rows), _rows(g_ref, rows),  # [C, 1]
         precision, _masks(doc_ref, C, n * C))
 
@@ -407,7 +412,7 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
       _state_block(h_ref),  # [BK, BV] each
       q, k, nk,
       lambda: _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
-      v_ref[...].astype(_F32),  # [C, BV]
+      v_ref[...],  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision,
       masks=_masks(doc_ref, q_ref.shape[0], row_ref=row_ref))
@@ -419,7 +424,7 @@ def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision,
   a = (chunk_tiles.gates(g_ref[...],
                          _masks(doc_ref, q_ref.shape[0], row_ref=row_ref)).m
        * _qk_from(q_ref, k_ref, precision=precision))  # [C, C]: M o Q K^T
-  p_ref[...] = tiles.mm_tn(a, scale * do_ref[...].astype(_F32), precision)
+  p_ref[...] = scale * tiles.mm_tn(a, do_ref[...], precision)
 
 
 def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
@@ -443,7 +448,7 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
         lambda m: scale * tiles.mm_tn(  # [BK, BV]
             chunk_tiles.gates(_rows(g_ref, rows), masks).decay_in
             * q_ref[rows, pl.ds(m * bk, bk)].astype(_F32),
-            _rows(do_ref, rows), precision),
+            do_ref[rows, :], precision),
         precision=precision, masks=masks)
 
   b_ds = jax.lax.fori_loop(0, N, body, _state_blocks(dht_ref))  # [BK, BV] each
@@ -458,7 +463,7 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
                         row_ref=None):
   b_t = t_ref[...]  # [C, C]
   b_beta = beta_ref[...]  # [C, 1]
-  b_v = v_ref[...].astype(_F32)  # [C, BV]
+  b_v = v_ref[...]  # [C, BV]
   # Key and state blocks are loaded where used (map: one at a time), so the
   # NK [C, BK] key blocks are not live across both products (at K = 256
   # float32 they overflowed an A100's shared memory).
@@ -470,12 +475,15 @@ def _value_grads_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, do_ref,
   x = _wy_input(ks, b_v, b_beta, gt)  # [C, BV]
   u = tiles.mm(b_t, x, precision)  # [C, BV]
   u_ref[...] = u
-  b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
-  da_ref[...] = tiles.mm_nt(b_do, u, precision)  # this block's d(M o Q K^T)
+  # do enters the products as loaded; the query scale goes on their float32
+  # results or on the float32 operand.
+  b_do = do_ref[...]  # [C, BV]
+  # this block's d(M o Q K^T)
+  da_ref[...] = scale * tiles.mm_nt(b_do, u, precision)
   du = _pseudo_value_grad(
       map(_state_block(dh_ref), range(nk)),  # [BK, BV] each
       map(k, range(nk)),
-      gt.m * _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
+      (scale * gt.m) * _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       b_do, gt, precision)
   dt_ref[...] = tiles.mm_nt(du, x, precision)  # U = T X: this block's dT
   tdu = tiles.mm_tn(b_t, du, precision)  # dX = T^T dU
@@ -769,7 +777,8 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
   """Pallas (Triton) delta rule. Arguments as in ``chunked.delta_rule`` (log_g
   and beta float32 [B, T, H], h0 float32 [B, H, K, V]), plus ``interpret`` for
   Pallas interpret mode. chunk_size in ``kernel_shapes.CHUNK_SIZES`` and head
-  dims up to ``kernel_shapes.MAX_HEAD_DIM`` (checked in ``api.py``).
+  dims up to ``kernel_shapes.MAX_HEAD_DIM`` (K) and ``MAX_V`` (checked in
+  ``api.py``).
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.

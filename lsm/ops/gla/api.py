@@ -68,8 +68,8 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
       for "pallas_triton" and "pallas_tpu" 16, 32, 64 or 128, for
       "pallas_mosaic_gpu" 64. T need not be a multiple of it.
     impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
-      newer; bfloat16 / float16 inputs, head dims up to 128) |
-      "pallas_triton" | "pallas_tpu" (head dims up to 256). Each impl's
+      newer; bfloat16 / float16 inputs, K and V up to 128) |
+      "pallas_triton" | "pallas_tpu" (K up to 256, V up to 512). Each impl's
       ``ACCEPTS`` states what it takes: "auto" takes the first in the
       platform's order that accepts the call (``_dispatch.resolve``), an
       explicit impl raises naming the limit the call hits.

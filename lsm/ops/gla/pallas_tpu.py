@@ -21,8 +21,11 @@ state carried in VMEM scratch; the parallel passes mark every axis "parallel".
            gradient for the state leaving every chunk, and dh0.
   grads    (B, H, N) parallel: dq, dk, dv and d log_g of one chunk.
 
-Matmuls run at ``tiles.precision_for(q.dtype)`` (full float32 for float32
-inputs); gate sums always in float32.
+Matmuls run as ``tiles.precision_for(q.dtype)`` says (full float32 for float32
+inputs; bf16 / f16 operands with float32 accumulation otherwise, which is what
+the MXU's default pass did with float32 operands anyway); gate sums always in
+float32. Head shapes up to K 256 x V 512: whole [V, K] float32 states per
+program (512 KiB at that shape, a few MiB of VMEM with double buffering).
 """
 
 import functools

@@ -37,9 +37,21 @@ by intra, output / dv and dqkg, and v, do by dqkg and output / dv, each program
 reading its own column block, so beyond A the extra traffic is re-reads of the
 same chunk's tiles.
 
-Matmuls run at ``tiles.precision_for(q.dtype)``: IEEE float32 for float32 inputs
-(TF32 would miss the float32 tolerance), TF32 on float32 operands otherwise.
-Gate sums are always IEEE float32.
+Matmuls run as ``tiles.precision_for(q.dtype)`` says: IEEE float32 for float32
+inputs (TF32 would miss the float32 tolerance); for bf16 / f16 inputs every
+data matmul takes its operands in that dtype with float32 accumulation (the
+tensor cores' full 16-bit rate, no TF32): v and do enter as loaded (dqkg's do
+scaled first), and the float32 factors (q exp(b), the decayed keys, A and the
+states) are rounded to it where they enter, as flash-linear-attention does
+(about 0.3% relative RMS error, measured against the 1e-2 bf16 rows). One
+exception, for registers: dqkg's products of the [16, 16] dA blocks with the
+decayed q and k take float32 operands at TF32 (see there). Gate sums are
+always IEEE float32.
+
+Head shapes: K up to 256 and V up to 512 (``kernel_shapes``); every kernel
+takes V in blocks (a grid axis or dqkg's loop), so V = 512 adds programs or
+loop steps, not live tiles. Registers, spills and shared memory at those
+shapes: experiments/kernel_resources.py.
 """
 
 import dataclasses
@@ -69,7 +81,9 @@ class Tiling:
   over the other head dim inside a program); capped at the padded head dims.
   Chosen by compiling each kernel to cubin for sm_80 and sm_90a (PyPI triton
   3.9.0 + ptxas, K = V = 64 and 128, bf16, chunk 64) and taking a setting
-  without spills on either. Two effects dominate: an IEEE float32 matmul (the
+  without spills on either; rechecked at K 256 x V 256 and 512 with 16-bit
+  matmul operands (experiments/kernel_resources.py). Two effects dominate:
+  an IEEE float32 matmul (the
   gate prefix and suffix sums, ``tiles.HIGHEST``) runs on FMA units, and each
   thread then holds its operands' whole contraction dimension in registers;
   and on sm_80 (mma.sync, no wgmma) a warp holds its share of both float32
@@ -138,7 +152,7 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, *refs, C, N, prec, n_docs):
     hin_ref[n] = st  # [BV, BK]
     t0 = pl.multiple_of(n * C, C)
     b_k = k_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
-    b_v = v_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
+    b_v = v_ref[pl.ds(t0, C), :]  # [C, BV], input dtype (a matmul operand)
     b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
     docs = (None if col_ref is None else
             segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
@@ -247,7 +261,7 @@ def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, *refs, BK, scale, prec,
     return o + tiles.mm_nt(b_q * jnp.exp(b), b_st, prec)
 
   b_a = a_ref[...]  # [C, C]
-  b_v = v_ref[...].astype(_F32)  # [C, BV]
+  b_v = v_ref[...]  # [C, BV], input dtype
   if docs is None:
     o = jax.lax.fori_loop(0, q_ref.shape[-1] // BK, body, tiles.mm(b_a, b_v, prec))
   else:  # the incoming state reaches the tokens before the first reset only
@@ -299,8 +313,10 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, *refs, C, N, prec, scale,
     n = N - 1 - i
     dout_ref[n] = dst  # [BV, BK]
     t0 = pl.multiple_of(n * C, C)
-    b_q = q_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
-    b_do = scale * do_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BV]
+    # scale (q exp(b))^T do: the scale goes on the float32 q side, which is
+    # rounded where it enters the product anyway, and do enters as loaded.
+    b_q = scale * q_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
+    b_do = do_ref[pl.ds(t0, C), :]  # [C, BV]
     b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
     docs = (None if col_ref is None else
             segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
@@ -328,8 +344,8 @@ def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, *refs, BK, scale, prec,
     to_end = tiles.suffix_sum_rows(b_g, tiles.HIGHEST)
     return dv + tiles.mm_nt(b_k * jnp.exp(to_end), b_dst, prec)
 
-  b_a = a_ref[...]  # [C, C]
-  b_do = scale * do_ref[...].astype(_F32)  # [C, BV]
+  b_a = scale * a_ref[...]  # [C, C]: the scale on the float32 side
+  b_do = do_ref[...]  # [C, BV], input dtype
   if docs is None:
     dv = jax.lax.fori_loop(0, k_ref.shape[-1] // BK, body,
                            tiles.mm_tn(b_a, b_do, prec))
@@ -350,12 +366,15 @@ def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, *refs, C
   def body(iv, carry):
     da, da_tt, dq_st, dk_st, leaving = carry
     cols = _cols(iv, BV)
-    vs = [v_ref[r, cols].astype(_F32) for r in rows]  # [16, BV]
+    # v as loaded; do scaled in float32 and rounded back to the input dtype
+    # where it enters a product (scaling the loop's results instead, after the
+    # loop, cost 64 B more sm_90a spills at K = V = 128).
+    vs = [v_ref[r, cols] for r in rows]  # [16, BV]
     dos = [scale * do_ref[r, cols].astype(_F32) for r in rows]  # [16, BV]
     b_st = hin_ref[cols, :]  # [BV, BK]
     b_dst = dout_ref[cols, :]  # [BV, BK]
     da = {(i, j): x + tiles.mm_nt(dos[i], vs[j], prec) for (i, j), x in da.items()}
-    da_tt = [x + jnp.sum(dos[i] * vs[i], axis=1, keepdims=True)
+    da_tt = [x + jnp.sum(dos[i] * vs[i].astype(_F32), axis=1, keepdims=True)
              for i, x in enumerate(da_tt)]  # [16, 1]
     dq_st = [x + tiles.mm(dos[i], b_st, prec) for i, x in enumerate(dq_st)]
     dk_st = [x + tiles.mm(vs[i], b_dst, prec) for i, x in enumerate(dk_st)]
@@ -377,7 +396,13 @@ def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, *refs, C
 
   qs, ks, gs = (chunk_tiles.load_sub_blocks(r, n) for r in (q_ref, k_ref, g_ref))
   sums = chunk_tiles.GateSums(gs)
-  dq, dk = chunk_tiles.intra_grads(sums, qs, ks, da, prec)
+  # The intra-chunk products of dA ([16, 16] blocks) with the decayed q and k
+  # take float32 operands (TF32 for 16-bit inputs): with 16-bit operands this
+  # kernel, already at 255 registers, spilled 92 B on sm_90a at K = V = 128
+  # (ptxas, experiments/kernel_resources.py), and none with these; every
+  # product in the loop above takes its operands in the input dtype.
+  intra_prec = prec if prec.dtype == _F32 else tiles.DEFAULT
+  dq, dk = chunk_tiles.intra_grads(sums, qs, ks, da, intra_prec)
   dq = [dq[i] + dq_st[i] * (jnp.exp(sums.z[i]) * jnp.exp(sums.before(i)))
         for i in range(n)]
   dq, dk, dg = chunk_tiles.finish_grads(sums, qs, ks, dq, dk, dk_st, da_tt,
