@@ -35,7 +35,10 @@ Options: --ops gla delta_rule, --dims 64 128 256 (K = V), --shapes 256x512
 64x512 (K x V pairs, beside --dims), --dtypes bfloat16 float32, --targets
 a100 h100, --chunk 64, --T 256, --out DIR (TTIR, PTX and ptxas logs,
 results.json), --documents (also every kernel on packed rows, named
-"kernel+docs"), --markdown, --check (exit 1 on a violation).
+"kernel+docs"), --gates channel head (gla's gate forms: [B, T, H, K] per
+channel, the default, and [B, T, H] one per head, whose kernels read a [C, 1]
+gate column and are named "kernel+head"; the delta rule's gates are per head
+either way), --markdown, --check (exit 1 on a violation).
 """
 
 import argparse
@@ -56,6 +59,7 @@ DIMS = (64, 128, 256)
 # DeltaNet and RetNet heads at d_model 2048 are K 256, V 512.
 WIDE = ((256, 512),)
 DTYPES = ("bfloat16", "float32")
+GATES = ("channel", "head")  # gla's log_g: [B, T, H, K] or [B, T, H]
 TARGETS = tuple(sorted(cuda_targets.TARGETS))  # "a100", "h100"
 SM = {name: t.sm for name, t in cuda_targets.TARGETS.items()}
 # Opt-in dynamic shared memory per block, by compute capability.
@@ -100,13 +104,16 @@ def _op_fn(op, chunk, documents=False):
   return fwd_bwd
 
 
-def _structs(op, K, V, dtype, T, B=1, H=2):
+def _structs(op, K, V, dtype, T, B=1, H=2, gate="channel"):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   s = jax.ShapeDtypeStruct
   f32 = jnp.float32
   x = [s((B, T, H, K), dtype)] * 2 + [s((B, T, H, V), dtype)]
-  gates = [s((B, T, H, K), f32)] if op == "gla" else [s((B, T, H), f32)] * 2
+  if op == "gla":
+    gates = [s((B, T, H, K) if gate == "channel" else (B, T, H), f32)]
+  else:
+    gates = [s((B, T, H), f32)] * 2
   state = s((B, H, K, V), f32)
   return x + gates + [state, s((B, T, H, V), dtype), state]
 
@@ -147,11 +154,14 @@ def _triton_calls(lowered):
   return calls
 
 
-def extract(ops, shapes, dtypes, targets, chunk, T, out, documents=False):
+def extract(ops, shapes, dtypes, targets, chunk, T, out, documents=False,
+            gates=("channel",)):
   """Writes out/ttir/<hash>.ttir and out/index.json (one entry per kernel
   launch kind and case; the same kernel launched twice is listed once);
   ``shapes``: (K, V) pairs. With ``documents``, each case is also lowered on
-  packed rows; those kernels are named with a "+docs" suffix."""
+  packed rows; those kernels are named with a "+docs" suffix. ``gates``: gla's
+  gate forms (``GATES``); gla's kernels with head gates are named with a
+  "+head" suffix (the delta rule is lowered once, under the first form)."""
   import warnings  # pylint: disable=g-import-not-at-top
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -161,14 +171,17 @@ def extract(ops, shapes, dtypes, targets, chunk, T, out, documents=False):
   warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated")
   os.makedirs(os.path.join(out, "ttir"), exist_ok=True)
   index = []
-  cases = [(op, K, V, dtype, target, docs)
-           for op in ops for K, V in shapes for dtype in dtypes
+  cases = [(op, K, V, dtype, target, docs, gate)
+           for op in ops for gate in (gates if op == "gla" else gates[:1])
+           for K, V in shapes for dtype in dtypes
            for target in targets
            for docs in ((False, True) if documents else (False,))]
-  for op, K, V, dtype, target, docs in cases:
+  for op, K, V, dtype, target, docs, gate in cases:
     lowered = cuda_targets.lower_for_cuda(
-        _op_fn(op, chunk, docs), *_structs(op, K, V, jnp.dtype(dtype), T),
-        target=target)
+        _op_fn(op, chunk, docs),
+        *_structs(op, K, V, jnp.dtype(dtype), T, gate=gate), target=target)
+    suffix = ("+head" if op == "gla" and gate == "head" else "") + (
+        "+docs" if docs else "")
     seen = set()
     for name, warps, stages, code in _triton_calls(lowered):
       with triton_lowering._new_ir_context():  # pylint: disable=protected-access
@@ -181,7 +194,7 @@ def extract(ops, shapes, dtypes, targets, chunk, T, out, documents=False):
       with open(os.path.join(out, "ttir", f"{digest}.ttir"), "w") as f:
         f.write(text)
       index.append(dict(op=op, K=K, V=V, dtype=dtype, target=target,
-                        kernel=name + ("+docs" if docs else ""),
+                        kernel=name + suffix,
                         num_warps=warps, num_stages=stages, ttir=digest))
   with open(os.path.join(out, "index.json"), "w") as f:
     json.dump(index, f, indent=1)
@@ -330,15 +343,16 @@ def markdown(rows):
 
 
 def measure(ops=OPS, dims=DIMS, dtypes=DTYPES, targets=TARGETS, chunk=64, T=256,
-            out=None, documents=False, shapes=()):
+            out=None, documents=False, shapes=(), gates=("channel",)):
   """Extracts (in a subprocess) and compiles; returns the ``Row``s. Head
-  shapes: K = V = each of ``dims``, then the (K, V) pairs of ``shapes``."""
+  shapes: K = V = each of ``dims``, then the (K, V) pairs of ``shapes``;
+  ``gates``: gla's gate forms (``GATES``)."""
   out = out or tempfile.mkdtemp(prefix="kernel-resources-")
   kv = [f"{k}x{v}" for k, v in shapes_of(dims, shapes)]
   cmd = [sys.executable, os.path.abspath(__file__), "--extract-only",
          "--out", out, "--chunk", str(chunk), "--T", str(T), "--ops", *ops,
          "--dims", "--shapes", *kv, "--dtypes", *dtypes, "--targets", *targets,
-         *(["--documents"] if documents else [])]
+         "--gates", *gates, *(["--documents"] if documents else [])]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
@@ -363,15 +377,17 @@ def main(argv=None):
   p.add_argument("--check", action="store_true")
   p.add_argument("--documents", action="store_true",
                  help="also compile every kernel on packed rows (segment_ids)")
+  p.add_argument("--gates", nargs="+", default=["channel"], choices=GATES,
+                 help="gla's gate forms; head-gate kernels are named +head")
   p.add_argument("--extract-only", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.extract_only:
     extract(a.ops, shapes_of(a.dims, a.shapes), a.dtypes, a.targets, a.chunk,
-            a.T, a.out, a.documents)
+            a.T, a.out, a.documents, tuple(a.gates))
     return 0
   out = a.out or tempfile.mkdtemp(prefix="kernel-resources-")
   rows = measure(a.ops, a.dims, a.dtypes, a.targets, a.chunk, a.T, out,
-                 a.documents, a.shapes)
+                 a.documents, a.shapes, tuple(a.gates))
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
   if a.markdown:

@@ -9,7 +9,9 @@ The kernels on packed rows ("+docs", with their document masks) are compiled
 too, at D = 128, and must fit the shared memory; they are not held to the spill limits:
 the GLA dqkg and the delta rule's two sequential kernels sit at 255 registers
 without documents, and the masks push them to 28-100 B of sm_90a spills
-(BENCHMARKS.md, "Pallas Triton kernels with document masks")."""
+(BENCHMARKS.md, "Pallas Triton kernels with document masks"). GLA's kernels
+with one gate per head ("+head", ``--gates head``) are held to the same limits
+in a slow test."""
 
 import pytest
 
@@ -78,6 +80,40 @@ def test_kernels_with_documents_fit_shared_memory(doc_rows):
   assert {(o, k + "+docs", sm) for o, k, sm in plain} == kernels - plain
   docs = [r for r in doc_rows if r.kernel.endswith("+docs")]
   assert [m for m in kr.violations(docs) if "shared memory" in m] == []
+
+
+@pytest.fixture(scope="module")
+def head_rows(tmp_path_factory):
+  """GLA's kernels with one gate per head ([C, 1] gate columns), D 64 and 128."""
+  return kr.measure(ops=("gla",), dims=(64, 128), dtypes=("bfloat16",),
+                    gates=("head",),
+                    out=str(tmp_path_factory.mktemp("kernel-resources-head")))
+
+
+# About 1-2 minutes of a worker (six more kernels at two shapes, two targets):
+# slow, so the default suite's sweep above keeps its time. Run with -m slow
+# after any change to the head-gate paths of lsm/ops/gla.
+@pytest.mark.slow
+def test_head_gate_kernels_fit_the_hardware(head_rows):
+  """The same limits (no sm_90a spills at K, V <= 128 in bf16) for GLA's
+  head-gate kernels, named "+head"."""
+  assert {r.kernel for r in head_rows} == {
+      f"gla_{k}+head" for k in ("states", "intra", "output", "dstates", "dv",
+                                "dqkg")}
+  assert {r.sm for r in head_rows} == {"sm_80", "sm_90a"}
+  assert kr.violations(head_rows) == []
+
+
+def test_gla_gate_forms_lower_with_their_shapes():
+  """--gates head lowers GLA with [B, T, H] gates; the delta rule's are per
+  head either way."""
+  jnp = pytest.importorskip("jax.numpy")
+  bf16 = jnp.dtype("bfloat16")
+  assert kr._structs("gla", 64, 32, bf16, 128)[3].shape == (1, 128, 2, 64)
+  assert kr._structs("gla", 64, 32, bf16, 128, gate="head")[3].shape == (
+      1, 128, 2)
+  assert kr._structs("delta_rule", 64, 32, bf16, 128, gate="head")[3].shape == (
+      1, 128, 2)
 
 
 def _row(**kw):

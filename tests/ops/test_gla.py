@@ -268,8 +268,9 @@ def test_head_gates_packed_row_equals_documents_run_alone(log_g_value, dtype):
 
 def test_head_gates_reach_the_impls_as_they_are(monkeypatch):
   """[B, T, H] gates reach the impls in ``api._HEAD_GATES`` (reference,
-  chunked) as float32 [B, T, H]; the others (the Pallas impls, until their
-  kernels read one gate per head) get them broadcast to [B, T, H, K]."""
+  chunked, and the Triton and TPU kernels) as float32 [B, T, H]; the others
+  (Mosaic GPU until its kernels read one gate per head) get them broadcast to
+  [B, T, H, K]."""
   from lsm.ops.gla import api
   seen = {}
 

@@ -10,6 +10,7 @@ kernels get their plumbing checked at two shapes.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,9 @@ def _check(impl, shape, *, interpret=True, dtype=jnp.float32, seed=0, **kwargs):
                                   interpret=interpret)
 
 
-# The api broadcasts head gates and no gate to per-channel gates before any impl
-# runs, so the kernels see one gate form; the three forms still go through here.
+# Per-channel gates reach the kernels as [B, T, H, K]; head gates and no gate
+# (zeros) as [B, T, H], which the kernels read as [C, 1] columns (the
+# head-gate checks are below, ``test_*_head_gates*``).
 @pytest.mark.parametrize("shape, gate", [
     ("T63_KneV", "channel"),
     ("T63_C64", "head"),
@@ -90,6 +92,64 @@ def test_gpu_interpret_wide_values_with_documents():
       interpret=True)
 
 
+# ----------------------------------------------------------- head gates ---
+# [B, T, H] gates reach both backends as they are (api._HEAD_GATES): the
+# kernels load a [C, 1] gate column per chunk and sum the gate gradient over K
+# in the kernel. Tiny shapes (interpret mode), T not a multiple of the chunk,
+# K != V.
+
+_HEAD_CASES = {  # (B, T, H, K, V, chunk), make_inputs keywords
+    "mild": ((1, 63, 2, 16, 24, 16), {}),
+    "decay5": ((1, 50, 2, 16, 16, 32), dict(log_g_value=-5.0)),  # -160 a chunk
+    "decay50": ((1, 40, 2, 16, 16, 16), dict(log_g_value=-50.0)),
+}
+
+
+def _documents(B, T):
+  """Three documents per row, starts inside chunks."""
+  return jnp.broadcast_to(jnp.arange(T) * 3 // T, (B, T)).astype(jnp.int32)
+
+
+def _check_head(impl, case, dtype, *, documents=False, interpret=True, seed=7):
+  (*dims, chunk), kw = _HEAD_CASES[case]
+  op = gla
+  if documents:
+    op = functools.partial(gla, segment_ids=_documents(dims[0], dims[1]))
+  harness.check_against_reference(
+      op, impl, chunk, make_inputs(seed, *dims, gate="head", dtype=dtype, **kw),
+      jax.random.key(seed + 1), interpret=interpret)
+
+
+@pytest.mark.parametrize("case, dtype", [
+    ("mild", jnp.float32), ("mild", jnp.bfloat16),
+    ("decay5", jnp.float32),
+    pytest.param("decay5", jnp.bfloat16, marks=pytest.mark.slow),
+    ("decay50", jnp.float32), ("decay50", jnp.bfloat16)])
+def test_gpu_interpret_head_gates(case, dtype):
+  """Outputs, h_T and the gradients of q, k, v, the [B, T, H] gates and h0
+  against the reference, mild and strong decays (-5 and -50 per step: the
+  gate gradient must not cancel), float32 and bf16."""
+  _check_head("pallas_triton", case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [
+    jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+    ids=["fp32", "bf16"])
+def test_gpu_interpret_head_gates_with_documents(dtype):
+  _check_head("pallas_triton", "mild", dtype, documents=True)
+
+
+@pytest.mark.parametrize("case, dtype, documents", [
+    ("mild", jnp.float32, True), ("decay50", jnp.bfloat16, False),
+    pytest.param("decay5", jnp.float32, False, marks=pytest.mark.slow),
+    pytest.param("mild", jnp.bfloat16, True, marks=pytest.mark.slow)])
+def test_tpu_interpret_head_gates(case, dtype, documents):
+  """The TPU kernels with head gates, under TPU semantics (NaN-filled scratch
+  and outputs: the [C, 1] gate and gate-gradient blocks are written whole)."""
+  _check_head("pallas_tpu", case, dtype, documents=documents,
+              interpret=pltpu.InterpretParams())
+
+
 def test_tpu_interpret_matches_reference():
   _check("pallas_tpu", "T63_C64", gate="channel")
 
@@ -113,11 +173,12 @@ def test_tpu_interpret_params_catch_unwritten_memory():
 # ------------------------------------------------------------ lowering ---
 
 
-def _structs(K, dtype, V=None, B=1, T=130, H=2):  # T pads to 192: not a power of 2
+def _structs(K, dtype, V=None, B=1, T=130, H=2, gate="channel"):  # T pads to 192
   s = jax.ShapeDtypeStruct
   V = K if V is None else V
+  g = (B, T, H, K) if gate == "channel" else (B, T, H)
   return ([s((B, T, H, K), dtype)] * 2 + [s((B, T, H, V), dtype),
-                                          s((B, T, H, K), jnp.float32),
+                                          s(g, jnp.float32),
                                           s((B, H, K, V), jnp.float32),
                                           s((B, T, H, V), dtype),
                                           s((B, H, K, V), jnp.float32)])
@@ -169,6 +230,66 @@ def test_gpu_lowers_for_cuda_with_documents(target):
                                      *_structs(128, jnp.bfloat16),
                                      target=target).as_text()
   assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
+
+
+@pytest.mark.parametrize("target", sorted(cuda_targets.TARGETS))
+@pytest.mark.parametrize("K, V, dtype, documents", [
+    (128, 128, jnp.bfloat16, False), (128, 128, jnp.bfloat16, True),
+    (256, 512, jnp.float32, False)])
+def test_gpu_lowers_for_cuda_with_head_gates(K, V, dtype, documents, target):
+  """The head-gate kernels ([C, 1] gate columns) lower for A100 and H100."""
+  text = cuda_targets.lower_for_cuda(_vjp_fn("pallas_triton", documents),
+                                     *_structs(K, dtype, V, gate="head"),
+                                     target=target).as_text()
+  for name in _KERNELS["pallas_triton"]:
+    assert name in text, name
+  assert text.count("__gpu$xla.gpu.triton") == len(_KERNELS["pallas_triton"]) + 2
+
+
+@pytest.mark.parametrize("K, V, dtype, documents", [
+    (128, 128, jnp.bfloat16, True), (256, 512, jnp.float32, False)])
+def test_tpu_exports_for_mosaic_with_head_gates(K, V, dtype, documents):
+  exported = jax.export.export(jax.jit(_vjp_fn("pallas_tpu", documents)),
+                               platforms=["tpu"])(
+                                   *_structs(K, dtype, V, gate="head"))
+  assert exported.mlir_module().count("tpu_custom_call") == 4
+
+
+def _gate_sized_f32(text, B, T, Tp, H, K, Kp):
+  """The float32 tensor types in a lowered module's text shaped like a
+  per-channel gate or its gradient: [B, T', H, K'] (the ops' layout) or
+  [B, H, T', K'] (the TPU kernels' heads-first layout), T' in (T, Tp), K' in
+  (K, Kp)."""
+  ts, ks = f"(?:{T}|{Tp})", f"(?:{K}|{Kp})"
+  pattern = (rf"tensor<{B}x{ts}x{H}x{ks}xf32>|tensor<{B}x{H}x{ts}x{ks}xf32>")
+  return sorted(set(re.findall(pattern, text)))
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
+def test_head_gates_are_never_widened_to_K(impl):
+  """Forward and backward with [B, T, H] gates (and documents), bf16 inputs:
+  the jaxpr has no broadcast of a [B, T, H] array to float32 [B, T, H, K]
+  (test_gla.gate_broadcasts), and the lowered module (CUDA for Triton, TPU
+  export for Mosaic) no float32 gate-sized [B, T, H, K] or [B, H, T, K] tensor
+  at all, for the gates or their gradient; with per-channel gates it has them,
+  which shows the checks see one."""
+  from tests.ops.test_gla import gate_broadcasts  # pylint: disable=g-import-not-at-top
+  B, T, Tp, H, K, Kp, V = 1, 130, 192, 2, 96, 128, 64  # distinct sizes
+
+  def lowered_text(gate):
+    args = _structs(K, jnp.bfloat16, V, T=T, gate=gate)
+    if impl == "pallas_triton":
+      return cuda_targets.lower_for_cuda(_vjp_fn(impl, True), *args,
+                                         target="h100").as_text()
+    return jax.export.export(jax.jit(_vjp_fn(impl, True)),
+                             platforms=["tpu"])(*args).mlir_module()
+
+  jaxpr = jax.make_jaxpr(_vjp_fn(impl, True))(
+      *_structs(K, jnp.bfloat16, V, T=T, gate="head")).jaxpr
+  assert not gate_broadcasts(jaxpr, [(B, T, H), (B, Tp, H)], K)
+  assert not gate_broadcasts(jaxpr, [(B, T, H), (B, Tp, H)], Kp)
+  assert _gate_sized_f32(lowered_text("head"), B, T, Tp, H, K, Kp) == []
+  assert _gate_sized_f32(lowered_text("channel"), B, T, Tp, H, K, Kp)
 
 
 @pytest.mark.parametrize("K, V, dtype, documents", [

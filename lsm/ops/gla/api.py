@@ -19,9 +19,11 @@ _OP = "gla"
 # CPU at Based's K = 273); the others get zeros.
 _UNGATED = ("chunked",)
 # Impls that read one gate per head, [B, T, H], as it is (chunked: its
-# scalar-decay form, lsm/ops/gla/chunked_scalar.py); the others are given the
-# gates broadcast over K (``_for_impl``).
-_HEAD_GATES = ("reference", "chunked")
+# scalar-decay form, lsm/ops/gla/chunked_scalar.py; pallas_triton and
+# pallas_tpu: kernels that load a [C] gate column per chunk, see
+# lsm/ops/gla/chunk_tiles.py); the others are given the gates broadcast over K
+# (``_for_impl``).
+_HEAD_GATES = ("reference", "chunked", "pallas_triton", "pallas_tpu")
 
 
 def _gate(log_g, shape, op: str, name: str):
@@ -42,8 +44,8 @@ def _gate(log_g, shape, op: str, name: str):
 
 def _for_impl(name: str, log_g, K: int):
   """The gates as impl ``name`` reads them: [B, T, H] as they are for the
-  impls in ``_HEAD_GATES``; broadcast to [B, T, H, K] for the others (the
-  Pallas kernels, until they read [B, T, H] gates: then they join
+  impls in ``_HEAD_GATES``; broadcast to [B, T, H, K] for the others
+  ("pallas_mosaic_gpu", until its kernels read [B, T, H] gates: then it joins
   ``_HEAD_GATES`` and this broadcast goes)."""
   if log_g is None or log_g.ndim == 4 or name in _HEAD_GATES:
     return log_g
@@ -59,8 +61,9 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     k: [B, T, H, K] keys, q's dtype.
     v: [B, T, H, V] values, q's dtype.
     log_g: log forget gates, <= 0: [B, T, H, K] per channel, [B, T, H] one per
-      head (used as it is: "reference" and "chunked" have a scalar-decay form,
-      the Pallas impls get it broadcast over K), or None for no decay. Any
+      head (used as it is by "reference", "chunked", "pallas_triton" and
+      "pallas_tpu", which have a scalar-decay form; "pallas_mosaic_gpu" gets it
+      broadcast over K), or None for no decay. Any
       float dtype; used in float32.
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.

@@ -18,6 +18,18 @@ for earlier blocks. Diagonal 16 x 16 blocks are formed in log space column by
 column (exact for any decay). Gate sums ending at a block or chunk end are
 suffix sums, never differences of prefix sums. The diagonal t = s terms (weight
 exactly 1) are kept out of the gate gradient.
+
+Gate forms. Per-channel gates arrive as [16, K] (or [C, K]) tiles. One gate per
+head arrives as a [16, 1] (or [C, 1]) column, loaded as it is from a [B, T, H]
+gate (the launchers view it as [B, T, H, 1], a reshape): the cumulative gate is
+then one number per token, so every gate sum here is a [16, 1] column or a
+[1, 1] scalar that broadcasts over the key columns wherever the per-channel
+form has a [16, K] or [1, K] tile, and the same code runs both forms. Sums of a
+gate column are masked sums (``_col_sum``), not matmuls (Triton's dot needs
+every dim >= 16). The gate gradient of a head gate is the per-channel one
+summed over K (the chain rule through the broadcast); ``finish_grads`` sums
+each term over the key columns before its prefix and suffix sums, so only
+[16, 1] columns are formed.
 """
 
 import jax
@@ -31,8 +43,48 @@ _F32 = jnp.float32
 _GATE_PREC = tiles.HIGHEST  # gate sums are float32 whatever the input dtype
 
 
+def is_head_gate(g) -> bool:
+  """Whether a loaded gate tile is one gate per head ([n, 1] column)."""
+  return g.shape[-1] == 1
+
+
+def _col_sum(x, mask):
+  """out[t] = sum_s mask[t, s] x[s] for a column x [n, 1]: a masked sum over
+  the column laid out as a row (``tiles.col_to_row``), float32 adds in one
+  order, no matmul."""
+  n = x.shape[0]
+  return jnp.sum(jnp.where(mask, jnp.broadcast_to(tiles.col_to_row(x), (n, n)),
+                           0.0), axis=1, keepdims=True)
+
+
+def cumsum_rows(g):
+  """Inclusive prefix sum of a gate tile down its rows: [n, K] by matmul
+  (``tiles.cumsum_rows``), a head-gate column [n, 1] by a masked sum."""
+  if not is_head_gate(g):
+    return tiles.cumsum_rows(g, _GATE_PREC)
+  return _col_sum(g, tiles.lower_mask(g.shape[0], strict=False))
+
+
+def suffix_sum_rows(g):
+  """Exclusive suffix sum down the rows (``tiles.suffix_sum_rows``); columns
+  [n, 1] by a masked sum."""
+  if not is_head_gate(g):
+    return tiles.suffix_sum_rows(g, _GATE_PREC)
+  n = g.shape[0]
+  return _col_sum(g, tiles.iota((n, n), 0) < tiles.iota((n, n), 1))
+
+
+def prefix_sum_rows_exclusive(g):
+  """Exclusive prefix sum down the rows (``tiles.prefix_sum_rows_exclusive``);
+  columns [n, 1] by a masked sum."""
+  if not is_head_gate(g):
+    return tiles.prefix_sum_rows_exclusive(g, _GATE_PREC)
+  return _col_sum(g, tiles.lower_mask(g.shape[0], strict=True))
+
+
 class GateSums:
-  """Gate sums of one chunk, per sub-chunk block, all [16, K] or [1, K].
+  """Gate sums of one chunk, per sub-chunk block, all [16, K] or [1, K]
+  (per-channel gates) or [16, 1] / [1, 1] (one gate per head: ``gs`` columns).
 
   z[i]: inclusive prefix sum inside block i (b_t - r_i).
   e[i]: exclusive suffix sum inside block i (sum_{u > s, u in block i} g_u).
@@ -40,8 +92,8 @@ class GateSums:
   """
 
   def __init__(self, gs):
-    self.z = [tiles.cumsum_rows(g, _GATE_PREC) for g in gs]
-    self.e = [tiles.suffix_sum_rows(g, _GATE_PREC) for g in gs]
+    self.z = [cumsum_rows(g) for g in gs]
+    self.e = [suffix_sum_rows(g) for g in gs]
     self.tot = [jnp.sum(g, axis=0, keepdims=True) for g in gs]
 
   def _sum(self, blocks):
@@ -137,11 +189,11 @@ def diag_blocks_grads(qs, ks, zs, das):
 
 def state_update(k, v, g, st, prec, docs=None):
   """State after a chunk: st [V, K] -> exp(b_C) S + sum_s (k_s exp(b_C - b_s))^T v_s,
-  transposed. k, g: [C, K]; v: [C, V] float32 (C any multiple of 16, or the
-  full chunk as one block). ``docs``: the chunk's ``segments.DocTiles`` or
-  None: then only the last document's keys enter, and S only without a reset
-  in the chunk."""
-  to_end = tiles.suffix_sum_rows(g, _GATE_PREC)
+  transposed. k: [C, K]; g: [C, K], or a head-gate column [C, 1]; v: [C, V]
+  float32 (C any multiple of 16, or the full chunk as one block). ``docs``:
+  the chunk's ``segments.DocTiles`` or None: then only the last document's
+  keys enter, and S only without a reset in the chunk."""
+  to_end = suffix_sum_rows(g)
   total = jnp.sum(g, axis=0, keepdims=True)
   k_end = k * jnp.exp(to_end)
   decay = jnp.exp(total)
@@ -153,10 +205,11 @@ def state_update(k, v, g, st, prec, docs=None):
 
 def state_grad_update(q, do, g, dst, prec, docs=None):
   """Gradient for the state entering a chunk from the gradient ``dst`` [V, K] for
-  the state leaving it: exp(b_C) dS + (q exp(b))^T do, transposed. q, g [C, K];
+  the state leaving it: exp(b_C) dS + (q exp(b))^T do, transposed. q [C, K], g
+  [C, K] or [C, 1];
   do [C, V] already multiplied by the query scale. ``docs``: as
   ``state_update`` (the queries before the chunk's first reset read S)."""
-  b = tiles.cumsum_rows(g, _GATE_PREC)
+  b = cumsum_rows(g)
   total = jnp.sum(g, axis=0, keepdims=True)
   q_b = q * jnp.exp(b)
   decay = jnp.exp(total)
@@ -172,7 +225,8 @@ def intra_weights(qs, ks, gs, prec, docs=None):
   with ``docs`` (``segments.DocTiles``), zero unless t and s share a document.
 
   A is a sum over key channels, so called on a block of key columns (``qs``,
-  ``ks``, ``gs`` [16, BK]) it gives that block's share, and the shares add up.
+  ``ks``, ``gs`` [16, BK]; or ``gs`` the [16, 1] columns of a head gate) it
+  gives that block's share, and the shares add up.
   Off-diagonal blocks pivot on r_i; diagonal blocks are formed in log space
   (``diag_block``), the costliest elementwise work of a chunk.
   """
@@ -197,7 +251,8 @@ def chunk_output(qs, ks, gs, v_blocks, prec, docs=None):
   only, so they are formed once and applied to every block of value columns.
 
   Args:
-    qs, ks, gs: [16, K] sub-chunk blocks.
+    qs, ks: [16, K] sub-chunk blocks; gs: [16, K] blocks, or [16, 1]
+      columns for one gate per head.
     v_blocks: one tuple (vs, st) per block of value columns: vs [16, BV]
       sub-chunk blocks of v, st [BV, K] those rows of the transposed state
       entering the chunk.
@@ -253,7 +308,8 @@ def chunk_grads(qs, ks, gs, v_blocks, prec, docs=None):
   ``finish_grads``) on 64-column tiles.
 
   Args:
-    qs, ks, gs: [16, K] blocks of the chunk.
+    qs, ks: [16, K] blocks of the chunk; gs: [16, K] blocks, or [16, 1]
+      columns for one gate per head (dg then comes as [16, 1] columns).
     v_blocks: one tuple (vs, dos, st, dst) per block of value columns: vs, dos
       [16, BV] sub-chunk blocks of v and of the output gradient (already
       scaled); st [BV, K] those rows of the transposed state entering the chunk;
@@ -339,7 +395,7 @@ def finish_grads(sums, qs, ks, dq, dk, dk_out, da_tt, leaving):
   """dq, dk and dg of one chunk (or block of key columns) from their parts.
 
   Args:
-    sums: GateSums of the chunk's gates.
+    sums: GateSums of the chunk's gates (per channel, or one per head).
     qs, ks: [16, K] blocks.
     dq: [16, K] blocks, every term but the t = s one (the state entering the
       chunk included).
@@ -349,21 +405,29 @@ def finish_grads(sums, qs, ks, dq, dk, dk_out, da_tt, leaving):
     leaving: [1, K], sum_v S * dS (before exp(b_C)).
 
   Returns:
-    dq, dk, dg: lists of [16, K]. The sums are as ``chunk_grads`` explains.
+    dq, dk: lists of [16, K]; dg: lists of [16, K], or of [16, 1] for one gate
+    per head (summed over these key columns). The sums are as ``chunk_grads``
+    explains.
   """
   n = len(qs)
+  # One gate per head: its gradient is the per-channel one summed over the key
+  # columns, so each term is summed over them first ([16, 1] columns).
+  if is_head_gate(sums.tot[0]):
+    over_k = lambda x: jnp.sum(x, axis=1, keepdims=True)  # noqa: E731
+  else:
+    over_k = lambda x: x  # noqa: E731
   dk_out = [dk_out[j] * jnp.exp(sums.to_end(j)) for j in range(n)]
-  inner = [qs[i] * dq[i] - ks[i] * dk[i] for i in range(n)]
-  through_state = [ks[i] * dk_out[i] for i in range(n)]
+  inner = [over_k(qs[i] * dq[i] - ks[i] * dk[i]) for i in range(n)]
+  through_state = [over_k(ks[i] * dk_out[i]) for i in range(n)]
   inner_tot = [jnp.sum(x, axis=0, keepdims=True) for x in inner]
   state_tot = [jnp.sum(x, axis=0, keepdims=True) for x in through_state]
-  leaving = leaving * jnp.exp(sums.total())
+  leaving = over_k(leaving * jnp.exp(sums.total()))
   dg = []
   for i in range(n):
-    x = inner[i] + tiles.suffix_sum_rows(inner[i], _GATE_PREC)
+    x = inner[i] + suffix_sum_rows(inner[i])
     for m in range(i + 1, n):
       x = x + inner_tot[m]
-    x = x + tiles.prefix_sum_rows_exclusive(through_state[i], _GATE_PREC)
+    x = x + prefix_sum_rows_exclusive(through_state[i])
     for m in range(i):
       x = x + state_tot[m]
     dg.append(x + leaving)

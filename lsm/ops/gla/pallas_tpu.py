@@ -21,6 +21,14 @@ state carried in VMEM scratch; the parallel passes mark every axis "parallel".
            gradient for the state leaving every chunk, and dh0.
   grads    (B, H, N) parallel: dq, dk, dv and d log_g of one chunk.
 
+Gates. Per-channel gates come as [C, K] tiles; one gate per head as a [C, 1]
+column of a [B, H, T, 1] array (the [B, T, H] gate as the op received it,
+reshaped and moved heads-first like the other inputs: T float32 per head, not
+T * K), and its gradient leaves grads as the same [C, 1] column, summed over K
+inside the kernel (``chunk_tiles.finish_grads``). The [C, 1] block is legal
+for Mosaic (last dim the full array dim, C a multiple of 8), as are the
+document columns beside it.
+
 Matmuls run as ``tiles.precision_for(q.dtype)`` says (full float32 for float32
 inputs; bf16 / f16 operands with float32 accumulation otherwise, which is what
 the MXU's default pass did with float32 operands anyway); gate sums always in
@@ -39,7 +47,10 @@ from lsm.ops.common import segments, tiles
 from lsm.ops.gla import chunk_tiles, pallas_vjp
 from lsm.ops.common import kernel_shapes
 
-# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto"):
+# every gate kind (its default ``gates``): per-channel [B, T, H, K] gates, one
+# gate per head [B, T, H] read as it is ([C, 1] gate columns), and no gate
+# (the api passes [B, T, H] zeros).
 ACCEPTS = kernel_shapes.TPU
 
 _F32 = jnp.float32
@@ -138,7 +149,7 @@ def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
                         n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
       in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Kp), _chunk_spec(C, Vp),
-                _chunk_spec(C, Kp), _state_spec(Vp, Kp),
+                _chunk_spec(C, g.shape[-1]), _state_spec(Vp, Kp),
                 *_doc_specs(C, Tp // C, docs)],
       out_specs=[_chunk_spec(C, Vp), _state_spec(Vp, Kp)],
       out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Vp), q.dtype),
@@ -173,8 +184,9 @@ def states(k, v, g, h0t, *, docs, scale, chunk_size, interpret):
       functools.partial(_states_kernel, C=C, prec=tiles.precision_for(k.dtype),
                         n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, N),
-      in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Vp), _chunk_spec(C, Kp),
-                _state_spec(Vp, Kp), *_doc_specs(C, N, docs, rows=False)],
+      in_specs=[_chunk_spec(C, Kp), _chunk_spec(C, Vp),
+                _chunk_spec(C, g.shape[-1]), _state_spec(Vp, Kp),
+                *_doc_specs(C, N, docs, rows=False)],
       out_specs=_per_chunk_state_spec(Vp, Kp),
       out_shape=jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
       scratch_shapes=[pltpu.VMEM((Vp, Kp), _F32)],
@@ -213,7 +225,7 @@ def dstates(q, do, g, dh_tt, *, docs, scale, chunk_size, interpret):
                         n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, N),
       in_specs=[_chunk_spec(C, Kp, reverse_of=N), _chunk_spec(C, Vp, reverse_of=N),
-                _chunk_spec(C, Kp, reverse_of=N), _state_spec(Vp, Kp),
+                _chunk_spec(C, g.shape[-1], reverse_of=N), _state_spec(Vp, Kp),
                 *_doc_specs(C, N, docs, reverse=True, rows=False)],
       out_specs=[_per_chunk_state_spec(Vp, Kp, reverse_of=N), _state_spec(Vp, Kp)],
       out_shape=[jax.ShapeDtypeStruct((B, H, N, Vp, Kp), _F32),
@@ -238,7 +250,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, hin_ref, dout_ref, *refs,
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)  # [16, K]
     dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
     dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)  # [16, V]
-    dg_ref[rows, :] = dg[i]
+    dg_ref[rows, :] = dg[i]  # [16, K], or [16, 1] (head gates, summed over K)
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
@@ -247,19 +259,20 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   Vp = v.shape[-1]
   C = chunk_size
   kspec, vspec = _chunk_spec(C, Kp), _chunk_spec(C, Vp)
+  gspec = _chunk_spec(C, g.shape[-1])  # [C, K], or [C, 1] (head gates)
   sspec = _per_chunk_state_spec(Vp, Kp)
   out = pl.pallas_call(
       functools.partial(_grads_kernel, C=C, scale=scale,
                         prec=tiles.precision_for(q.dtype),
                         n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, vspec, kspec, vspec, sspec, sspec,
+      in_specs=[kspec, kspec, vspec, gspec, vspec, sspec, sspec,
                 *_doc_specs(C, Tp // C, docs)],
-      out_specs=[kspec, kspec, vspec, kspec],
+      out_specs=[kspec, kspec, vspec, gspec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(q.shape, _F32)],
+                 jax.ShapeDtypeStruct(g.shape, _F32)],
       compiler_params=_PARALLEL, interpret=interpret, name="gla_grads_tpu",
   )(q, k, v, g, do, h_in, dh_out, *_doc_args(docs))
   return tuple(_heads_first(x) for x in out)

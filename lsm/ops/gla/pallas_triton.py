@@ -30,6 +30,23 @@ back to 32 registers.
            each of the K / BK programs of a chunk (ten [16, 16] blocks, 5 KFLOP
            per value column) rather than written out and read back.
 
+Gates. Per-channel gates are [B, T, H, K] and every kernel reads them as
+[C, BK] tiles beside q and k. One gate per head comes as the op received it,
+[B, T, H] (viewed as [B, T, H, 1], a reshape; ``pallas_vjp``): the kernels
+read a [C, 1] gate column per chunk (a static choice by the gate's last dim,
+``_head_gates``), form the cumulative gate, one number per token, once per
+chunk rather than once per key block (output, dv: a [C, 1] decay column
+hoisted out of the key loop), and every decay factor is a [C, 1] column or
+[1, 1] scalar broadcast over the key columns (``chunk_tiles``). The gate
+gradient is summed over K in the kernel: each dqkg program sums its key
+block's terms into a [C, 1] column and writes it as one column of a
+[B, T, H, K / BK] float32 array (4 columns at K = 128), which ``grads`` sums
+to [B, T, H, 1]; no [B, T, H, K] gate or gate gradient exists in this path.
+The head-gate kernels use the per-channel ones' tilings; compiled for sm_80
+and sm_90a (experiments/kernel_resources.py --gates head, bf16, K x V 64 x 64
+to 256 x 512) none spills, dqkg peaks at 253 registers (sm_80), and shared
+memory is at most the per-channel kernels' (no [C, BK] gate tiles).
+
 Cost of the split against one kernel per chunk: A is written once in the
 forward and once in the backward and read by output and dv (C float32 per
 token and head, the size of a bf16 [T, 128] array at C = 64); q, k, g are read
@@ -66,7 +83,10 @@ from lsm.ops.common import segments, tiles
 from lsm.ops.gla import chunk_tiles, pallas_vjp
 from lsm.ops.common import kernel_shapes
 
-# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto").
+# What the kernels take (lsm.ops._dispatch reads it for impl= and "auto"):
+# every gate kind (its default ``gates``): per-channel [B, T, H, K] gates, one
+# gate per head [B, T, H] read as it is ([C, 1] gate columns), and no gate
+# (the api passes [B, T, H] zeros).
 ACCEPTS = kernel_shapes.TRITON
 
 _F32 = jnp.float32
@@ -153,7 +173,7 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, *refs, C, N, prec, n_docs):
     t0 = pl.multiple_of(n * C, C)
     b_k = k_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
     b_v = v_ref[pl.ds(t0, C), :]  # [C, BV], input dtype (a matmul operand)
-    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
+    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK], or [C, 1] (head gates)
     docs = (None if col_ref is None else
             segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
     return chunk_tiles.state_update(b_k, b_v, b_g, st, prec, docs)
@@ -171,13 +191,17 @@ def _state_pass(kernel, a, b, g, h_last, *, docs, chunk_size, interpret, name):
   tiling = TILING[name]
   BK, BV = min(Kp, tiling.bk), min(Vp, tiling.bv)
   state_spec = pl.BlockSpec((None, None, BV, BK), lambda b_, h, iv, ik: (b_, h, iv, ik))
+  if _head_gates(g):  # the [Tp, 1] gate column of (b, h), for every block
+    g_spec = pl.BlockSpec((None, Tp, None, 1), lambda b_, h, iv, ik: (b_, 0, h, 0))
+  else:
+    g_spec = _whole_time_spec(Tp, BK, 3)
   return pl.pallas_call(
       functools.partial(kernel, C=chunk_size, N=N,
                         prec=tiles.precision_for(a.dtype),
                         n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Vp // BV, Kp // BK),
       in_specs=[_whole_time_spec(Tp, BK, 3), _whole_time_spec(Tp, BV, 2),
-                _whole_time_spec(Tp, BK, 3), state_spec,
+                g_spec, state_spec,
                 *_doc_specs(chunk_size, docs, whole_time=Tp)],
       out_specs=[pl.BlockSpec((None, None, N, BV, BK),
                               lambda b_, h, iv, ik: (b_, h, 0, iv, ik)),
@@ -186,6 +210,16 @@ def _state_pass(kernel, a, b, g, h_last, *, docs, chunk_size, interpret, name):
                  jax.ShapeDtypeStruct((B, H, Vp, Kp), _F32)],
       compiler_params=tiling.params(), interpret=interpret, name=name,
   )(a, b, g, h_last, *_doc_args(docs, rows=False))
+
+
+def _head_gates(g) -> bool:
+  """Whether ``g`` holds one gate per head ([B, T, H, 1], see ``pallas_vjp``)."""
+  return g.shape[-1] == 1
+
+
+def _gate_spec(C, g):
+  """[C, 1] head-gate column at chunk n, or the whole [C, K] gate tile."""
+  return _chunk_spec(C, g.shape[-1])
 
 
 def _cols(i, width):
@@ -211,10 +245,14 @@ def _intra_kernel(q_ref, k_ref, g_ref, *refs, C, BK, prec, n_docs):
   rows = _sub_rows(C)
   n = len(rows)
 
+  head = g_ref.shape[-1] == 1
+  gs = [g_ref[r, :] for r in rows] if head else None  # [16, 1]: every block's
+
   def body(ik, a):
     cols = _cols(ik, BK)
     load = lambda ref: [ref[r, cols].astype(_F32) for r in rows]  # [16, BK]
-    part = chunk_tiles.intra_weights(load(q_ref), load(k_ref), load(g_ref), prec)
+    part = chunk_tiles.intra_weights(load(q_ref), load(k_ref),
+                                     gs if head else load(g_ref), prec)
     return {key: a[key] + part[key] for key in a}
 
   zero = jnp.zeros((SUB, SUB), _F32)
@@ -239,7 +277,7 @@ def _intra(q, k, g, *, docs, chunk_size, interpret):
                         prec=tiles.precision_for(q.dtype),
                         n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C),
-      in_specs=[kspec, kspec, kspec, *_doc_specs(C, docs)],
+      in_specs=[kspec, kspec, _gate_spec(C, g), *_doc_specs(C, docs)],
       out_specs=_chunk_spec(C, C),
       out_shape=jax.ShapeDtypeStruct((B, Tp, H, C), _F32),
       compiler_params=TILING["gla_intra"].params(), interpret=interpret,
@@ -252,11 +290,17 @@ def _output_kernel(q_ref, g_ref, v_ref, a_ref, hin_ref, *refs, BK, scale, prec,
   C = q_ref.shape[0]
   docs, (o_ref,) = segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
 
+  # Head gates: one decay exp(b_t) per token, [C, 1], for every key block.
+  head = g_ref.shape[-1] == 1
+  dec = jnp.exp(chunk_tiles.cumsum_rows(g_ref[...])) if head else None
+
   def body(ik, o):
     cols = _cols(ik, BK)
     b_q = q_ref[:, cols].astype(_F32)  # [C, BK]
-    b_g = g_ref[:, cols]  # [C, BK]
     b_st = hin_ref[:, cols]  # [BV, BK]
+    if head:
+      return o + tiles.mm_nt(b_q * dec, b_st, prec)
+    b_g = g_ref[:, cols]  # [C, BK]
     b = tiles.cumsum_rows(b_g, tiles.HIGHEST)
     return o + tiles.mm_nt(b_q * jnp.exp(b), b_st, prec)
 
@@ -281,12 +325,13 @@ def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
   tiling = TILING["gla_output"]
   C, BV = chunk_size, min(Vp, tiling.bv)
   kspec = _chunk_spec(C, Kp)
+  gspec = _gate_spec(C, g)
   o = pl.pallas_call(
       functools.partial(_output_kernel, BK=min(Kp, tiling.bk), scale=scale,
                         prec=tiles.precision_for(q.dtype),
                         n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Tp // C, Vp // BV),
-      in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
+      in_specs=[kspec, gspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
                 pl.BlockSpec((None, None, None, BV, Kp),
                              lambda b, h, n, iv: (b, h, n, iv, 0)),
                 *_doc_specs(C, docs, rows=False)],
@@ -317,7 +362,7 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, *refs, C, N, prec, scale,
     # rounded where it enters the product anyway, and do enters as loaded.
     b_q = scale * q_ref[pl.ds(t0, C), :].astype(_F32)  # [C, BK]
     b_do = do_ref[pl.ds(t0, C), :]  # [C, BV]
-    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK]
+    b_g = g_ref[pl.ds(t0, C), :]  # [C, BK], or [C, 1] (head gates)
     docs = (None if col_ref is None else
             segments.DocTiles(col_ref, chunk=C, sub=SUB, start=t0))
     return chunk_tiles.state_grad_update(b_q, b_do, b_g, dst, prec, docs)
@@ -336,11 +381,17 @@ def _dv_kernel(k_ref, g_ref, do_ref, a_ref, dout_ref, *refs, BK, scale, prec,
   C = k_ref.shape[0]
   docs, (dv_ref,) = segments.doc_tiles(refs, n_docs, chunk=C, sub=SUB)
 
+  # Head gates: one decay to the chunk end per token, [C, 1].
+  head = g_ref.shape[-1] == 1
+  dec = jnp.exp(chunk_tiles.suffix_sum_rows(g_ref[...])) if head else None
+
   def body(ik, dv):
     cols = _cols(ik, BK)
     b_k = k_ref[:, cols].astype(_F32)  # [C, BK]
-    b_g = g_ref[:, cols]  # [C, BK]
     b_dst = dout_ref[:, cols]  # [BV, BK]
+    if head:
+      return dv + tiles.mm_nt(b_k * dec, b_dst, prec)
+    b_g = g_ref[:, cols]  # [C, BK]
     to_end = tiles.suffix_sum_rows(b_g, tiles.HIGHEST)
     return dv + tiles.mm_nt(b_k * jnp.exp(to_end), b_dst, prec)
 
@@ -410,7 +461,7 @@ def _dqkg_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hin_ref, dout_ref, *refs, C
   for i, r in enumerate(rows):
     dq_ref[r, :] = dq[i].astype(dq_ref.dtype)  # [16, BK]
     dk_ref[r, :] = dk[i].astype(dk_ref.dtype)
-    dg_ref[r, :] = dg[i]
+    dg_ref[r, :] = dg[i]  # [16, BK], or [16, 1]: this key block's share
 
 
 def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
@@ -426,7 +477,8 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
       functools.partial(_dv_kernel, BK=min(Kp, t_dv.bk), scale=scale, prec=prec,
                         n_docs=len(_doc_args(docs, rows=False))),
       grid=(B, H, Tp // C, Vp // BV),
-      in_specs=[kspec, kspec, _chunk_spec(C, BV, 3), _chunk_spec(C, C),
+      in_specs=[kspec, _gate_spec(C, g), _chunk_spec(C, BV, 3),
+                _chunk_spec(C, C),
                 pl.BlockSpec((None, None, None, BV, Kp),
                              lambda b, h, n, iv: (b, h, n, iv, 0)),
                 *_doc_specs(C, docs, rows=False)],
@@ -437,21 +489,30 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   BK = min(Kp, t_dqkg.bk)
   kblock = _chunk_spec(C, BK, 3)
   vspec = _chunk_spec(C, Vp)
+  head = _head_gates(g)
+  # Head gates: each of the Kp / BK programs of a chunk writes its key block's
+  # share of dg as one column of [B, Tp, H, Kp / BK]; the shares add up below
+  # (Kp / BK float32 per token and head: 4 at K = 128, never K-wide).
+  gspec = _gate_spec(C, g) if head else kblock
+  dg_spec = _chunk_spec(C, 1, 3) if head else kblock
+  dg_shape = (B, Tp, H, Kp // BK) if head else q.shape
   sspec = pl.BlockSpec((None, None, None, Vp, BK),
                        lambda b, h, n, ik: (b, h, n, 0, ik))
   dq, dk, dg = pl.pallas_call(
       functools.partial(_dqkg_kernel, C=C, BV=min(Vp, t_dqkg.bv), scale=scale,
                         prec=prec, n_docs=len(_doc_args(docs))),
       grid=(B, H, Tp // C, Kp // BK),
-      in_specs=[kblock, kblock, kblock, vspec, vspec, sspec, sspec,
+      in_specs=[kblock, kblock, gspec, vspec, vspec, sspec, sspec,
                 *_doc_specs(C, docs)],
-      out_specs=[kblock, kblock, kblock],
+      out_specs=[kblock, kblock, dg_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(q.shape, _F32)],
+                 jax.ShapeDtypeStruct(dg_shape, _F32)],
       compiler_params=t_dqkg.params(), interpret=interpret,
       name="gla_dqkg",
   )(q, k, g, v, do, h_in, dh_out, *_doc_args(docs))
+  if head:
+    dg = jnp.sum(dg, axis=-1, keepdims=True)  # [B, Tp, H, 1]
   return dq, dk, dv, dg
 
 

@@ -3,6 +3,10 @@ gate gradient's sequence-long suffix sum.
 
 A backend (``pallas_triton``, ``pallas_tpu``) supplies four launchers on padded
 [B, T, H, D] arrays (T a multiple of the chunk, K and V powers of two >= 16;
+the gates g either [B, T, H, K] per channel or [B, T, H, 1], one per head as
+the op received them, reshaped: the kernels tell the two apart by g's last dim
+and read a [C, 1] gate column per chunk for the latter, and dg comes back in
+g's shape;
 states transposed to [B, H, V, K], see ``chunk_tiles``), each also taking
 ``docs``: None, or the (cols, rows) document index of packed rows from
 ``segments.kernel_docs``, which every kernel turns into the masks of
@@ -68,9 +72,10 @@ def make_gla(**launchers):
   def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
           interpret=False, resets=None):
     """Pallas GLA. Arguments as in ``lsm.ops.gla.gla`` (``log_g`` already
-    float32 [B, T, H, K], ``h0`` float32 [B, H, K, V], ``resets`` None or
-    ``segments.resets(segment_ids)``); the api has checked chunk_size and the
-    head dims against ``kernel_shapes``."""
+    float32, [B, T, H, K] per channel or [B, T, H] one per head, ``h0``
+    float32 [B, H, K, V], ``resets`` None or ``segments.resets(segment_ids)``);
+    the api has checked chunk_size and the head dims against
+    ``kernel_shapes``."""
     T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
     Kp, Vp = kernel_shapes.padded_dim(K), kernel_shapes.padded_dim(V)
     Tp = kernel_shapes.num_chunks(T, chunk_size) * chunk_size
@@ -84,7 +89,11 @@ def make_gla(**launchers):
     if resets is not None:  # padded tokens join the last document, unchanged
       docs = segments.kernel_docs(
           kernel_shapes.pad_axis(resets, 1, Tp), chunk_size)
-    o, h_tt = core(pad(q, Kp), pad(k, Kp), pad(v, Vp), pad(log_g, Kp), h0t,
+    if log_g.ndim == 3:  # one gate per head: a [B, Tp, H, 1] view, no K axis
+      g = kernel_shapes.pad_axis(log_g, 1, Tp)[..., None]
+    else:
+      g = pad(log_g, Kp)
+    o, h_tt = core(pad(q, Kp), pad(k, Kp), pad(v, Vp), g, h0t,
                    docs, scale, chunk_size, interpret)
     return o[:, :T, :, :V], jnp.swapaxes(h_tt, 2, 3)[:, :, :K, :V]
 
