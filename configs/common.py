@@ -213,9 +213,13 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
 
 
 def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
-  """Eigenvalue ranges: DeltaNet beta_scale (2: [-1, 1]), Mamba and Mamba-2
-  decays."""
+  """Eigenvalue ranges: the delta-rule mixers' beta_scale (DeltaNet, Gated
+  DeltaNet, DeltaProduct, KDA, GDN-2's erase gate; 2: [-1, 1]), Mamba and
+  Mamba-2 decays."""
   return {"delta_net": {"beta_scale": beta_scale},
           "gated_delta_net": {"beta_scale": beta_scale},
+          "delta_product": {"beta_scale": beta_scale},
+          "kda": {"beta_scale": beta_scale},
+          "gdn2": {"beta_scale": beta_scale},
           "mamba": {"eigenvalue_range": eigenvalues},
           "mamba2": {"eigenvalue_range": eigenvalues}}

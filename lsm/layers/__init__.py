@@ -34,8 +34,11 @@ parameters, skip gains, norms, biases) are created as
 from lsm.layers.attention import Attention
 from lsm.layers.based import Based
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
+from lsm.layers.delta_product import DeltaProduct
+from lsm.layers.gdn2 import GDN2
 from lsm.layers.gla import GLA
 from lsm.layers.hedgehog import Hedgehog
+from lsm.layers.kda import KDA
 from lsm.layers.lightning import Lightning
 from lsm.layers.mamba import Mamba
 from lsm.layers.mamba2 import Mamba2
@@ -60,4 +63,8 @@ MIXERS = {
     "based": Based,
     "hedgehog": Hedgehog,
     "mom": MoM,
+    # Diagonal-plus-low-rank transitions, on the dplr op.
+    "delta_product": DeltaProduct,
+    "kda": KDA,
+    "gdn2": GDN2,
 }

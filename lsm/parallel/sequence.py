@@ -1,7 +1,7 @@
 r"""LASP-2 sequence parallelism (Sun et al. 2025) on the ``seq`` mesh axis.
 
 Each public function here has the signature of the op it wraps (``gla``,
-``delta_rule``, ``ssm_scan``, ``selective_scan``, and causal softmax
+``delta_rule``, ``dplr``, ``ssm_scan``, ``selective_scan``, and causal softmax
 ``attention`` for hybrid stacks). When the current mesh
 (``jax.sharding.get_abstract_mesh()``, set by ``jax.set_mesh``) has a ``seq``
 axis of size n > 1, the sequence dimension is split into n contiguous slices of
@@ -40,6 +40,11 @@ the slice's transition and Q_t S is the readout of the carried state. Per slice
   reference order) and its last V columns as the usual zero-start state, so
   the final state is [M | D], [B, H, K, K + V], already packed, and the first K
   output columns are Q_t = scale * q_t^T M_t.
+* DPLR (KDA, RWKV-7, DeltaProduct, gdn2: transitions diag(exp g_t) +
+  b_t a_t^T): the delta rule's augmentation unchanged. The rank-one input
+  u_t v_t^T writes zeros into the identity columns, so they evolve as the
+  product of the transitions alone: the final state is [M | D] and the first
+  K output columns are Q_t, from the op's one call with K extra value columns.
 * Diagonal SSM scans: M = prod_t a_t (an associative-scan cumulative product,
   no logs, so signed and zero decays are exact; recomputed in the backward
   pass, see ``_cumprod``), stacked with D as [2, B, ...];
@@ -97,6 +102,7 @@ from jax.sharding import PartitionSpec as P
 
 from lsm.ops.common import segments as _segments
 from lsm.ops.delta_rule import delta_rule as _delta_rule_op
+from lsm.ops.dplr import dplr as _dplr_op
 from lsm.ops.gla import gla as _gla_op
 from lsm.ops.selective_scan import selective_scan as _selective_scan_op
 from lsm.ops.ssm_scan import ssm_scan as _ssm_scan_op
@@ -396,6 +402,85 @@ def delta_rule(q, k, v, beta, *, log_g=None, h0=None, scale=None, chunk_size=64,
   return _run(body, mesh,
               (q, k, v, beta, log_g, h0, *_with_resets(segment_ids)),
               (x_spec,) * 5 + (st_spec, seg_spec, seg_spec), (x_spec, st_spec))
+
+
+# -- DPLR (diagonal plus low rank) --------------------------------------------
+
+
+def dplr_slice(q, a, b, u, v, log_g, h0, segment_ids=None, resets=None, *, call,
+               axis: str):
+  """One device's part of sequence-parallel ``dplr`` (as ``delta_rule_slice``:
+  the op runs once on the state [I | 0] and values [0 | v], so its final state
+  is the slice's [M | D] and its first K output columns the readout Q_t).
+
+  Args:
+    q, a, b, u, v, log_g: this slice of the op's inputs (log_g may be None).
+    h0: [B, H, K, V] float32 state before the first slice, or None for zeros.
+    segment_ids, resets: as in ``gla_slice``.
+    call: the op, ``call(q, a, b, u, v, log_g, h0=..., segment_ids=...) ->
+      (o, h_t)``.
+    axis: the sequence axis name.
+
+  Returns:
+    o: [B, t, H, V] in q.dtype; h_T: [B, H, K, V] float32 after the last slice.
+  """
+  B, t, H, K = q.shape  # local sizes
+  V = v.shape[-1]
+  v_aug = jnp.concatenate([jnp.zeros((B, t, H, K), v.dtype), v], axis=-1)
+  eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, H, K, K))
+  h_aug = jnp.concatenate([eye, jnp.zeros((B, H, K, V), jnp.float32)], axis=-1)
+  o_aug, summary = call(q, a, b, u, v_aug, log_g, h0=h_aug,
+                        segment_ids=segment_ids)  # [.., K + V]
+  if resets is not None:
+    # A document starting at the slice's first token (which the op cannot
+    # see) drops the incoming state: M = 0 and Q = 0 (as delta_rule_slice).
+    keep = jnp.logical_not(resets[:, 0])
+    summary = jnp.concatenate(
+        [jnp.where(keep[:, None, None, None], summary[..., :K], 0.0),
+         summary[..., K:]], axis=-1)
+    o_aug = jnp.concatenate(
+        [jnp.where(keep[:, None, None, None], o_aug[..., :K], 0),
+         o_aug[..., K:]], axis=-1)
+
+  def apply(x, h):  # S_out = M S_in + D
+    return _einsum("bhkj,bhjv->bhkv", x[..., :K], h) + x[..., K:]
+
+  h_in, h_t = _fold(summary, h0, apply, axis, h_aug[..., K:])
+  o = o_aug[..., K:].astype(jnp.float32) + _einsum(
+      "bthk,bhkv->bthv", o_aug[..., :K].astype(jnp.float32), h_in)
+  return o.astype(q.dtype), h_t
+
+
+def dplr(q, a, b, u, v, log_g=None, *, h0=None, scale=None, chunk_size=64,
+         impl="auto", segment_ids=None, axis: str = SEQ_AXIS):
+  """``lsm.ops.dplr.dplr``, sequence-parallel over ``axis`` when the current
+  mesh has it with size > 1 (module docstring); the op otherwise.
+
+  Args:
+    q, a, b, u: [B, T, H, K]; v: [B, T, H, V]; log_g: [B, T, H, K], [B, T, H]
+      or None; h0: optional [B, H, K, V] float32; scale, chunk_size, impl,
+      segment_ids: as the op.
+    axis: the mesh axis that splits T.
+
+  Returns:
+    o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.
+  """
+  n = seq_size(axis)
+  call = functools.partial(_dplr_op, scale=scale, chunk_size=chunk_size,
+                           impl=impl)
+  if n == 1:
+    return call(q, a, b, u, v, log_g, h0=h0, segment_ids=segment_ids)
+  jax.eval_shape(lambda *x: call(*x[:6], h0=x[6], segment_ids=x[7]),
+                 q, a, b, u, v, log_g, h0, segment_ids)  # the op's own checks
+  B, T, H, _ = q.shape
+  _check_length("dplr", T, n, axis)
+  mesh = _mesh()
+  bs, hs = _layout(mesh, B, H)
+  body = functools.partial(dplr_slice, call=call, axis=axis)
+  x_spec, st_spec, seg_spec = P(bs, axis, hs), P(bs, hs), P(bs, axis)
+  return _run(body, mesh,
+              (q, a, b, u, v, log_g, h0, *_with_resets(segment_ids)),
+              (x_spec,) * 6 + (st_spec, seg_spec, seg_spec), (x_spec, st_spec))
 
 
 # -- diagonal SSM scan --------------------------------------------------------

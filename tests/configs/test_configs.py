@@ -25,7 +25,9 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common"))
 # The linear-attention family (issue 20): each trains several steps below
 # (test_family_smoke_config_trains), which covers its one-step check too.
-LINEAR_FAMILY = ("lightning", "retnet", "based", "hedgehog", "mom")
+LINEAR_FAMILY = ("lightning", "retnet", "based", "hedgehog", "mom",
+                 # the mixers on the dplr op (issue 29)
+                 "delta_product", "kda", "gdn2")
 # configs/lm.py variants worth building: every mixer, and the hybrid pattern.
 LM_ARGS = [f"mixer={m},smoke=True" for m in sorted(layers.MIXERS)
            if m not in LINEAR_FAMILY] + ["mixer=hybrid,smoke=True,beta_scale=2.0"]

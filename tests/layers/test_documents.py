@@ -30,6 +30,8 @@ CASES = {
     "lightning": {}, "retnet": {}, "hedgehog": {}, "mom": {}, "mamba2": {},
     "mamba2_signed": dict(eigenvalue_range="signed"),
     "based": dict(window=4),  # its window branch inside documents
+    # dplr mixers; DeltaProduct's ids repeat over its n_h micro-steps.
+    "delta_product": {}, "kda": {}, "gdn2": {},
 }
 
 

@@ -211,11 +211,33 @@ def _mom(d, o, m=4, conv=4):
           + dv // h + d * dv + dv * d)  # norm scale, output gate, output projection
 
 
+def _delta_product(d, o, conv=4):
+  h, dk, dv = o["n_heads"], round(d * o.get("expand_k", 1.0)), round(
+      d * o.get("expand_v", 1.0))
+  n = o.get("n_householder", 2)
+  out = (d * (dk + n * dk + n * dv) + d * h * n  # q, n_h keys and values; betas
+         + (conv + 1) * (dk + n * dk + n * dv)  # short convs
+         + dv // h + d * dv + dv * d)  # norm, output gate, output projection
+  return out + (d * h + 2 * h if o.get("gated", True) else 0)  # a, A_log, dt_bias
+
+
+def _kda(d, o, gdn2=False, conv=4):
+  h, dk, dv = o["n_heads"], round(d * o.get("expand_k", 1.0)), round(
+      d * o.get("expand_v", 1.0))
+  r = o.get("gate_rank") or dv // h
+  gates = d * (dk + dv) if gdn2 else d * h  # e and w, or beta
+  return (d * (2 * dk + dv) + (conv + 1) * (2 * dk + dv)  # q, k, v; convs
+          + d * r + r * dk + h + dk + gates  # low-rank decay, A_log, dt_bias
+          + d * r + r * dv + dv  # low-rank output gate with its bias
+          + dv // h + dv * d)  # norm, output projection
+
+
 MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, o: _delta(d, o, False),
                "gated_delta_net": lambda d, o: _delta(d, o, True),
                "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba, "mamba2": _mamba2,
                "lightning": _lightning, "retnet": _retnet, "based": _based,
-               "hedgehog": _hedgehog, "mom": _mom}
+               "hedgehog": _hedgehog, "mom": _mom, "delta_product": _delta_product,
+               "kda": _kda, "gdn2": lambda d, o: _kda(d, o, gdn2=True)}
 
 
 def closed_form(cfg: LMConfig) -> int:
@@ -249,7 +271,8 @@ def test_preset_parameter_counts_match_closed_form(size, mixer):
 # the presets.
 PAPER_HEADS_2048 = {"gla": (4, 256, 512), "delta_net": (16, 128, 128),
                     "gated_delta_net": (6, 256, 512), "retnet": (8, 256, 512),
-                    "mamba2": (64, 128, 64)}
+                    "mamba2": (64, 128, 64), "delta_product": (6, 256, 512),
+                    "kda": (16, 128, 128), "gdn2": (16, 128, 128)}
 
 
 @pytest.mark.parametrize("mixer", sorted(PAPER_HEADS_2048))

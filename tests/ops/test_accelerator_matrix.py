@@ -53,6 +53,9 @@ CHUNKED_ON_ACCELERATORS = {
     ("mamba", "selective_scan"): "selective_scan has no Pallas kernel",
     ("based", "gla"): "Taylor features: K = 1 + 16 + 16 * 17 / 2 = 273, over the "
                       "kernels' 256",
+    ("delta_product", "dplr"): "dplr has no Pallas kernel",
+    ("kda", "dplr"): "dplr has no Pallas kernel",
+    ("gdn2", "dplr"): "dplr has no Pallas kernel",
 }
 # The limits "auto" may find in a preferred kernel: input dtype (Mosaic GPU
 # takes 16-bit inputs) and head dims.

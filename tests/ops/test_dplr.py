@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from lsm.ops import _dispatch
 from lsm.ops.delta_rule import delta_rule
 from lsm.ops.dplr import api, dplr, dplr_step
+from lsm.ops.dplr import delta_product
 from lsm.ops.gla import gla
 from tests import numerics
 from tests.ops import harness
@@ -211,18 +212,14 @@ def test_equals_gla_without_low_rank(gate):
 
 
 def _delta_product(q, k, v, beta, log_g, h0):
-  """DeltaProduct through dplr as a time expansion: k [B, T, n_h, H, K],
-  v [B, T, n_h, H, V], beta [B, T, n_h, H], log_g [B, T, H] (the token's decay,
-  folded into its first micro-step). T * n_h micro-steps; the output of token t
-  is that of its last micro-step."""
-  B, T, n_h, H, K = k.shape
-  flat = lambda x: x.reshape(B, T * n_h, *x.shape[3:])
-  g = jnp.zeros((B, T, n_h, H)).at[:, :, 0].set(log_g)
-  bk = beta[..., None] * k
-  q_rep = jnp.broadcast_to(q[:, :, None], k.shape)
-  o, h = _run(q=flat(q_rep), a=flat(jnp.exp(g)[..., None] * k), b=flat(-bk),
-              u=flat(bk), v=flat(v), log_g=flat(g), h0=h0)
-  return o[:, n_h - 1::n_h], h
+  """DeltaProduct through dplr as lsm's time expansion
+  (lsm.ops.dplr.delta_product): k [B, T, n_h, H, K], v [B, T, n_h, H, V],
+  beta [B, T, n_h, H], log_g [B, T, H]. T * n_h micro-steps; the output of
+  token t is that of its last micro-step."""
+  args = delta_product.expand(q, k, v, beta, log_g)
+  del args["segment_ids"]
+  o, h = _run(**args, h0=h0)
+  return delta_product.token_outputs(o, k.shape[2]), h
 
 
 @jax.jit

@@ -1,8 +1,8 @@
 """Run by test_sequence.py in a fresh process with 8 forced CPU devices: LASP-2
 sequence parallelism (lsm.parallel.sequence) against one device.
 
-1. Every op wrapper (GLA, delta rule, diagonal SSM scan, selective scan, softmax
-   attention) on meshes with seq = 2, 4 and 8 (combined with data and tensor
+1. Every op wrapper (GLA, delta rule, DPLR, diagonal SSM scan, selective scan,
+   softmax attention) on meshes with seq = 2, 4 and 8 (combined with data and tensor
    axes): outputs, final states and the gradients of every input and of h0 equal the
    single-device op within the float32 "invariant" tolerance, at T / seq not a
    multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays,
@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from lsm.models.lm import LMConfig  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
+from lsm.ops.dplr import dplr  # noqa: E402
 from lsm.ops.gla import gla  # noqa: E402
 from lsm.ops.selective_scan import selective_scan  # noqa: E402
 from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
@@ -133,6 +134,12 @@ def _ops(mod, chunk: int, impl: str = "chunked"):
           segment_ids=x.get("segment_ids")),
       "delta_rule": lambda x: (mod.delta_rule if is_seq else delta_rule)(
           x["q"], x["k"], x["v"], x["beta"], chunk_size=chunk, impl=impl,
+          segment_ids=x.get("segment_ids")),
+      # RWKV-7's form: a = k, b = -(|a| o k) (removal rates in [0, 1], some
+      # exactly 0), u = k; per-channel gates.
+      "dplr": lambda x: (mod.dplr if is_seq else dplr)(
+          x["q"], x["k"], -jnp.abs(x["a"]) * x["k"], x["k"], x["v"],
+          x.get("log_g"), h0=x.get("h0"), chunk_size=chunk, impl=impl,
           segment_ids=x.get("segment_ids")),
       "ssm_scan": lambda x: (mod.ssm_scan if is_seq else ssm_scan)(
           x["a"], x["b"], h0=x.get("h0_ssm"), impl=impl,
@@ -357,11 +364,11 @@ def main(slow: bool):
   results = {}
   t0 = time.perf_counter()
   with jax.default_matmul_precision("highest"):
-    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan", "attention",
-                              "selective_scan"),
+    check_ops(results, names=("gla", "gated_delta_rule", "dplr", "ssm_scan",
+                              "attention", "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="default")
-    check_ops(results, names=("gla", "gated_delta_rule", "ssm_scan",
+    check_ops(results, names=("gla", "gated_delta_rule", "dplr", "ssm_scan",
                               "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
               tag="documents", segments=True)

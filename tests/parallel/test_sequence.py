@@ -23,6 +23,7 @@ import pytest
 
 from lsm.ops.common import segments
 from lsm.ops.delta_rule import delta_rule
+from lsm.ops.dplr import dplr
 from lsm.ops.gla import gla
 from lsm.ops.selective_scan import selective_scan
 from lsm.ops.ssm_scan import ssm_scan
@@ -46,7 +47,7 @@ def _inputs(seed=0):
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   k = rng.standard_normal((B, T, H, K))
   a = rng.uniform(-1.0, 1.0, (B, T, H, K))
-  return {
+  x = {
       "q": f32(rng.standard_normal((B, T, H, K))),
       "k": f32(k / np.linalg.norm(k, axis=-1, keepdims=True)),
       "v": f32(rng.standard_normal((B, T, H, V))),
@@ -56,6 +57,9 @@ def _inputs(seed=0):
       "a": f32(np.where(np.abs(a) < 0.05, 0.0, a)),  # signed, exact zeros
       "h0": f32(rng.standard_normal((B, H, K, V))),
   }
+  # DPLR (RWKV-7's form): a = k, b = -(alpha o k), alpha in [0, 1] per channel.
+  x["dplr_b"] = -f32(rng.uniform(0.0, 1.0, (B, T, H, K))) * x["k"]
+  return x
 
 
 def _emulate(slice_fn, seq_args, h0):
@@ -94,6 +98,13 @@ CASES = {
         lambda x: delta_rule(x["q"], x["k"], x["v"], x["beta"],
                              log_g=x["log_g_head"], h0=x["h0"], chunk_size=16,
                              impl=IMPL)),
+    "dplr": (
+        lambda x: lambda q, a, b, u, v, g, h0: sequence.dplr_slice(
+            q, a, b, u, v, g, h0, axis=sequence.SEQ_AXIS,
+            call=functools.partial(dplr, chunk_size=16, impl=IMPL)),
+        ("q", "k", "dplr_b", "k", "v", "log_g"),
+        lambda x: dplr(x["q"], x["k"], x["dplr_b"], x["k"], x["v"], x["log_g"],
+                       h0=x["h0"], chunk_size=16, impl=IMPL)),
     "ssm_scan": (
         lambda x: functools.partial(
             sequence.ssm_scan_slice, call=functools.partial(ssm_scan,
@@ -144,6 +155,13 @@ DOC_CASES = {
                              x["q"], x["k"], x["v"], x["beta"],
                              log_g=x["log_g_head"], h0=x["h0"], chunk_size=16,
                              impl=IMPL, segment_ids=_SEGMENT_IDS)),
+    "dplr": (lambda ids, resets, x, h0: sequence.dplr_slice(
+        x["q"], x["k"], x["dplr_b"], x["k"], x["v"], x["log_g"], h0, ids, resets,
+        call=functools.partial(dplr, chunk_size=16, impl=IMPL),
+        axis=sequence.SEQ_AXIS),
+             lambda x: dplr(x["q"], x["k"], x["dplr_b"], x["k"], x["v"],
+                            x["log_g"], h0=x["h0"], chunk_size=16, impl=IMPL,
+                            segment_ids=_SEGMENT_IDS)),
     "ssm_scan": (lambda ids, resets, x, h0: sequence.ssm_scan_slice(
         x["a"], x["q"], h0[..., 0], resets,
         call=functools.partial(ssm_scan, impl=IMPL), axis=sequence.SEQ_AXIS),
@@ -260,8 +278,8 @@ def _abstract_mesh(seq: int):
                                    axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "selective_scan",
-                                "attention"])
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "dplr", "ssm_scan",
+                                "selective_scan", "attention"])
 def test_length_not_divisible_by_seq_raises_before_compiling(op):
   x = _inputs()
   s = _selective_inputs()
@@ -271,6 +289,8 @@ def test_length_not_divisible_by_seq_raises_before_compiling(op):
       "gla": lambda: sequence.gla(x["q"], x["k"], x["v"]),
       "delta_rule": lambda: sequence.delta_rule(x["q"], x["k"], x["v"],
                                                 x["beta"]),
+      "dplr": lambda: sequence.dplr(x["q"], x["k"], x["dplr_b"], x["k"],
+                                    x["v"]),
       "ssm_scan": lambda: sequence.ssm_scan(x["a"], x["q"]),
       "attention": lambda: sequence.attention(x["q"], x["q"], x["q"]),
   }
@@ -296,8 +316,8 @@ def _shard_map_avals(jaxpr):
   return out
 
 
-@pytest.mark.parametrize("op", ["gla", "delta_rule", "ssm_scan", "selective_scan",
-                                "attention"])
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "dplr", "ssm_scan",
+                                "selective_scan", "attention"])
 def test_no_zero_size_array_crosses_a_shard_map(op):
   # jax/jaxlib 0.11.2 (2026-12-01): XLA CPU's compile segfaults in Shardy
   # (ManualComputationUnusedInputsPattern) on a shard_map that uses a zero-size
@@ -314,6 +334,9 @@ def test_no_zero_size_array_crosses_a_shard_map(op):
       "delta_rule": lambda x: sequence.delta_rule(
           x["q"], x["k"], x["v"], x["beta"], log_g=x["log_g_head"], h0=x["h0"],
           chunk_size=16, impl="chunked"),
+      "dplr": lambda x: sequence.dplr(
+          x["q"], x["k"], x["dplr_b"], x["k"], x["v"], x["log_g"], h0=x["h0"],
+          chunk_size=16, impl="chunked", segment_ids=_SEGMENT_IDS),
       "ssm_scan": lambda x: sequence.ssm_scan(x["a"], x["q"], h0=x["h0"][..., 0],
                                               impl="chunked"),
       "attention": lambda x: (sequence.attention(x["q"], x["k"], x["q"]),),

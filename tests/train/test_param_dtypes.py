@@ -58,8 +58,18 @@ FLOAT32 = {
     "mom": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias"),
     # GLA memories: the forget-gate bias and the norm.
     "mom:gla": ("gk_up.bias", "norm.scale"),
+    # Householder steps: conv biases, norm; gated (the default): A_log and
+    # dt_bias of log_g = -exp(A_log) softplus(x W_a + dt_bias). beta's W is a
+    # matrix.
+    "delta_product": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias"),
+    "delta_product:ungated": (*CONV_BIASES, "norm.scale"),
+    # g = -exp(A_log) softplus(x W_f_down W_f_up + dt_bias) (A_log per head,
+    # dt_bias per key channel); the output gate's bias, the norm, conv biases.
+    "kda": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias", "g_up.bias"),
+    # KDA's, with e and w from matrices.
+    "gdn2": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias", "g_up.bias"),
 }
-KWARGS = {"mom:gla": {"memory": "gla"}}
+KWARGS = {"mom:gla": {"memory": "gla"}, "delta_product:ungated": {"gated": False}}
 # Outside the mixer: RMSNorm scales are float32; embedding and SwiGLU are
 # matrices.
 LM_FLOAT32 = ("norm.scale", "blocks.0.mixer_norm.scale", "blocks.0.mlp_norm.scale")
