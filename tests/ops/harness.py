@@ -123,8 +123,8 @@ MOSAIC_GPU_BAD_INPUTS = [
     (dict(dtype=jnp.float32), r"takes bfloat16 or float16 inputs; got float32"),
     (dict(K=160), r"supports K up to 128; got K \(key/query head dim\) "
                   r"= 160"),
-    (dict(V=256), r"supports V up to 128; got V \(value head dim\) "
-                  r"= 256"),
+    (dict(V=600), r"supports V up to 512; got V \(value head dim\) "
+                  r"= 600"),
     (dict(chunk_size=32), r"needs chunk_size=64; got chunk_size=32"),
 ]
 

@@ -65,6 +65,24 @@ def test_interpret_matches_reference_d128():
   _check(1, 100, 1, 128, 128, seed=3)
 
 
+def test_interpret_wide_values():
+  """V = 256: two V blocks of 128 (the output kernel's V grid axis, the
+  input-gradient kernel's V sums in float32 SMEM), four 64-row programs in
+  the sequential passes."""
+  _check(1, 64, 1, 64, 256, seed=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "deltanet"])
+@pytest.mark.parametrize("T, K, V", [
+    (128, 64, 512),  # four V blocks, two chunks
+    (100, 128, 512),  # K = 128
+    (70, 40, 200),  # V padded to 256, K to 64
+])
+def test_interpret_wide_values_slow(T, K, V, gated):
+  _check(1, T, 1, K, V, seed=9, gated=gated)
+
+
 def test_interpret_padded_head_dims():
   """K = 40, V = 96 go to 64 and 128 with inert zero channels."""
   _check(1, 70, 1, 40, 96, seed=4, beta_max=1.0)
@@ -131,13 +149,16 @@ def _kernel_calls(BH=1, N=4, K=64, V=128, dtype=jnp.bfloat16):
   }
 
 
-def test_interpret_finds_no_races():
+@pytest.mark.parametrize("V", [128, pytest.param(256, marks=pytest.mark.slow)])
+def test_interpret_finds_no_races(V):
   """Each kernel once under the interpreter's happens-before race detector
-  (SMEM reads and writes by the warpgroup, TMA and wgmma). Its state covers
-  the last kernel run, hence one kernel at a time."""
+  (SMEM reads and writes by the warpgroup, TMA and wgmma); V = 256: the
+  input-gradient kernel's V-block loop (refetch into tiles just read, sums
+  in SMEM). Its state covers the last kernel run, hence one kernel at a
+  time."""
   # pylint: disable-next=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-  calls = _kernel_calls()
+  calls = _kernel_calls(V=V)
   assert set(calls) == set(mgpu.KERNELS)
   for name, call in calls.items():
     jax.block_until_ready(call())
@@ -154,27 +175,29 @@ def _vjp_fn(q, k, v, beta, log_g, h0, do, dh):
   return o, h_t, pullback((do, dh))
 
 
-def _structs(D, dtype, B=1, T=130, H=2):  # T pads to 3 chunks
+def _structs(D, dtype, B=1, T=130, H=2, V=None):
+  """T pads to 3 chunks; K = D, V = D unless given."""
   s = jax.ShapeDtypeStruct
-  x = s((B, T, H, D), dtype)
+  V = V or D
+  x, vx = s((B, T, H, D), dtype), s((B, T, H, V), dtype)
   per_head = s((B, T, H), jnp.float32)
-  state = s((B, H, D, D), jnp.float32)
-  return [x, x, x, per_head, per_head, state, x, state]
+  state = s((B, H, D, V), jnp.float32)
+  return [x, x, vx, per_head, per_head, state, vx, state]
 
 
 _kernels = harness.mosaic_gpu_kernels
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_lowers_for_cuda(D):
+@pytest.mark.parametrize("D, V", [(64, 64), (128, 128), (128, 512)])
+def test_lowers_for_cuda(D, V):
   """Forward and backward lower to Mosaic GPU custom calls without a GPU
   (target sm_90): the forward's two kernels, the backward's three (the state
   pass again, its reverse, the chunk gradients); and each kernel's SMEM, as
   the lowering allocates it, is ``smem_bytes``'s count and fits an H100
-  block."""
+  block. K = D; V = 512 is four V blocks."""
   dtype = jnp.bfloat16
-  lowered = jax.jit(_vjp_fn).trace(*_structs(D, dtype)).lower(
-      lowering_platforms=("cuda",))
+  lowered = cuda_targets.lower_for_cuda(
+      _vjp_fn, *_structs(D, dtype, V=V))  # an abstract H100
   assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu_v2") == 5
   kernels = _kernels(lowered)
   assert sorted(n for n, _ in kernels) == sorted(
@@ -182,19 +205,24 @@ def test_lowers_for_cuda(D):
        "delta_rule_states_mgpu", "delta_rule_state_grads_mgpu",
        "delta_rule_input_grads_mgpu"])
   for name, size in kernels:
-    assert size == mgpu.smem_bytes(name, D, D, dtype), name
+    assert size == mgpu.smem_bytes(name, D, V, dtype), name
     assert size <= H100_SMEM, (name, size)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("K, V", [(64, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("V", [64, 128, 256, 512])
 def test_smem_fits_h100(K, V, dtype):
   """Every kernel's SMEM footprint, summed from its scratch shapes (each
   allocation rounded to 1 KiB, barriers), fits the H100's per-block limit at
-  every padded head-dim pair."""
+  every padded head-dim pair, V blocks included (past V = 128 the chunk
+  kernels' tiles stay at 128 value columns; the input-gradient kernel adds
+  its float32 V-sum tiles once, at V >= 256)."""
   for name in mgpu.KERNELS:
     size = mgpu.smem_bytes(name, K, V, dtype)
     assert 0 < size <= H100_SMEM, (name, K, V, size)
+    if V > 256:
+      assert size == mgpu.smem_bytes(name, K, 256, dtype)
 
 
 # ------------------------------------------------------------ documents ---

@@ -37,6 +37,8 @@ def _auto(accepts, dtype, K, V, chunk=64, gate="channel", docs=False):
     # ... and chunked past every kernel's head dims (Based: K = 273).
     ("gpu", "hopper", BF16, 273, 33, 64, "chunked"),
     ("gpu", "hopper", BF16, 64, 64, 48, "chunked"),
+    ("gpu", "hopper", BF16, 128, 512, 64, "pallas_mosaic_gpu"),  # V blocks
+    ("gpu", "hopper", BF16, 256, 512, 64, "pallas_triton"),
     ("gpu", "ampere", BF16, 64, 64, 64, "pallas_triton"),
     ("gpu", "ampere", F32, 256, 256, 64, "pallas_triton"),
     ("gpu", "ampere", BF16, 64, 512, 64, "pallas_triton"),  # V tiled to 512

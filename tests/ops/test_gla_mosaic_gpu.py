@@ -60,6 +60,31 @@ def test_interpret_matches_reference_d128():
   _check(1, 100, 1, 128, 128, seed=3)
 
 
+def test_interpret_wide_values():
+  """V = 256: two V blocks of 128 in the output and dv kernels' loops and in
+  dq/dk/d log_g's V sums (``mosaic_gpu.v_block``), four 64-row programs in
+  the state passes."""
+  _check(1, 64, 1, 64, 256, seed=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T, K, V", [
+    (128, 64, 512),  # four V blocks, two chunks
+    (100, 128, 512),  # K = 128: two dq/dk/d log_g programs per chunk
+    (70, 40, 200),  # V padded to 256, K to 64
+])
+def test_interpret_wide_values_slow(T, K, V):
+  _check(1, T, 1, K, V, seed=9)
+
+
+@pytest.mark.slow
+def test_interpret_documents_wide_values():
+  """Packed documents with two V blocks: every mask applies in each block
+  (A and the state terms are cut once, before the V loop or after the V
+  sums)."""
+  _check_documents(64, 256, gate_scale=0.125, seed=4)
+
+
 @pytest.mark.parametrize("gate", ["head", "none"])
 def test_interpret_gate_forms(gate):
   """Per-head gates and no gate reach the kernels as the api's broadcast
@@ -87,10 +112,13 @@ def test_documents_through_api_and_auto_takes_mosaic_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("K, V, want", [
-    (128, 128, IMPL), (64, 64, IMPL),
-    # wider heads than the Mosaic GPU kernels take go to Triton on Hopper
-    (128, 512, "pallas_triton"), (256, 512, "pallas_triton"),
-    (256, 256, "pallas_triton")])
+    (128, 128, IMPL), (64, 64, IMPL), (128, 512, IMPL), (64, 256, IMPL),
+    (100, 400, IMPL),
+    # K = 256: wider than the Mosaic GPU kernels take, to Triton on Hopper
+    (256, 512, "pallas_triton"), (256, 256, "pallas_triton"),
+    (256, 64, "pallas_triton"),
+    # V past 512: past Triton's limit too
+    (128, 1024, "chunked")])
 def test_auto_on_hopper_sends_wide_heads_to_triton(K, V, want):
   from lsm.ops import _dispatch  # pylint: disable=g-import-not-at-top
   with _dispatch.assume_platform("gpu", "hopper"):
@@ -251,16 +279,20 @@ def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16,
   }
 
 
-@pytest.mark.parametrize("docs", [False, True], ids=["plain", "documents"])
-def test_interpret_finds_no_races(docs):
+@pytest.mark.parametrize("docs, V", [
+    (False, 128), (True, 128),
+    pytest.param(False, 256, marks=pytest.mark.slow)],
+    ids=["plain", "documents", "plain-V256"])
+def test_interpret_finds_no_races(docs, V):
   """Each kernel once under the interpreter's happens-before race detector
   (SMEM reads and writes by the warpgroup, TMA and wgmma), with four chunks so
   the state passes cycle both buffers (and, with documents, both doc
-  tiles). Its state covers the last kernel run, hence one kernel at a
-  time."""
+  tiles); V = 256: the chunk kernels' V-block loops (refetch into tiles just
+  read, result tiles rewritten after their TMA). Its state covers the last
+  kernel run, hence one kernel at a time."""
   # pylint: disable-next=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-  calls = _kernel_calls(docs=docs)
+  calls = _kernel_calls(V=V, docs=docs)
   assert set(calls) == set(mgpu_gla.KERNELS)
   for name, call in calls.items():
     jax.block_until_ready(call())
@@ -277,50 +309,58 @@ def _vjp_fn(q, k, v, log_g, h0, do, dh, resets=None):
   return o, h_t, pullback((do, dh))
 
 
-def _structs(D, dtype, B=1, T=130, H=2, docs=False):  # T pads to 3 chunks
+def _structs(D, dtype, B=1, T=130, H=2, docs=False, V=None):
+  """T pads to 3 chunks; K = D, V = D unless given."""
   s = jax.ShapeDtypeStruct
-  return ([s((B, T, H, D), dtype)] * 3 + [s((B, T, H, D), jnp.float32),
-                                          s((B, H, D, D), jnp.float32),
-                                          s((B, T, H, D), dtype),
-                                          s((B, H, D, D), jnp.float32)]
+  V = V or D
+  kx, vx = s((B, T, H, D), dtype), s((B, T, H, V), dtype)
+  state = s((B, H, D, V), jnp.float32)
+  return ([kx, kx, vx, s((B, T, H, D), jnp.float32), state, vx, state]
           + [s((B, T), jnp.bool_)] * docs)
 
 
 _kernels = harness.mosaic_gpu_kernels
 
 
-@pytest.mark.parametrize("D, dtype, docs", [
-    (64, jnp.bfloat16, False), (128, jnp.bfloat16, False),
-    (64, jnp.float16, False), (128, jnp.float16, False),
-    (64, jnp.bfloat16, True), (128, jnp.bfloat16, True)])
-def test_lowers_for_cuda(D, dtype, docs):
+@pytest.mark.parametrize("D, dtype, docs, V", [
+    (64, jnp.bfloat16, False, None), (128, jnp.bfloat16, False, None),
+    (64, jnp.float16, False, None), (128, jnp.float16, False, None),
+    (64, jnp.bfloat16, True, None), (128, jnp.bfloat16, True, None),
+    (128, jnp.bfloat16, False, 512), (128, jnp.bfloat16, True, 512)])
+def test_lowers_for_cuda(D, dtype, docs, V):
   """Forward and backward lower to Mosaic GPU custom calls without a GPU
   (target sm_90): the forward's two kernels, the backward's four (the state
   pass again, its reverse, dv, dq/dk/d log_g); and each kernel's SMEM, as the
   lowering allocates it, is ``smem_bytes``'s count and fits an H100 block.
-  ``docs``: with segment_ids (the kernels' document forms)."""
-  lowered = jax.jit(_vjp_fn).trace(*_structs(D, dtype, docs=docs)).lower(
-      lowering_platforms=("cuda",))
+  ``docs``: with segment_ids (the kernels' document forms); V: the value head
+  dim (D unless given; 512 is four V blocks)."""
+  V = V or D
+  lowered = cuda_targets.lower_for_cuda(
+      _vjp_fn, *_structs(D, dtype, docs=docs, V=V))  # an abstract H100
   assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu_v2") == 6
   kernels = _kernels(lowered)
   assert sorted(n for n, _ in kernels) == sorted(
       ["gla_states_mgpu", "gla_output_mgpu", "gla_states_mgpu",
        "gla_dstates_mgpu", "gla_dv_mgpu", "gla_dqkg_mgpu"])
   for name, size in kernels:
-    assert size == mgpu_gla.smem_bytes(name, D, D, dtype, docs=docs), name
+    assert size == mgpu_gla.smem_bytes(name, D, V, dtype, docs=docs), name
     assert size <= H100_SMEM, (name, size)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("K, V", [(64, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("V", [64, 128, 256, 512])
 def test_smem_fits_h100(K, V, dtype):
   """Every kernel's SMEM footprint, summed from its scratch shapes (each
   allocation rounded to 1 KiB, barriers, reduction scratch), fits the H100's
-  per-block limit at every padded head-dim pair."""
+  per-block limit at every padded head-dim pair, V blocks included (past
+  V = 128 the chunk kernels' tiles stay at 128 value columns)."""
   for name in mgpu_gla.KERNELS:
     for docs in (False, True):
       size = mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs)
       assert 0 < size <= H100_SMEM, (name, K, V, docs, size)
+      if V > 128:
+        assert size == mgpu_gla.smem_bytes(name, K, 128, dtype, docs=docs)
 
 
 # --------------------------------------------------------------- limits ---

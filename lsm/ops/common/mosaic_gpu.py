@@ -92,10 +92,18 @@ def interpret_params(interpret):
 
 
 def padded(d: int) -> int:
-  """Head dims go to 64 or 128: whole 128-byte rows of the swizzled bf16
-  tiles, and wgmma contractions in steps of 64. Zero channels are inert (see
+  """Head dims go to 64, 128, 256 or 512 (at least 64, then powers of two as
+  ``_dispatch.padded_pow2``, so the shared VJPs' padding leaves them as they
+  are): whole 128-byte rows of the swizzled bf16 tiles, wgmma contractions in
+  steps of 64, whole V blocks (``v_block``). Zero channels are inert (see
   ``kernel_shapes``)."""
-  return 64 if d <= 64 else 128
+  return max(64, _dispatch.padded_pow2(d))
+
+
+def v_block(v: int) -> int:
+  """Value columns per V block of the chunk kernels at padded V ``v``: all of
+  them up to 128, else 128 (V = 256 and 512 run as 2 and 4 blocks)."""
+  return min(v, V_BLOCK)
 
 
 def scratch_bytes(scratch, barriers: int, reduces: bool) -> int:
@@ -110,21 +118,27 @@ def scratch_bytes(scratch, barriers: int, reduces: bool) -> int:
 
 
 CHUNK = 64  # tokens per chunk: one wgmma M tile
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 128  # K; a [C, K] tile and [BV, K] state blocks in every kernel
+V_BLOCK = 128  # value columns per block of the chunk kernels (``v_block``)
+MAX_V = 512  # V, in blocks of V_BLOCK
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 # What the Mosaic GPU kernels of gla and delta_rule take (their impl modules
-# state it as ACCEPTS): bfloat16 / float16 inputs, one chunk length, head dims
-# up to MAX_HEAD_DIM. K = 256 and V > 128 calls (the K 256 x V 512 heads of
-# GLA, Gated DeltaNet and RetNet at d_model 2048) go to Triton through "auto":
-# the chunk kernels hold whole [C, V] tiles and [V, 64] state blocks in SMEM
-# (GLA's dqkg: 199,744 B of the 232,448 B per block already at V = 128), so V
-# past 128 needs those kernels blocked over V, which is open work (issue 28).
+# state it as ACCEPTS): bfloat16 / float16 inputs, one chunk length, K up to
+# MAX_HEAD_DIM and V up to MAX_V. The sequential state passes work on 64-row
+# blocks of V in their grid; the chunk kernels take V in blocks of V_BLOCK
+# (a loop over the blocks, or a grid axis), so their SMEM does not grow past
+# V = 256 (each op's ``smem_bytes``; largest the delta rule's input
+# gradients, 229,416 B of the 232,448 B per block at K = 128, V >= 256, then
+# GLA's dqkg, 199,744 B with documents at V >= 128). K = 256 calls (the
+# K 256 x V 512 heads of GLA, Gated DeltaNet and RetNet at d_model 2048) go
+# to Triton through "auto": every kernel holds whole [C, K] tiles and
+# [BV, K] state blocks (issue 28).
 ACCEPTS = _dispatch.Accepts(
     platforms=("gpu:hopper",), dtypes=tuple(d.name for d in DTYPES),
     dtype_note="wgmma's float32 path is TF32, which misses the float32 "
-    "tolerance", max_k=MAX_HEAD_DIM, max_v=MAX_HEAD_DIM, chunk_sizes=(CHUNK,))
+    "tolerance", max_k=MAX_HEAD_DIM, max_v=MAX_V, chunk_sizes=(CHUNK,))
 
 
 def check_inputs(op: str, dtype, chunk_size: int, K: int, V: int) -> None:

@@ -31,10 +31,19 @@ pseudo-value or their cotangents are Mosaic GPU kernels (wgmma, TMA):
   delta_rule_states_mgpu       grid (BH, Vp / 64): the forward loop over the
                                chunks (W_k S, U^T K_out), storing the state
                                entering every chunk and U.
-  delta_rule_output_mgpu       grid (BH, N): O = q_s S + A U.
+  delta_rule_output_mgpu       grid (BH, N, Vp / BVC): O = q_s S + A U.
   delta_rule_state_grads_mgpu  grid (BH, Vp / 64): the reverse loop (A^T dO,
                                K_out G, dO^T q_s, dU^T W_k), storing G and dU.
-  delta_rule_input_grads_mgpu  grid (BH, N): dO S^T, dU S^T, U G^T, dO U^T.
+  delta_rule_input_grads_mgpu  grid (BH, N): dO S^T, dU S^T, U G^T, dO U^T,
+                               summed over the V blocks.
+
+V blocks (V up to 512, issue 28): the sequential passes work on 64-row
+blocks of V in their grid already. The chunk kernels take V in blocks of BVC
+= ``mosaic_gpu.v_block(Vp)`` columns (all of V up to 128, else 128): the
+output kernel as a grid axis (its A and q_s are inputs, so a block costs only
+their refetch), the input-gradient kernel as a static loop in the program
+whose four V contractions are summed in float32 SMEM. K stays at most 128:
+every kernel holds [C, K] tiles and [BV, K] state blocks whole.
 
 The per-chunk factors above, the inverse T = (I + L)^{-1}
 (``common.triangular.unit_lower_inverse``: exact forward substitution, no
@@ -115,6 +124,7 @@ _swizzled, _plain, _load, _load_row, _mm = (
     mosaic_gpu.mm)
 _PARAMS = mosaic_gpu.PARAMS
 _padded, _interpret_params = mosaic_gpu.padded, mosaic_gpu.interpret_params
+_v_block = mosaic_gpu.v_block  # value columns per block of the chunk kernels
 _fetch_all = mosaic_gpu.fetch_all  # TMA each (GMEM, SMEM) pair, then wait
 
 
@@ -292,7 +302,7 @@ def _states_call(wk, wv, ko, dec, h0t, *, interpret):
   chunk: U = w_v - W_k S (one [C, K] x [K, BV] wgmma), S'^T = d_out S^T +
   U^T K_out (one [BV, C] x [C, K] wgmma).
 
-  SMEM (``_states_scratch``, any V): 156,744 B at K = 128, 99,400 B at
+  SMEM (``_states_scratch``, any V up to 512): 156,744 B at K = 128, 99,400 B at
   K = 64 (both dtypes). Registers: the carry and the update [BV, K] (2 x 64
   at K = 128), U [C, BV] (32).
 
@@ -399,8 +409,8 @@ def _state_grads_call(ko, qs, wk, a, do, dec, dh_tt, *, interpret):
   which is the next (earlier) chunk's G^T. The five operand tiles and the
   decay of the next chunk come in by TMA while this one is worked on.
 
-  SMEM (``_state_grads_scratch``, any V): 189,544 B at K = 128, 115,816 B at
-  K = 64.
+  SMEM (``_state_grads_scratch``, any V up to 512): 189,544 B at K = 128,
+  115,816 B at K = 64.
   Registers: the carry and one product [BV, K] (2 x 64 at K = 128), dU (32).
 
   Returns G^T per chunk [BH, N, Vp, Kp] and dU [BH, Tp, Vp] in the input
@@ -427,43 +437,50 @@ def _state_grads_call(ko, qs, wk, a, do, dec, dh_tt, *, interpret):
 
 def _output_kernel(qs_ref, a_ref, u_ref, hs_ref, o_ref,
                    qs_s, a_s, u_s, st_s, o_s, bars):
-  ib, n = lax.axis_index("b"), lax.axis_index("n")
+  ib, n, iv = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("v")
   rows = pl.ds(n * C, C)
+  cols = pl.ds(iv * u_s.shape[-1], u_s.shape[-1])  # this program's V block
   _fetch_all([(qs_ref.at[ib, rows], qs_s), (a_ref.at[ib, rows], a_s),
-              (u_ref.at[ib, rows], u_s), (hs_ref.at[ib, n], st_s)], bars)
+              (u_ref.at[ib, rows, cols], u_s), (hs_ref.at[ib, n, cols], st_s)],
+             bars)
 
   def body(acc_ref):
-    plgpu.wgmma(acc_ref, qs_s, st_s.T)  # q_s S: [C, K] x [K, V]
-    plgpu.wgmma(acc_ref, a_s, u_s)  # A U: [C, C] x [C, V]
+    plgpu.wgmma(acc_ref, qs_s, st_s.T)  # q_s S: [C, K] x [K, BVC]
+    plgpu.wgmma(acc_ref, a_s, u_s)  # A U: [C, C] x [C, BVC]
     return acc_ref[...]
 
   o_s[...] = pl.run_scoped(body, plgpu.ACC(o_s.shape, _F32)).astype(o_s.dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_s, o_ref.at[ib, rows])
+  plgpu.copy_smem_to_gmem(o_s, o_ref.at[ib, rows, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
 def _output_scratch(K, V, dtype):
-  """q_s [C, K], A [C, C], U [C, V], the chunk's S^T [V, K], O [C, V]."""
+  """q_s [C, K], A [C, C], U [C, BVC], the V block of the chunk's S^T
+  [BVC, K], O [C, BVC]; BVC = ``v_block(V)``."""
+  bv = _v_block(V)
   return [_swizzled((C, K), dtype), _swizzled((C, C), dtype),
-          _swizzled((C, V), dtype), _swizzled((V, K), dtype),
-          _swizzled((C, V), dtype)]
+          _swizzled((C, bv), dtype), _swizzled((bv, K), dtype),
+          _swizzled((C, bv), dtype)]
 
 
 def _output_call(qs, a, u, hs, *, interpret):
-  """O [BH, Tp, Vp] in the input dtype: grid (BH, N), one chunk per program,
-  O = q_s S + A U by two wgmmas into one [C, V] accumulator. SMEM
-  (``_output_scratch``): 90,144 B at K = V = 128, 40,992 B at K = V = 64.
-  Registers: the accumulator [C, V] (64 at V = 128)."""
+  """O [BH, Tp, Vp] in the input dtype: grid (BH, N, Vp / BVC), one chunk
+  and one V block of BVC = ``v_block(Vp)`` columns (V itself up to 128) per
+  program, O = q_s S + A U by two wgmmas into one [C, BVC] accumulator (A
+  and q_s are inputs, so a V grid axis only refetches those two tiles).
+  SMEM (``_output_scratch``): 90,144 B at K = 128, V >= 128, 40,992 B at
+  K = V = 64. Registers: the accumulator [C, BVC] (64 at BVC = 128)."""
   BH, Tp, K = qs.shape
   V = u.shape[-1]
+  bv = _v_block(V)
   name = "delta_rule_output_mgpu"
   return plgpu.kernel(
       _output_kernel,
       out_type=jax.ShapeDtypeStruct((BH, Tp, V), qs.dtype),
       scratch_types=[*_output_scratch(K, V, qs.dtype),
                      plgpu.Barrier(num_barriers=KERNELS[name][1])],
-      grid=(BH, Tp // C), grid_names=("b", "n"),
+      grid=(BH, Tp // C, V // bv), grid_names=("b", "n", "v"),
       compiler_params=_PARAMS, interpret=interpret, kernel_name=name,
   )(qs, a, u, hs)
 
@@ -473,42 +490,75 @@ def _input_grads_kernel(do_ref, u_ref, du_ref, hs_ref, gs_ref,
                         do_s, u_s, du_s, st_s, gt_s, out_s, da_s, bars):
   ib, n = lax.axis_index("b"), lax.axis_index("n")
   rows = pl.ds(n * C, C)
-  _fetch_all([(do_ref.at[ib, rows], do_s), (u_ref.at[ib, rows], u_s),
-              (du_ref.at[ib, rows], du_s), (hs_ref.at[ib, n], st_s),
-              (gs_ref.at[ib, n], gt_s)], bars)
   K = st_s.shape[-1]
-  da_s[...] = _mm(do_s, u_s.T, (C, C))  # dA = dO U^T: [C, V] x [V, C]
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(da_s, da_ref.at[ib, rows])
-  # Three [C, V] x [V, K] products through one float32 tile, each written
-  # only after the previous one's TMA has read it.
-  for i, (x_s, y_s, dst_ref) in enumerate([
-      (do_s, st_s, dqs_ref),  # d q_s = dO S^T
-      (du_s, st_s, dwk_ref),  # -d w_k = dU S^T (negated in XLA)
-      (u_s, gt_s, dko_ref)]):  # d k_out = U G^T
-    if i:
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    out_s[...] = _mm(x_s, y_s, (C, K))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s, dst_ref.at[ib, rows])
+  BVC = do_s.shape[-1]  # value columns per V block
+  nvb = do_ref.shape[-1] // BVC
+
+  def fetch_block(j):  # V block j: dO, U, dU [C, BVC], S^T and G^T [BVC, K]
+    cols = pl.ds(j * BVC, BVC)
+    for i, (src, dst) in enumerate([
+        (do_ref.at[ib, rows, cols], do_s), (u_ref.at[ib, rows, cols], u_s),
+        (du_ref.at[ib, rows, cols], du_s), (hs_ref.at[ib, n, cols], st_s),
+        (gs_ref.at[ib, n, cols], gt_s)]):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+  # Every product contracts V: each is summed over the V blocks (static: at
+  # most 4), in float32 SMEM (dA in da_s, the three [C, K] products in
+  # out_s[0 .. 2]) when there are several blocks; with one (V <= 128) the
+  # three [C, K] products go out through one float32 tile, each written only
+  # after the previous one's TMA has read it.
+  fetch_block(0)
+  for j in range(nvb):
+    last = j + 1 == nvb
+    for i in range(5):
+      plgpu.barrier_wait(bars.at[i])
+    da = _mm(do_s, u_s.T, (C, C))  # dA = dO U^T: [C, BVC] x [BVC, C]
+    da_s[...] = da + da_s[...] if j else da
+    if last:
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(da_s, da_ref.at[ib, rows])
+    for i, (x_s, y_s, dst_ref) in enumerate([
+        (do_s, st_s, dqs_ref),  # d q_s = dO S^T
+        (du_s, st_s, dwk_ref),  # -d w_k = dU S^T (negated in XLA)
+        (u_s, gt_s, dko_ref)]):  # d k_out = U G^T
+      slot = out_s.at[i if nvb > 1 else 0]
+      x = _mm(x_s, y_s, (C, K))  # [C, BVC] x [BVC, K]
+      if j:
+        x = x + slot[...]
+      elif i and nvb == 1:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      slot[...] = x
+      if last:
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(slot, dst_ref.at[ib, rows])
+    if not last:
+      plgpu.commit_smem()  # this block's reads come before the next TMA
+      fetch_block(j + 1)
   plgpu.wait_smem_to_gmem(0)
 
 
 def _input_grads_scratch(K, V, dtype):
-  """dO, U, dU [C, V]; the chunk's S^T and G^T [V, K]; one float32 [C, K]
-  result tile (reused three times) and dA [C, C] float32."""
-  return [_swizzled((C, V), dtype), _swizzled((C, V), dtype),
-          _swizzled((C, V), dtype), _swizzled((V, K), dtype),
-          _swizzled((V, K), dtype), _swizzled((C, K), _F32),
+  """dO, U, dU [C, BVC]; the V block of the chunk's S^T and G^T [BVC, K]
+  (BVC = ``v_block(V)``); float32 [C, K] result tiles, one (reused three
+  times) at V <= 128, three (the V-block sums) above; dA [C, C] float32."""
+  bv = _v_block(V)
+  return [_swizzled((C, bv), dtype), _swizzled((C, bv), dtype),
+          _swizzled((C, bv), dtype), _swizzled((bv, K), dtype),
+          _swizzled((bv, K), dtype),
+          _swizzled((1 if V <= bv else 3, C, K), _F32),
           _swizzled((C, C), _F32)]
 
 
 def _input_grads_call(do, u, du, hs, gs, *, interpret):
   """The factors' cotangents, float32: d q_s, dU S^T (= -d w_k), d k_out
   [BH, Tp, Kp] and dA [BH, Tp, C]. Grid (BH, N), one chunk per program: four
-  wgmmas (dO U^T, dO S^T, dU S^T, U G^T). SMEM (``_input_grads_scratch``):
-  163,880 B at K = V = 128, 73,768 B at K = V = 64. Registers: one [C, K]
-  product at a time (64 at K = 128)."""
+  wgmmas (dO U^T, dO S^T, dU S^T, U G^T) per V block of BVC = ``v_block(Vp)``
+  columns, the blocks' tiles fetched in turn (the next while this one's sums
+  are stored) and the products summed over the blocks in float32 SMEM.
+  SMEM (``_input_grads_scratch``): 163,880 B at K = V = 128, 73,768 B at
+  K = V = 64; at V >= 256 (three float32 sum tiles) 229,416 B at K = 128,
+  147,496 B at K = 64. Registers: one [C, K] product and its running sum at
+  a time (2 x 64 at K = 128)."""
   BH, Tp, V = do.shape
   K = hs.shape[-1]
   name = "delta_rule_input_grads_mgpu"
@@ -647,12 +697,13 @@ def delta_rule(q, k, v, beta, log_g, *, h0, scale: float, chunk_size: int = 64,
     o: [B, T, H, V] in q's dtype; h_T: [B, H, K, V] float32.
 
   Raises:
-    ValueError: float32 inputs, chunk_size != 64, or a head dim over 128.
+    ValueError: float32 inputs, chunk_size != 64, K over 128 or V over 512.
   """
   K, V = q.shape[-1], v.shape[-1]
   mosaic_gpu.check_inputs(_OP, q.dtype, chunk_size, K, V)
-  # Head dims to 64 or 128 (whole 128-byte swizzled bf16 rows, wgmma steps of
-  # 64); pallas_vjp's own padding then leaves them as they are.
+  # Head dims to 64, 128, 256 or 512 (whole 128-byte swizzled bf16 rows,
+  # wgmma steps of 64, whole V blocks); pallas_vjp's own padding then leaves
+  # them as they are.
   Kp, Vp = _padded(K), _padded(V)
   pad = functools.partial(kernel_shapes.pad_axis, axis=3)
   h0p = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0, 2, Kp), 3, Vp)

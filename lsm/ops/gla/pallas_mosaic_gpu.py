@@ -23,12 +23,27 @@ Kernels (one warpgroup each; all on [B, T, H, D] arrays as the op gets them, a
                     entering every chunk (input dtype) and h_T. Forward, and
                     again in the backward.
   gla_output_mgpu   grid (B, H, N): A (``_intra_weights``), then o by two
-                    wgmmas into one accumulator.
+                    wgmmas into one accumulator, per V block.
   gla_dstates_mgpu  grid (B, H, V / 64), the reverse loop: the gradient for
                     the state leaving every chunk, and dh0.
-  gla_dv_mgpu       grid (B, H, N): A again, dv = scale A^T do + k_end dS.
+  gla_dv_mgpu       grid (B, H, N): A again, dv = scale A^T do + k_end dS,
+                    per V block.
   gla_dqkg_mgpu     grid (B, H, N, K / 64): dq, dk and d log_g of 64 key
-                    columns (``_dqkg_kernel``).
+                    columns (``_dqkg_kernel``), the V contractions summed
+                    over the V blocks.
+
+V blocks (V up to 512, issue 28): the state passes already work on 64-row
+blocks of V in their grid. The three chunk kernels take V in blocks of BVC =
+``mosaic_gpu.v_block(V)`` columns (all of V up to 128, else 128), in a static
+loop inside the program: A and the key-side factors, the expensive part, are
+formed once per chunk, and each block's [C, BVC] value tile and [BVC, K]
+state block come in by TMA into one set of tiles, the next block's fetch
+issued as soon as this one's wgmmas are done. output and dv store a [C, BVC]
+result per block; dqkg sums dA, dA^T, the ``leaving`` column sums and its two
+state terms over the blocks (the state terms as bf16 hi / lo pairs in its
+gate-sum tile, 16 significant bits). So no kernel's SMEM grows past V = 128
+(``smem_bytes``). K stays at most 128: every kernel holds [C, K] tiles and
+[BV, K] state blocks whole.
 
 Packed documents (``resets``; convention and masks in ``segments``): every
 kernel also takes the chunk-local document index d_t of its chunk
@@ -57,7 +72,7 @@ d log_g needs nothing else: its row sums are of the already cut dq, dk and
 dk_state terms (the t = s terms of A are always kept). The document forms
 add 1 KiB and one barrier to the chunk kernels (the state passes: a
 double-buffered [2, C] tile, two barriers, and the 2 KiB reduction scratch of
-``_DocMasks``' row sums: +3 KiB); the largest, gla_dqkg_mgpu at V = 128, is
+``_DocMasks``' row sums: +3 KiB); the largest, gla_dqkg_mgpu at V >= 128, is
 199,744 B of the 232,448 B per block (``smem_bytes(..., docs=True)``).
 
 Each launcher's docstring gives its tiles, SMEM bytes (``smem_bytes``; the
@@ -142,8 +157,8 @@ _PARAMS = mosaic_gpu.PARAMS
 _swizzled, _plain, _load, _load_row, _iota, _mm = (
     mosaic_gpu.swizzled, mosaic_gpu.plain, mosaic_gpu.load, mosaic_gpu.load_row,
     mosaic_gpu.iota, mosaic_gpu.mm)
-_interpret_params, _padded, _fetch_all = (
-    mosaic_gpu.interpret_params, mosaic_gpu.padded, mosaic_gpu.fetch_all)
+_interpret_params, _padded, _v_block = (
+    mosaic_gpu.interpret_params, mosaic_gpu.padded, mosaic_gpu.v_block)
 
 
 def _gate_prefix(g):
@@ -464,7 +479,7 @@ def _diag_blocks(q_c, k_p, b_p):
 
 def _fetch_docs(docs, ib, n):
   """The chunk's doc row into its [1, C] tile, then ``_DocMasks`` (None
-  without documents). Issued before ``_fetch_all``, waited here after it."""
+  without documents). Issued before the chunk's tiles, waited after them."""
   if not docs:
     return None
   d_ref, d_s, d_bars = docs
@@ -472,17 +487,33 @@ def _fetch_docs(docs, ib, n):
   return lambda: (plgpu.barrier_wait(d_bars.at[0]), _DocMasks(d_s))[1]
 
 
+def _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n):
+  """TMA the chunk's q (plain [C, K]), k and b (rows PAD .. of the padded
+  plain tiles) on barriers 0 .. 2; waited by the caller."""
+  rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  for i, (src, dst) in enumerate([(q_ref.at[ib, rows, ih], q_c),
+                                  (k_ref.at[ib, rows, ih], k_p.at[mid]),
+                                  (b_ref.at[ib, rows, ih], b_p.at[mid])]):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+
 def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
                    q_c, k_p, b_p, v_s, st_s, qp_s, kb_s, a_s, o_s, bars, *,
                    scale, docs):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  BVC = v_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
-  _fetch_all([(q_ref.at[ib, rows, ih], q_c),
-              (k_ref.at[ib, rows, ih], k_p.at[mid]),
-              (b_ref.at[ib, rows, ih], b_p.at[mid]),
-              (v_ref.at[ib, rows, ih], v_s), (hin_ref.at[ib, ih, n], st_s)],
-             bars)
+
+  def fetch_block(j):  # V block j: v [C, BVC] and S^T [BVC, K]
+    cols = pl.ds(j * BVC, BVC)
+    plgpu.copy_gmem_to_smem(v_ref.at[ib, rows, ih, cols], v_s, bars.at[3])
+    plgpu.copy_gmem_to_smem(hin_ref.at[ib, ih, n, cols], st_s, bars.at[4])
+
+  _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
+  fetch_block(0)
+  for i in range(3):
+    plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
   K = q_c.shape[-1]
   a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
@@ -492,27 +523,40 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
   plgpu.commit_smem()
 
   def body(acc_ref):
-    plgpu.wgmma(acc_ref, kb_s, st_s.T)  # (q exp(b)) S: [C, K] x [K, V]
-    plgpu.wgmma(acc_ref, a_s, v_s)  # A v: [C, C] x [C, V]
+    plgpu.wgmma(acc_ref, kb_s, st_s.T)  # (q exp(b)) S: [C, K] x [K, BVC]
+    plgpu.wgmma(acc_ref, a_s, v_s)  # A v: [C, C] x [C, BVC]
     return acc_ref[...]
 
-  o_s[...] = (scale * pl.run_scoped(body, plgpu.ACC(o_s.shape, _F32))).astype(
-      o_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_s, o_ref.at[ib, rows, ih])
+  # A and q exp(b) once; then each V block (static: at most 4) in turn, the
+  # next block's tiles on their way while this one's result is stored.
+  nvb = v_ref.shape[-1] // BVC
+  for j in range(nvb):
+    plgpu.barrier_wait(bars.at[3])
+    plgpu.barrier_wait(bars.at[4])
+    o = scale * pl.run_scoped(body, plgpu.ACC(o_s.shape, _F32))
+    if j + 1 < nvb:
+      plgpu.commit_smem()
+      fetch_block(j + 1)
+    if j:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s: last block's
+    o_s[...] = o.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_ref.at[ib, rows, ih, pl.ds(j * BVC, BVC)])
   plgpu.wait_smem_to_gmem(0)
 
 
 def _chunk_scratch(K, V, dtype):
   """SMEM of the output and dv kernels (same shapes): plain q [C, K], plain
   padded k (input dtype) and b (float32) [PAD + C + PAD, K], swizzled v or do
-  [C, V], the chunk's state or state gradient [V, K], Q' and key-factor tiles
-  [C, K], A [C, C], the result [C, V]."""
+  [C, BVC], the V block of the chunk's state or state gradient [BVC, K], Q'
+  and key-factor tiles [C, K], A [C, C], the result [C, BVC]; BVC =
+  ``v_block(V)`` (V itself up to 128), so nothing grows past V = 128."""
+  bv = _v_block(V)
   return [_plain((C, K), dtype), _plain((PAD + C + PAD, K), dtype),
-          _plain((PAD + C + PAD, K), _F32), _swizzled((C, V), dtype),
-          _swizzled((V, K), dtype), _swizzled((C, K), dtype),
+          _plain((PAD + C + PAD, K), _F32), _swizzled((C, bv), dtype),
+          _swizzled((bv, K), dtype), _swizzled((C, K), dtype),
           _swizzled((C, K), dtype), _swizzled((C, C), dtype),
-          _swizzled((C, V), dtype)]
+          _swizzled((C, bv), dtype)]
 
 
 def _outputs(q, k, v, b, h_in, *, scale, interpret, docs=None):
@@ -520,11 +564,14 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret, docs=None):
 
   Grid (B, H, N), one chunk per program. A by ``_intra_weights`` (three
   [C, K] x [K, C] pivot wgmmas and the 16-offset log-space loop on [C, 64]
-  tiles), then o = scale ((q exp(b)) S + A v), two wgmmas into one [C, V]
-  accumulator.
+  tiles), once; then for each V block of BVC = ``v_block(V)`` columns (one
+  up to V = 128, 4 at V = 512) o = scale ((q exp(b)) S + A v), two wgmmas
+  into one [C, BVC] accumulator, the next block's v and S^T tiles fetched
+  while this one's result is stored.
 
-  SMEM (``_chunk_scratch``, with the 2 KiB reduction scratch): 194 KiB at
-  K = V = 128, 118 KiB at K = 64, V = 128, 94 KiB at K = V = 64. Documents
+  SMEM (``_chunk_scratch``, with the 2 KiB reduction scratch; the same at
+  every V >= 128): 194 KiB at K = 128, V >= 128, 118 KiB at K = 64,
+  V >= 128, 94 KiB at K = V = 64. Documents
   add the [1, C] doc tile and its barrier (+1 KiB: 195 KiB at K = V = 128);
   A is cut by same, q exp(b) against S by carry (``_DocMasks``).
   Registers: the log-space loop holds A [C, C] (32),
@@ -562,12 +609,18 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
                scale, docs):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  BVC = do_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
-  _fetch_all([(q_ref.at[ib, rows, ih], q_c),
-              (k_ref.at[ib, rows, ih], k_p.at[mid]),
-              (b_ref.at[ib, rows, ih], b_p.at[mid]),
-              (do_ref.at[ib, rows, ih], do_s), (dout_ref.at[ib, ih, n], dst_s)],
-             bars)
+
+  def fetch_block(j):  # V block j: do [C, BVC] and dS^T [BVC, K]
+    cols = pl.ds(j * BVC, BVC)
+    plgpu.copy_gmem_to_smem(do_ref.at[ib, rows, ih, cols], do_s, bars.at[3])
+    plgpu.copy_gmem_to_smem(dout_ref.at[ib, ih, n, cols], dst_s, bars.at[4])
+
+  _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
+  fetch_block(0)
+  for i in range(3):
+    plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
   a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
   a_s[...] = _cut(masks and masks.same, scale * a).astype(a_s.dtype)
@@ -578,14 +631,24 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
   plgpu.commit_smem()
 
   def body(acc_ref):
-    plgpu.wgmma(acc_ref, a_s.T, do_s)  # scale A^T do: [C, C] x [C, V]
-    plgpu.wgmma(acc_ref, kb_s, dst_s.T)  # k exp(b_C - b) dS: [C, K] x [K, V]
+    plgpu.wgmma(acc_ref, a_s.T, do_s)  # scale A^T do: [C, C] x [C, BVC]
+    plgpu.wgmma(acc_ref, kb_s, dst_s.T)  # k exp(b_C - b) dS: [C, K] x [K, BVC]
     return acc_ref[...]
 
-  dv = pl.run_scoped(body, plgpu.ACC(dv_s.shape, _F32))
-  dv_s[...] = dv.astype(dv_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[ib, rows, ih])
+  # A and k exp(b_C - b) once; then the V blocks as in ``_output_kernel``.
+  nvb = do_ref.shape[-1] // BVC
+  for j in range(nvb):
+    plgpu.barrier_wait(bars.at[3])
+    plgpu.barrier_wait(bars.at[4])
+    dv = pl.run_scoped(body, plgpu.ACC(dv_s.shape, _F32))
+    if j + 1 < nvb:
+      plgpu.commit_smem()
+      fetch_block(j + 1)
+    if j:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dv_s: last block's
+    dv_s[...] = dv.astype(dv_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[ib, rows, ih, pl.ds(j * BVC, BVC)])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -595,29 +658,65 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
                  dat_s, tri_s, parts_s, bars, *, scale, docs):
   ib, ih, n, ik = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
   rows, kcols, mid = pl.ds(n * C, C), pl.ds(ik * BK, BK), pl.ds(PAD, C)
+  BVC = v_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
+
+  def fetch_block(j):  # V block j: v, do [C, BVC], S^T and dS^T [BVC, BK]
+    cols = pl.ds(j * BVC, BVC)
+    for i, (src, dst) in enumerate([
+        (v_ref.at[ib, rows, ih, cols], v_s),
+        (do_ref.at[ib, rows, ih, cols], do_s),
+        (hin_ref.at[ib, ih, n, cols, kcols], st_s),
+        (dout_ref.at[ib, ih, n, cols, kcols], dst_s)], start=3):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
   for i, (src, dst) in enumerate([
       (q_ref.at[ib, rows, ih, kcols], q_p.at[mid]),
       (k_ref.at[ib, rows, ih, kcols], k_p.at[mid]),
-      (b_ref.at[ib, rows, ih, kcols], b_p.at[mid]),
-      (v_ref.at[ib, rows, ih], v_s), (do_ref.at[ib, rows, ih], do_s),
-      (hin_ref.at[ib, ih, n, :, kcols], st_s),
-      (dout_ref.at[ib, ih, n, :, kcols], dst_s)]):
+      (b_ref.at[ib, rows, ih, kcols], b_p.at[mid])]):
     plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  fetch_block(0)
   r, c = _iota((C, C), 0), _iota((C, C), 1)
   # While the tiles arrive: the 0/1 matrices of the gate-gradient row sums.
   tri_s[0] = jnp.where(c >= r, 1.0, 0.0).astype(tri_s.dtype)  # u >= t
   tri_s[1] = jnp.where(c < r, 1.0, 0.0).astype(tri_s.dtype)  # s < t
-  for i in range(7):
+  for i in range(3):
     plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
   shape = (C, BK)
 
+  # Every term with a V contraction, summed over the V blocks (static: at
+  # most 4), the next block's tiles on their way while this one's sums are
+  # stored: dA = do v^T and dA^T = v do^T [C, C] (registers), the state terms
+  # do S [C, BK] (dq's S-in term) and v dS [C, BK] (dk_state's) in SMEM as
+  # bf16 hi / lo pairs in parts_s (16 significant bits, as the gate-gradient
+  # sums below, which reuse the tile after these are read), and the
+  # ``leaving`` column sums of S o dS [BK].
+  nvb = v_ref.shape[-1] // BVC
+  da = dat = leaving = None
+  for j in range(nvb):
+    for i in range(3, 7):
+      plgpu.barrier_wait(bars.at[i])
+    for i, (x_s, y_s) in enumerate([(do_s, st_s), (v_s, dst_s)]):
+      x = _mm(x_s, y_s, shape)  # [C, BVC] x [BVC, BK]
+      if j:
+        x = x + parts_s[2 * i].astype(_F32) + parts_s[2 * i + 1].astype(_F32)
+      hi = x.astype(parts_s.dtype)
+      parts_s[2 * i] = hi
+      parts_s[2 * i + 1] = (x - hi.astype(_F32)).astype(parts_s.dtype)
+    leaving = _plus(leaving, jnp.sum(
+        st_s[...].astype(_F32) * dst_s[...].astype(_F32), axis=0))
+    da = _plus(da, _mm(do_s, v_s.T, (C, C)))  # [C, BVC] x [BVC, C]
+    dat = _plus(dat, _mm(v_s, do_s.T, (C, C)))
+    if j + 1 < nvb:
+      plgpu.commit_smem()  # this block's reads come before the next TMA
+      fetch_block(j + 1)
+
   # dA_ts = scale do_t . v_s [t, s], and its transpose [s, t] for dk; with
   # documents only within one (same is symmetric), which carries through
   # every dA term below (the t = s terms are always kept).
-  da = _cut(masks and masks.same, scale * _mm(do_s, v_s.T, (C, C)))
-  dat = _cut(masks and masks.same, scale * _mm(v_s, do_s.T, (C, C)))
+  da = _cut(masks and masks.same, scale * da)
+  dat = _cut(masks and masks.same, scale * dat)
   da_tt = jnp.sum(jnp.where(r == c, da, 0.0), axis=1)  # [C]: the t = s terms
 
   # Below the sub-chunk diagonal, by the pivots of ``_intra_weights``:
@@ -644,12 +743,12 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   dk = dk + _diag_grad(dat, q_p, b_p, b, down=False)
 
   b_end = _load_row(b_p, PAD + C - 1, shape)
-  # Through S in (carry rows read it) and S out (tail rows write it).
-  dq = dq + _cut(masks and masks.carry(shape),
-                 scale * _mm(do_s, st_s, shape) * jnp.exp(b))
-  dk_state = _cut(masks and masks.tail(shape),
-                  _mm(v_s, dst_s, shape) * jnp.exp(b_end - b))
-  leaving = jnp.sum(st_s[...].astype(_F32) * dst_s[...].astype(_F32), axis=0)
+  # Through S in (carry rows read it) and S out (tail rows write it): the
+  # V-block sums do S and v dS from their hi / lo parts.
+  do_st, v_dst = (parts_s[2 * i].astype(_F32) + parts_s[2 * i + 1].astype(_F32)
+                  for i in range(2))
+  dq = dq + _cut(masks and masks.carry(shape), scale * do_st * jnp.exp(b))
+  dk_state = _cut(masks and masks.tail(shape), v_dst * jnp.exp(b_end - b))
 
   # d log_g_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_{s < t} k_s dk_state_s
   #             + exp(b_C) sum_v S dS
@@ -686,6 +785,11 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
+def _plus(acc, x):
+  """acc + x, or x for the first V block (acc None)."""
+  return x if acc is None else acc + x
+
+
 def _diag_grad(w, x_p, b_p, b, *, down):
   """The diagonal 16 x 16 blocks' part of dq (``down``) or of dk, offset by
   offset in log space as in ``_diag_blocks``, for pairs inside one sub-chunk:
@@ -719,15 +823,17 @@ def _diag_grad(w, x_p, b_p, b, *, down):
 
 def _dqkg_scratch(K, V, dtype):
   """Plain padded q, k (input dtype) and b (float32) [PAD + C + PAD, BK],
-  swizzled v and do [C, V], the chunk's state and state gradient [V, BK], Q'
-  and key-factor tiles [C, BK] (reused for dq and dk out), dA and dA^T operand
-  tiles [C, C], the two bf16 0/1 matrices [2, C, C], the bf16 hi / lo parts of
-  the two gate-gradient summands [4, C, BK]."""
+  swizzled v and do [C, BVC], the V block of the chunk's state and state
+  gradient [BVC, BK] (BVC = ``v_block(V)``), Q' and key-factor tiles [C, BK]
+  (reused for dq and dk out), dA and dA^T operand tiles [C, C], the two bf16
+  0/1 matrices [2, C, C], the bf16 hi / lo parts of the two state terms' V
+  sums, then of the two gate-gradient summands [4, C, BK]."""
   del K
   padded = (PAD + C + PAD, BK)
+  bv = _v_block(V)
   return [_plain(padded, dtype), _plain(padded, dtype), _plain(padded, _F32),
-          _swizzled((C, V), dtype), _swizzled((C, V), dtype),
-          _swizzled((V, BK), dtype), _swizzled((V, BK), dtype),
+          _swizzled((C, bv), dtype), _swizzled((C, bv), dtype),
+          _swizzled((bv, BK), dtype), _swizzled((bv, BK), dtype),
           _swizzled((C, BK), dtype), _swizzled((C, BK), dtype),
           _swizzled((C, C), dtype), _swizzled((C, C), dtype),
           _swizzled((2, C, C), jnp.bfloat16),
@@ -770,21 +876,28 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   """dq, dk, dv (input dtypes) and d log_g (float32), [B, Tp, H, D].
 
   gla_dv_mgpu, grid (B, H, N): A by ``_intra_weights`` as in the forward, then
-  dv = scale A^T do + (k exp(b_C - b)) dS, two wgmmas ([C, C]^T x [C, V] and
-  [C, K] x [K, V]) into one accumulator. SMEM and registers as
-  ``_outputs`` (``_chunk_scratch``: 194 KiB at K = V = 128).
+  per V block of BVC columns dv = scale A^T do + (k exp(b_C - b)) dS, two
+  wgmmas ([C, C]^T x [C, BVC] and [C, K] x [K, BVC]) into one accumulator.
+  SMEM and registers as ``_outputs`` (``_chunk_scratch``: 194 KiB at K =
+  128, V >= 128).
 
   gla_dqkg_mgpu, grid (B, H, N, K / BK), BK = 64: one chunk and 64 key
   columns per program (dq, dk and d log_g are per key channel given dA, which
-  each of the K / BK programs recomputes: two [C, V] x [V, C] wgmmas). dq and
+  each of the K / BK programs recomputes). First the V contractions, summed
+  over the V blocks of BVC columns: dA and dA^T (two [C, BVC] x [BVC, C]
+  wgmmas per block, in registers), the state terms do S and v dS (two
+  [C, BVC] x [BVC, BK] wgmmas per block, kept as bf16 hi / lo pairs in the
+  gate-sum tile) and the ``leaving`` sums. Then dq and
   dk below the sub-chunk diagonal by three pairs of pivot wgmmas, the
   diagonal blocks by two 15-offset log-space loops (``_diag_grad``), the
-  state terms by two [C, V] x [V, BK] wgmmas, the gate-gradient row sums by
+  gate-gradient row sums by
   four [C, C] x [C, BK] wgmmas (``_dqkg_kernel``). SMEM
-  (``_dqkg_scratch``): 194 KiB at V = 128, 162 KiB at V = 64. Registers: dA
+  (``_dqkg_scratch``; the same at every V >= 128): 194 KiB at V >= 128,
+  162 KiB at V = 64. Registers: dA
   and dA^T (64) live through the loops, with q, k, b, dq, dk [C, 64]
   (160): about 250 at the peak, near the 255 ceiling, so ptxas may spill
-  there.
+  there; the V-block loop before them holds dA, dA^T and one [C, BK]
+  product (~100).
 
   Documents: both kernels take the chunk's [1, C] doc row (+1 KiB and a
   barrier: 195 KiB at V = 128). gla_dv_mgpu cuts A by same and the rows of
@@ -867,8 +980,8 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
     o: [B, T, H, V] in q's dtype; h_T: [B, H, K, V] float32.
 
   Raises:
-    ValueError: float32 inputs, chunk_size != 64, or a head dim
-      over 128.
+    ValueError: float32 inputs, chunk_size != 64, K over 128 or V over
+      512.
   """
   K, V = q.shape[-1], v.shape[-1]
   mosaic_gpu.check_inputs("gla: impl='pallas_mosaic_gpu'", q.dtype, chunk_size,
