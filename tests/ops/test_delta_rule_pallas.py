@@ -82,6 +82,19 @@ def test_gpu_interpret_wide_values_with_documents():
 
 
 
+def test_gpu_interpret_documents_fp32():
+  """float32 on packed rows (three documents, starts inside chunks), two
+  chunks: the float32 path of _wy_grads forms M's [C, 16] and [16, C] blocks
+  itself, cut by the documents (``_gate_block``)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  B, T, H, K, V, chunk = 1, 40, 1, 16, 16, 32
+  ids = jnp.broadcast_to(jnp.arange(T) * 3 // T, (B, T)).astype(jnp.int32)
+  harness.check_against_reference(
+      functools.partial(delta_rule, segment_ids=ids), "pallas_triton", chunk,
+      make_inputs(6, B, T, H, K, V, beta_max=2.0), jax.random.key(7),
+      interpret=True)
+
+
 @pytest.mark.slow  # about 20-40 s
 def test_tpu_interpret_wide_values_bf16():
   """V = 512 in bf16 with TPU semantics (16-bit matmul operands)."""

@@ -73,6 +73,17 @@ cotangent) could not stay on chip: split four ways, each kernel holds a few
 [C, 64] and [C, C] tiles at a time. Q K^T and K K^T take their operands in the
 input dtype (see ``_qk``), halving those fragments for bf16.
 
+float32 inputs (IEEE FMA dots, no tensor cores): an FMA dot's operand
+fragments span its whole contraction, so [C, C] and [C, 64] float32 products
+that contract 64 keys or tokens made ptxas fall back to 32 registers (10-45 KB
+of spills) in _wy_scalars, _wy_grads and, at K = 128, _prepare and _output.
+Their float32 path contracts F32_DOT = 16 columns per dot and sums the
+products: Q K^T and K K^T over 16-wide key blocks (``_qk_from``; _prepare's
+Gram blocks in a loop over the key columns), and _wy_grads over 16-token blocks
+of dL and d(M o Q K^T), with M's blocks formed per use (``_gate_block``).
+_wy_scalars runs 8 warps in float32 (``NUM_WARPS_F32``). 16-bit inputs keep
+the paths above unchanged.
+
 Cost of the split, per token and head at K = V = 128 (float32 intermediates):
 U, T^T dU and the state parts of dq and dk go through memory (4 (2 V + 2 K) =
 2 KiB written, about 3 KiB read), and the per-value-block shares of dT and
@@ -126,6 +137,13 @@ _F32 = jnp.float32
 # with 32 columns, 816 B with 16 (none on sm_90a either way).
 BV = dict(states=16, output=16, state_grads=16, value_grads=16, key_grads=32)
 BK = 64  # key columns per tile: bounds every dot's operand fragments
+# Contraction width of the float32 (IEEE, FMA) dots that _qk and _wy_grads
+# split: an FMA dot holds each thread's operand rows or columns over the whole
+# contraction, so 64-wide float32 contractions with [C, C] or [C, 64] results
+# made ptxas fall back to 32 registers (10-45 KB of spills) in _wy_scalars,
+# _wy_grads and, at K = 128, _prepare and _output. 16-bit operands (tensor
+# cores) keep BK and one dot per block.
+F32_DOT = 16
 SUB = chunk_tiles.SUB  # rows of the inverse's blocks
 NUM_STAGES = 1  # the sequential loops load one chunk at a time
 # Warps per kernel: 8 measured best but in _wy_scalars (fewest spills on
@@ -136,9 +154,16 @@ NUM_WARPS = dict(prepare=8, intra=8, states=8, output=8, state_grads=8,
                  value_grads=8, key_grads=8, wy_scalars=4, wy_grads=8)
 
 
-def _params(kernel):
-  return plgpu.CompilerParams(num_warps=NUM_WARPS[kernel],
-                              num_stages=NUM_STAGES)
+# float32 overrides: _wy_scalars' float32 (FMA) dots spilled 524-844 B with 4
+# warps, none with 8 (K = V = 64 and 128, sm_80 and sm_90a).
+NUM_WARPS_F32 = dict(wy_scalars=8)
+
+
+def _params(kernel, dtype=None):
+  warps = NUM_WARPS[kernel]
+  if dtype is not None and jnp.dtype(dtype) == jnp.dtype(_F32):
+    warps = NUM_WARPS_F32.get(kernel, warps)
+  return plgpu.CompilerParams(num_warps=warps, num_stages=NUM_STAGES)
 
 
 def _rows(ref, rows):
@@ -165,11 +190,17 @@ def _state_blocks(ref, row0=0, Kp=None, cols=slice(None)):
           for i in range(Kp // bk)]
 
 
-def _key_block(ref, rows=slice(None), dtype=None):
+def _is_f32(precision):
+  """Whether a kernel's data matmuls take float32 operands (IEEE, FMA)."""
+  return (isinstance(precision, tiles.Matmuls)
+          and precision.dtype == jnp.dtype(_F32))
+
+
+def _key_block(ref, rows=slice(None), dtype=None, width=BK):
   """Loader of column block i of rows ``rows`` of a [*, Kp] ref (``_key_blocks``'
-  block i), and the number of blocks: for kernels that load each block where
-  it is used instead of keeping all of them live."""
-  bk = min(BK, ref.shape[-1])
+  block i, of ``width`` columns), and the number of blocks: for kernels that
+  load each block where it is used instead of keeping all of them live."""
+  bk = min(width, ref.shape[-1])
 
   def load(i):
     b = ref[rows, pl.ds(i * bk, bk)]
@@ -201,12 +232,25 @@ def _qk(b_q, b_k, precision):
   return sum(tiles.mm_nt(q_i, k_i, precision) for q_i, k_i in zip(b_q, b_k))
 
 
-def _qk_from(q_ref, k_ref, rows=slice(None), precision=None):
+def _qk_from(q_ref, k_ref, rows=slice(None), precision=None, loop=True):
   """Q K^T [C, C] of rows ``rows`` of two [*, Kp] refs, from input-dtype
   blocks (see ``_qk``)."""
   # Each block pair is loaded where its product is taken (``map`` of
   # loaders), so the NK blocks of both are not live at once (at K = 256 that
   # held _wy_scalars at 1104 B of sm_80 spills).
+  if _is_f32(precision):
+    # float32: F32_DOT-wide blocks (see F32_DOT), with ``loop`` in a loop,
+    # which loads each pair where it is used (unrolled, the 16 pairs at K = 256
+    # made ptxas fall back to 32 registers in _value_grads on sm_80; _output
+    # passes loop=False: with the loop it spilled 2 KB at K = 128 on sm_80).
+    q, nk = _key_block(q_ref, rows, width=F32_DOT)
+    k, _ = _key_block(k_ref, rows, width=F32_DOT)
+    if not loop:
+      return _qk(map(q, range(nk)), map(k, range(nk)), precision)
+    C = q_ref.shape[0] if isinstance(rows, slice) else rows.size
+    return jax.lax.fori_loop(
+        0, nk, lambda i, acc: acc + tiles.mm_nt(q(i), k(i), precision),
+        jnp.zeros((C, C), _F32))
   q, nk = _key_block(q_ref, rows)
   k, _ = _key_block(k_ref, rows)
   return _qk(map(q, range(nk)), map(k, range(nk)), precision)
@@ -340,11 +384,30 @@ def _inverse_blocks(k_ref, beta_ref, g_ref, precision, docs=None):
   # Each row block's keys are loaded once: loads are issued early, so loading
   # them per (i, j) pair would keep all of them live at once. K K^T takes them
   # in the input dtype.
-  b_k = [_key_blocks(k_ref, pl.ds(i * SUB, SUB))  # [SUB, BK]
-         for i in range(nb)]
+  if _is_f32(precision):
+    # float32: the Gram blocks K_i K_j^T (j <= i) accumulate over F32_DOT-wide
+    # key columns in a loop, which loads each column block's keys where they
+    # are used (with all key blocks live, as below, ptxas fell back to 32
+    # registers at K = 128: 9 KB of spills).
+    pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+
+    def gram_step(c, acc):
+      cols = pl.ds(c * F32_DOT, F32_DOT)
+      kb = [k_ref[pl.ds(i * SUB, SUB), cols] for i in range(nb)]  # [SUB, S]
+      return {ij: acc[ij] + tiles.mm_nt(kb[ij[0]], kb[ij[1]], precision)
+              for ij in pairs}
+
+    gram = jax.lax.fori_loop(
+        0, k_ref.shape[-1] // F32_DOT, gram_step,
+        {ij: jnp.zeros((SUB, SUB), _F32) for ij in pairs})
+    qk = lambda i, j: gram[i, j]
+  else:
+    b_k = [_key_blocks(k_ref, pl.ds(i * SUB, SUB))  # [SUB, BK]
+           for i in range(nb)]
+    qk = lambda i, j: _qk(b_k[i], b_k[j], precision)
 
   def l_block(i, j):
-    kk = _qk(b_k[i], b_k[j], precision)  # [SUB, SUB]
+    kk = qk(i, j)  # [SUB, SUB]
     diff = gamma_col(i) - gamma_row(j)
     if i == j:  # masked before exp, as in chunk_tiles.gates
       m = jnp.where(rs >= cs, jnp.exp(jnp.where(rs > cs, diff, 0.0)), 0.0)
@@ -411,7 +474,8 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
       lambda: t_ref[...],  # [C, C]
       _state_block(h_ref),  # [BK, BV] each
       q, k, nk,
-      lambda: _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
+      lambda: _qk_from(q_ref, k_ref, precision=precision,  # [C, C]
+                       loop=False),
       v_ref[...],  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision,
@@ -547,9 +611,63 @@ def _wy_scalars_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dc_ref,
       b_beta * d_c, jnp.zeros((C, 1), _F32), jnp.zeros((1, 1), _F32), masks)
 
 
+def _gate_block(b_g, r0, nr, c0, nc, docs):
+  """Rows r0 .. r0 + nr and columns c0 .. c0 + nc of ``chunk_tiles.gates``' M
+  (cut by ``docs``, a ``segments.DocTiles``, or None): nr or nc is the chunk
+  and the other one F32_DOT = SUB, with gamma summed as ``gates`` does."""
+  C = b_g.shape[0]
+  b_g_row = tiles.col_to_row(b_g)  # [1, C]
+  g_rows = jnp.sum(jnp.where(tiles.iota((nr, C), 1)
+                             <= tiles.iota((nr, C), 0) + r0, b_g_row, 0.0),
+                   axis=1, keepdims=True)  # [nr, 1]
+  g_cols = jnp.sum(jnp.where(tiles.iota((C, nc), 0)
+                             <= tiles.iota((C, nc), 1) + c0, b_g, 0.0),
+                   axis=0, keepdims=True)  # [1, nc]
+  r = tiles.iota((nr, nc), 0) + r0
+  c = tiles.iota((nr, nc), 1) + c0
+  m = jnp.where(r >= c, jnp.exp(jnp.where(r > c, g_rows - g_cols, 0.0)), 0.0)
+  if docs is None:
+    return m
+  # pylint: disable=protected-access
+  same = (docs._col() == docs._row(c0 // SUB) if nr == C
+          else docs._col(r0 // SUB) == docs._row())
+  return jnp.where(same, m, 0.0)
+
+
+def _wy_grads_f32(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dq_in_ref,
+                  dk_in_ref, dq_ref, dk_ref, *, precision, doc_ref, row_ref):
+  """_wy_grads_kernel for float32 inputs: every product contracts F32_DOT
+  tokens (see F32_DOT), blocks of M loaded or formed per use. With A = dL o
+  (beta M) (rows scaled by beta) and D = M o d(M o Q K^T):
+  dq += sum_j D[:, j] K[j], dk += sum_j (A[:, j] K[j] + A[j]^T K[j] + D[j]^T
+  Q[j]) over F32_DOT-token blocks j (d(K K^T) = A + A^T)."""
+  C = k_ref.shape[0]
+  b_g, b_beta = g_ref[...], beta_ref[...]  # [C, 1]
+  docs = (None if doc_ref is None else
+          segments.DocTiles(doc_ref, row_ref, chunk=C, sub=SUB))
+  dq, dk = dq_in_ref[...], dk_in_ref[...]  # [C, BK]
+  for j in range(C // F32_DOT):
+    blk = pl.ds(j * F32_DOT, F32_DOT)
+    m_c = _gate_block(b_g, 0, C, j * F32_DOT, F32_DOT, docs)  # [C, S]
+    m_r = _gate_block(b_g, j * F32_DOT, F32_DOT, 0, C, docs)  # [S, C]
+    k_j = k_ref[blk, :].astype(_F32)  # [S, BK]
+    dq = dq + tiles.mm(m_c * da_ref[:, blk], k_j, precision)
+    dk = (dk + tiles.mm(dl_ref[:, blk] * (b_beta * m_c), k_j, precision)
+          + tiles.mm_tn(dl_ref[blk, :] * (beta_ref[blk, :] * m_r), k_j,
+                        precision)
+          + tiles.mm_tn(m_r * da_ref[blk, :], q_ref[blk, :].astype(_F32),
+                        precision))
+  dq_ref[...] = dq
+  dk_ref[...] = dk
+
+
 def _wy_grads_kernel(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref, dq_in_ref,
                      dk_in_ref, dq_ref, dk_ref, *, precision, doc_ref,
                      row_ref=None):
+  if _is_f32(precision):
+    return _wy_grads_f32(q_ref, k_ref, beta_ref, g_ref, dl_ref, da_ref,
+                         dq_in_ref, dk_in_ref, dq_ref, dk_ref,
+                         precision=precision, doc_ref=doc_ref, row_ref=row_ref)
   gt = chunk_tiles.gates(g_ref[...],
                          _masks(doc_ref, k_ref.shape[0], row_ref=row_ref))
   d_kk = dl_ref[...] * (beta_ref[...] * gt.m)  # [C, C], dl strict lower
@@ -733,7 +851,7 @@ def _wy_grads(q, k, beta, g, dl, da, dc, dq_in, dk_in, *, docs, chunk,
       (row(1), _row_spec(chunk)), (q, k, beta, g, dl, da, dc), grid=(BH, N),
       out_specs=[row(1), row(1)],
       out_shape=[col, col],
-      compiler_params=_params("wy_scalars"), interpret=interpret,
+      compiler_params=_params("wy_scalars", k.dtype), interpret=interpret,
       name="delta_rule_wy_scalars")
   keys = pl.BlockSpec((None, chunk, bk), lambda b, n, i: (b, n, i))
   rows = lambda d: pl.BlockSpec((None, chunk, d), lambda b, n, i: (b, n, 0))
