@@ -79,7 +79,14 @@ def _run(case: str):
   return with_grads(packed)(params, x), with_grads(separate)(params, x)
 
 
-@pytest.mark.parametrize("case", CASES)
+# gdn2 is KDA with two more gates (a subclass): its documents case runs with
+# -m slow, kept out of the default suite's 20-minute budget (2026-12-06).
+SLOW_CASES = ("gdn2",)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+    for c in CASES])
 def test_packed_row_equals_documents_alone(case):
   (y, (dp, dx)), (y_e, (dp_e, dx_e)) = _run(case)
   numerics.assert_close(y, y_e, rtol=RTOL, what=f"{case} output")
