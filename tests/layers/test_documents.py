@@ -79,9 +79,10 @@ def _run(case: str):
   return with_grads(packed)(params, x), with_grads(separate)(params, x)
 
 
-# gdn2 is KDA with two more gates (a subclass): its documents case runs with
-# -m slow, kept out of the default suite's 20-minute budget (2026-12-06).
-SLOW_CASES = ("gdn2",)
+# The dplr mixers' cases (30-50 s each on 2 cores) run with -m slow, kept out
+# of the default suite's 20-minute budget (2026-12-06); the default suite keeps
+# the op-level check (tests/ops/test_dplr.py: packed rows == documents alone).
+SLOW_CASES = ("delta_product", "kda", "gdn2")
 
 
 @pytest.mark.parametrize("case", [
