@@ -3,11 +3,13 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_models.py --markdown
 Run from the repo root. Benchmarks whole language models, one per mixer in
 ``lsm.layers.MIXERS``, on CPU, and prints two tables (Markdown with --markdown,
 as pasted into BENCHMARKS.md). Options: --T 512 2048 8192, --tokens 8192,
---mixers gla ..., --contexts 128 512 2048, --repeats N, --markdown; an empty
---T or --contexts skips that part.
+--mixers gla ..., --contexts 128 512 2048, --repeats N, --markdown,
+--broadcast-head-gates (a baseline row per mixer: the old per-head gate path,
+``head_gates_broadcast``); an empty --T or --contexts skips that part.
 
-Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers, 4
-heads, SwiGLU MLPs, tied embeddings) with vocab_size=256 (byte level, the
+Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers,
+each mixer's paper head shapes from its ``preset``, SwiGLU MLPs, tied
+embeddings) with vocab_size=256 (byte level, the
 trainer's default tokenizer; the 32000-token head of configs/lm.py is too slow on
 CPU), impl="chunked" (ignored by attention), chunk_size 64, float32, every
 mixer's default options, parameters from ``nnx.Rngs(0)``. The linear-attention
@@ -42,6 +44,7 @@ memory exceeds MAX_TEMP_GIB, is skipped with a note instead of run.
 """
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -61,6 +64,7 @@ from experiments.benchmarking import format_table, median_ms  # noqa: E402
 from lsm import layers  # noqa: E402
 from lsm.models.loss import cross_entropy  # noqa: E402
 from lsm.models.lm import LanguageModel, LMConfig, count_params  # noqa: E402
+from lsm.parallel import sequence  # noqa: E402
 
 SIZE = "20m"
 VOCAB_SIZE = 256  # byte level; see the module docstring
@@ -92,6 +96,28 @@ def build_model(mixer: str) -> LanguageModel:
                  mixer_kwargs=common.head_shapes([mixer], shape["d_model"]),
                  **shape)
   return LanguageModel(cfg, rngs=nnx.Rngs(SEED))
+
+
+@contextlib.contextmanager
+def head_gates_broadcast():
+  """Within: a per-head GLA gate ([B, T, H]: Mamba-2, RetNet, Lightning) reaches
+  the gla op broadcast to float32 [B, T, H, K], as every gla call took it before
+  2026-12-06 (``lsm.ops.gla.api._gate`` broadcast it; the chunked op then ran
+  its per-channel form, stable sub-chunks included past 20 nats per chunk). The
+  baseline of ``--broadcast-head-gates``: same model, same head shapes, the old
+  gate path."""
+  op = sequence._gla_op
+
+  def broadcast(q, k, v, log_g=None, **kwargs):
+    if log_g is not None and jnp.ndim(log_g) == jnp.ndim(q) - 1:
+      log_g = jnp.broadcast_to(log_g.astype(jnp.float32)[..., None], q.shape)
+    return op(q, k, v, log_g, **kwargs)
+
+  sequence._gla_op = broadcast
+  try:
+    yield
+  finally:
+    sequence._gla_op = op
 
 
 # -- 1. training throughput ----------------------------------------------------
@@ -249,6 +275,11 @@ def main():
                       f"training step (about {TRAIN_BUDGET_S:g} s), "
                       f"{DECODE_MIN_REPEATS}-{DECODE_MAX_REPEATS} per decode step "
                       f"(about {DECODE_BUDGET_S:g} s)")
+  parser.add_argument("--broadcast-head-gates", action="store_true",
+                      help="training part: also run every mixer with its "
+                      "per-head gates broadcast to [B, T, H, K] (the gla path "
+                      "before 2026-12-06; ``head_gates_broadcast``), a row "
+                      "'<mixer> [broadcast]' after each of its rows")
   parser.add_argument("--markdown", action="store_true",
                       help="print Markdown tables (for BENCHMARKS.md)")
   args = parser.parse_args()
@@ -268,17 +299,24 @@ def main():
   t0 = time.perf_counter()
   if args.T:
     rows, notes = [], []
+    variants = [("", contextlib.nullcontext)]
+    if args.broadcast_head_gates:
+      variants.append((" [broadcast]", head_gates_broadcast))
     for mixer in args.mixers:
-      history = []
+      histories = {tag: [] for tag, _ in variants}
       for T in sorted(args.T):
-        res = bench_train(mixer, T, args.tokens, args.repeats, history)
-        if "skip" in res:
-          notes.append(f"skipped {mixer} T={T}: {res['skip']}")
-          print(notes[-1], file=sys.stderr, flush=True)
-        # Progress on stderr, so that stdout is only the headers and the tables.
-        print(f"train {mixer} T={T} done ({time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr, flush=True)
-        rows.append(train_row(mixer, T, args.tokens, res))
+        for tag, context in variants:
+          with context():
+            res = bench_train(mixer, T, args.tokens, args.repeats,
+                              histories[tag])
+          name = mixer + tag
+          if "skip" in res:
+            notes.append(f"skipped {name} T={T}: {res['skip']}")
+            print(notes[-1], file=sys.stderr, flush=True)
+          # Progress on stderr, so that stdout is only the headers and tables.
+          print(f"train {name} T={T} done ({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr, flush=True)
+          rows.append(train_row(name, T, args.tokens, res))
     print()
     print(f"1. Training step (fwd+bwd), B*T = {args.tokens} tokens")
     print()

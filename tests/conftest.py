@@ -3,6 +3,9 @@
 import jax
 import pytest
 
+# A test whose xdist worker dies under it runs once more (tests/crash_retry.py).
+pytest_plugins = ["tests.crash_retry"]
+
 
 @pytest.fixture(autouse=True)
 def _full_precision_matmuls():

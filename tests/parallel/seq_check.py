@@ -6,9 +6,10 @@ sequence parallelism (lsm.parallel.sequence) against one device.
    axes): outputs, final states and the gradients of every input and of h0 equal the
    single-device op within the float32 "invariant" tolerance, at T / seq not a
    multiple of the chunk, strong decay, beta in [0, 2], signed and zero decays,
-   GLA with per-channel and per-head gates;
+   GLA with per-channel and per-head gates (per-head on seq = 8);
    and the linear ops on packed rows (segment_ids) with document starts inside
-   slices, several in one slice, at slice edges, and slices without one.
+   slices, several in one slice, at slice edges, and slices without one (on
+   seq = 8, whose 5-token slices hold all of these).
 2. Compiled HLO of one layer's forward + backward on seq = 8: exactly one
    all-gather and one reduce-scatter per linear op, no other collective, of the
    same byte size at T = 1024 and T = 4096; the selective scan on its own
@@ -16,8 +17,9 @@ sequence parallelism (lsm.parallel.sequence) against one device.
 3. A full train step of a hybrid LM on mesh (data=2, seq=4) equals the same
    step on one device, and its HLO holds one all-gather per mixer layer.
 
-``--slow`` adds a broader sweep (per-head and absent gates, ungated delta rule,
-longer T, chunk 64, no h0). Prints one JSON line of results; raises on a
+``--slow`` adds a broader sweep (packed rows and per-head gates on every mesh,
+per-head and absent gates for the other ops, ungated delta rule, longer T,
+chunk 64, no h0). Prints one JSON line of results; raises on a
 mismatch.
 """
 
@@ -190,11 +192,11 @@ def _mesh(shape):
 
 
 def check_ops(results, *, names, shape_args, gate, h0, chunk, tag,
-              segments=False):
+              segments=False, meshes=MESHES):
   x = _inputs(0, *shape_args, gate=gate, h0=h0, segments=segments)
   t0 = time.perf_counter()
   expected = _grads_fn(_ops(None, chunk), names)(x)
-  for shape in MESHES:
+  for shape in meshes:
     with jax.set_mesh(_mesh(shape)):
       actual = _grads_fn(_ops(sequence, chunk), names)(x)
     _compare(actual, expected, f"{tag} mesh {shape}")
@@ -363,6 +365,10 @@ def main(slow: bool):
   assert len(jax.devices()) == 8, jax.devices()
   results = {}
   t0 = time.perf_counter()
+  # Packed rows and per-head gates on seq = 8 alone (its 5-token slices hold
+  # every document layout of ``_segment_ids``), every mesh with --slow: the
+  # suite's time budget.
+  more_meshes = MESHES if slow else ({"seq": 8},)
   with jax.default_matmul_precision("highest"):
     check_ops(results, names=("gla", "gated_delta_rule", "dplr", "ssm_scan",
                               "attention", "selective_scan"),
@@ -371,7 +377,7 @@ def main(slow: bool):
     check_ops(results, names=("gla", "gated_delta_rule", "dplr", "ssm_scan",
                               "selective_scan"),
               shape_args=(2, 40, 2, 8, 12), gate="channel", h0=True, chunk=16,
-              tag="documents", segments=True)
+              tag="documents", segments=True, meshes=more_meshes)
     # One gate per head ([B, T, H]: Mamba-2, RetNet, Lightning): the chunked
     # scalar-decay form in every slice, per-head slice decays, with and without
     # documents.
@@ -379,7 +385,7 @@ def main(slow: bool):
       check_ops(results, names=("gla",), shape_args=(2, 40, 2, 8, 12),
                 gate="head", h0=True, chunk=16,
                 tag="gla_head" + ("_documents" if segments else ""),
-                segments=segments)
+                segments=segments, meshes=more_meshes)
     t1 = time.perf_counter()
     check_hlo(results)
     check_hlo_selective_scan(results)
