@@ -3,7 +3,8 @@ r"""PYTHONPATH=. .venv/bin/python experiments/bench_ops.py --markdown
 Run from the repo root. Benchmarks the chunked vs reference impls of gla,
 delta_rule and ssm_scan and prints one table (Markdown with --markdown, as pasted
 into BENCHMARKS.md). Options: --T 512 2048 8192, --ops gla delta_rule ssm_scan
-(and gla_head: per-head gates [B, T, H], not in the default set),
+(and, not in the default set: gla_head, per-head gates [B, T, H]; dplr_delta
+and dplr_kda, the dplr op on the delta rule's a, b, u),
 --repeats N, --markdown, --segments, --selective, --blocks, --ungated.
 
 With --segments it prints a second kind of table instead: the chunked impl's
@@ -28,12 +29,23 @@ analysis. Times are the median of the timed calls, each ended by
 
 - gla: q, k, v ~ N(0, 1); per-channel gates log_g = log_sigmoid(N(0, 1)) / 16,
   [B, T, H, K] (GLA's own parameterisation; mild decay, about 3 nats per chunk
-  of 64). gla also gets a "plain" row: ``plain_chunked_gla``, the most direct
-  chunked form, written in this file as the baseline its chunked impl must
-  match (fwd+bwd within 1.1x).
+  of 64). gla's baseline is ``plain_chunked_gla``, the most direct chunked
+  form, written in this file as the baseline its chunked impl must match
+  (fwd+bwd within 1.1x).
 - delta_rule: q, v ~ N(0, 1); k ~ N(0, 1) L2-normalised over K; beta ~ U[0, 1]
   and log_g = log_sigmoid(N(0, 1) + 2), both [B, T, H].
 - ssm_scan: a ~ U[-1, 1] and b ~ N(0, 1), both [B, T, H, K].
+- dplr_delta: the delta rule's inputs above, through ``dplr`` as Gated
+  DeltaNet maps onto it (a = exp(g) k, b = -beta k, u = beta k, g one per head
+  [B, T, H]); differentiated with respect to the same five arrays. Its
+  "baseline" columns are ``delta_rule(impl="chunked")`` on the same inputs (the
+  issue 29 target: within 2x).
+- dplr_kda: the same with one gate per key channel (KDA): log_g =
+  log_sigmoid(N(0, 1) + 2) of shape [B, T, H, K].
+
+The "baseline" columns: gla against ``plain_chunked_gla`` below, dplr_delta
+and dplr_kda against the delta rule's chunked impl (per-head gates for
+dplr_kda's baseline: it has no per-channel form), "-" for the other ops.
 
 With --selective it prints the selective scan (Mamba's recurrence and readout)
 instead, at the Mamba block's shapes of the 20m preset (B=1, E = 2 * 384 = 768
@@ -74,6 +86,7 @@ import numpy as np  # noqa: E402
 
 from experiments.benchmarking import format_table, median_ms  # noqa: E402
 from lsm.ops.delta_rule import delta_rule  # noqa: E402
+from lsm.ops.dplr import dplr  # noqa: E402
 from lsm.ops.gla import gla  # noqa: E402
 from lsm.ops.selective_scan import selective_scan  # noqa: E402
 from lsm.ops.ssm_scan import ssm_scan  # noqa: E402
@@ -83,7 +96,10 @@ IMPLS = ("chunked", "reference")
 OPS = ("gla", "delta_rule", "ssm_scan")
 # On request (--ops gla_head): gla with one gate per head, [B, T, H] (Mamba-2,
 # RetNet, Lightning), the chunked impl's scalar-decay form.
-EXTRA_OPS = ("gla_head",)
+# --ops dplr_delta dplr_kda: the dplr op on the delta rule's a, b, u (per-head
+# and per-channel gates), against delta_rule's chunked impl.
+EXTRA_OPS = ("gla_head", "dplr_delta", "dplr_kda")
+BASELINES = ("gla", "dplr_delta", "dplr_kda")  # ops with a "baseline" impl
 SEED = 0
 DOC_LEN = 512  # mean document length of the --segments rows
 # With --repeats 0 (default) the number of timed calls is chosen from the warm-up
@@ -115,13 +131,14 @@ def make_inputs(op: str, T: int):
     gate_shape = (B, T, H, K) if op == "gla" else (B, T, H)
     log_g = jax.nn.log_sigmoid(normal(keys[3], gate_shape)) / 16
     return q, k, v, log_g
-  if op == "delta_rule":
+  if op in ("delta_rule", "dplr_delta", "dplr_kda"):
     q = normal(keys[0], (B, T, H, K))
     k = normal(keys[1], (B, T, H, K))
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = normal(keys[2], (B, T, H, V))
     beta = jax.random.uniform(keys[3], (B, T, H), jnp.float32)
-    log_g = jax.nn.log_sigmoid(normal(keys[4], (B, T, H)) + 2.0)
+    gate_shape = (B, T, H, K) if op == "dplr_kda" else (B, T, H)
+    log_g = jax.nn.log_sigmoid(normal(keys[4], gate_shape) + 2.0)
     return q, k, v, beta, log_g
   if op == "ssm_scan":
     a = jax.random.uniform(keys[0], (B, T, H, K), jnp.float32, -1.0, 1.0)
@@ -131,7 +148,7 @@ def make_inputs(op: str, T: int):
 
 
 def plain_chunked_gla(q, k, v, log_g, chunk_size=64):
-  """The baseline of the "plain" rows: GLA in the most direct chunked form,
+  """The gla rows' baseline: GLA in the most direct chunked form,
   written here, not in lsm, so lsm's chunked impl is measured against code it
   does not share. Per chunk, b = cumsum of the log gates, q exp(b) and
   k exp(-b) make the intra-chunk matrix one masked matmul, one ``lax.scan``
@@ -175,9 +192,15 @@ def make_segment_ids(T: int):
 
 def make_forward(op: str, impl: str, segment_ids=None):
   """The op as a function of its array inputs, returning (output, final state)."""
-  if op == "gla" and impl == "plain":
-    return plain_chunked_gla
   seg = {} if segment_ids is None else {"segment_ids": segment_ids}
+  if op == "gla" and impl == "baseline":
+    return plain_chunked_gla
+  if op in ("dplr_delta", "dplr_kda") and impl == "baseline":
+    def delta(q, k, v, beta, log_g):
+      if log_g.ndim == 4:   # per channel: the delta rule takes one per head
+        log_g = jnp.mean(log_g, axis=-1)
+      return delta_rule(q, k, v, beta, log_g=log_g, impl="chunked", **seg)
+    return delta
   if op in ("gla", "gla_head"):
     return lambda q, k, v, log_g: gla(q, k, v, log_g, impl=impl, **seg)
   if op == "delta_rule":
@@ -185,6 +208,12 @@ def make_forward(op: str, impl: str, segment_ids=None):
                                                    impl=impl, **seg)
   if op == "ssm_scan":
     return lambda a, b: ssm_scan(a, b, impl=impl, **seg)
+  if op in ("dplr_delta", "dplr_kda"):
+    def gated_delta(q, k, v, beta, log_g):
+      decay = jnp.exp(log_g if log_g.ndim == 4 else log_g[..., None])
+      bk = beta[..., None] * k
+      return dplr(q, decay * k, -bk, bk, v, log_g, impl=impl, **seg)
+    return gated_delta
   raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
 
@@ -220,15 +249,15 @@ def bench_one(op: str, impl: str, T: int, repeats: int, segments=False) -> dict:
 
 COLUMNS = ("op", "T", "fwd chunked (ms)", "fwd ref (ms)", "fwd speedup",
            "fwd+bwd chunked (ms)", "fwd+bwd ref (ms)", "fwd+bwd speedup",
-           "temp chunked (MiB)", "temp ref (MiB)", "fwd+bwd plain (ms)",
-           "chunked / plain")
+           "temp chunked (MiB)", "temp ref (MiB)", "fwd+bwd baseline (ms)",
+           "chunked / baseline")
 
 
 def row_cells(op: str, T: int, res: dict) -> list[str]:
   """One table row for (op, T) from the chunked and reference results."""
   c, r = res["chunked"], res["reference"]
   mib = lambda x: "n/a" if x is None else f"{x:.1f}"
-  p = res.get("plain")
+  p = res.get("baseline")
   plain = (["-", "-"] if p is None else
            [f"{p['fwdbwd_ms']:.1f}", f"{c['fwdbwd_ms'] / p['fwdbwd_ms']:.2f}x"])
   return [op, str(T), f"{c['fwd_ms']:.1f}", f"{r['fwd_ms']:.1f}",
@@ -492,7 +521,7 @@ def main():
     return
   for op in args.ops:
     for T in args.T:
-      impls = IMPLS + (("plain",) if op == "gla" else ())
+      impls = IMPLS + (("baseline",) if op in BASELINES else ())
       res = {impl: bench_one(op, impl, T, args.repeats) for impl in impls}
       # Progress on stderr, so that stdout is only the header and the table.
       print(f"done {op} T={T}", file=sys.stderr, flush=True)
