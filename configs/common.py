@@ -111,6 +111,9 @@ EMBEDDED_GLOBS = ("lsm/**/*.py", "configs/*.py", "experiments/*.py", "*.md")
 # of 64 so the embedding and head shard evenly.
 BYTE_VOCAB = 320
 HYBRID = ("delta_net", "delta_net", "delta_net", "attention")
+# The block MLP of a mixer's paper where it is not SwiGLU: RWKV-7 pairs its time
+# mixing with its channel mixing (relu^2 with a token shift, hidden 4 d).
+PAPER_MLP = {"rwkv7": "rwkv7"}
 
 
 def data_section(spec: str, *, seq_len: int, batch_size: int) -> dict:
@@ -137,14 +140,16 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """A complete pretraining config (model, data, optim, train, mesh sections).
 
   Args (``:arg``): mixer (a name in lsm.layers.MIXERS, or "hybrid": three
-  delta_net layers then one attention layer, repeated), size (SIZES), impl,
+  delta_net layers then one attention layer, repeated), mlp (the blocks' MLP,
+  "swiglu" or "rwkv7"; empty for the mixer's paper's: ``PAPER_MLP``), size
+  (SIZES), impl,
   vocab_size (0: the byte tokenizer's BYTE_VOCAB), beta_scale (DeltaNet
   eigenvalue range: 2 gives [-1, 1]), eigenvalues (Mamba and Mamba-2 decays:
   positive or signed), data (see data_section), seq_len, batch_size, steps (0 for the
   preset), smoke (tiny shapes that train on a CPU in under a minute).
   """
   arg = parse_arg(arg, **{**dict(
-      mixer="gla", size="20m", impl="auto", vocab_size=0, beta_scale=1.0,
+      mixer="gla", mlp="", size="20m", impl="auto", vocab_size=0, beta_scale=1.0,
       eigenvalues="positive", data="embedded", seq_len=0, batch_size=0,
       steps=0, smoke=False), **defaults})
   c = ml_collections.ConfigDict()
@@ -154,6 +159,7 @@ def lm_run(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     model["pattern"] = HYBRID
   else:
     model["mixer"] = arg.mixer
+  model["mlp"] = arg.mlp or PAPER_MLP.get(arg.mixer, "swiglu")
   # beta_scale=2 lets DeltaNet transitions reach eigenvalue -1 (state tracking).
   options = mixer_kwargs(arg.beta_scale, arg.eigenvalues)
   if not arg.smoke:  # the papers' heads; smoke runs keep SMOKE's 2 small heads
@@ -215,7 +221,8 @@ def task_sections(c: ml_collections.ConfigDict, *, steps: int, batch_size: int,
 def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
   """Eigenvalue ranges: the delta-rule mixers' beta_scale (DeltaNet, Gated
   DeltaNet, DeltaProduct, KDA, GDN-2's erase gate; 2: [-1, 1]), Mamba and
-  Mamba-2 decays."""
+  Mamba-2 decays. RWKV-7 has no beta_scale: its transition diag(w) -
+  kk (alpha o kk)^T with alpha in (0, 1) is the paper's, left as it is."""
   return {"delta_net": {"beta_scale": beta_scale},
           "gated_delta_net": {"beta_scale": beta_scale},
           "delta_product": {"beta_scale": beta_scale},

@@ -29,6 +29,11 @@ parameters, skip gains, norms, biases) are created as
 ``lsm.layers.precision.Float32Param`` (``sharding.param(..., float32=True)``). A mixer with an auxiliary loss
 (MoM's load balancing) sows it as the ``nnx.Intermediate`` ``aux_loss`` inside
 ``nnx.capture``; lsm.models.lm.logits_and_aux_loss sums them for the trainer.
+
+Feed-forward blocks are in lsm.layers.mlp: SwiGLU, and RWKV-7's channel mixing
+(``RWKV7ChannelMix``), whose token shift keeps a cache (the previous input)
+with the same ``init_cache`` / ``__call__(x, cache, segment_ids=)`` / ``step``
+shape as a mixer's.
 """
 
 from lsm.layers.attention import Attention
@@ -44,6 +49,7 @@ from lsm.layers.mamba import Mamba
 from lsm.layers.mamba2 import Mamba2
 from lsm.layers.mom import MoM
 from lsm.layers.retnet import RetNet
+from lsm.layers.rwkv7 import RWKV7
 from lsm.layers.ssm import LSSL, S4D
 
 # Mixer name (as written in configs) -> class. An explicit dict, no registry.
@@ -67,4 +73,6 @@ MIXERS = {
     "delta_product": DeltaProduct,
     "kda": KDA,
     "gdn2": GDN2,
+    # RWKV-7 time mixing (its channel mixing is an MLP: lsm.layers.mlp).
+    "rwkv7": RWKV7,
 }

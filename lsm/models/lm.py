@@ -1,5 +1,6 @@
-"""Language model: embedding, a stack of pre-norm (mixer + SwiGLU) blocks whose
-mixers follow a pattern, final RMSNorm, tied or untied output head.
+"""Language model: embedding, a stack of pre-norm (mixer + MLP) blocks whose
+mixers follow a pattern, final RMSNorm, tied or untied output head. The MLP is
+SwiGLU, or RWKV-7's channel mixing (``mlp="rwkv7"``).
 
 ``LMConfig(**config.model)`` is the one place model options are read, so an
 unknown key raises. Mixers come from the explicit ``lsm.layers.MIXERS`` dict.
@@ -15,14 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm import layers
-from lsm.layers.mlp import SwiGLU
+from lsm.layers.mlp import RWKV7ChannelMix, SwiGLU
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import sharded
 from lsm.parallel import axes
 
 
-def default_mlp_hidden(d_model: int) -> int:
-  """SwiGLU width: 8/3 d rounded up to a multiple of 64 (LLaMA, GLA, DeltaNet)."""
+# MLP name (LMConfig.mlp) -> class. RWKV-7's channel mixing has a token shift,
+# so its blocks carry a cache for it (Block).
+MLPS = {"swiglu": SwiGLU, "rwkv7": RWKV7ChannelMix}
+
+
+def default_mlp_hidden(d_model: int, mlp: str = "swiglu") -> int:
+  """The MLP's width: SwiGLU's 8/3 d rounded up to a multiple of 64 (LLaMA,
+  GLA, DeltaNet); RWKV-7's channel mixing 4 d (the paper), rounded up to a
+  multiple of 32 (flash-linear-attention's). Both give about 8 d^2 weights."""
+  if mlp == "rwkv7":
+    return 32 * math.ceil(4 * d_model / 32)
   return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
@@ -39,8 +49,11 @@ class LMConfig:
     pattern: mixer names for consecutive layers, repeated to fill ``n_layers``
       (its length must divide n_layers), e.g. ("delta_net",) * 3 +
       ("attention",) puts attention in every 4th layer.
-    mlp_hidden: SwiGLU width; None for ``default_mlp_hidden(d_model)``; 0 for no
-      MLP (mixer-only blocks).
+    mlp: the blocks' MLP, a name in ``MLPS``: "swiglu", or "rwkv7" (RWKV-7's
+      channel mixing, relu(W_k lerp(x, x_prev))^2 W_v, with a token shift
+      that restarts at each packed document and a cache for decoding).
+    mlp_hidden: MLP width; None for ``default_mlp_hidden(d_model, mlp)``; 0 for
+      no MLP (mixer-only blocks).
     tie_embeddings: share the embedding matrix with the output head.
     impl: op implementation for every mixer ("auto", "chunked", "reference").
     chunk_size: chunk length for the chunked ops.
@@ -53,6 +66,7 @@ class LMConfig:
   n_heads: int = 4
   mixer: str = "gla"
   pattern: Sequence[str] | None = None
+  mlp: str = "swiglu"
   mlp_hidden: int | None = None
   tie_embeddings: bool = True
   impl: str = "auto"
@@ -68,6 +82,8 @@ class LMConfig:
     for name in [self.mixer, *(self.pattern or ())]:
       if name not in layers.MIXERS:
         raise ValueError(f"LMConfig: unknown mixer {name!r}; expected one of {valid}")
+    if self.mlp not in MLPS:
+      raise ValueError(f"LMConfig: mlp={self.mlp!r}; expected one of {sorted(MLPS)}")
     for field in ("vocab_size", "d_model", "n_layers", "n_heads"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
@@ -95,11 +111,18 @@ class LMConfig:
 
   @property
   def mlp_width(self) -> int:
-    return default_mlp_hidden(self.d_model) if self.mlp_hidden is None else self.mlp_hidden
+    if self.mlp_hidden is None:
+      return default_mlp_hidden(self.d_model, self.mlp)
+    return self.mlp_hidden
 
 
 class Block(nnx.Module):
-  """x + mixer(norm(x)), then x + mlp(norm(x))."""
+  """x + mixer(norm(x)), then x + mlp(norm(x)).
+
+  The block's cache is its mixer's, or, when its MLP keeps state (RWKV-7's
+  channel mixing: the previous token's MLP input), {"mixer": the mixer's,
+  "mlp": the MLP's}.
+  """
 
   def __init__(self, mixer: str, cfg: LMConfig, *, rngs: nnx.Rngs,
                layer_index: int = 0):
@@ -107,19 +130,52 @@ class Block(nnx.Module):
     self.mixer = layers.MIXERS[mixer](
         cfg.d_model, **mixer_options(cfg, mixer, layer_index), rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.mlp_width else None
-    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, rngs=rngs) if cfg.mlp_width else None
+    # RWKV-7's mu_k init depends on the depth, as its time mixing's.
+    depth = (dict(layer_index=layer_index, n_layers=cfg.n_layers)
+             if cfg.mlp == "rwkv7" else {})
+    self.mlp = MLPS[cfg.mlp](cfg.d_model, cfg.mlp_width, rngs=rngs,
+                             **depth) if cfg.mlp_width else None
+    # A token shift: the block's cache carries the MLP's last input.
+    self.mlp_state = isinstance(self.mlp, RWKV7ChannelMix)
 
-  def _mlp(self, x):
-    return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+  def init_cache(self, batch: int, max_len: int):
+    cache = self.mixer.init_cache(batch, max_len)
+    if self.mlp_state:
+      return {"mixer": cache, "mlp": self.mlp.init_cache(batch)}
+    return cache
+
+  def _mlp(self, x, cache, segment_ids=None, step=False):
+    """x + mlp(norm(x)) and the MLP's new cache (None without state)."""
+    if self.mlp is None:
+      return x, None
+    h = self.mlp_norm(x)
+    if not self.mlp_state:
+      return x + self.mlp(h), None
+    if step:
+      y, cache = self.mlp.step(h, cache)
+    else:
+      y, cache = self.mlp(h, cache, segment_ids=segment_ids)
+    return x + y, cache
 
   def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
-    y, cache = self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids,
-                          positions=positions)
-    return self._mlp(x + y), cache
+    mixer_cache, mlp_cache = cache, None
+    if self.mlp_state and cache is not None:
+      mixer_cache, mlp_cache = cache["mixer"], cache["mlp"]
+    y, mixer_cache = self.mixer(self.mixer_norm(x), mixer_cache,
+                                segment_ids=segment_ids, positions=positions)
+    x, mlp_cache = self._mlp(x + y, mlp_cache, segment_ids)
+    if self.mlp_state and cache is not None:
+      return x, {"mixer": mixer_cache, "mlp": mlp_cache}
+    return x, mixer_cache
 
   def step(self, x_t, cache):
-    y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
-    return self._mlp(x_t + y), cache
+    mixer_cache = cache["mixer"] if self.mlp_state else cache
+    y, mixer_cache = self.mixer.step(self.mixer_norm(x_t), mixer_cache)
+    x_t, mlp_cache = self._mlp(x_t + y, cache["mlp"] if self.mlp_state else None,
+                               step=True)
+    if self.mlp_state:
+      return x_t, {"mixer": mixer_cache, "mlp": mlp_cache}
+    return x_t, mixer_cache
 
 
 def _signature(cls) -> set[str]:
@@ -181,8 +237,9 @@ class LanguageModel(nnx.Module):
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, max_len: int):
-    """One cache per layer; linear mixers' are O(1) in ``max_len``."""
-    return [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
+    """One cache per layer (``Block.init_cache``); linear mixers' are O(1) in
+    ``max_len``."""
+    return [blk.init_cache(batch, max_len) for blk in self.blocks]
 
   def __call__(self, tokens, cache=None, *, segment_ids=None, positions=None):
     """tokens: int [B, T] -> (logits float32 [B, T, vocab], cache or None).

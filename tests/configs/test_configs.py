@@ -27,7 +27,7 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 # (test_family_smoke_config_trains), which covers its one-step check too.
 LINEAR_FAMILY = ("lightning", "retnet", "based", "hedgehog", "mom",
                  # the mixers on the dplr op (issue 29)
-                 "delta_product", "kda", "gdn2")
+                 "delta_product", "kda", "gdn2", "rwkv7")
 # configs/lm.py variants worth building: every mixer, and the hybrid pattern.
 LM_ARGS = [f"mixer={m},smoke=True" for m in sorted(layers.MIXERS)
            if m not in LINEAR_FAMILY] + ["mixer=hybrid,smoke=True,beta_scale=2.0"]
@@ -91,10 +91,11 @@ def test_config_builds_and_trains_one_step(arg):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-# kda and gdn2 train with -m slow (the default suite's 20-minute budget,
-# 2026-12-06); tests/layers/test_dplr_mixers.py trains neither but checks both
-# layers against their reference and decoding in the default suite.
-SLOW_FAMILY = ("kda", "gdn2")
+# kda, gdn2 and rwkv7 train with -m slow (the default suite's 20-minute budget,
+# 2026-12-06); tests/layers/test_dplr_mixers.py and test_rwkv7.py train none
+# but check the layers against their papers' recurrences and decoding in the
+# default suite.
+SLOW_FAMILY = ("kda", "gdn2", "rwkv7")
 
 
 @pytest.mark.parametrize("name", [

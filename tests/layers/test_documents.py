@@ -32,6 +32,8 @@ CASES = {
     "based": dict(window=4),  # its window branch inside documents
     # dplr mixers; DeltaProduct's ids repeat over its n_h micro-steps.
     "delta_product": {}, "kda": {}, "gdn2": {},
+    # RWKV-7: the state and the token shift restart per document.
+    "rwkv7": {},
 }
 
 
@@ -81,8 +83,9 @@ def _run(case: str):
 
 # The dplr mixers' cases (30-50 s each on 2 cores) run with -m slow, kept out
 # of the default suite's 20-minute budget (2026-12-06); the default suite keeps
-# the op-level check (tests/ops/test_dplr.py: packed rows == documents alone).
-SLOW_CASES = ("delta_product", "kda", "gdn2")
+# the op-level check (tests/ops/test_dplr.py: packed rows == documents alone;
+# RWKV-7's layer and LM forward on packed rows: tests/layers/test_rwkv7.py).
+SLOW_CASES = ("delta_product", "kda", "gdn2", "rwkv7")
 
 
 @pytest.mark.parametrize("case", [

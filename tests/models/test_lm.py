@@ -126,6 +126,7 @@ def test_sampling_filters():
      r"length dividing n_layers=6: one of \[1, 2, 3, 6\]"),
     (dict(d_model=0), r"d_model=0; expected a positive int"),
     (dict(mixer_kwargs={"rnn": {}}), r"mixer_kwargs has unknown mixer 'rnn'"),
+    (dict(mlp="geglu"), r"mlp='geglu'; expected one of \['rwkv7', 'swiglu'\]"),
 ])
 def test_bad_config_lists_valid_choices(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -232,19 +233,39 @@ def _kda(d, o, gdn2=False, conv=4):
           + dv // h + dv * d)  # norm, output projection
 
 
+def _rwkv7(d, o):
+  # RWKV-7's LoRA ranks (flash-linear-attention's defaults) for heads of N.
+  n = d // o["n_heads"]
+  rank = lambda c, f: max(32, int(round(c * d ** 0.5 * f / 32) * 32))  # noqa: E731
+  r_w = r_a = rank(2.5, n / 64)
+  r_g = rank(5, 1.0)
+  return (6 * d + 3 * d * d  # mu (r, w, k, v, a, g); r, k, v projections
+          + 2 * d * r_w + d + 2 * d * r_a + d  # decay LoRA + w0, rate LoRA + a0
+          + 2 * d * r_g  # output-gate LoRA (no bias)
+          + 3 * d + 2 * d + d * d)  # k_k, k_a, r_k; GroupNorm scale, bias; o
+
+
 MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, o: _delta(d, o, False),
                "gated_delta_net": lambda d, o: _delta(d, o, True),
                "attention": _attention, "lssl": _ssm, "s4d": _ssm, "mamba": _mamba, "mamba2": _mamba2,
                "lightning": _lightning, "retnet": _retnet, "based": _based,
                "hedgehog": _hedgehog, "mom": _mom, "delta_product": _delta_product,
-               "kda": _kda, "gdn2": lambda d, o: _kda(d, o, gdn2=True)}
+               "kda": _kda, "gdn2": lambda d, o: _kda(d, o, gdn2=True),
+               "rwkv7": _rwkv7}
+
+
+def _mlp_count(d, mlp):
+  """SwiGLU: gate, up, down at 8/3 d (rounded up to 64); RWKV-7's channel
+  mixing: mu_k, key, value at 4 d (rounded up to 32)."""
+  if mlp == "rwkv7":
+    return d + 2 * d * (32 * -(-4 * d // 32))
+  return 3 * d * default_mlp_hidden(d)
 
 
 def closed_form(cfg: LMConfig) -> int:
   d, v = cfg.d_model, cfg.vocab_size
-  hidden = default_mlp_hidden(d)
   opts = lambda m: {"n_heads": cfg.n_heads, **cfg.mixer_kwargs.get(m, {})}
-  block = lambda m: 2 * d + 3 * d * hidden + MIXER_COUNT[m](d, opts(m))
+  block = lambda m: 2 * d + _mlp_count(d, cfg.mlp) + MIXER_COUNT[m](d, opts(m))
   n = v * d + sum(block(m) for m in cfg.layer_mixers) + d
   return n + (0 if cfg.tie_embeddings else d * v)
 
@@ -259,11 +280,25 @@ def _preset(mixer: str, size: str) -> LMConfig:
 @pytest.mark.parametrize("mixer", sorted(MIXER_COUNT))
 def test_preset_parameter_counts_match_closed_form(size, mixer):
   cfg = _preset(mixer, size)
+  # lm_run gives each mixer its paper's block MLP (RWKV-7: its channel mixing).
+  assert cfg.mlp == common.PAPER_MLP.get(mixer, "swiglu")
   model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
   n = count_params(model)
   assert n == closed_form(cfg)
   mixing = flops_per_token(cfg, n, 2048) - 6.0 * n
   assert 0 < mixing < 6.0 * n, mixing  # the mixers' own term, below the weights'
+
+
+def test_rwkv7_channel_mixing_count_and_the_swiglu_option():
+  """RWKV-7's channel mixing in other mixers' blocks, and SwiGLU in RWKV-7's
+  (``mlp=`` in the config arg), match the closed form."""
+  for arg, mlp in (("mixer=gla,mlp=rwkv7", "rwkv7"),
+                   ("mixer=rwkv7,mlp=swiglu", "swiglu")):
+    cfg = LMConfig(**{**dict(common.lm_run(f"{arg},size=20m").model),
+                      "vocab_size": 32000})
+    assert cfg.mlp == mlp
+    model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))  # noqa: B023
+    assert count_params(model) == closed_form(cfg), arg
 
 
 # The papers' per-head (K, V) at d_model 2048 (flash-linear-attention's model
@@ -272,7 +307,8 @@ def test_preset_parameter_counts_match_closed_form(size, mixer):
 PAPER_HEADS_2048 = {"gla": (4, 256, 512), "delta_net": (16, 128, 128),
                     "gated_delta_net": (6, 256, 512), "retnet": (8, 256, 512),
                     "mamba2": (64, 128, 64), "delta_product": (6, 256, 512),
-                    "kda": (16, 128, 128), "gdn2": (16, 128, 128)}
+                    "kda": (16, 128, 128), "gdn2": (16, 128, 128),
+                    "rwkv7": (32, 64, 64)}
 
 
 @pytest.mark.parametrize("mixer", sorted(PAPER_HEADS_2048))

@@ -56,6 +56,7 @@ CHUNKED_ON_ACCELERATORS = {
     ("delta_product", "dplr"): "dplr has no Pallas kernel",
     ("kda", "dplr"): "dplr has no Pallas kernel",
     ("gdn2", "dplr"): "dplr has no Pallas kernel",
+    ("rwkv7", "dplr"): "dplr has no Pallas kernel",
 }
 # The limits "auto" may find in a preferred kernel: input dtype (Mosaic GPU
 # takes 16-bit inputs) and head dims.

@@ -68,8 +68,19 @@ FLOAT32 = {
     "kda": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias", "g_up.bias"),
     # KDA's, with e and w from matrices.
     "gdn2": (*CONV_BIASES, "norm.scale", "A_log", "dt_bias", "g_up.bias"),
+    # RWKV-7: the token-shift interpolations mu [6, D] (2-D, but six gains in
+    # [0, 1], not a map), the decay's and the in-context rate's biases w0, a0
+    # (w = exp(-e^-0.5 sigmoid(w0 + ...))), the key gains k_k, k_a, the bonus
+    # gain r_k, the GroupNorm scale and bias. r, k, v, o and the LoRA
+    # factors are matrices.
+    "rwkv7": ("mu", "w0", "a0", "k_k", "k_a", "r_k", "gn_scale", "gn_bias"),
 }
 KWARGS = {"mom:gla": {"memory": "gla"}, "delta_product:ungated": {"gated": False}}
+# Cases built with another block MLP (LMConfig.mlp): rwkv7 with its paper's
+# channel mixing, whose mu_k (token-shift gains) stays float32; its key and
+# value maps are matrices.
+MLP = {"rwkv7": "rwkv7"}
+MLP_FLOAT32 = {"swiglu": (), "rwkv7": ("blocks.0.mlp.mu_k",)}
 # Outside the mixer: RMSNorm scales are float32; embedding and SwiGLU are
 # matrices.
 LM_FLOAT32 = ("norm.scale", "blocks.0.mixer_norm.scale", "blocks.0.mlp_norm.scale")
@@ -82,7 +93,8 @@ def test_every_mixer_has_an_expected_list():
 def _config(case):
   mixer = case.split(":")[0]
   return LMConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mixer=mixer,
-                  chunk_size=8, mixer_kwargs={mixer: KWARGS.get(case, {})})
+                  chunk_size=8, mixer_kwargs={mixer: KWARGS.get(case, {})},
+                  mlp=MLP.get(case, "swiglu"))
 
 
 def _name(path):
@@ -90,7 +102,8 @@ def _name(path):
 
 
 def _expected_float32(case):
-  return {*LM_FLOAT32, *(f"blocks.0.mixer.{n}" for n in FLOAT32[case])}
+  return {*LM_FLOAT32, *MLP_FLOAT32[MLP.get(case, "swiglu")],
+          *(f"blocks.0.mixer.{n}" for n in FLOAT32[case])}
 
 
 @functools.cache

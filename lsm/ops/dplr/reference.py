@@ -18,8 +18,9 @@ The models it serves (k unit-norm keys, beta_t in [0, 2]):
   DeltaNet          g = 0,            a = k,           b = -beta k, u = beta k
   Gated DeltaNet    g per head,       a = exp(g) k,    b = -beta k, u = beta k
   KDA               g per channel,    a = exp(g) o k,  b = -beta k, u = beta k
-  RWKV-7            g = log w,        a = kk,          b = -(alpha o kk), u = k
-                    (kk its normalised removal key, alpha its in-context rate;
+  RWKV-7            g = log w,        a = kk,          b = -(alpha o kk), u = k~
+                    (kk its normalised removal key, alpha its in-context rate,
+                    k~ = k o (1 + (alpha - 1) o k_a) its replacement key;
                     the transition is a sum diag(w) + low rank, nothing folds)
   DeltaProduct      n_h DeltaNet steps per token as a time expansion: T * n_h
                     micro-steps, the output read at every n_h-th (the decay, if
