@@ -103,12 +103,16 @@ def head_gates_broadcast():
   """Within: a per-head GLA gate ([B, T, H]: Mamba-2, RetNet, Lightning) reaches
   the gla op broadcast to float32 [B, T, H, K], as every gla call took it before
   2026-12-06 (``lsm.ops.gla.api._gate`` broadcast it; the chunked op then ran
-  its per-channel form, stable sub-chunks included past 20 nats per chunk). The
-  baseline of ``--broadcast-head-gates``: same model, same head shapes, the old
-  gate path."""
+  its per-channel form, stable sub-chunks included past 20 nats per chunk), and
+  key groups (Mamba-2's B and C, shared by the heads) repeated to every head,
+  as the Mamba-2 layer did. The baseline of ``--broadcast-head-gates``: same
+  model, same head shapes, the old gate and key path."""
   op = sequence._gla_op
 
   def broadcast(q, k, v, log_g=None, **kwargs):
+    H = v.shape[2]
+    if q.shape[2] != H:  # key groups (Mamba-2's B, C) were per head too
+      q, k = (jnp.repeat(x, H // x.shape[2], axis=2) for x in (q, k))
     if log_g is not None and jnp.ndim(log_g) == jnp.ndim(q) - 1:
       log_g = jnp.broadcast_to(log_g.astype(jnp.float32)[..., None], q.shape)
     return op(q, k, v, log_g, **kwargs)

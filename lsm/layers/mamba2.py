@@ -11,10 +11,12 @@ B and C shared by the head's channels. Per head h (head width P, state N):
   y_t = C_t H_t + D_h x_t
   out = RMSNorm(y (.) silu(z)) W_out
 
-which is exactly ``gla`` with q = C, k = dt B, v = x, log_g = dt A (one gate per
-head, broadcast over N) and scale 1, so the mixer gets the chunked and Pallas
-impls, decoding (``gla_step``), packed documents and LASP-2 sequence
-parallelism from the op.
+which is exactly ``gla`` with q = C, k = B, v = dt x, log_g = dt A (one gate
+per head) and scale 1, so the mixer gets the chunked and Pallas impls,
+decoding (``gla_step``), packed documents and LASP-2 sequence parallelism from
+the op. B and C go to the op as one key group ([B, T, 1, N] for H heads): the
+chunked impl forms C B^T once for all heads and never copies B or C per head
+(the other impls get them repeated to H heads inside the op).
 
 Simplified: one group (B and C shared by all heads: the paper's ngroups = 1
 default); the norm is RMSNorm per head (the paper's grouped RMSNorm with one
@@ -23,10 +25,12 @@ log-uniform in [1e-3, 1e-1] as in the paper).
 
 Negative eigenvalues: ``eigenvalue_range="signed"`` uses a_t = 2 exp(dt_t A) - 1
 in [-1, 1], as Mamba's option of the same name (Grazzi et al. 2025). The gla op
-takes log-gates, so the layer runs it on |a_t| with q and k multiplied by the
-running sign parity s_t and the final state by s_T (lsm/ops/gla/signed.py: an
-exact identity, no new kernel; the parity is a cumulative sum over the whole
-row, taken before LASP-2 splits it).
+takes log-gates, so the layer runs it on |a_t| with the values and the
+outputs multiplied by the running sign parity s_t and the final state by s_T
+(lsm/ops/gla/signed.py's identity with the sign moved from q and k, shared by
+the heads, to v and o, per head: s_t q_t (sum_s ... (s_s k_s)^T v_s) =
+s_t (q_t sum_s ... k_s^T (s_s v_s)); exact, no new kernel; the parity is a
+cumulative sum over the whole row, taken before LASP-2 splits it).
 """
 
 import math
@@ -116,21 +120,22 @@ class Mamba2(nnx.Module):
 
   def _ssd_inputs(self, xbc, dt, dtype):
     """Conv output xBC [..., E + 2N] and raw dt [..., H] -> the gla operands
-    q = C, k = dt B [..., H, N], v = x [..., H, P] (``dtype``) and log_g =
-    log |a| [..., H] float32, x for the D skip, and the decays' signs
-    (bool [..., H], a_t < 0; None for "positive")."""
+    q = C, k = B [..., 1, N] (one key group for all heads), v = dt x
+    [..., H, P] (``dtype``; float32 for "signed", whose values the caller
+    signs) and log_g = log |a| [..., H] float32, x for the D skip, and the
+    decays' signs (bool [..., H], a_t < 0; None for "positive")."""
     e, n, h = self.inner, self.state_size, self.n_heads
     x, b, c = xbc[..., :e], xbc[..., e:e + n], xbc[..., e + n:]
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # [..., H]
     log_g, negative = -jnp.exp(self.A_log[...]) * dt, None
     if self.eigenvalue_range == "signed":
       log_g, negative = signed.signed_log_decay(log_g)
-    heads = lambda y: jnp.broadcast_to(  # noqa: E731
-        y[..., None, :], (*y.shape[:-1], h, y.shape[-1]))
-    q = heads(c.astype(jnp.float32))
-    k = heads(b.astype(jnp.float32)) * dt[..., None]
-    v = x.reshape(*x.shape[:-1], h, e // h)
-    return q, k, v.astype(dtype), log_g, v, negative
+    q, k = (y[..., None, :].astype(dtype) for y in (c, b))
+    x = x.reshape(*x.shape[:-1], h, e // h)
+    v = dt[..., None] * x.astype(jnp.float32)
+    if negative is None:
+      v = v.astype(dtype)
+    return q, k, v, log_g, x, negative
 
   def _output(self, o, v, z, dtype):
     """o, v [..., H, P], z [..., E] -> [..., D]: D skip, gate, norm, out_proj."""
@@ -159,14 +164,15 @@ class Mamba2(nnx.Module):
     conv_cache = None if cache is None else cache["conv"]
     xbc, new_conv = self.conv(xbc, conv_cache, segment_ids=segment_ids)
     q, k, v, log_g, x, negative = self._ssd_inputs(xbc, dt, u.dtype)
-    if negative is not None:  # signed decays: the parity identity of ops/gla/signed.py
+    if negative is not None:  # signed decays: the parity identity (docstring)
       sign = signed.parity(negative)[..., None]  # [B, T, H, 1]
-      q, k = q * sign, k * sign
+      v = (v * sign).astype(u.dtype)
     h0 = None if cache is None else cache["h"]
-    o, h_t = sequence.gla(q.astype(u.dtype), k.astype(u.dtype), v, log_g, h0=h0,
-                          scale=1.0, chunk_size=self.chunk_size, impl=self.impl,
+    o, h_t = sequence.gla(q, k, v, log_g, h0=h0, scale=1.0,
+                          chunk_size=self.chunk_size, impl=self.impl,
                           segment_ids=segment_ids)
     if negative is not None:
+      o = o * sign                           # o_t = s_t o'_t
       h_t = h_t * sign[:, -1, :, :, None]  # H_T = s_T H'_T
     y = self._output(o, x, z, u.dtype)
     if cache is None:
@@ -179,12 +185,11 @@ class Mamba2(nnx.Module):
     xbc, conv_cache = self.conv.step(xbc, cache["conv"])
     q, k, v, log_g, x, negative = self._ssd_inputs(xbc, dt, u_t.dtype)
     if negative is None:
-      o, h = gla_step(q.astype(u_t.dtype), k.astype(u_t.dtype), v, log_g,
-                      cache["h"], scale=1.0)
-    else:  # a h + k v = sign (|a| h + sign k v); o = q (a h + k v)
+      o, h = gla_step(q, k, v, log_g, cache["h"], scale=1.0)
+    else:  # a h + k v = sign (|a| h + k (sign v)); o = q (a h + k v)
       sign = jnp.where(negative, -1.0, 1.0)[..., None]  # [B, H, 1]
-      o, h = gla_step((q * sign).astype(u_t.dtype), (k * sign).astype(u_t.dtype),
-                      v, log_g, cache["h"], scale=1.0)
-      h = h * sign[..., None]
+      o, h = gla_step(q, k, (v * sign).astype(u_t.dtype), log_g, cache["h"],
+                      scale=1.0)
+      o, h = o * sign, h * sign[..., None]
     return self._output(o, x, z, u_t.dtype), {
         "conv": conv_cache.astype(cache["conv"].dtype), "h": h}

@@ -298,7 +298,9 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   has it with size > 1 (module docstring); the op itself otherwise.
 
   Args:
-    q, k: [B, T, H, K]; v: [B, T, H, V]; log_g: [B, T, H, K], [B, T, H] or None;
+    q, k: [B, T, H, K] (or G key groups, [B, T, G, K], repeated to H heads
+      here when the sequence is split); v: [B, T, H, V]; log_g: [B, T, H, K],
+      [B, T, H] or None;
       h0: optional [B, H, K, V] float32; scale, chunk_size, impl, segment_ids:
       as the op (documents may start anywhere, slice edges included).
     axis: the mesh axis that splits T.
@@ -312,7 +314,9 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     return call(q, k, v, log_g, h0=h0, segment_ids=segment_ids)
   jax.eval_shape(lambda *a: call(*a[:4], h0=a[4], segment_ids=a[5]),
                  q, k, v, log_g, h0, segment_ids)  # the op's own checks
-  B, T, H, K = q.shape
+  B, T, H, K = (*q.shape[:2], v.shape[2], q.shape[3])
+  if q.shape[2] != H:  # key groups: the slices' summaries are per head
+    q, k = (jnp.repeat(x, H // q.shape[2], axis=2) for x in (q, k))
   _check_length("gla", T, n, axis)
   s = K ** -0.5 if scale is None else float(scale)
   mesh = _mesh()

@@ -212,6 +212,104 @@ def test_head_gates_equal_their_channel_broadcast(log_g_value):
       rtol=numerics.TOLERANCES[("invariant", "float32")], names=names)
 
 
+# -- key groups (q, k with G heads for v's H: Mamba-2's shared B and C) ---------
+
+_G, _R = 2, 3  # 2 key groups of 3 heads
+
+
+def _grouped_inputs(seed, dtype, log_g_value, *, B=2, T=37, G=_G, R=_R, K=8,
+                    V=5):
+  x = make_inputs(seed, B, T, G * R, K, V, gate="head", dtype=dtype,
+                  log_g_value=log_g_value)
+  x["q"], x["k"] = x["q"][:, :, :G], x["k"][:, :, :G]
+  return x
+
+
+def _repeat_groups(x, R=_R):
+  return dict(x, q=jnp.repeat(x["q"], R, axis=2), k=jnp.repeat(x["k"], R, axis=2))
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "documents"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("log_g_value", [None, -5.0], ids=["mild", "strong"])
+def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
+  """Chunked with q, k [B, T, G, K] and per-head gates (T = 37: not a multiple
+  of the chunk 16, K != V) against the float32 reference on q, k repeated to
+  the H heads: outputs, h_T and the gradients of every input (q's and k's
+  summed over each group's heads by the repeat)."""
+  x = _grouped_inputs(21, dtype, log_g_value)
+  x_32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+  ids = (jnp.asarray([[1] * 10 + [2] * 20 + [3] * 7, [1] * 16 + [2] * 21],
+                     jnp.int32) if documents else None)
+
+  def grouped(x):
+    return gla(**x, impl="chunked", chunk_size=16, segment_ids=ids)
+
+  def repeated(x):
+    return gla(**_repeat_groups(x), impl="reference", segment_ids=ids)
+
+  def with_grads(f, x, cts):
+    (o, h_t), pull = jax.vjp(f, x)
+    (grads,) = pull(cts)
+    return (o, h_t, *(grads[n] for n in sorted(grads)))
+
+  k1, k2 = jax.random.split(jax.random.key(22))
+  cts = (jax.random.normal(k1, (2, 37, _G * _R, 5)).astype(dtype),
+         jax.random.normal(k2, (2, _G * _R, 8, 5)))
+  got = jax.jit(functools.partial(with_grads, grouped))(x, cts)
+  want = jax.jit(functools.partial(with_grads, repeated))(
+      x_32, tuple(c.astype(jnp.float32) for c in cts))
+  numerics.assert_outputs_close(
+      got, want, impl="chunked", dtype=dtype,
+      names=("o", "h_t", *(f"d{n}" for n in sorted(x))))
+
+
+def test_key_groups_are_never_copied_per_head():
+  """The chunked fwd+bwd on key groups has no array with a per-head key axis
+  (H, or G and R side by side, ahead of a last axis of K): q k^T is formed per
+  group and the heads' terms are [C, C] and [C, V]."""
+  # Sizes apart from each other: B 1, T 37 (3 chunks of 16), G 2, R 5, H 10,
+  # K 8, V 7.
+  G, R, K = 2, 5, 8
+  H = G * R
+  x = _grouped_inputs(23, jnp.float32, None, B=1, G=G, R=R, K=K, V=7)
+
+  def loss(x):
+    o, h_t = gla(**x, impl="chunked", chunk_size=16)
+    return jnp.sum(o ** 2) + jnp.sum(h_t ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(x)
+  per_head = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        shape = tuple(getattr(var.aval, "shape", ()))
+        pairs = list(zip(shape[:-1], shape[1:-1]))
+        if len(shape) >= 3 and shape[-1] == K and (
+            H in shape[:-1] or (G, R) in pairs):
+          per_head.append((eqn.primitive.name, shape))
+      for p in eqn.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            visit(sub)
+
+  visit(jaxpr.jaxpr)
+  assert not per_head, per_head
+  # The check can fail: the same call on q, k repeated per head has them.
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: loss(_repeat_groups(x, R))))(x)
+  visit(jaxpr.jaxpr)
+  assert per_head
+
+
+def test_key_groups_must_divide_the_heads():
+  x = make_inputs(24, 1, 8, 6, 4, 4, gate="head")
+  with pytest.raises(ValueError, match=r"gla: v has 6 heads and q, k have 4; "
+                     r"expected q, k with H heads or a divisor of H"):
+    gla(x["q"][:, :, :4], x["k"][:, :, :4], x["v"], x["log_g"])
+
+
 # Packed rows (T = 47, chunk 16): a 1-token document, documents shorter and
 # longer than a chunk, starts at a chunk's first and last token, several in one
 # chunk.

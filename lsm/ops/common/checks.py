@@ -48,14 +48,17 @@ def check_state(op: str, name: str, h, expected: Sequence[int | None],
                      "float32 (recurrent states are always float32)")
 
 
-def check_qkv(op: str, q, k, v, *, step: bool = False) -> tuple[int, ...]:
+def check_qkv(op: str, q, k, v, *, step: bool = False,
+              grouped: bool = False) -> tuple[int, ...]:
   """Checks queries, keys and values of a matrix-state op.
 
   Sequences: q, k [B, T, H, K] and v [B, T, H, V]; with ``step``, one token:
-  q_t, k_t [B, H, K] and v_t [B, H, V]. One floating dtype for all three.
+  q_t, k_t [B, H, K] and v_t [B, H, V]. One floating dtype for all three. With
+  ``grouped``, q and k may have G heads for v's H, G a divisor of H (key
+  groups: heads g * H / G ... (g + 1) * H / G - 1 share q and k's head g).
 
   Returns:
-    (B, T, H, K, V), or (B, H, K, V) with ``step``.
+    (B, T, H, K, V), or (B, H, K, V) with ``step``; H is v's head count.
   """
   suffix, lead = ("_t", "BH") if step else ("", "BTH")
   qn, kn, vn = (n + suffix for n in "qkv")
@@ -64,7 +67,16 @@ def check_qkv(op: str, q, k, v, *, step: bool = False) -> tuple[int, ...]:
   check_floating(op, qn, q)
   check_shape(op, kn, k, (*dims, K), lead + "K")
   check_same_dtype(op, kn, k, qn, q)
-  check_shape(op, vn, v, (*dims, None), lead + "V")
+  if not grouped:
+    check_shape(op, vn, v, (*dims, None), lead + "V")
+  else:
+    check_shape(op, vn, v, (*dims[:-1], None, None), lead + "V")
+    G, H = dims[-1], np.shape(v)[-2]
+    if H % G:
+      raise ValueError(
+          f"{op}: {vn} has {H} heads and {qn}, {kn} have {G}; expected "
+          f"{qn}, {kn} with H heads or a divisor of H (key groups)")
+    dims = [*dims[:-1], H]
   check_same_dtype(op, vn, v, qn, q)
   return (*dims, K, np.shape(v)[-1])
 

@@ -24,6 +24,20 @@ _UNGATED = ("chunked",)
 # lsm/ops/gla/chunk_tiles.py); the others are given the gates broadcast over K
 # (``_for_impl``).
 _HEAD_GATES = ("reference", "chunked", "pallas_triton", "pallas_tpu")
+# Key groups (q, k with G heads for v's H, G < H: Mamba-2's B and C, shared by
+# all heads as in the paper) reach "chunked" with per-head gates as they are:
+# its scalar-decay form forms one [C, C] q k^T per group and applies each
+# head's gates to [C, C] and [C, V] terms, so no [B, T, H, K] copy of q or k
+# exists. Every other impl and gate form gets q and k repeated to H heads
+# (``_expand_groups``).
+
+
+def _expand_groups(name: str, gate, q, k, H: int):
+  """q, k as impl ``name`` reads them for ``gate`` ("head", "channel", None)."""
+  G = q.shape[-2]
+  if G == H or (name == "chunked" and gate == "head"):
+    return q, k
+  return jnp.repeat(q, H // G, axis=-2), jnp.repeat(k, H // G, axis=-2)
 
 
 def _gate(log_g, shape, op: str, name: str):
@@ -57,8 +71,12 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   """Gated linear attention. Matches ``reference.gla``; the math is there.
 
   Args:
-    q: [B, T, H, K] queries (float32, bfloat16 or float16).
-    k: [B, T, H, K] keys, q's dtype.
+    q: [B, T, H, K] queries (float32, bfloat16 or float16), or [B, T, G, K]
+      with G a divisor of H: key groups, heads g * H / G to (g + 1) * H / G - 1
+      sharing head g's q and k (Mamba-2's B and C; "chunked" with per-head
+      gates reads them as they are, every other impl and gate form gets them
+      repeated to H heads).
+    k: keys, q's shape and dtype.
     v: [B, T, H, V] values, q's dtype.
     log_g: log forget gates, <= 0: [B, T, H, K] per channel, [B, T, H] one per
       head (used as it is by "reference", "chunked", "pallas_triton" and
@@ -91,7 +109,7 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32 final state.
   """
-  B, T, H, K, V = checks.check_qkv(_OP, q, k, v)
+  B, T, H, K, V = checks.check_qkv(_OP, q, k, v, grouped=True)
   gate = None if log_g is None else (
       "head" if jnp.ndim(log_g) == 3 else "channel")
   log_g = _gate(log_g, (B, T, H, K), _OP, "log_g")
@@ -107,6 +125,8 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
   kwargs |= _dispatch.pallas_kwargs(_OP, name, interpret)
   if log_g is None and name not in _UNGATED:
     log_g = jnp.zeros((B, T, H), jnp.float32)
+  form = None if log_g is None else ("head" if log_g.ndim == 3 else "channel")
+  q, k = _expand_groups(name, form, q, k, H)
   return _IMPLS[name](q, k, v, _for_impl(name, log_g, K), h0=h0, scale=scale,
                       chunk_size=chunk_size, **kwargs)
 
@@ -115,7 +135,8 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):
   """One decoding step of GLA, O(1) memory in T.
 
   Args:
-    q_t: [B, H, K] query; k_t: [B, H, K] key; v_t: [B, H, V] value.
+    q_t: [B, H, K] query (or [B, G, K], key groups as in ``gla``); k_t: key,
+      q_t's shape; v_t: [B, H, V] value.
     log_g_t: [B, H, K], [B, H] or None, as ``log_g`` in ``gla``.
     h: [B, H, K, V] float32 state before the token.
     scale: query scale; K ** -0.5 when None.
@@ -124,7 +145,8 @@ def gla_step(q_t, k_t, v_t, log_g_t, h, *, scale=None):
     o_t: [B, H, V] in q_t.dtype; h: [B, H, K, V] float32 state after the token.
   """
   op = "gla_step"
-  B, H, K, _ = checks.check_qkv(op, q_t, k_t, v_t, step=True)
+  B, H, K, _ = checks.check_qkv(op, q_t, k_t, v_t, step=True, grouped=True)
+  q_t, k_t = _expand_groups("reference", None, q_t, k_t, H)
   checks.check_state(op, "h", h, (B, H, K, v_t.shape[-1]), "BHKV")
   checks.check_scale(op, scale)
   log_g_t = _gate(log_g_t, (B, H, K), op, "log_g_t")

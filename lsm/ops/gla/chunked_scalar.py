@@ -20,6 +20,11 @@ The decay factors of the inter-chunk terms, exp(b_t) and exp(L_Cs), are cumsums
 and shifted reverse cumsums of the gates, also sums of gates <= 0; they scale
 rows of [C, V] products, so no gate-derived array has a K axis.
 
+Key groups (q and k with G heads for v's H, e.g. Mamba-2's B and C shared by
+all heads): heads are split into G groups of R = H / G; q k^T is one [C, C]
+product per group, and each head's gates weight it, its values and its state
+(the [C, C], [C] and [C, V] terms), so q and k are never copied per head.
+
 Packed documents cut the terms with ``segments.chunk_masks`` as ``chunked.py``
 does: the [C, C] weights keep pairs in one document, the incoming state reaches
 tokens before the chunk's first reset, only the last document's tokens write
@@ -56,17 +61,20 @@ def segment_sums(g):
 
 
 def _forward(q, k, v, g, h0, masks, *, scale: float):
-  """On chunks: q, k [B, H, N, C, K], v [B, H, N, C, V], g [B, H, N, C] float32;
-  ``masks`` ``segments.chunk_masks`` broadcast over H, or None. Returns o
-  [B, H, N, C, V] and h_T [B, H, K, V]."""
+  """On chunks, heads split into G key groups of R: q, k [B, G, N, C, K],
+  v [B, G, R, N, C, V], g [B, G, R, N, C] float32, h0 [B, G, R, K, V];
+  ``masks`` ``segments.chunk_masks`` broadcast over (G, R), or None. Returns o
+  [B, G, R, N, C, V] and h_T [B, G, R, K, V]. With R = 1 (one key per head)
+  this is the plain per-head form; with R > 1 q k^T is formed once per group
+  and only [C, C] and [C, V] terms are per head."""
   C = g.shape[-1]
   idx = jnp.arange(C)
   keep = idx[:, None] >= idx[None, :]  # [C, C]
   if masks is not None:
     same, carry, tail = masks
     keep = keep & same
-  w = jnp.where(keep, jnp.exp(segment_sums(g)), 0.0)  # [B, H, N, C, C]
-  a = w * _einsum("bhntk,bhnsk->bhnts", q, k)
+  w = jnp.where(keep, jnp.exp(segment_sums(g)), 0.0)  # [B, G, R, N, C, C]
+  a = w * _einsum("bgntk,bgnsk->bgnts", q, k)[:, :, None]
   # Decay to the chunk end, sum_{u > s} g_u: the reverse cumsum shifted by one.
   rev = jnp.cumsum(g[..., ::-1], axis=-1)[..., ::-1]  # sum_{u >= s} g_u
   to_end = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], -1)
@@ -76,17 +84,17 @@ def _forward(q, k, v, g, h0, masks, *, scale: float):
     gate_in = jnp.where(carry, gate_in, 0.0)
     gate_out = jnp.where(tail, gate_out, 0.0)
     decay = jnp.where(carry[..., -1], decay, 0.0)
-  u = _einsum("bhnck,bhncv->bhnkv", k, gate_out[..., None] * v)
+  u = _einsum("bgnck,bgrncv->bgrnkv", k, gate_out[..., None] * v)
 
   def step(h, x):
     d, u_n = x
     return d[..., None, None] * h + u_n, h
 
-  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 2, 0),
-                                      jnp.moveaxis(u, 2, 0)))
-  h_in = jnp.moveaxis(h_in, 0, 2)  # [B, H, N, K, V]: the state entering each chunk
-  o = (_einsum("bhnts,bhnsv->bhntv", a, v)
-       + gate_in[..., None] * _einsum("bhnck,bhnkv->bhncv", q, h_in))
+  h_t, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 3, 0),
+                                      jnp.moveaxis(u, 3, 0)))
+  h_in = jnp.moveaxis(h_in, 0, 3)  # [B, G, R, N, K, V]: entering each chunk
+  o = (_einsum("bgrnts,bgrnsv->bgrntv", a, v)
+       + gate_in[..., None] * _einsum("bgnck,bgrnkv->bgrncv", q, h_in))
   return scale * o, h_t
 
 
@@ -94,18 +102,26 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64, resets=None):
   """Chunked GLA with per-head gates. Arguments as in ``lsm.ops.gla.gla``, with
   ``log_g`` [B, T, H] (any float dtype; used in float32), ``h0`` a float32
   [B, H, K, V] array and ``resets`` None or ``segments.resets(segment_ids)``.
-  Any chunk_size >= 1.
+  q and k may have G heads for v's H (key groups, G a divisor of H). Any
+  chunk_size >= 1.
 
   Returns:
     o: [B, T, H, V] in q.dtype; h_T: [B, H, K, V] float32.
   """
-  T, dtype = q.shape[1], q.dtype
+  (B, T, G, K), (H, V), dtype = q.shape, v.shape[2:], q.dtype
+  R = H // G
   f32 = jnp.float32
   q, k, v, g = (to_chunks(pad_time(x.astype(f32), chunk_size), chunk_size)
-                for x in (q, k, v, log_g))  # [B, H, N, C, *]
+                for x in (q, k, v, log_g))  # [B, heads, N, C, *]
+  N = q.shape[2]
+  v = v.reshape(B, G, R, N, chunk_size, V)
+  g = g.reshape(B, G, R, N, chunk_size)
   masks = None
   if resets is not None:
-    resets = jnp.pad(resets, ((0, 0), (0, q.shape[2] * chunk_size - T)))
-    masks = tuple(x[:, None] for x in segments.chunk_masks(resets, chunk_size))
-  o, h_t = _forward(q, k, v, g, h0.astype(f32), masks, scale=float(scale))
-  return from_chunks(o, T).astype(dtype), h_t
+    resets = jnp.pad(resets, ((0, 0), (0, N * chunk_size - T)))
+    masks = tuple(x[:, None, None] for x in segments.chunk_masks(resets,
+                                                                 chunk_size))
+  o, h_t = _forward(q, k, v, g, h0.astype(f32).reshape(B, G, R, K, V), masks,
+                    scale=float(scale))
+  o = o.reshape(B, H, N, chunk_size, V)
+  return from_chunks(o, T).astype(dtype), h_t.reshape(B, H, K, V)
