@@ -1,6 +1,9 @@
 """Run by test_linear_attention_family.py in a fresh process with 8 forced CPU
 devices: each mixer of the linear-attention family (lightning, retnet, based,
-hedgehog, mom with both memory types) on a mesh with seq = 8 (LASP-2 through
+hedgehog, mom with both memory types), Mamba-2 (B and C as one key group),
+and the dplr mixers delta_product and rwkv7 (kda and gdn2 with ``--slow``:
+the same short convolutions and ``sequence.dplr`` as delta_product, one
+Householder step) on a mesh with seq = 8 (LASP-2 through
 lsm.parallel.sequence) against the same layer on one device: outputs and the
 gradients of every parameter and of the input within the float32 "invariant"
 tolerance. T = 40: 5 tokens per device, not a multiple of the chunk (16), and
@@ -10,6 +13,7 @@ mismatch.
 
 import json
 import os
+import sys
 import time
 
 # Compile time dominates; the optimisation level does not change float32 results
@@ -40,7 +44,12 @@ CASES = {
     "mom_gla": ("mom", dict(memory="gla")),
     "mamba2": ("mamba2", dict(state_size=8)),
     "mamba2_signed": ("mamba2", dict(state_size=8, eigenvalue_range="signed")),
+    # The dplr op: two Householder steps per token (time expansion) with
+    # eigenvalues down to -1; RWKV-7's token shift crosses slice edges.
+    "delta_product": ("delta_product", dict(beta_scale=2.0)),
+    "rwkv7": ("rwkv7", {}),
 }
+SLOW_CASES = {"kda": ("kda", {}), "gdn2": ("gdn2", dict(beta_scale=2.0))}
 
 
 def grads_fn(graphdef):
@@ -81,7 +90,7 @@ def skip_gain_term_sums(layer, x, ct):
   return np.abs(np.asarray(xv * dy, np.float64)).sum(axis=(0, 1, 3))
 
 
-def main():
+def main(slow: bool):
   assert len(jax.devices()) == 8, jax.devices()
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
@@ -89,7 +98,7 @@ def main():
   mesh = make_mesh(MeshConfig(shape={"seq": 8}))
   results = {}
   with jax.default_matmul_precision("highest"):
-    for name, (mixer, kwargs) in CASES.items():
+    for name, (mixer, kwargs) in (CASES | (SLOW_CASES if slow else {})).items():
       t0 = time.perf_counter()
       layer = layers.MIXERS[mixer](D, n_heads=H, impl="chunked", chunk_size=16,
                                    rngs=nnx.Rngs(0), **kwargs)
@@ -118,4 +127,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(slow="--slow" in sys.argv[1:])

@@ -296,12 +296,23 @@ def test_lightning_decays_follow_the_layer_schedule_in_the_lm():
 # -- LASP-2 on 8 devices ---------------------------------------------------------
 
 
-def test_eight_device_sequence_parallel_equals_one_device():
+def _eight_device_check(*args):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, str(ROOT / "tests/layers/seq_mixers_check.py")],
-                       env=env, cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, str(ROOT / "tests/layers/seq_mixers_check.py"),
+                        *args], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=280)
   assert out.returncode == 0, out.stderr[-4000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_device_sequence_parallel_equals_one_device():
+  result = _eight_device_check()
   assert set(result) == {"lightning", "retnet", "based", "hedgehog", "mom",
-                         "mom_gla", "mamba2", "mamba2_signed"}
+                         "mom_gla", "mamba2", "mamba2_signed", "delta_product",
+                         "rwkv7"}
+
+
+@pytest.mark.slow
+def test_eight_device_sequence_parallel_kda_and_gdn2():
+  result = _eight_device_check("--slow")
+  assert {"kda", "gdn2"} <= set(result)
