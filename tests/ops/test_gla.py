@@ -212,6 +212,23 @@ def test_head_gates_equal_their_channel_broadcast(log_g_value):
       rtol=numerics.TOLERANCES[("invariant", "float32")], names=names)
 
 
+def _assert_against_float32(dtype, f, expected, x, cts):
+  """f(x) against expected(x in float32): outputs, h_T and the gradients of
+  every input under the cotangents ``cts``, each against its tolerance row."""
+  def with_grads(f, x, cts):
+    (o, h_t), pull = jax.vjp(f, x)
+    (grads,) = pull(cts)
+    return (o, h_t, *(grads[n] for n in sorted(grads)))
+
+  got = jax.jit(functools.partial(with_grads, f))(x, cts)
+  want = jax.jit(functools.partial(with_grads, expected))(
+      {n: a.astype(jnp.float32) for n, a in x.items()},
+      tuple(c.astype(jnp.float32) for c in cts))
+  numerics.assert_outputs_close(
+      got, want, impl="chunked", dtype=dtype,
+      names=("o", "h_t", *(f"d{n}" for n in sorted(x))))
+
+
 # -- key groups (q, k with G heads for v's H: Mamba-2's shared B and C) ---------
 
 _G, _R = 2, 3  # 2 key groups of 3 heads
@@ -238,7 +255,6 @@ def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
   the H heads: outputs, h_T and the gradients of every input (q's and k's
   summed over each group's heads by the repeat)."""
   x = _grouped_inputs(21, dtype, log_g_value)
-  x_32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   ids = (jnp.asarray([[1] * 10 + [2] * 20 + [3] * 7, [1] * 16 + [2] * 21],
                      jnp.int32) if documents else None)
 
@@ -248,20 +264,10 @@ def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
   def repeated(x):
     return gla(**_repeat_groups(x), impl="reference", segment_ids=ids)
 
-  def with_grads(f, x, cts):
-    (o, h_t), pull = jax.vjp(f, x)
-    (grads,) = pull(cts)
-    return (o, h_t, *(grads[n] for n in sorted(grads)))
-
   k1, k2 = jax.random.split(jax.random.key(22))
   cts = (jax.random.normal(k1, (2, 37, _G * _R, 5)).astype(dtype),
          jax.random.normal(k2, (2, _G * _R, 8, 5)))
-  got = jax.jit(functools.partial(with_grads, grouped))(x, cts)
-  want = jax.jit(functools.partial(with_grads, repeated))(
-      x_32, tuple(c.astype(jnp.float32) for c in cts))
-  numerics.assert_outputs_close(
-      got, want, impl="chunked", dtype=dtype,
-      names=("o", "h_t", *(f"d{n}" for n in sorted(x))))
+  _assert_against_float32(dtype, grouped, repeated, x, cts)
 
 
 def test_key_groups_are_never_copied_per_head():
@@ -325,7 +331,6 @@ def test_head_gates_packed_row_equals_documents_run_alone(log_g_value, dtype):
   T = sum(_DOC_LENGTHS[0])
   x = make_inputs(16, len(_DOC_LENGTHS), T, 2, 8, 6, gate="head",
                   log_g_value=log_g_value, dtype=dtype)
-  x_32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   ids = jnp.asarray([[i for i, n in enumerate(row) for _ in range(n)]
                      for row in _DOC_LENGTHS], jnp.int32)
 
@@ -347,21 +352,11 @@ def test_head_gates_packed_row_equals_documents_run_alone(log_g_value, dtype):
       finals.append(h)
     return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
 
-  def with_grads(f, x, cts):
-    (o, h_t), pull = jax.vjp(f, x)
-    (grads,) = pull(cts)
-    return (o, h_t, *(grads[n] for n in sorted(grads)))
-
   o_shape, h_shape = (2, T, 2, 6), (2, 2, 8, 6)
   k1, k2 = jax.random.split(jax.random.key(17))
   cts = (jax.random.normal(k1, o_shape).astype(dtype),
          jax.random.normal(k2, h_shape))
-  got = jax.jit(functools.partial(with_grads, packed))(x, cts)
-  want = jax.jit(functools.partial(with_grads, alone))(
-      x_32, tuple(c.astype(jnp.float32) for c in cts))
-  numerics.assert_outputs_close(
-      got, want, impl="chunked", dtype=dtype,
-      names=("o", "h_t", *(f"d{n}" for n in sorted(x))))
+  _assert_against_float32(dtype, packed, alone, x, cts)
 
 
 def test_head_gates_reach_the_impls_as_they_are(monkeypatch):
