@@ -1,7 +1,20 @@
 """Shared test setup."""
 
-import jax
-import pytest
+import os
+
+# The suite is dominated by XLA compiling many small programs on 2 cores;
+# without LLVM's optimisation passes it runs in about half the time (measured
+# on tests/ops/test_gla.py + test_dplr.py: 179 s -> 92 s, 2 workers). Results
+# change only in summation order, which every comparison's tolerance row covers
+# (tests/numerics.py); exactness tests compare runs under the same flags.
+# Subprocesses the tests start inherit them. Flags the caller set come after
+# these, so they win.
+os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true "
+                           + os.environ.get("XLA_FLAGS", "")).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 # A test whose xdist worker dies under it runs once more (tests/crash_retry.py).
 pytest_plugins = ["tests.crash_retry"]

@@ -441,7 +441,9 @@ def _zeros(*shape, dtype=jnp.float32):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(q=_zeros(2, 8, 2)), r"q has shape \(2, 8, 2\); expected \[B, T, H, K\]"),
     (dict(k=_zeros(2, 7, 2, 4)), r"k has shape \(2, 7, 2, 4\); expected .* = \(2, 8, 2, 4\)"),
-    (dict(v=_zeros(2, 8, 3, 5)), r"v has shape \(2, 8, 3, 5\); expected .* = \(2, 8, 2, \?\)"),
+    (dict(v=_zeros(2, 8, 3, 5)), r"v has 3 heads and q, k have 2; expected q, k "
+                                 r"with H heads or a divisor of H"),
+    (dict(v=_zeros(2, 7, 4, 5)), r"v has shape \(2, 7, 4, 5\); expected .* = \(2, 8, \?, \?\)"),
     (dict(v=_zeros(2, 8, 2, 5, dtype=jnp.bfloat16)), r"v has dtype bfloat16; expected float32"),
     (dict(q=_zeros(2, 8, 2, 4, dtype=jnp.int32), k=_zeros(2, 8, 2, 4, dtype=jnp.int32)),
      r"q has dtype int32; expected a floating dtype"),
