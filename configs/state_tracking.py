@@ -5,9 +5,13 @@ lsm-train --config=configs/state_tracking.py:task=parity,mixer=delta_net,beta_sc
   --workdir=runs/parity_deltanet_neg
 
 Args (``:arg``): task (parity, modular_arithmetic, modular_arithmetic_brackets,
-permutation), group (permutation: S3, S5, A5, Z60, S5_swaps), mixer (any
-lsm.layers mixer), beta_scale (DeltaNet: 1 gives eigenvalues in [0, 1], 2 in
-[-1, 1]), eigenvalues (Mamba decays: positive or signed), d_model, n_layers,
+permutation), group (permutation: S3, S4, S5, A5, Z60, S5_swaps), mixer (any
+lsm.layers mixer), beta_scale (the delta-rule mixers: 1 gives eigenvalues in
+[0, 1], 2 in [-1, 1]), n_h (delta_product: Householder steps per token, 1-4),
+gated (delta_product: the per-head decay of Gated DeltaProduct; off by default,
+as in the DeltaProduct paper's state-tracking runs, where a decay would only
+fade the state), eigenvalues (Mamba decays: positive or signed), train_max and
+test_max (the longest training and test lengths, below), d_model, n_layers,
 n_heads, steps, batch_size, lr, weight_decay (AdamW, on matrices), seed, smoke
 (seconds on a CPU), paper (the papers' budget: 100k steps at batch 1024; GPU
 scale), dt_min and dt_max (Mamba's initial step-size range).
@@ -23,7 +27,12 @@ Lengths follow Grazzi et al.: train on sequence lengths 3-40 and test on 40-256,
 where a sequence length counts the answer token. ``paper_sizes`` converts those
 to each task's ``size`` (lsm/tasks: bits for parity, operands for modular
 arithmetic, expression tokens with brackets, group elements for permutations).
-Task rows are as long as the longest training example; data.seq_len is unused.
+``train_max`` and ``test_max`` move the ends: training on lengths 3-train_max,
+testing at train_max, every power of two above it, and test_max
+(``eval_lengths``). The DeltaProduct paper's word problems (Siems et al. 2025)
+train to 128 and test to 512: ``train_max=128,test_max=512`` tests at 128, 256
+and 512. Task rows are as long as the longest training example; data.seq_len is
+unused.
 """
 
 import ml_collections
@@ -32,6 +41,26 @@ from configs import common
 
 TRAIN_LENGTHS = (3, 40)
 TEST_LENGTHS = (40, 64, 128, 256)
+
+
+def eval_lengths(train_max: int, test_max: int) -> tuple[int, ...]:
+  """train_max, the powers of two above it and below test_max, and test_max:
+  (40, 256) gives TEST_LENGTHS."""
+  if train_max < TRAIN_LENGTHS[0]:
+    raise ValueError(f"config arg train_max={train_max}; expected >= "
+                     f"{TRAIN_LENGTHS[0]} (training lengths start at "
+                     f"{TRAIN_LENGTHS[0]})")
+  if test_max < train_max:
+    raise ValueError(f"config arg test_max={test_max}; expected >= train_max="
+                     f"{train_max} (tests run at and beyond the training "
+                     "lengths)")
+  out, p = [train_max], 1
+  while p < train_max:
+    p *= 2
+  while p < test_max:
+    out += [p] if p > train_max else []
+    p *= 2
+  return tuple(dict.fromkeys(out + [test_max]))
 
 
 def paper_sizes(task: str, length: int) -> int:
@@ -51,7 +80,8 @@ def paper_sizes(task: str, length: int) -> int:
 def get_config(arg=None):
   arg = common.parse_arg(
       arg, task="parity", group="S5", mixer="delta_net", beta_scale=1.0,
-      eigenvalues="positive", d_model=64, n_layers=1, n_heads=4, steps=1500,
+      n_h=2, gated=False, eigenvalues="positive", train_max=TRAIN_LENGTHS[1],
+      test_max=TEST_LENGTHS[-1], d_model=64, n_layers=1, n_heads=4, steps=1500,
       batch_size=128, lr=1e-3, weight_decay=0.1, seed=0, smoke=False,
       paper=False, dt_min=1e-3, dt_max=1e-1)
   c = ml_collections.ConfigDict()
@@ -62,10 +92,14 @@ def get_config(arg=None):
       mixer_kwargs=common.mixer_kwargs(arg.beta_scale, arg.eigenvalues))
   # Mamba's initial step sizes (decays start at exp(dt A), near 1 for small dt).
   c.model.mixer_kwargs["mamba"].update(dt_min=arg.dt_min, dt_max=arg.dt_max)
+  c.model.mixer_kwargs["delta_product"].update(n_householder=arg.n_h,
+                                               gated=arg.gated)
   options = {"group": arg.group} if arg.task == "permutation" else {}
+  train = (TRAIN_LENGTHS[0], arg.train_max)
+  tests = eval_lengths(arg.train_max, arg.test_max)
   c.task = dict(name=arg.task,
-                train_sizes=tuple(paper_sizes(arg.task, n) for n in TRAIN_LENGTHS),
-                eval_sizes=tuple(paper_sizes(arg.task, n) for n in TEST_LENGTHS),
+                train_sizes=tuple(paper_sizes(arg.task, n) for n in train),
+                eval_sizes=tuple(paper_sizes(arg.task, n) for n in tests),
                 options=options)
   vocab = {"parity": 3, "modular_arithmetic": 10,
            "modular_arithmetic_brackets": 12}.get(arg.task, 121)

@@ -14,7 +14,19 @@ model x task, published numbers beside ours) and, when matplotlib is
 installed, accuracy_vs_length.png.
 
 Models: see experiments/synthetic_grid.py (deltanet:1, deltanet:2,
-mamba:positive, mamba:signed, ...).
+mamba:positive, mamba:signed, deltaproduct:NH:RANGE, kda:2, rwkv7, ...).
+
+The DeltaProduct paper's word problems (Siems et al. 2025: one layer, train to
+length 128, test to 512) on S3, S4, A5 and S5:
+
+PYTHONPATH=. .venv/bin/python experiments/state_tracking.py --tasks permutation \
+  --extra group=S3,train_max=128,test_max=512 --models deltanet:2 \
+  deltaproduct:2:1 deltaproduct:2:2 deltaproduct:3:2 deltaproduct:4:2 kda:2 \
+  rwkv7 --seeds 0 1 2 --lrs 3e-3 --out runs/state_tracking_s3
+
+with one --out per group: run directories are named by task, model, seed and
+learning rate, not by the --extra args (a second group in the same --out is
+refused as another config).
 """
 
 import argparse
@@ -41,6 +53,23 @@ PUBLISHED = {
 }
 LABELS = {"deltanet:1": "DeltaNet [0, 1]", "deltanet:2": "DeltaNet [-1, 1]",
           "mamba:positive": "Mamba [0, 1]", "mamba:signed": "Mamba [-1, 1]"}
+_RANGES = {1.0: "[0, 1]", 2.0: "[-1, 1]"}
+
+
+def label(model: str) -> str:
+  """A table label of a model name: LABELS, DeltaProduct / KDA with their
+  eigenvalue range, else the name."""
+  if model in LABELS:
+    return LABELS[model]
+  mixer, _, value = model.partition(":")
+  if mixer == "deltaproduct":
+    n_h, _, scale = value.partition(":")
+    scale = float(scale or 1)
+    rng = _RANGES.get(scale, f"beta_scale {scale:g}")
+    return f"DeltaProduct n_h={n_h} {rng}"
+  if mixer == "kda" and value:
+    return f"KDA {_RANGES.get(float(value), f'beta_scale {value}')}"
+  return {"rwkv7": "RWKV-7", "kda": "KDA [0, 1]"}.get(model, model)
 
 
 def parity_pair(out: pathlib.Path, *, steps: int = 600, lr: float = 3e-3,
@@ -187,7 +216,8 @@ def main(argv=None):
   synthetic_grid.run_grid(
       state_tracking.get_config, args.tasks, args.models, args.seeds, args.lrs,
       steps=args.steps, batch=args.batch, out=args.out, smoke=args.smoke,
-      progress=args.progress, published=PUBLISHED, labels=LABELS,
+      progress=args.progress, published=PUBLISHED,
+      labels={m: label(m) for m in args.models},
       extra=args.extra)
 
 

@@ -6,8 +6,12 @@ results.md and (with matplotlib) accuracy_vs_length.png.
 
 Models are named MIXER:VALUE: deltanet:1 (beta in [0, 1]: eigenvalues of
 I - beta k k^T in [0, 1]), deltanet:2 (beta in [0, 2]: [-1, 1]),
+deltaproduct:NH:RANGE (DeltaProduct with NH Householder steps per token, 1-4,
+and beta_scale RANGE: deltaproduct:3:2 is n_h = 3 with eigenvalues in [-1, 1];
+configs that take n_h, i.e. configs/state_tracking.py),
 mamba:positive / mamba:signed (decays in (0, 1) / (-1, 1)), mamba2:positive /
-mamba2:signed likewise, or any lsm mixer name with an optional beta_scale.
+mamba2:signed likewise, rwkv7 (no value: RWKV-7 has no eigenvalue range to
+set), or any other lsm mixer name with an optional beta_scale (kda:2).
 """
 
 import csv
@@ -21,12 +25,33 @@ from lsm.train import metrics as metrics_lib
 
 
 def model_arg(model: str) -> str:
+  """The config arg (``mixer=...`` and its options) of a model name (module
+  docstring)."""
   mixer, _, value = model.partition(":")
   if mixer == "deltanet":
     return f"mixer=delta_net,beta_scale={float(value or 1)}"
+  if mixer == "deltaproduct":
+    n_h, _, scale = value.partition(":")
+    if n_h not in ("1", "2", "3", "4") or not _is_float(scale or "1"):
+      raise ValueError(f"model {model!r}: expected deltaproduct:NH:RANGE with "
+                       "NH in 1-4 and RANGE the beta_scale (1: eigenvalues in "
+                       "[0, 1], 2: [-1, 1]), e.g. deltaproduct:2:2")
+    return f"mixer=delta_product,n_h={n_h},beta_scale={float(scale or 1)}"
+  if mixer == "rwkv7" and value:
+    raise ValueError(f"model {model!r}: RWKV-7 has no beta_scale (its "
+                     "transition's eigenvalue range is the paper's); name it "
+                     "rwkv7")
   if mixer in ("mamba", "mamba2"):
     return f"mixer={mixer},eigenvalues={value or 'positive'}"
   return f"mixer={mixer}" + (f",beta_scale={float(value)}" if value else "")
+
+
+def _is_float(text: str) -> bool:
+  try:
+    float(text)
+  except ValueError:
+    return False
+  return True
 
 
 def cell(get_config, task: str, model: str, seed: int, lr: float, *,

@@ -4,13 +4,14 @@ word-problem; Grazzi et al. 2024 for S5 restricted to transpositions).
 
 Groups and element ids (index 0 is always the identity):
 
-  S3, S5    all permutations of {0..n-1}, as tuples p (p[i] is the image of i),
-            in lexicographic order (itertools.permutations(range(n))).
-  A5        the 60 even permutations of S5, in the same order.
-  S5_swaps  S5, but the inputs are only its 10 transpositions (i j), i < j;
-            the running product still ranges over all 120 elements.
-  Z60       the cyclic group of order 60, element k, product (a + b) mod 60: the
-            abelian control (same order as A5).
+  S3, S4, S5  all permutations of {0..n-1} (n = 3, 4, 5), as tuples p (p[i]
+              is the image of i), in lexicographic order
+              (itertools.permutations(range(n))).
+  A5          the 60 even permutations of S5, in the same order.
+  S5_swaps    S5, but the inputs are only its 10 transpositions (i j), i < j;
+              the running product still ranges over all 120 elements.
+  Z60         the cyclic group of order 60, element k, product (a + b) mod 60:
+              the abelian control (same order as A5).
 
 Composition order: the product a·b means "apply a, then b", i.e. as tuples
 (a·b)[i] = b[a[i]]. The label at position t is the running product
@@ -31,7 +32,9 @@ import numpy as np
 
 from lsm.tasks.base import Task, check_choice
 
-GROUPS = ("S3", "S5", "A5", "Z60", "S5_swaps")
+GROUPS = ("S3", "S4", "S5", "A5", "Z60", "S5_swaps")
+# Permuted points of each permutation group (A5 and S5_swaps: subsets of S5).
+_DEGREE = {"S3": 3, "S4": 4, "S5": 5, "A5": 5, "S5_swaps": 5}
 ELEMENT0 = 1  # element g is token ELEMENT0 + g
 
 
@@ -57,8 +60,7 @@ def group_table(group: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _permutations(group: str) -> list[tuple[int, ...]]:
   """The elements of a permutation group in id order (module docstring)."""
-  n = 3 if group == "S3" else 5
-  elements = list(itertools.permutations(range(n)))
+  elements = list(itertools.permutations(range(_DEGREE[group])))
   if group == "A5":
     elements = [p for p in elements if _is_even(p)]
   return elements
@@ -96,7 +98,7 @@ def element_is_even(group: str) -> np.ndarray:
   check_choice("permutation", "group", group, GROUPS)
   if group == "Z60":
     raise ValueError("permutation: group='Z60' has no permutation sign; "
-                     "expected one of S3, S5, A5, S5_swaps")
+                     "expected one of S3, S4, S5, A5, S5_swaps")
   out = np.array([_is_even(p) for p in _permutations(group)])
   out.setflags(write=False)
   return out

@@ -45,3 +45,43 @@ def test_unfinished_cell_has_no_results(tmp_path):
   workdir.mkdir(parents=True)
   (workdir / "metrics.jsonl").write_text('{"step": 6, "loss": 1.0}\n')
   assert synthetic_grid.final_results(config, workdir) is None
+
+
+@pytest.mark.parametrize("model, mixer, options", [
+    ("deltaproduct:3:2", "delta_product",
+     dict(n_householder=3, beta_scale=2.0, gated=False)),
+    ("deltaproduct:2:1", "delta_product",
+     dict(n_householder=2, beta_scale=1.0, gated=False)),
+    ("kda:2", "kda", dict(beta_scale=2.0)),
+    ("deltanet:2", "delta_net", dict(beta_scale=2.0)),
+])
+def test_model_names_reach_the_mixer(model, mixer, options):
+  """A grid model name sets the mixer and its options in the state-tracking
+  config, and the built layer has them (n_h Householder steps, the range)."""
+  from flax import nnx
+  from configs import state_tracking
+  from lsm.models.lm import LanguageModel, LMConfig
+  config, _ = synthetic_grid.cell(state_tracking.get_config, "permutation",
+                                  model, 0, 3e-3, steps=1, batch=2, out="/x",
+                                  extra="group=S4,d_model=16")
+  assert config.model.mixer == mixer
+  assert dict(config.model.mixer_kwargs[mixer]) == options
+  layer = LanguageModel(LMConfig(**config.model.to_dict()),
+                        rngs=nnx.Rngs(0)).blocks[0].mixer
+  assert layer.beta_scale == options["beta_scale"]
+  if mixer == "delta_product":
+    assert layer.n_householder == options["n_householder"]
+    assert not layer.gated
+
+
+def test_rwkv7_name_takes_no_value():
+  assert synthetic_grid.model_arg("rwkv7") == "mixer=rwkv7"
+  with pytest.raises(ValueError, match=r"'rwkv7:2': RWKV-7 has no beta_scale"):
+    synthetic_grid.model_arg("rwkv7:2")
+
+
+@pytest.mark.parametrize("model", ["deltaproduct", "deltaproduct:5:2",
+                                   "deltaproduct:2:x"])
+def test_bad_deltaproduct_name_is_clear(model):
+  with pytest.raises(ValueError, match=r"expected deltaproduct:NH:RANGE"):
+    synthetic_grid.model_arg(model)

@@ -14,7 +14,7 @@ def _elements(group):
   """The ids' meaning, rebuilt independently: tuples (or ints for Z60)."""
   if group == "Z60":
     return list(range(60))
-  n = 3 if group == "S3" else 5
+  n = {"S3": 3, "S4": 4}.get(group, 5)
   perms = list(itertools.permutations(range(n)))
   if group == "A5":
     # Even permutations: an even number of even-length cycles.
@@ -54,8 +54,8 @@ def test_labels_are_running_products(group, seed, size):
 
 
 def test_orders_chance_and_vocabulary():
-  for group, order in (("S3", 6), ("S5", 120), ("A5", 60), ("Z60", 60),
-                       ("S5_swaps", 120)):
+  for group, order in (("S3", 6), ("S4", 24), ("S5", 120), ("A5", 60),
+                       ("Z60", 60), ("S5_swaps", 120)):
     task = Permutation(group=group)
     assert task.order == order and task.vocab_size == order + 1
     assert task.chance == pytest.approx(1 / order)
@@ -85,8 +85,10 @@ def test_group_structure():
   s5, _ = group_table("S5")
   z60, _ = group_table("Z60")
   a5, _ = group_table("A5")
+  s4, _ = group_table("S4")
   assert not np.array_equal(s5, s5.T) and np.array_equal(z60, z60.T)
-  for table in (s5, z60, a5):
+  assert not np.array_equal(s4, s4.T)
+  for table in (s5, z60, a5, s4):
     g = len(table)
     # Latin square (every row and column a permutation of the ids): a group table.
     assert all(sorted(row) == list(range(g)) for row in table.tolist())
@@ -101,7 +103,7 @@ def test_bad_group():
     Permutation(group="S7")
 
 
-@pytest.mark.parametrize("group", ["S3", "S5", "A5", "S5_swaps"])
+@pytest.mark.parametrize("group", ["S3", "S4", "S5", "A5", "S5_swaps"])
 def test_element_sign_is_the_determinant_and_a_homomorphism(group):
   even = element_is_even(group)
   table, gens = group_table(group)
@@ -120,3 +122,20 @@ def test_element_sign_is_the_determinant_and_a_homomorphism(group):
 def test_element_sign_of_z60_is_refused():
   with pytest.raises(ValueError, match=r"group='Z60' has no permutation sign"):
     element_is_even("Z60")
+
+
+def test_s4_is_all_24_permutations_of_four_points_closed_under_composition():
+  table, gens = group_table("S4")
+  elements = _elements("S4")
+  assert len(set(elements)) == 24 and len(gens) == 24
+  assert elements[0] == (0, 1, 2, 3)  # id 0 is the identity
+  # The table composes the tuples (apply a, then b), element by element.
+  for a, pa in enumerate(elements):
+    for b, pb in enumerate(elements):
+      assert elements[table[a, b]] == _then(pa, pb, "S4")
+  # Inputs cover the whole group; a long word's running products reach it all.
+  ex = Permutation(group="S4").example(np.random.default_rng(0), 2000)
+  assert set(ex["inputs"].tolist()) == set(range(1, 25))
+  assert set(ex["targets"].tolist()) == set(range(1, 25))
+  # 12 even, 12 odd: the sign splits S4 in half, as it does S3 and S5.
+  assert element_is_even("S4").sum() == 12
