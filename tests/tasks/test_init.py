@@ -74,9 +74,9 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 def test_bad_option_value_and_small_sizes():
-  with pytest.raises(ValueError, match="group='S4'"):
+  with pytest.raises(ValueError, match="group='S6'"):
     make_task(TaskConfig(name="permutation", train_sizes=(1, 8),
-                         options={"group": "S4"}))
+                         options={"group": "S6"}))
   # MQAR with 8 pairs needs sizes >= 32, in training and evaluation alike.
   with pytest.raises(ValueError, match=r"train_sizes\[0\]=16"):
     make_task(TaskConfig(name="mqar", train_sizes=(16, 64)))
