@@ -1,4 +1,5 @@
-"""RMSNorm (Zhang & Sennrich 2019), optionally gated as in Mamba2/GLA outputs."""
+"""RMSNorm (Zhang & Sennrich 2019), optionally gated as in Mamba2/GLA outputs;
+per-head standardisation for the GroupNorm outputs of RetNet and RWKV-7."""
 
 import jax
 import jax.numpy as jnp
@@ -32,3 +33,14 @@ class RMSNorm(nnx.Module):
     if gate is not None:
       y = y * jax.nn.silu(gate.astype(jnp.float32))
     return y.astype(x.dtype)
+
+
+def standardize_heads(o, eps: float):
+  """Per-head GroupNorm without the affine part (RetNet's and RWKV-7's output
+  norm): [..., H, P] -> float32 [..., H * P], each head's P channels shifted
+  to zero mean and scaled to unit variance (eps added to the variance)."""
+  o = o.astype(jnp.float32)
+  mean = jnp.mean(o, -1, keepdims=True)
+  var = jnp.mean(jnp.square(o - mean), -1, keepdims=True)
+  return ((o - mean) * jax.lax.rsqrt(var + eps)).reshape(*o.shape[:-2], -1)
+

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm.layers.attention import _rope
+from lsm.layers.norm import standardize_heads
 from lsm.layers.sharding import linear as sharded_linear, param
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
@@ -104,11 +105,7 @@ class RetNet(nnx.Module):
     return q, k, self._split(self.v_proj(x), x), log_g
 
   def _output(self, o, x):
-    o = o.astype(jnp.float32)  # [..., H, V / H]
-    mean = jnp.mean(o, -1, keepdims=True)
-    var = jnp.mean(jnp.square(o - mean), -1, keepdims=True)
-    o = ((o - mean) * jax.lax.rsqrt(var + self.eps)).reshape(*o.shape[:-2], -1)
-    o = o * self.gn_scale[...] + self.gn_bias[...]
+    o = standardize_heads(o, self.eps) * self.gn_scale[...] + self.gn_bias[...]
     o = jax.nn.silu(self.g_proj(x).astype(jnp.float32)) * o
     return self.o_proj(o.astype(x.dtype)).astype(x.dtype)
 

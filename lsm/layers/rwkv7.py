@@ -68,6 +68,7 @@ import numpy as np
 from flax import nnx
 
 from lsm.layers.delta_net import _l2norm
+from lsm.layers.norm import standardize_heads
 from lsm.layers.sharding import linear as sharded_linear, param, sharded
 from lsm.ops.common import segments
 from lsm.ops.dplr import dplr_step
@@ -255,11 +256,7 @@ class RWKV7(nnx.Module):
   def _output(self, o, v, extras, x):
     """GroupNorm per head + the bonus, times the output gate, then W_o."""
     bonus, gate = extras
-    o = o.astype(jnp.float32)  # [..., H, V / H]
-    mean = jnp.mean(o, -1, keepdims=True)
-    var = jnp.mean(jnp.square(o - mean), -1, keepdims=True)
-    o = (o - mean) * jax.lax.rsqrt(var + self.eps)
-    o = o.reshape(*o.shape[:-2], self.value_dim) * self.gn_scale[...] + self.gn_bias[...]
+    o = standardize_heads(o, self.eps) * self.gn_scale[...] + self.gn_bias[...]
     extra = bonus[..., None] * v.astype(jnp.float32)
     o = (o + extra.reshape(o.shape)) * gate
     return self.o_proj(o.astype(x.dtype)).astype(x.dtype)
