@@ -1,6 +1,7 @@
 """tests/crash_retry.py: a worker's death gives its test one more run on a new
 worker; a second death, or a plain failure, still fails the run."""
 
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,9 @@ def test_a_worker_crash_is_retried_once_and_reported(tmp_path):
       [sys.executable, "-m", "pytest", "-n", "1", "-q", "-p", "tests.crash_retry",
        "-p", "no:cacheprovider", "-o", "addopts=", "-o", "timeout=60",
        "--rootdir", str(tmp_path), str(test)],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120,
+      # The caller's PYTEST_ADDOPTS (test paths, -k) would reach the inner run.
+      env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
   # test_dies_once passes on its retry; test_dies_every_time fails after one
   # retry; test_fails fails without any.
   assert out.returncode == 1, out.stdout
