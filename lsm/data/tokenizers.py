@@ -4,8 +4,10 @@ trained locally or loaded.
 
 All share one interface: ``vocab_size, pad_id, bos_id, eos_id`` attributes,
 ``encode(text) -> int32 [n]`` (no specials added) and ``decode(ids) -> str``
-(special ids skipped). pad_id is 0 in all, so zero-filled padding is padding
-whatever the tokenizer.
+(special ids skipped). ``pad_id`` is only what fills padding: padding is masked
+by position (the packer's segment ids and loss mask, the eval rows' weights),
+never by its id, so a tokenizer's pad may be any id, or its EOS where it has
+none (Llama, Mistral, Qwen and SmolLM tokenizers).
 
 Documents, as training packs them and inference prompts them (``Tokenizer``):
 each starts with ``doc_start_id``, the tokenizer's BOS, or its EOS where it has
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-# Shared special ids: the packer pads with 0 and the loss masks it.
+# The special ids of lsm's own tokenizers (byte, and those trained here).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # SentencePiece needs an unk id; the byte tokenizer never produces one.
 SP_UNK_ID = 3
@@ -125,19 +127,15 @@ class SentencePieceTokenizer(Tokenizer):
     self._proto = proto
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     self.vocab_size = int(self._sp.get_piece_size())
-    self.pad_id = int(self._sp.pad_id())
     self.bos_id = int(self._sp.bos_id())
     self.eos_id = int(self._sp.eos_id())
-    if self.pad_id != PAD_ID:
-      # The packer and the eval padding fill with zeros; a model whose pad is not 0
-      # would make those zeros real tokens.
-      raise ValueError(f"SentencePieceTokenizer: model {self.model_path!r} has "
-                       f"pad_id={self.pad_id}; expected {PAD_ID} (train it with "
-                       "train_sentencepiece)")
     if self.eos_id < 0:
       raise ValueError(f"SentencePieceTokenizer: model {self.model_path!r} has no "
                        "eos id; expected one (documents start with BOS, or EOS "
                        "where there is no BOS)")
+    # Padding is masked by position; without a pad piece it is filled with EOS.
+    pad = int(self._sp.pad_id())
+    self.pad_id = pad if pad >= 0 else self.eos_id
     _doc_specials(self, self.bos_id)
 
   def __getstate__(self):
@@ -225,12 +223,12 @@ class HFTokenizer(Tokenizer):
   """A Hugging Face ``tokenizers`` file (tokenizer.json) behind the
   ByteTokenizer interface.
 
-  pad must be id 0 (the packer pads with zeros) and an eos token must exist;
-  they are found by the usual names (``<pad>``, ``[PAD]``, ``<|endoftext|>``,
-  ``</s>``, ...). Without a bos token, ``bos_id`` and ``doc_start_id`` are the
-  eos id. A tokenizer without a pad token at 0 is refused: retrain it
-  with ``train_hf_bpe`` or add one. The tokenizer is rebuilt from its JSON when
-  pickled, so it can travel to grain worker processes.
+  An eos token must exist; specials are found by the usual names (``<pad>``,
+  ``[PAD]``, ``<|endoftext|>``, ``</s>``, ``<|begin_of_text|>``, ...) at
+  whatever ids the file gives them. Without a bos token, ``bos_id`` and
+  ``doc_start_id`` are the eos id; without a pad token, ``pad_id`` is the eos id
+  (padding is masked by position, not by id). The tokenizer is rebuilt from its
+  JSON when pickled, so it can travel to grain worker processes.
   """
 
   PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
@@ -262,10 +260,6 @@ class HFTokenizer(Tokenizer):
     self.pad_id, self.bos_id, self.eos_id = (find(self.PAD_NAMES),
                                              find(self.BOS_NAMES),
                                              find(self.EOS_NAMES))
-    if self.pad_id != PAD_ID:
-      raise ValueError(f"HFTokenizer: {self.path!r} has pad id {self.pad_id} "
-                       f"(tokens {list(self.PAD_NAMES)}); expected {PAD_ID} "
-                       "(train it with train_hf_bpe)")
     if self.eos_id is None:
       raise ValueError(f"HFTokenizer: {self.path!r} has no eos token (one of "
                        f"{list(self.EOS_NAMES)}); expected one (documents start "
@@ -273,6 +267,8 @@ class HFTokenizer(Tokenizer):
     _doc_specials(self, self.bos_id)
     if self.bos_id is None:
       self.bos_id = self.eos_id
+    if self.pad_id is None:
+      self.pad_id = self.eos_id
     self._special = {self.pad_id, self.bos_id, self.eos_id}
 
   def __getstate__(self):

@@ -7,8 +7,15 @@ n_kv_heads, the grouping ``jax.nn.dot_product_attention`` uses):
   allowed s: s <= t, and t - window < s when ``window`` is set,
 
 where q and k carry rotary position embeddings (Su et al. 2021, rotate-half
-convention as in GPT-NeoX / Llama) at their absolute positions. Absolute positions
-are what make prefill and decoding from a cache agree with the parallel forward.
+convention as in GPT-NeoX / Llama; lsm.layers.rope, with the frequency
+scalings of pretrained checkpoints) at their absolute positions. Absolute
+positions are what make prefill and decoding from a cache agree with the
+parallel forward.
+
+The options pretrained Llama-family checkpoints use (lsm.models.hf imports them):
+biases on the q, k, v projections (Qwen2) and on the output projection (Llama's
+``attention_bias``), and an RMSNorm over each head's channels of q and k before
+RoPE (Qwen3's q/k norm).
 """
 
 import functools
@@ -17,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lsm.layers.norm import RMSNorm
+from lsm.layers.rope import apply_rope, rope_frequencies
 from lsm.layers.sharding import linear as sharded_linear
 from lsm.parallel import axes, sequence
 
@@ -24,30 +33,6 @@ from lsm.parallel import axes, sequence
 # accepts them (its own implementation is XLA's), and rejects anything else.
 KNOWN_IMPLS = ("auto", "reference", "chunked", "pallas_mosaic_gpu", "pallas_triton",
                "pallas_gpu", "pallas_tpu")  # pallas_gpu: old name of pallas_triton
-
-
-def _rope(x, positions, base: float):
-  """Rotary embedding, rotate-half convention, computed in float32.
-
-  Args:
-    x: [B, T, H, K] queries or keys, K even.
-    positions: [T] or [B, T] int32 positions (per row for packed documents).
-    base: the frequency base (10000 in the paper).
-
-  Returns:
-    [B, T, H, K] in x.dtype.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, K/2]
-  angles = jnp.broadcast_to(angles, (x.shape[0], x.shape[1], half))
-  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, K/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., :half], x32[..., half:]
-  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): x * cos + rotate_half(x) * sin.
-  y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return y.astype(x.dtype)
 
 
 def _concrete_int(x):
@@ -73,6 +58,13 @@ class Attention(nnx.Module):
     head_dim: per-head width K, even (RoPE rotates pairs). Defaults to
       d_model // n_heads, which must then divide exactly.
     rope_base: RoPE frequency base.
+    rope_scaling: optional RoPE frequency scaling, a mapping as a Hugging Face
+      config's ``rope_scaling`` (lsm.layers.rope: linear, llama3, yarn).
+    qkv_bias: biases on the q, k and v projections.
+    o_bias: a bias on the output projection.
+    qk_norm: RMSNorm (scale over head_dim, epsilon ``norm_eps``) on each head
+      of q and k, before RoPE.
+    norm_eps: the q/k norms' epsilon.
     window: sliding-window length W, or None for full causal attention. Token t
       attends to positions t-W+1..t.
     impl: accepted so every mixer takes the same constructor arguments (hybrid
@@ -98,6 +90,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, *, n_heads: int, n_kv_heads: int | None = None,
                head_dim: int | None = None, rope_base: float = 10000.0,
+               rope_scaling=None, qkv_bias: bool = False, o_bias: bool = False,
+               qk_norm: bool = False, norm_eps: float = 1e-6,
                window: int | None = None, impl: str = "auto", rngs: nnx.Rngs):
     if n_heads < 1:
       raise ValueError(f"Attention: n_heads={n_heads}; expected a positive int")
@@ -125,18 +119,38 @@ class Attention(nnx.Module):
     self.n_kv_heads = n_kv_heads
     self.head_dim = head_dim
     self.rope_base = rope_base
+    # Validated here (an unknown type raises at construction, not in a trace).
+    rope_frequencies(head_dim, rope_base, rope_scaling)
+    self.rope_scaling = None if rope_scaling is None else dict(rope_scaling)
     self.window = window
     if impl not in KNOWN_IMPLS:
       raise ValueError(f"Attention: impl={impl!r} is not one of {sorted(KNOWN_IMPLS)}")
     self.impl = impl  # recorded only; see the class docstring
 
-
     linear = functools.partial(sharded_linear, rngs=rngs)
 
-    self.q_proj = linear(d_model, n_heads * head_dim, axes.EMBED, axes.HEADS)
-    self.k_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS)
-    self.v_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS)
-    self.o_proj = linear(n_heads * head_dim, d_model, axes.HEADS, axes.EMBED)
+    self.q_proj = linear(d_model, n_heads * head_dim, axes.EMBED, axes.HEADS,
+                         bias=qkv_bias)
+    self.k_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS,
+                         bias=qkv_bias)
+    self.v_proj = linear(d_model, n_kv_heads * head_dim, axes.EMBED, axes.HEADS,
+                         bias=qkv_bias)
+    self.o_proj = linear(n_heads * head_dim, d_model, axes.HEADS, axes.EMBED,
+                         bias=o_bias)
+    norm = lambda: (RMSNorm(head_dim, eps=norm_eps, axis_name=axes.STATE_K)  # noqa: E731
+                    if qk_norm else None)
+    self.q_norm, self.k_norm = nnx.data(norm()), nnx.data(norm())
+
+  def _qk(self, x, positions):
+    """Queries [B, T, H, K] and keys [B, T, n_kv_heads, K] at ``positions``:
+    projected, q/k-normed when set, rotated."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+    k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return (apply_rope(q, positions, self.rope_base, self.rope_scaling),
+            apply_rope(k, positions, self.rope_base, self.rope_scaling))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
     """An empty KV cache.
@@ -203,15 +217,12 @@ class Attention(nnx.Module):
                          "cache; expected them only for a cacheless forward "
                          "pass (decoding continues one sequence)")
       self._check_room(cache, T)
-    q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-    k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
 
     if cache is None:
       if positions is None:
         positions = jnp.arange(T, dtype=jnp.int32)
-      q = _rope(q, positions, self.rope_base)
-      k = _rope(k, positions, self.rope_base)
+      q, k = self._qk(x, positions)
       # Causal (sliding-window) attention; with a seq mesh axis, keys and values
       # are gathered over it (LASP-2H, lsm.parallel.sequence).
       o = sequence.attention(q, k, v, window=self.window, segment_ids=segment_ids)
@@ -220,8 +231,7 @@ class Attention(nnx.Module):
       max_len = cache["k"].shape[1]
       pos = cache["pos"]
       positions = pos + jnp.arange(T, dtype=jnp.int32)  # [T]
-      q = _rope(q, positions, self.rope_base)
-      k = _rope(k, positions, self.rope_base)
+      q, k = self._qk(x, positions)
       start = (0, pos, 0, 0)
       k_buf = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
                                            start)

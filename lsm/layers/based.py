@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsm.layers.attention import Attention, _rope
+from lsm.layers.attention import Attention
+from lsm.layers.rope import apply_rope
 from lsm.layers.sharding import linear as sharded_linear
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
@@ -197,8 +198,8 @@ class Based(nnx.Module):
     k = attn.k_proj(x).reshape(B, T, attn.n_kv_heads, attn.head_dim)
     v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, attn.head_dim)
     q_pos = pos + jnp.arange(T, dtype=jnp.int32)  # [T]
-    q = _rope(q, q_pos, attn.rope_base)
-    k = _rope(k, q_pos, attn.rope_base)
+    q = apply_rope(q, q_pos, attn.rope_base)
+    k = apply_rope(k, q_pos, attn.rope_base)
     # Ring slot j holds position pos - W + j (negative: before the sequence).
     k_all = jnp.concatenate([ring["k"], k.astype(jnp.float32)], axis=1)
     v_all = jnp.concatenate([ring["v"], v.astype(jnp.float32)], axis=1)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsm.layers.attention import _rope
 from lsm.layers.norm import standardize_heads
+from lsm.layers.rope import apply_rope
 from lsm.layers.sharding import linear as sharded_linear, param
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
@@ -98,8 +98,8 @@ class RetNet(nnx.Module):
 
   def _project(self, x, positions):
     """x: [B, T, D], positions [T] -> q, k [B, T, H, K], v, log_g [B, T, H]."""
-    q = _rope(self._split(self.q_proj(x), x), positions, self.rope_base)
-    k = _rope(self._split(self.k_proj(x), x), positions, self.rope_base)
+    q = apply_rope(self._split(self.q_proj(x), x), positions, self.rope_base)
+    k = apply_rope(self._split(self.k_proj(x), x), positions, self.rope_base)
     log_g = jnp.broadcast_to(retention_log_decays(self.n_heads),
                              (*x.shape[:-1], self.n_heads))
     return q, k, self._split(self.v_proj(x), x), log_g

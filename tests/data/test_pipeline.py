@@ -392,3 +392,22 @@ def test_sentencepiece_pipeline(tmp_path):
   assert _documents(batches, tok=tok) == [d["text"] for d in DOCS]
   # Subword pieces, not bytes.
   assert len(_tokens(batches)) < sum(len(d["text"]) + 1 for d in DOCS)
+
+
+def test_padding_is_masked_by_position_not_by_id():
+  """A tokenizer without a pad token pads with its EOS, which is also a real
+  token (it ends every document): the EOS that ends a document is a counted
+  target, the EOS that pads is not. The finite eval split pads its last row."""
+  from tests.data.test_tokenizers import LLAMA_TOKENIZER
+  cfg = _cfg(tokenizer="hf", tokenizer_path=LLAMA_TOKENIZER, batch_size=2)
+  docs = [{"text": "linear state " * (1 + i % 3)} for i in range(5)]
+  batches = list(pipeline.text_dataset(cfg, "test", source=docs))
+  eos = 263
+  mask = np.concatenate([b["mask"] for b in batches])
+  targets = np.concatenate([b["targets"] for b in batches])
+  segments = np.concatenate([b["segment_ids"] for b in batches])
+  padding = segments == 0
+  assert padding.any() and not mask[padding].any()
+  # Padding is filled with EOS, and real document-ending EOS targets count.
+  np.testing.assert_array_equal(targets[padding & (targets != 0)], eos)
+  assert (targets[mask] == eos).sum() == len(docs)

@@ -1,6 +1,7 @@
 """Tokenizers: lossless round trips, id ranges, a deterministic locally trained
 SentencePiece model, and clear errors."""
 
+import os
 import pickle
 
 import numpy as np
@@ -10,6 +11,10 @@ from lsm.data import tokenizers
 from lsm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
 TEXTS = ["héllo wörld", "日本語のテキスト 😀", "  two  spaces\nnew line\ttab ", "", "x"]
+# A pretrained-style tokenizer.json (tests/models/hf_fixtures/make_fixtures.py):
+# byte-level BPE, <|begin_of_text|> 262 and <|end_of_text|> 263, no pad token.
+LLAMA_TOKENIZER = os.path.join(os.path.dirname(__file__), os.pardir, "models",
+                               "hf_fixtures", "llama", "tokenizer.json")
 WORDS = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本", "the", "a",
          "of", "model", "state", "linear", "attention", "recurrent"]
 
@@ -157,14 +162,30 @@ def test_hf_errors(hf_model, tmp_path):
   bad.write_text("{not json")
   with pytest.raises(ValueError, match="not a tokenizers JSON"):
     tokenizers.HFTokenizer(str(bad))
-  # A tokenizer whose pad is not id 0 would turn the packer's zero padding into
-  # real tokens: refused.
+  import tokenizers as hf
+  t = hf.Tokenizer(hf.models.BPE())
+  t.add_special_tokens(["<pad>"])
+  t.save(str(tmp_path / "no_eos.json"))
+  with pytest.raises(ValueError, match="has no eos token"):
+    tokenizers.HFTokenizer(str(tmp_path / "no_eos.json"))
+
+
+def test_hf_special_ids_are_taken_where_the_file_puts_them(tmp_path):
+  """Pretrained tokenizers keep their own ids: a pad at 1 stays 1, and a
+  Llama-style file (BOS and EOS at the end of the vocabulary, no pad) pads with
+  its EOS (padding is masked by position)."""
   import tokenizers as hf
   t = hf.Tokenizer(hf.models.BPE())
   t.add_special_tokens(["<eos>", "<pad>"])
   t.save(str(tmp_path / "pad1.json"))
-  with pytest.raises(ValueError, match="pad id 1"):
-    tokenizers.HFTokenizer(str(tmp_path / "pad1.json"))
+  tok = tokenizers.HFTokenizer(str(tmp_path / "pad1.json"))
+  assert (tok.pad_id, tok.eos_id) == (1, 0)
+  llama = tokenizers.HFTokenizer(LLAMA_TOKENIZER)
+  assert (llama.vocab_size, llama.bos_id, llama.eos_id, llama.pad_id) == (
+      264, 262, 263, 263)
+  ids = llama.encode("a linear recurrent network")
+  assert ids.max() < 262 and llama.decode([262, *ids, 263]) == (
+      "a linear recurrent network")
 
 
 def test_documents_start_with_bos_and_end_with_eos(sp_model, hf_model):
