@@ -44,7 +44,9 @@ from lsm.layers.gdn2 import GDN2
 from lsm.layers.gla import GLA
 from lsm.layers.hedgehog import Hedgehog
 from lsm.layers.kda import KDA
+from lsm.layers.liger import LigerAttention
 from lsm.layers.lightning import Lightning
+from lsm.layers.lolcats import LolcatsAttention
 from lsm.layers.mamba import Mamba
 from lsm.layers.mamba2 import Mamba2
 from lsm.layers.mom import MoM
@@ -73,6 +75,11 @@ MIXERS = {
     "delta_product": DeltaProduct,
     "kda": KDA,
     "gdn2": GDN2,
+    # Linearised attention: a softmax attention layer's projections (same
+    # options and parameter names as "attention") with a linear mixer
+    # (lsm.models.distill converts them).
+    "lolcats": LolcatsAttention,
+    "liger": LigerAttention,
     # RWKV-7 time mixing (its channel mixing is an MLP: lsm.layers.mlp).
     "rwkv7": RWKV7,
 }

@@ -35,6 +35,33 @@ KNOWN_IMPLS = ("auto", "reference", "chunked", "pallas_mosaic_gpu", "pallas_trit
                "pallas_gpu", "pallas_tpu")  # pallas_gpu: old name of pallas_triton
 
 
+def ring_window_attention(q, k, v, ring, window: int):
+  """Sliding-window attention of T new tokens over a ring of the previous
+  ``window`` keys and values and their own: the decoding form of an attention
+  window (Based's and Liger's window branches).
+
+  Args:
+    q: [B, T, H, K] rotated queries at positions pos..pos+T-1.
+    k, v: [B, T, Hkv, K] their rotated keys and values.
+    ring: {"k", "v": [B, W, Hkv, K] (slot j: position pos - W + j; negative
+      positions are empty), "pos": int32 scalar}.
+    window: W.
+
+  Returns:
+    (o [B, T, H, K] in q.dtype, the ring advanced by T).
+  """
+  T, W, pos = q.shape[1], window, ring["pos"]
+  q_pos = pos + jnp.arange(T, dtype=jnp.int32)
+  k_all = jnp.concatenate([ring["k"], k.astype(ring["k"].dtype)], axis=1)
+  v_all = jnp.concatenate([ring["v"], v.astype(ring["v"].dtype)], axis=1)
+  k_pos = jnp.concatenate([pos - W + jnp.arange(W, dtype=jnp.int32), q_pos])
+  mask = ((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - W)
+          & (k_pos[None, :] >= 0))  # [T, W + T]
+  o = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                   mask=mask[None, None], implementation=None)
+  return o, {"k": k_all[:, T:], "v": v_all[:, T:], "pos": pos + T}
+
+
 def _concrete_int(x):
   """int(x) when x is a concrete value, None when it is traced (under jit)."""
   try:

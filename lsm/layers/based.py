@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lsm.layers.attention import Attention
-from lsm.layers.rope import apply_rope
+from lsm.layers.attention import Attention, ring_window_attention
 from lsm.layers.sharding import linear as sharded_linear
 from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
@@ -194,22 +193,11 @@ class Based(nnx.Module):
     attn, W = self.attn, self.window
     B, T, _ = x.shape
     pos = ring["pos"]
-    q = attn.q_proj(x).reshape(B, T, attn.n_heads, attn.head_dim)
-    k = attn.k_proj(x).reshape(B, T, attn.n_kv_heads, attn.head_dim)
+    q, k = attn._qk(x, pos + jnp.arange(T, dtype=jnp.int32))  # rotated
     v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, attn.head_dim)
-    q_pos = pos + jnp.arange(T, dtype=jnp.int32)  # [T]
-    q = apply_rope(q, q_pos, attn.rope_base)
-    k = apply_rope(k, q_pos, attn.rope_base)
-    # Ring slot j holds position pos - W + j (negative: before the sequence).
-    k_all = jnp.concatenate([ring["k"], k.astype(jnp.float32)], axis=1)
-    v_all = jnp.concatenate([ring["v"], v.astype(jnp.float32)], axis=1)
-    k_pos = jnp.concatenate([pos - W + jnp.arange(W, dtype=jnp.int32), q_pos])
-    mask = ((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - W)
-            & (k_pos[None, :] >= 0))  # [T, W + T]
-    o = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                     mask=mask[None, None], implementation=None)
+    o, ring = ring_window_attention(q, k, v, ring, W)
     y = attn.o_proj(o.reshape(B, T, attn.n_heads * attn.head_dim)).astype(x.dtype)
-    return y, {"k": k_all[:, T:], "v": v_all[:, T:], "pos": pos + T}
+    return y, ring
 
   def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """x: [B, T, D] -> (y [B, T, D], cache or None). Packed rows (no cache):

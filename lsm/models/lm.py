@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm import layers
+from lsm.layers import lora as lora_lib
 from lsm.layers.mlp import RWKV7ChannelMix, SwiGLU
 from lsm.layers.norm import RMSNorm
 from lsm.layers.sharding import sharded
@@ -59,6 +60,9 @@ class LMConfig:
     chunk_size: chunk length for the chunked ops.
     mixer_kwargs: per-mixer-name options, e.g. {"delta_net": {"beta_scale": 2.0}}.
     norm_eps: RMSNorm epsilon.
+    lora: optional low-rank adapters on the mixers' projections
+      (lsm.layers.lora): {"rank": r, "alpha": a, "targets": names such as
+      ("q_proj", "k_proj", "v_proj", "o_proj")}; None for none.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -76,6 +80,7 @@ class LMConfig:
   mixer_kwargs: Mapping[str, Mapping] = dataclasses.field(default_factory=dict,
                                                           hash=False)
   norm_eps: float = 1e-6
+  lora: Mapping | None = dataclasses.field(default=None, hash=False)
 
   def __post_init__(self):
     valid = sorted(layers.MIXERS)
@@ -101,6 +106,8 @@ class LMConfig:
                          f"expected one of {valid}")
     object.__setattr__(self, "mixer_kwargs",
                        {k: dict(v) for k, v in self.mixer_kwargs.items()})
+    if self.lora is not None:
+      object.__setattr__(self, "lora", lora_lib.check_options(self.lora))
 
   @property
   def layer_mixers(self) -> tuple[str, ...]:
@@ -215,6 +222,8 @@ class LanguageModel(nnx.Module):
                                                   axes.VOCAB, axes.EMBED))
     self.blocks = nnx.List([Block(m, cfg, rngs=rngs, layer_index=i)
                             for i, m in enumerate(cfg.layer_mixers)])
+    if cfg.lora is not None:
+      lora_lib.add_adapters(self.blocks, cfg.lora, rngs)
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
         cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,

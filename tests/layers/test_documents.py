@@ -34,6 +34,8 @@ CASES = {
     "delta_product": {}, "kda": {}, "gdn2": {},
     # RWKV-7: the state and the token shift restart per document.
     "rwkv7": {},
+    # Linearised attention: window and state both confined to the document.
+    "lolcats": dict(local_window=4), "liger": dict(local_window=4),
 }
 
 

@@ -160,8 +160,21 @@ def _delta(d, o, gated, conv=4):
 
 
 def _attention(d, o):
+  """q, o: d x H K; k, v: d x Hkv K; biases on q, k, v (and o); per-head
+  q/k norm scales (Qwen3)."""
   h = o["n_heads"]
-  return 4 * d * (d // h) * h  # q, k, v, o; n_kv_heads = n_heads, head_dim = d / h
+  kv, hd = o.get("n_kv_heads") or h, o.get("head_dim") or d // h
+  n = 2 * d * h * hd + 2 * d * kv * hd
+  n += (h * hd + 2 * kv * hd) * bool(o.get("qkv_bias")) + d * bool(o.get("o_bias"))
+  return n + 2 * hd * bool(o.get("qk_norm"))
+
+
+def _lolcats(d, o):
+  """The attention's, plus two Hedgehog maps (W [H, K, F], b [H, F]) and a
+  window factor per head."""
+  h, hd = o["n_heads"], o.get("head_dim") or d // o["n_heads"]
+  f = o.get("feature_dim") or hd
+  return _attention(d, o) + 2 * (h * hd * f + h * f) + h
 
 
 def _ssm(d, o, n=64):
@@ -251,7 +264,7 @@ MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, o: _delta(d, o, False),
                "lightning": _lightning, "retnet": _retnet, "based": _based,
                "hedgehog": _hedgehog, "mom": _mom, "delta_product": _delta_product,
                "kda": _kda, "gdn2": lambda d, o: _kda(d, o, gdn2=True),
-               "rwkv7": _rwkv7}
+               "rwkv7": _rwkv7, "lolcats": _lolcats, "liger": _attention}
 
 
 def _mlp_count(d, mlp):
@@ -287,6 +300,27 @@ def test_preset_parameter_counts_match_closed_form(size, mixer):
   assert n == closed_form(cfg)
   mixing = flops_per_token(cfg, n, 2048) - 6.0 * n
   assert 0 < mixing < 6.0 * n, mixing  # the mixers' own term, below the weights'
+
+
+@pytest.mark.parametrize("options", [
+    dict(n_kv_heads=2, head_dim=24, qkv_bias=True, qk_norm=True),
+    dict(n_kv_heads=1, qkv_bias=True, o_bias=True, feature_dim=8)])
+@pytest.mark.parametrize("mixer", ["attention", "lolcats", "liger"])
+def test_imported_attention_options_and_adapters_match_closed_form(mixer, options):
+  """Grouped keys, explicit head dims, biases, q/k norms, and LoRA adapters
+  (rank r: d_in r + r d_out per adapted projection)."""
+  if mixer != "lolcats":
+    options = {k: v for k, v in options.items() if k != "feature_dim"}
+  cfg = LMConfig(vocab_size=50, d_model=48, n_layers=2, n_heads=4, mixer=mixer,
+                 mixer_kwargs={mixer: options})
+  model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  assert count_params(model) == closed_form(cfg)
+  lora = LMConfig(**{**cfg.__dict__, "lora": {"rank": 3,
+                                              "targets": ["q_proj", "o_proj"]}})
+  adapted = nnx.eval_shape(lambda: LanguageModel(lora, rngs=nnx.Rngs(0)))
+  h, hd = 4, options.get("head_dim", 12)
+  per_layer = 3 * (48 + h * hd) + 3 * (h * hd + 48)
+  assert count_params(adapted) == closed_form(cfg) + 2 * per_layer
 
 
 def test_rwkv7_channel_mixing_count_and_the_swiglu_option():

@@ -46,6 +46,13 @@ FLOAT32 = {
     "mamba2": ("conv.bias", "dt_bias", "A_log", "D", "norm.scale"),
     # Projections only.
     "attention": (),
+    # Qwen-style options (imported checkpoints): q/k/v biases, q/k norms.
+    "attention:qwen": ("q_proj.bias", "k_proj.bias", "v_proj.bias",
+                       "q_norm.scale", "k_norm.scale"),
+    # LoLCATs: the feature maps' biases and the window factors; W is a matrix.
+    "lolcats": ("fq_b", "fk_b", "window_factor"),
+    # Liger: the attention's projections, nothing new.
+    "liger": (),
     # Fixed decays lambda_h (not parameters); SRMSNorm has no scale.
     "lightning": (),
     # Fixed gamma_h; GroupNorm's per-channel scale and bias.
@@ -75,7 +82,8 @@ FLOAT32 = {
     # factors are matrices.
     "rwkv7": ("mu", "w0", "a0", "k_k", "k_a", "r_k", "gn_scale", "gn_bias"),
 }
-KWARGS = {"mom:gla": {"memory": "gla"}, "delta_product:ungated": {"gated": False}}
+KWARGS = {"mom:gla": {"memory": "gla"}, "delta_product:ungated": {"gated": False},
+          "attention:qwen": {"qkv_bias": True, "qk_norm": True}}
 # Cases built with another block MLP (LMConfig.mlp): rwkv7 with its paper's
 # channel mixing, whose mu_k (token-shift gains) stays float32; its key and
 # value maps are matrices.
