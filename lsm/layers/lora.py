@@ -120,3 +120,14 @@ def merge(params: dict, lora: Mapping) -> dict:
     return {k: walk(v) for k, v in tree.items()}
 
   return walk(params)
+
+
+def without_adapters(params: dict) -> dict:
+  """``params`` with every ``lora_b`` zeroed: the adapted model computes the
+  unadapted one (the teacher of a LoRA fine-tune), in the same layout."""
+  def walk(tree):
+    if not isinstance(tree, dict):
+      return tree
+    return {k: (jnp.zeros_like(v) if k == "lora_b" else walk(v))
+            for k, v in tree.items()}
+  return walk(params)

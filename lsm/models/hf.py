@@ -277,6 +277,12 @@ class _Shards:
     return self._file(name).get_slice(name)
 
 
+def check_weights(path) -> None:
+  """Raises (naming the file) unless the checkpoint's safetensors files, and
+  every shard its index names, are there. Reads only the index."""
+  _Shards(os.fspath(path))
+
+
 def load_params(path, cfg: LMConfig | None = None, *, shardings=None,
                 dtype=jnp.float32) -> dict:
   """The checkpoint's weights as lsm parameters (a pure dict, the layout of

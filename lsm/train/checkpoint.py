@@ -106,6 +106,13 @@ def settings_diff(saved: Mapping, current: Mapping) -> list[str]:
         f"optim.clip_norm: checkpoint has {old['optim'].get('clip_norm')!r}, "
         f"config has {new['optim'].get('clip_norm')!r} (the optimiser chain "
         f"{'loses' if clip[0] else 'gains'} its clipping part)")
+  # A linearisation stage's state is not another stage's (lsm.train.linearize).
+  lin_old, lin_new = old.get("linearize") or {}, new.get("linearize") or {}
+  for field in ("stage", "student", "teacher"):
+    if lin_old.get(field) != lin_new.get(field):
+      lines.append(f"linearize.{field}: checkpoint has {lin_old.get(field)!r}, "
+                   f"config has {lin_new.get(field)!r} (each linearisation "
+                   "stage is its own run, in its own workdir)")
   data_old, data_new = old.get("data", {}), new.get("data", {})
   for field in DATA_POSITION_FIELDS:
     if field in data_old and _normal(data_old[field]) != _normal(

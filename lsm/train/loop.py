@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lsm.data import text_builder
+from lsm.layers import lora as lora_lib
 from lsm.data.pipeline import (ROW_LAYOUT, DataConfig, default_shards,
                                 make_dataset,
                                 make_tokenizer_for, masked_like,
@@ -30,6 +31,7 @@ from lsm.tasks.metrics import scaled_accuracy
 from lsm.train import checkpoint as ckpt_lib
 from lsm.train import cli
 from lsm.train import distributed
+from lsm.train import linearize as linearize_lib
 from lsm.train import metrics as metrics_lib
 from lsm.train import optim
 from lsm.train import state as state_lib
@@ -103,18 +105,24 @@ class TrainingDiverged(RuntimeError):
 
 
 SECTIONS = {"model": LMConfig, "data": DataConfig, "optim": optim.OptimConfig,
-            "train": TrainConfig, "mesh": MeshConfig, "task": TaskConfig}
+            "train": TrainConfig, "mesh": MeshConfig, "task": TaskConfig,
+            "linearize": linearize_lib.LinearizeConfig}
+# Sections a config may leave out.
+OPTIONAL = ("task", "linearize")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """The typed sections of a run config; ``task`` only for synthetic tasks."""
+  """The typed sections of a run config; ``task`` only for synthetic tasks,
+  ``linearize`` only for runs that linearise a teacher (lsm.train.linearize:
+  the model section is then derived from the teacher when left empty)."""
   model: LMConfig
   data: DataConfig
   optim: optim.OptimConfig
   train: TrainConfig
   mesh: MeshConfig
   task: TaskConfig | None = None
+  linearize: linearize_lib.LinearizeConfig | None = None
 
   @classmethod
   def from_config(cls, config) -> "RunConfig":
@@ -126,16 +134,23 @@ class RunConfig:
       raise ValueError(f"config sections {extra}: unknown; expected "
                        f"{sorted(SECTIONS)}")
     sections = {}
+    derive_model = False
     for name, typ in SECTIONS.items():
       section = config.get(name)
-      if section is None and name == "task":
+      if section is None and name in OPTIONAL:
         continue
       section = section.to_dict() if hasattr(section, "to_dict") else (
           dict(section or {}))
+      if name == "model" and not section and config.get("linearize"):
+        derive_model = True  # the student of the teacher, below
       try:
         sections[name] = typ(**section)
       except (TypeError, ValueError) as e:
         raise ValueError(cli.section_message(name, e, section)) from None
+    if derive_model:
+      lin = sections["linearize"]
+      sections["model"] = linearize_lib.student_config(
+          lin, linearize_lib.teacher_config(lin.teacher))
     if sections["data"].source == "task" and "task" not in sections:
       raise ValueError("data.source='task': the config has no task section; "
                        "expected one (name, train_sizes, eval_sizes, options)")
@@ -248,6 +263,8 @@ def check_inputs(run: RunConfig, source=None) -> tuple[int | None, str]:
   """The data source, tokenizer and task exist and can be read, without
   writing anything. Returns (vocabulary size the data needs, its name)."""
   data = run.data
+  if run.linearize is not None:
+    linearize_lib.check_sources(run.linearize)
   if data.source == "task":
     # Records passed in carry their own tokens; a named task has a vocabulary.
     return (None, "") if source is not None else (
@@ -261,6 +278,23 @@ def check_inputs(run: RunConfig, source=None) -> tuple[int | None, str]:
   except (ValueError, OSError, RuntimeError) as e:
     raise ValueError(f"data.tokenizer_path={data.tokenizer_path!r}: "
                      f"{cli.one_line(e)}") from None
+
+
+def make_optimizer(run: RunConfig):
+  """(optimizer, schedule, objective) of a run: AdamW over every parameter and
+  the next-token loss, or for a linearisation stage over the parameters it
+  trains (the others frozen, without optimiser state) and its objective."""
+  objective, trainable = step_lib.Objective(), None
+  lin = run.linearize
+  if lin is not None:
+    trainable = linearize_lib.trainable_mask(
+        lin, run.model, linearize_lib.teacher_config(lin.teacher))
+    objective = step_lib.Objective(kind=linearize_lib.objective_kind(lin),
+                                   kl_weight=lin.kl_weight, trainable=trainable)
+  optimizer, schedule = optim.make_optimizer(
+      run.optim, run.train.num_steps, state_lib.float32_mask(run.model),
+      trainable)
+  return optimizer, schedule, objective
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -314,8 +348,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   else:
     eval_sets = {"eval_": source}
   _check_shapes(run, mesh, data_vocab, what)
-  optimizer, schedule = optim.make_optimizer(
-      run.optim, run.train.num_steps, state_lib.float32_mask(run.model))
+  lin = run.linearize
+  optimizer, schedule, objective = make_optimizer(run)
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   meta = {"model": _jsonable(run.model), "config": _jsonable(run),
           "process_count": jax.process_count(), "row_layout": ROW_LAYOUT}
@@ -348,7 +382,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   dtype = run.train.compute_dtype  # resolved: "float32" or "bfloat16"
   train_step = jax.jit(
       step_lib.make_train_step(setup, schedule, grad_accum=run.train.grad_accum,
-                               compute_dtype=dtype),
+                               compute_dtype=dtype, objective=objective),
       in_shardings=(setup.shardings, setup.batch_sharding),
       out_shardings=(setup.shardings, None), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(setup, compute_dtype=dtype),
@@ -361,6 +395,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                 **process))
   if restored is None:
     state, start = state_lib.create(setup, run.train.seed), 0
+    if lin is not None:
+      state["params"] = linearize_lib.initial_params(
+          lin, linearize_lib.teacher_config(lin.teacher), state["params"],
+          setup.shardings["params"])
+      log.info("linearize %s: %s from %s, %d of %d parameters train", lin.stage,
+               lin.student, lin.init or lin.teacher,
+               sum(int(x.size) for x, t in zip(
+                   jax.tree.leaves(state["params"]),
+                   jax.tree.leaves(objective.trainable))
+                   if t), setup.n_params)
     log.info("starting from step 0 (%d parameters)", setup.n_params)
   else:
     start, state, position = restored
@@ -475,7 +519,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     writer.close()
   if stopping:
     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+  if lin is not None and run.model.lora is not None and step == run.train.num_steps:
+    _write_merged(run, workdir, state, data_iter, mesh)
   return history
+
+
+def _write_merged(run: RunConfig, workdir: Path, state, data_iter, mesh):
+  """The finished LoRA finetune's student with its adapters merged into the
+  kernels, as an lsm run of its own: ``<workdir>/merged`` (config.json with
+  the model section, no linearize section; one checkpoint at the final step
+  with a fresh optimiser state for further training)."""
+  merged_run = dataclasses.replace(
+      run, model=dataclasses.replace(run.model, lora=None), linearize=None)
+  optimizer, _ = optim.make_optimizer(run.optim, run.train.num_steps,
+                                      state_lib.float32_mask(merged_run.model))
+  setup = state_lib.build(merged_run.model, optimizer, mesh, run.mesh.rules)
+  params = jax.jit(lambda p: lora_lib.merge(p, run.model.lora),
+                   out_shardings=setup.shardings["params"])(state["params"])
+  merged = jax.jit(lambda p: {**state_lib.init_state(merged_run.model, optimizer, 0),
+                              "params": p, "step": state["step"]},
+                   out_shardings=setup.shardings)(params)
+  directory = workdir / linearize_lib.MERGED
+  checkpointer = ckpt_lib.Checkpointer(directory, every=0, keep=1,
+                                       async_save=False)
+  meta = {"model": _jsonable(merged_run.model), "config": _jsonable(merged_run),
+          "process_count": jax.process_count(), "row_layout": ROW_LAYOUT}
+  try:
+    checkpointer.save(int(state["step"]), merged, data_iter, meta, force=True)
+  finally:
+    checkpointer.close()
+  if jax.process_index() == 0:
+    (directory / "config.json").write_text(json.dumps(_jsonable(merged_run),
+                                                      indent=2))
+  log.info("merged the adapters: %s", directory)
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -483,8 +559,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   """The LanguageModel of a run's checkpoint (default: the newest step), for
   evaluation, decoding or analysis. Returns (step, model)."""
   run = RunConfig.from_config(config)
-  optimizer, _ = optim.make_optimizer(run.optim, run.train.num_steps,
-                                      state_lib.float32_mask(run.model))
+  optimizer, _, _ = make_optimizer(run)
   mesh = make_mesh(run.mesh, devices)
   setup = state_lib.build(run.model, optimizer, mesh, run.mesh.rules)
   checkpointer = ckpt_lib.Checkpointer(workdir, every=0, keep=1)

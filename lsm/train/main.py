@@ -143,6 +143,9 @@ def summary(workdir: Path, run, argv) -> str:
              (k.endswith("loss") or k.endswith("scaled_accuracy"))}
     lines.append(f"step {step}: " + ", ".join(
         f"{k.replace('_', ' ')} {v:.4f}" for k, v in sorted(shown.items())))
+  if (workdir / "merged" / "config.json").is_file():
+    lines.append(f"merged       {workdir / 'merged'} (the student, adapters "
+                 "merged: evaluate it with --workdir there)")
   lines += [f"checkpoints  {workdir / 'checkpoints'}",
             f"metrics      {workdir / 'metrics.jsonl'}",
             f"tensorboard  tensorboard --logdir {workdir / 'tensorboard'}"]
@@ -192,6 +195,21 @@ def _config_package_on_path(argv: list[str]):
 def run():
   _config_package_on_path(sys.argv)
   cli.run(main, PROG)
+
+
+def linearize_main(argv):
+  """``lsm-linearize``: lsm-train for configs with a linearize section
+  (configs/linearize.py; lsm.train.linearize)."""
+  if not _CONFIG.value or not _CONFIG.value.get("linearize"):
+    raise cli.UsageError("--config has no linearize section; expected a "
+                         "linearisation config such as configs/linearize.py "
+                         "(lsm-train runs the others)")
+  main(argv)
+
+
+def run_linearize():
+  _config_package_on_path(sys.argv)
+  cli.run(linearize_main, "lsm-linearize")
 
 
 if __name__ == "__main__":

@@ -117,17 +117,24 @@ def decay_mask(params, float32_mask: Any = None):
   ``Float32Param``s: ``lsm.train.state.float32_mask``; None marks nothing)."""
   if float32_mask is None:
     return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-  return jax.tree.map(lambda x, keep: jnp.ndim(x) >= 2 and not keep,
-                      params, float32_mask)
+  # Under make_optimizer's ``trainable``, frozen parameters arrive as
+  # optax.MaskedNode subtrees; they stay MaskedNodes in the mask.
+  return jax.tree.map(
+      lambda keep, x: x if isinstance(x, optax.MaskedNode) else (
+          jnp.ndim(x) >= 2 and not keep), float32_mask, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, float32_mask: Any
+def make_optimizer(cfg: OptimConfig, total_steps: int, float32_mask: Any,
+                   trainable: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule): clip, then AdamW with the decay mask.
 
   float32_mask: the model's marks, ``lsm.train.state.float32_mask(model_cfg)``;
   the marked parameters are never decayed. None marks nothing (every matrix is
-  decayed): for parameter trees that come from no lsm model."""
+  decayed): for parameter trees that come from no lsm model.
+  trainable: optional bool tree shaped like the parameters; False leaves are
+  frozen (zero updates, no optimiser state: optax.multi_transform), and
+  clipping sees the trainable gradients only."""
   schedule = make_schedule(cfg, total_steps)
   parts = []
   if cfg.clip_norm:
@@ -135,4 +142,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, float32_mask: Any
   parts.append(optax.adamw(
       schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
       mask=lambda p: decay_mask(p, float32_mask)))
-  return optax.chain(*parts), schedule
+  chain = optax.chain(*parts)
+  if trainable is not None:
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    chain = optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()},
+                                  labels)
+  return chain, schedule

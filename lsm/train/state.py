@@ -76,10 +76,13 @@ def build(model_cfg: LMConfig, optimizer: optax.GradientTransformation,
                           is_leaf=lambda x: isinstance(x, P))
   shapes = jax.eval_shape(lambda: init_state(model_cfg, optimizer, 0))
   replicated = NamedSharding(mesh, P())
+  # Frozen parameters (make_optimizer's ``trainable``) have no optimiser state:
+  # optax.MaskedNode in place of their moments.
   opt_sh = optax.tree_map_params(
-      optimizer, lambda _, sh: sh, shapes["opt_state"], param_sh,
+      optimizer, lambda v, sh: v if isinstance(v, optax.MaskedNode) else sh,
+      shapes["opt_state"], param_sh,
       transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
   shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh,
                "bad_steps": replicated, "skipped": replicated}
   abstract = jax.tree.map(

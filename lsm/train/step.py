@@ -19,11 +19,16 @@ state keep their old values, ``bad_steps`` counts the streak and ``skipped`` the
 total; the loop stops the run when the streak grows too long.
 """
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lsm.layers import lora
+from lsm.models import distill
 from lsm.models.lm import logits_and_aux_loss
 from lsm.models.loss import cross_entropy
 from lsm.train.state import Setup
@@ -90,31 +95,79 @@ def _logits(setup, params, batch, dtype):
   return model(batch["inputs"], **_documents(batch))[0]
 
 
-def _sums(setup, params, batch, dtype):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What the train step minimises (per target token, summed then divided by
+  the count).
+
+  Attributes:
+    kind: "lm" (next-token cross entropy plus the mixers' auxiliary losses),
+      "transfer" (attention transfer: the converted layers' output MSE against
+      the softmax attention they replace, lsm.models.distill; reported as
+      ``loss``) or "lm_kl" (cross entropy plus ``kl_weight`` times
+      KL(teacher || student) per token, the teacher being the same parameters
+      with LoRA adapters zeroed and converted layers as softmax attention;
+      the weighted KL is reported in ``aux_loss``).
+    kl_weight: the KL term's weight ("lm_kl").
+    trainable: optional bool tree shaped like the parameters: False leaves
+      are held constant (stop_gradient), so their gradients are zero and the
+      backward pass skips them.
+  """
+  kind: str = "lm"
+  kl_weight: float = 0.0
+  trainable: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+  def __post_init__(self):
+    if self.kind not in ("lm", "transfer", "lm_kl"):
+      raise ValueError(f"Objective.kind={self.kind!r}; expected lm, transfer "
+                       "or lm_kl")
+
+
+def _sums(setup, params, batch, dtype, objective: Objective = Objective()):
   """(sum of token losses + aux * count, (sum of correct, number of target
   tokens, sum of token losses, aux * count)).
 
   aux is the sum of the mixers' auxiliary losses (MoM's load balancing; 0 for
-  other models), weighted by the target-token count so that dividing by the
-  total count, as the step does, adds the (count-weighted mean) aux loss to the
-  mean token loss, with or without gradient accumulation."""
+  other models; plus the weighted KL for "lm_kl"), weighted by the
+  target-token count so that dividing by the total count, as the step does,
+  adds the (count-weighted mean) aux loss to the mean token loss, with or
+  without gradient accumulation."""
+  if objective.trainable is not None:
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
+                          params, objective.trainable)
   model = nnx.merge(setup.graphdef, cast_params(params, setup.float32_mask, dtype))
-  logits, aux = logits_and_aux_loss(model, batch["inputs"], **_documents(batch))
   mask = batch["mask"].astype(jnp.float32)
+  count = jnp.sum(mask)
+  docs = _documents(batch)
+  if objective.kind == "transfer":
+    loss_sum, _ = distill.attention_transfer(model, batch["inputs"], mask, **docs)
+    zero = jnp.zeros((), jnp.float32)
+    return loss_sum, (zero, count, loss_sum, zero)
+  logits, aux = logits_and_aux_loss(model, batch["inputs"], **docs)
   loss, acc = cross_entropy(logits, batch["targets"], mask)
   # cross_entropy divides by max(count, 1); multiplying back gives exact sums.
-  denom = jnp.maximum(jnp.sum(mask), 1.0)
+  denom = jnp.maximum(count, 1.0)
   loss_sum, aux_sum = loss * denom, aux * denom
-  return loss_sum + aux_sum, (acc * denom, jnp.sum(mask), loss_sum, aux_sum)
+  if objective.kind == "lm_kl":
+    teacher = nnx.merge(setup.graphdef, cast_params(
+        lora.without_adapters(jax.lax.stop_gradient(params)),
+        setup.float32_mask, dtype))
+    log_t = jax.nn.log_softmax(jax.lax.stop_gradient(
+        distill.teacher_logits(teacher, batch["inputs"], **docs)), -1)
+    log_s = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1)
+    aux_sum = aux_sum + objective.kl_weight * jnp.sum(kl * mask)
+  return loss_sum + aux_sum, (acc * denom, count, loss_sum, aux_sum)
 
 
 def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int = 1,
-                    compute_dtype=jnp.float32):
+                    compute_dtype=jnp.float32, objective: Objective = Objective()):
   """step(state, batch) -> (state, metrics). Batch rows: a multiple of grad_accum.
-  compute_dtype: a dtype or a ``train.compute_dtype`` name."""
+  compute_dtype: a dtype or a ``train.compute_dtype`` name; objective: what
+  the step minimises (``Objective``; the next-token loss by default)."""
   optimizer, dtype = setup.optimizer, _dtype(compute_dtype)
   grad_fn = jax.value_and_grad(
-      lambda p, b: _sums(setup, p, b, dtype), has_aux=True)
+      lambda p, b: _sums(setup, p, b, dtype, objective), has_aux=True)
 
   def gradients(params, batch):
     if grad_accum == 1:
@@ -165,6 +218,8 @@ def make_train_step(setup: Setup, schedule: optax.Schedule, *, grad_accum: int =
         "target_tokens": count, "nonfinite": (~finite).astype(jnp.int32),
         "bad_steps": new_state["bad_steps"],
     }
+    if objective.kind == "transfer":
+      del metrics["accuracy"]  # no logits in attention transfer
     return new_state, metrics
 
   return step
