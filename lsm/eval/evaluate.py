@@ -2,7 +2,7 @@ r"""``lsm-eval``: a run's checkpoint on held-out data, at any length.
 
 lsm-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024] \
   [--data=text:GLOB | tfds:NAME] [--bucket=16] [--eval_tokens=65536] [--out=DIR] \
-  [--harness_tasks=hellaswag,piqa [--harness_include=DIR]]
+  [--harness_tasks=hellaswag,piqa [--harness_include=DIR]] [--teacher=run|DIR]
 
 Language-model runs: held-out loss and perplexity at each length (default 1x,
 2x, 4x and 8x the training length), read as rows of that many packed tokens
@@ -19,6 +19,14 @@ Synthetic-task runs: loss, accuracy, sequence and scaled accuracy at each task
 size (default: the run's eval sizes). Writes ``eval.json``, ``eval.csv`` and
 ``eval.png`` (loss vs position, one line per length; accuracy vs size for
 tasks) to ``--out`` (default ``<workdir>/eval/step_<N>``).
+
+Linearised students (lsm-linearize): ``--teacher=run`` (the run's recorded
+teacher) or ``--teacher=DIR`` (a Hugging Face checkpoint or an lsm run)
+evaluates the teacher on the same rows and harness tasks, side by side. Every
+language-model report also gives each model's decoding cost
+(``decode_profile``): cache bytes per token of context (what grows with the
+context: attention's keys and values; 0 for a linear model) and the fixed
+part, and greedy decoding tokens/s at batch 1.
 """
 
 import csv
@@ -67,6 +75,13 @@ _HARNESS_INCLUDE = flags.DEFINE_string(
 _HARNESS_LIMIT = flags.DEFINE_integer(
     "harness_limit", None, "At most this many examples per harness task.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+_TEACHER = flags.DEFINE_string(
+    "teacher", None, "Also evaluate a teacher on the same data: run (a "
+    "linearised run's recorded linearize.teacher) or a directory (a Hugging "
+    "Face checkpoint or an lsm run).")
+_DECODE_TOKENS = flags.DEFINE_integer(
+    "decode_tokens", 64, "Tokens decoded (batch 1) to time each model; 0 "
+    "skips the decoding profile.", lower_bound=0)
 
 PROG = "lsm-eval"
 log = logging.getLogger(__name__)
@@ -236,6 +251,56 @@ def evaluate_lm(run, lengths, *, data, split, eval_tokens, batch_tokens, bucket,
   return results
 
 
+def _tree_bytes(tree) -> int:
+  import jax
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_profile(model, context: int, n_tokens: int) -> dict:
+  """A model's decoding cost: cache bytes per token of context (the growth
+  from ``context`` to 2 ``context`` positions) and at ``context``, and greedy
+  tokens/s at batch 1 over ``n_tokens`` (compiled first, then timed)."""
+  import time
+  import jax
+  import jax.numpy as jnp
+  from lsm.models.decoding import generate
+  small = _tree_bytes(jax.eval_shape(lambda: model.init_cache(1, context)))
+  large = _tree_bytes(jax.eval_shape(lambda: model.init_cache(1, 2 * context)))
+  out = {"cache_bytes_per_token": (large - small) / context,
+         "cache_bytes_at_context": small, "context": context}
+  if n_tokens:
+    prompt = jnp.ones((1, 1), jnp.int32)
+    generate(model, prompt, max_new_tokens=n_tokens).block_until_ready()
+    start = time.perf_counter()
+    generate(model, prompt, max_new_tokens=n_tokens).block_until_ready()
+    out["decode_tokens_per_s"] = n_tokens / (time.perf_counter() - start)
+  return out
+
+
+def load_teacher(spec: str, config):
+  """(label, model) of ``--teacher``: "run" (the linearised run's recorded
+  teacher) or a directory (Hugging Face checkpoint or lsm run)."""
+  from types import SimpleNamespace
+  from lsm.models import hf
+  from lsm.train import restore
+  if spec == "run":
+    if config.linearize is None:
+      raise cli.UsageError("--teacher=run: this run records no teacher (no "
+                           "linearize section); expected --teacher=DIR")
+    spec = config.linearize.teacher
+  path = Path(spec)
+  if not (path / "config.json").is_file():
+    raise cli.UsageError(f"--teacher={spec}: no config.json there; expected a "
+                         "Hugging Face checkpoint or an lsm run directory")
+  if "model_type" in json.loads((path / "config.json").read_text()):
+    try:
+      model, _ = hf.load(path)
+    except ValueError as e:
+      raise cli.UsageError(f"--teacher={spec}: {cli.one_line(e)}") from None
+    return str(path), SimpleNamespace(model=model)
+  return str(path), restore.open_run(path)
+
+
 def task_source(run, task, size: int, examples: int):
   """The held-out examples of ``size``: the trainer's own eval stream for its
   eval sizes, a distinct seeded stream for any other size."""
@@ -364,6 +429,16 @@ def main(argv):
       config.data, _DATA.value, _SPLIT.value, out)
   bucket = _BUCKET.value or max(1, config.data.seq_len // 8)
   batch_tokens = _BATCH_TOKENS.value or config.data.batch_size * config.data.seq_len
+  if _TEACHER.value and is_task:
+    raise cli.UsageError(f"--teacher={_TEACHER.value}: needs a text run; this "
+                         "one trains a synthetic task")
+  teacher_label, teacher = (load_teacher(_TEACHER.value, config)
+                            if _TEACHER.value else (None, None))
+  if teacher is not None and teacher.model.cfg.vocab_size != (
+      restore.open_run(workdir, step).model.cfg.vocab_size):
+    raise cli.UsageError(f"--teacher={_TEACHER.value}: its vocabulary differs "
+                         "from the run's; expected the model it was linearised "
+                         "from")
   run = restore.open_run(workdir, step)
   report = {"workdir": str(workdir), "step": run.step,
             "kind": "task" if is_task else "lm",
@@ -381,11 +456,28 @@ def main(argv):
     report["results"] = evaluate_lm(
         run, lengths, data=data, split=split, eval_tokens=_EVAL_TOKENS.value,
         batch_tokens=batch_tokens, bucket=bucket, progress=_PROGRESS.value)
+    report["decode"] = decode_profile(run.model, max(lengths),
+                                      _DECODE_TOKENS.value)
   if harness_tasks:
     from lsm.eval import harness
     report["harness"] = harness.run_tasks(
         run, harness_tasks, include_path=_HARNESS_INCLUDE.value,
         limit=_HARNESS_LIMIT.value)
+  if teacher is not None:
+    side = {"model": teacher_label, "results": evaluate_lm(
+        teacher, lengths, data=data, split=split, eval_tokens=_EVAL_TOKENS.value,
+        batch_tokens=batch_tokens, bucket=bucket, progress=_PROGRESS.value),
+            "decode": decode_profile(teacher.model, max(lengths),
+                                     _DECODE_TOKENS.value)}
+    if harness_tasks:
+      from lsm.eval import harness
+      from types import SimpleNamespace
+      # The student's tokenizer and lengths: the teacher reads the same text.
+      side["harness"] = harness.run_tasks(
+          SimpleNamespace(model=teacher.model, tokenizer=run.tokenizer,
+                          config=run.config), harness_tasks, include_path=_HARNESS_INCLUDE.value,
+          limit=_HARNESS_LIMIT.value)
+    report["teacher"] = side
   write_outputs(out, report)
   for key, r in report["results"].items():
     if is_task:
@@ -393,8 +485,19 @@ def main(argv):
             f"{r['scaled_accuracy']:.4f}, sequence accuracy "
             f"{r['sequence_accuracy']:.4f} ({r['examples']} examples)")
     else:
+      t = report.get("teacher", {}).get("results", {}).get(key)
       print(f"length {key}: loss {r['loss']:.4f}, perplexity "
-            f"{r['perplexity']:.2f} ({r['tokens']} tokens)")
+            f"{r['perplexity']:.2f} ({r['tokens']} tokens)"
+            + (f"; teacher loss {t['loss']:.4f}, perplexity "
+               f"{t['perplexity']:.2f}" if t else ""))
+  for name, side in (("model", report), ("teacher", report.get("teacher"))):
+    d = (side or {}).get("decode")
+    if d:
+      print(f"{name} decoding: {d['cache_bytes_per_token']:,.0f} cache bytes per "
+            f"token of context, {d['cache_bytes_at_context']:,} at "
+            f"{d['context']} tokens"
+            + (f", {d['decode_tokens_per_s']:,.1f} tokens/s (batch 1)"
+               if "decode_tokens_per_s" in d else ""))
   for task, metrics in report.get("harness", {}).items():
     print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                   if isinstance(v, float)))

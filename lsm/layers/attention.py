@@ -148,7 +148,10 @@ class Attention(nnx.Module):
     self.rope_base = rope_base
     # Validated here (an unknown type raises at construction, not in a trace).
     rope_frequencies(head_dim, rope_base, rope_scaling)
-    self.rope_scaling = None if rope_scaling is None else dict(rope_scaling)
+    # Sorted (key, value) pairs: hashable, as static module attributes must be
+    # (the graph definition is a static jit argument).
+    self.rope_scaling = None if rope_scaling is None else tuple(
+        sorted(dict(rope_scaling).items()))
     self.window = window
     if impl not in KNOWN_IMPLS:
       raise ValueError(f"Attention: impl={impl!r} is not one of {sorted(KNOWN_IMPLS)}")
@@ -176,8 +179,9 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return (apply_rope(q, positions, self.rope_base, self.rope_scaling),
-            apply_rope(k, positions, self.rope_base, self.rope_scaling))
+    scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+    return (apply_rope(q, positions, self.rope_base, scaling),
+            apply_rope(k, positions, self.rope_base, scaling))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
     """An empty KV cache.

@@ -219,3 +219,29 @@ def test_lsm_linearize_names_another_architecture_and_exits_2(tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.startswith("lsm-linearize:")]
   assert len(lines) == 1 and "model_type='gpt2'; expected one of" in lines[0]
   assert not (tmp_path / "run").exists()
+
+
+def test_lsm_eval_puts_the_teacher_beside_the_student(transfer_run, tmp_path):
+  """Same rows for both; decode cache growth per token of context: 0 for the
+  all-linear student, 2 layers x (k, v) x 2 kv heads x 8 dims x 4 bytes =
+  256 for the attention teacher."""
+  workdir, _ = transfer_run
+  out = subprocess.run(
+      [str(pathlib.Path(sys.executable).parent / "lsm-eval"),
+       f"--workdir={workdir}", "--teacher=run", "--lengths=32,64",
+       "--eval_tokens=256", "--decode_tokens=4", f"--out={tmp_path}",
+       "--progress=False"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads((tmp_path / "eval.json").read_text())
+  student, teacher = report, report["teacher"]
+  assert teacher["model"] == TEACHER
+  assert student["decode"]["cache_bytes_per_token"] == 0
+  assert teacher["decode"]["cache_bytes_per_token"] == 256
+  assert student["decode"]["decode_tokens_per_s"] > 0
+  for length in ("32", "64"):
+    s, t = student["results"][length], teacher["results"][length]
+    assert s["tokens"] == t["tokens"] > 0
+    assert np.isfinite(s["loss"]) and np.isfinite(t["loss"]) and s["loss"] != t["loss"]
+  assert "teacher loss" in out.stdout and "teacher decoding: 256" in out.stdout
