@@ -229,4 +229,8 @@ def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
           "kda": {"beta_scale": beta_scale},
           "gdn2": {"beta_scale": beta_scale},
           "mamba": {"eigenvalue_range": eigenvalues},
-          "mamba2": {"eigenvalue_range": eigenvalues}}
+          "mamba2": {"eigenvalue_range": eigenvalues},
+          # The linearised-attention mixers' softmax windows (their papers'
+          # 64), here so that --config.model.mixer_kwargs.lolcats.local_window
+          # overrides them.
+          "lolcats": {"local_window": 64}, "liger": {"local_window": 64}}

@@ -24,6 +24,7 @@ Restoring tells a damaged step from one that does not fit the run:
   ``model``) are compared on what they hold.
 """
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -36,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lsm.data import pipeline
+from lsm.models.lm import LMConfig
 from lsm.train import distributed
 
 log = logging.getLogger(__name__)
@@ -92,11 +94,29 @@ DATA_POSITION_FIELDS = (
     "batch_size", "seed", "shuffle", "row_shuffle_window", "shards")
 
 
+def _model_settings(model: Mapping) -> dict:
+  """A recorded model section as it decides the model: fields recorded before
+  they existed at their defaults, and options only of the mixers it uses (a
+  config may carry options for every mixer)."""
+  defaults = {}
+  for field in dataclasses.fields(LMConfig):
+    if field.default is not dataclasses.MISSING:
+      defaults[field.name] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      defaults[field.name] = field.default_factory()
+  out = {**defaults, **model}
+  used = {out.get("mixer"), *(out.get("pattern") or ())}
+  out["mixer_kwargs"] = {k: v for k, v in (out.get("mixer_kwargs") or {}).items()
+                         if k in used}
+  return out
+
+
 def settings_diff(saved: Mapping, current: Mapping) -> list[str]:
   """The recorded settings of ``saved`` (a checkpoint's meta) that change what
   ``current`` (this run's meta) would restore into, one line each."""
-  lines = [f"model.{d}" for d in config_diff(saved.get("model", {}),
-                                             current.get("model", {}))]
+  lines = [f"model.{d}" for d in config_diff(
+      _model_settings(saved.get("model", {})),
+      _model_settings(current.get("model", {})))]
   old, new = saved.get("config"), current.get("config")
   if not old:  # written before the whole config was recorded
     return lines

@@ -245,3 +245,19 @@ def test_lsm_eval_puts_the_teacher_beside_the_student(transfer_run, tmp_path):
     assert s["tokens"] == t["tokens"] > 0
     assert np.isfinite(s["loss"]) and np.isfinite(t["loss"]) and s["loss"] != t["loss"]
   assert "teacher loss" in out.stdout and "teacher decoding: 256" in out.stdout
+
+
+def test_settings_diff_ignores_fields_at_their_defaults_and_unused_mixers():
+  """A checkpoint written before LMConfig.lora existed, or before the configs
+  carried options for the linearised mixers, still resumes; a real model
+  difference (and a stage) is still named."""
+  from lsm.train.checkpoint import settings_diff
+  old = {"model": {"mixer": "gla", "d_model": 32,
+                   "mixer_kwargs": {"gla": {"n_heads": 2}}}}
+  new = {"model": {"mixer": "gla", "d_model": 32, "lora": None,
+                   "mixer_kwargs": {"gla": {"n_heads": 2},
+                                    "lolcats": {"local_window": 64}}}}
+  assert settings_diff(old, new) == []
+  changed = {"model": {**new["model"], "mixer_kwargs": {"gla": {"n_heads": 4}}}}
+  assert settings_diff(old, changed) == [
+      "model.mixer_kwargs.gla.n_heads: checkpoint has 2, config has 4"]
