@@ -9,6 +9,8 @@ config (and every field can be overridden with ``--config.<section>.<field>``).
 """
 
 import dataclasses
+import json
+import os
 import types
 import typing
 
@@ -234,3 +236,18 @@ def mixer_kwargs(beta_scale: float, eigenvalues: str) -> dict:
           # 64), here so that --config.model.mixer_kwargs.lolcats.local_window
           # overrides them.
           "lolcats": {"local_window": 64}, "liger": {"local_window": 64}}
+
+
+def teacher_data(teacher: str) -> dict:
+  """The data options that fit the teacher: its tokenizer.json (Hugging Face)
+  or its run's tokenizer (lsm)."""
+  path = os.path.join(teacher, "config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    raw = json.load(f)
+  if "model_type" in raw:
+    tok = os.path.join(teacher, "tokenizer.json")
+    return {"tokenizer": "hf", "tokenizer_path": tok} if os.path.isfile(tok) else {}
+  data = raw.get("data") or {}
+  return {k: data[k] for k in ("tokenizer", "tokenizer_path") if data.get(k)}

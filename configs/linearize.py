@@ -1,5 +1,6 @@
 r"""Linearise a pretrained softmax-attention model (lsm.train.linearize):
-LoLCATs (attention transfer, then LoRA) or Liger (LoRA only).
+LoLCATs (attention transfer, then LoRA), Liger (LoRA only) or an mmMamba-style
+Gated DeltaNet (transfer of its gates, then LoRA).
 
 lsm-linearize --config=configs/linearize.py:teacher=runs/teacher,stage=transfer \
   --workdir=runs/lolcats-1
@@ -12,7 +13,7 @@ used). The model section is derived from the teacher; the student is written
 to the workdir like any run, and a LoRA finetune also writes
 ``<workdir>/merged``, the student with its adapters merged.
 
-Args (``:arg``): teacher, student (lolcats, liger), stage (transfer,
+Args (``:arg``): teacher, student (lolcats, liger, gdn_attention), stage (transfer,
 finetune), init (a transfer run's workdir, for finetune), keep_every (0: convert
 every attention layer; n: keep every n-th), local_window (the student's softmax
 window), feature_dim (lolcats' feature map; 0: the head dim), lora_rank (0:
@@ -20,25 +21,7 @@ full fine-tuning), lora_alpha, kl_weight, data (embedded, tfds:NAME,
 text:GLOB; default: the teacher run's data), seq_len, batch_size, steps, lr.
 """
 
-import json
-import os
-
 from configs import common
-
-
-def _teacher_data(teacher: str) -> dict:
-  """The data options that fit the teacher: its tokenizer.json (Hugging Face)
-  or its run's tokenizer (lsm)."""
-  path = os.path.join(teacher, "config.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    raw = json.load(f)
-  if "model_type" in raw:
-    tok = os.path.join(teacher, "tokenizer.json")
-    return {"tokenizer": "hf", "tokenizer_path": tok} if os.path.isfile(tok) else {}
-  data = raw.get("data") or {}
-  return {k: data[k] for k in ("tokenizer", "tokenizer_path") if data.get(k)}
 
 
 def get_config(arg=None):
@@ -51,8 +34,10 @@ def get_config(arg=None):
                     seq_len=arg.seq_len, batch_size=arg.batch_size,
                     steps=arg.steps)
   c.model = {}  # derived from the teacher (lsm.train.linearize.student_config)
-  c.data.update(_teacher_data(arg.teacher))
-  options = {"local_window": arg.local_window}
+  c.data.update(common.teacher_data(arg.teacher))
+  # The windowed students' softmax window; lolcats' feature map width.
+  options = ({"local_window": arg.local_window}
+             if arg.student in ("lolcats", "liger") else {})
   if arg.student == "lolcats" and arg.feature_dim:
     options["feature_dim"] = arg.feature_dim
   c.linearize = common.section(

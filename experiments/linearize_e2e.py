@@ -1,6 +1,7 @@
 r"""Linearisation end to end on the embedded corpus, no download (issue:
 "Start from a pretrained Transformer"): a softmax-attention teacher trained by
-lsm, linearised into LoLCATs (attention transfer, then LoRA) and Liger (LoRA),
+lsm, linearised into LoLCATs (attention transfer, then LoRA), Liger (LoRA)
+and an mmMamba-style Gated DeltaNet (transfer, then LoRA),
 against the same students trained from scratch; every model evaluated with
 lsm-eval at 1x-8x the training length, with decoding memory per token.
 
@@ -50,7 +51,7 @@ def plan(args) -> list[tuple[str, list[str]]]:
       f"--config.train.eval_every={n}", f"--config.train.checkpoint_every={n}",
       f"--config.optim.lr={lr}", f"--config.optim.warmup_steps={max(1, n // 20)}",
       *([f"--config.model.mixer_kwargs.{mixer}.local_window={args.window}"]
-        if mixer != "attention" else [])]
+        if mixer in ("lolcats", "liger") else [])]
   lin = lambda arg, workdir, n: [  # noqa: E731
       str(BIN / "lsm-linearize"),
       f"--config={ROOT}/configs/linearize.py:teacher={teacher},local_window="
@@ -66,15 +67,24 @@ def plan(args) -> list[tuple[str, list[str]]]:
                                out / "lolcats_2", args.finetune_steps)),
       ("liger_finetune", lin("student=liger,stage=finetune", out / "liger_2",
                              args.transfer_steps + args.finetune_steps)),
+      ("gdn_transfer", lin("student=gdn_attention,stage=transfer", out / "gdn_1",
+                           args.transfer_steps)),
+      ("gdn_finetune", lin(f"student=gdn_attention,stage=finetune,"
+                           f"init={out / 'gdn_1'}", out / "gdn_2",
+                           args.finetune_steps)),
       ("lolcats_scratch", train("lolcats", out / "lolcats_scratch", total, args.lr)),
       ("liger_scratch", train("liger", out / "liger_scratch", total, args.lr)),
+      ("gdn_scratch", train("gdn_attention", out / "gdn_scratch", total, args.lr)),
   ]
   lengths = ",".join(str(args.seq_len * k) for k in (1, 2, 4, 8))
   evals = {"teacher": teacher, "lolcats (after stage 1)": out / "lolcats_1",
            "lolcats (after stage 2)": out / "lolcats_2" / "merged",
            "liger (LoRA)": out / "liger_2" / "merged",
+           "gdn (after stage 1)": out / "gdn_1",
+           "gdn (after stage 2)": out / "gdn_2" / "merged",
            "lolcats from scratch": out / "lolcats_scratch",
-           "liger from scratch": out / "liger_scratch"}
+           "liger from scratch": out / "liger_scratch",
+           "gdn from scratch": out / "gdn_scratch"}
   for name, workdir in evals.items():
     stages.append((f"eval: {name}", [
         str(BIN / "lsm-eval"), f"--workdir={workdir}", f"--lengths={lengths}",
@@ -91,7 +101,8 @@ def table(args) -> str:
     report = json.loads((d / "eval.json").read_text())
     results[d.name] = report
   order = ["teacher", "lolcats_after_stage_1", "lolcats_after_stage_2",
-           "liger_LoRA", "lolcats_from_scratch", "liger_from_scratch"]
+           "liger_LoRA", "gdn_after_stage_1", "gdn_after_stage_2",
+           "lolcats_from_scratch", "liger_from_scratch", "gdn_from_scratch"]
   head = ("| model | " + " | ".join(f"loss @{n}" for n in lengths)
           + " | cache bytes / token | cache bytes @1024 | decode tok/s |")
   rows = [head, "|" + "---|" * (len(lengths) + 4)]

@@ -41,6 +41,7 @@ from lsm.layers.based import Based
 from lsm.layers.delta_net import DeltaNet, GatedDeltaNet
 from lsm.layers.delta_product import DeltaProduct
 from lsm.layers.gdn2 import GDN2
+from lsm.layers.gdn_attention import GDNAttention
 from lsm.layers.gla import GLA
 from lsm.layers.hedgehog import Hedgehog
 from lsm.layers.kda import KDA
@@ -80,6 +81,7 @@ MIXERS = {
     # (lsm.models.distill converts them).
     "lolcats": LolcatsAttention,
     "liger": LigerAttention,
+    "gdn_attention": GDNAttention,  # mmMamba-style, on the delta_rule op
     # RWKV-7 time mixing (its channel mixing is an MLP: lsm.layers.mlp).
     "rwkv7": RWKV7,
 }

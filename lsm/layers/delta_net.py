@@ -28,6 +28,23 @@ def _l2norm(x, eps=1e-6):
           ).astype(x.dtype)
 
 
+def decay_params(n_heads: int, rngs: nnx.Rngs):
+  """Gated DeltaNet's decay parameters per head (Mamba-2's): A_log with
+  A uniform in [1, 16], and dt_bias such that dt = softplus(0 + dt_bias)
+  starts log-uniform in [1e-3, 1e-1]; float32, never decayed."""
+  a = jax.random.uniform(rngs.params(), (n_heads,), jnp.float32, 1.0, 16.0)
+  dt = jnp.exp(jax.random.uniform(rngs.params(), (n_heads,), jnp.float32,
+                                  math.log(1e-3), math.log(1e-1)))
+  return (param(jnp.log(a), axes.HEADS, float32=True),
+          param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS, float32=True))
+
+
+def log_decay(a, A_log, dt_bias):
+  """log g = -exp(A_log) softplus(a + dt_bias), per head: a [..., H] from the
+  input's projection; float32."""
+  return -jnp.exp(A_log) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias)
+
+
 class DeltaNet(nnx.Module):
   """DeltaNet mixer: [B, T, D] -> [B, T, D] (protocol in lsm/layers/__init__.py).
 
@@ -94,13 +111,7 @@ class DeltaNet(nnx.Module):
     self.g_proj = linear(d_model, value_dim, axes.HEADS) if output_gate else None
     if gated:
       self.a_proj = linear(d_model, n_heads, axes.HEADS)
-      a = jax.random.uniform(rngs.params(), (n_heads,), jnp.float32, 1.0, 16.0)
-      self.A_log = param(jnp.log(a), axes.HEADS, float32=True)
-      # dt = softplus(. + dt_bias) starts log-uniform in [1e-3, 1e-1] (Mamba2).
-      dt = jnp.exp(jax.random.uniform(rngs.params(), (n_heads,), jnp.float32,
-                                      math.log(1e-3), math.log(1e-1)))
-      self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), axes.HEADS,
-                           float32=True)
+      self.A_log, self.dt_bias = decay_params(n_heads, rngs)
     self.norm = RMSNorm(value_dim // n_heads, axis_name=axes.STATE_V)
     self.o_proj = nnx.Linear(value_dim, d_model, use_bias=False, rngs=rngs,
                              kernel_init=sharded(init, axes.HEADS, axes.EMBED))
@@ -125,9 +136,7 @@ class DeltaNet(nnx.Module):
     beta = self.beta_scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
     if not self.gated:
       return beta, None
-    a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
-    log_g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
-    return beta, log_g
+    return beta, log_decay(self.a_proj(x), self.A_log[...], self.dt_bias[...])
 
   def decays(self, x):
     """Per-token transition data for inspection: beta [..., H] and log_g

@@ -519,7 +519,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     writer.close()
   if stopping:
     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-  if lin is not None and run.model.lora is not None and step == run.train.num_steps:
+  if (lin is not None and run.model.lora is not None
+      and step == run.train.num_steps
+      and not (workdir / linearize_lib.MERGED / "config.json").exists()):
     _write_merged(run, workdir, state, data_iter, mesh)
   return history
 

@@ -44,7 +44,24 @@ TASK_CONFIGS = {"state_tracking": [
 
 
 def test_every_config_is_covered():
-  assert set(CONFIGS) == {"lm", *FAMILIES, *TASK_CONFIGS}
+  # linearize: below, and its runs in tests/train/test_linearize.py.
+  assert set(CONFIGS) == {"lm", "linearize", *FAMILIES, *TASK_CONFIGS}
+
+
+@pytest.mark.parametrize("arg, mixers, lora", [
+    ("stage=transfer", ("lolcats", "lolcats"), None),
+    ("student=liger,stage=finetune,keep_every=2", ("liger", "attention"), 8),
+    ("student=gdn_attention,stage=finetune,lora_rank=0", ("gdn_attention",) * 2,
+     None)])
+def test_linearize_config_derives_the_student(arg, mixers, lora):
+  teacher = ROOT / "tests" / "models" / "hf_fixtures" / "llama"
+  run = loop.RunConfig.from_config(importlib.import_module(
+      "configs.linearize").get_config(f"teacher={teacher},{arg}"))
+  assert run.model.layer_mixers == mixers
+  assert (run.model.lora or {}).get("rank") == lora
+  assert run.model.mixer_kwargs[mixers[0]]["n_kv_heads"] == 2  # the teacher's
+  assert run.data.tokenizer == "hf" and run.data.tokenizer_path == str(
+      teacher / "tokenizer.json")
 
 
 @pytest.mark.parametrize("name, arg", [(n, a) for n, args in TASK_CONFIGS.items()
@@ -143,9 +160,11 @@ def test_configs_import_only_ml_collections(name):
       mods = [node.module or ""]
     else:
       continue
-    # common.py reads the sections' defaults from lsm's dataclasses.
+    # common.py reads the sections' defaults from lsm's dataclasses, and a
+    # linearisation teacher's config.json (json, os: no JAX).
     allowed = ("ml_collections", "configs") + (
-        ("dataclasses", "types", "typing", "lsm") if name == "common" else ())
+        ("dataclasses", "json", "os", "types", "typing", "lsm")
+        if name == "common" else ())
     for mod in mods:
       assert mod.split(".")[0] in allowed, f"configs/{name}.py imports {mod}"
 

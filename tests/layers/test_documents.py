@@ -36,6 +36,7 @@ CASES = {
     "rwkv7": {},
     # Linearised attention: window and state both confined to the document.
     "lolcats": dict(local_window=4), "liger": dict(local_window=4),
+    "gdn_attention": {},
 }
 
 

@@ -264,7 +264,9 @@ MIXER_COUNT = {"gla": _gla, "delta_net": lambda d, o: _delta(d, o, False),
                "lightning": _lightning, "retnet": _retnet, "based": _based,
                "hedgehog": _hedgehog, "mom": _mom, "delta_product": _delta_product,
                "kda": _kda, "gdn2": lambda d, o: _kda(d, o, gdn2=True),
-               "rwkv7": _rwkv7, "lolcats": _lolcats, "liger": _attention}
+               "rwkv7": _rwkv7, "lolcats": _lolcats, "liger": _attention,
+               "gdn_attention": lambda d, o: _attention(d, o) + 2 * d * o["n_heads"]
+               + 2 * o["n_heads"]}
 
 
 def _mlp_count(d, mlp):
@@ -305,7 +307,7 @@ def test_preset_parameter_counts_match_closed_form(size, mixer):
 @pytest.mark.parametrize("options", [
     dict(n_kv_heads=2, head_dim=24, qkv_bias=True, qk_norm=True),
     dict(n_kv_heads=1, qkv_bias=True, o_bias=True, feature_dim=8)])
-@pytest.mark.parametrize("mixer", ["attention", "lolcats", "liger"])
+@pytest.mark.parametrize("mixer", ["attention", "lolcats", "liger", "gdn_attention"])
 def test_imported_attention_options_and_adapters_match_closed_form(mixer, options):
   """Grouped keys, explicit head dims, biases, q/k norms, and LoRA adapters
   (rank r: d_in r + r d_out per adapted projection)."""

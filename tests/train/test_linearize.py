@@ -261,3 +261,17 @@ def test_settings_diff_ignores_fields_at_their_defaults_and_unused_mixers():
   changed = {"model": {**new["model"], "mixer_kwargs": {"gla": {"n_heads": 4}}}}
   assert settings_diff(old, changed) == [
       "model.mixer_kwargs.gla.n_heads: checkpoint has 2, config has 4"]
+
+
+def test_gdn_attention_transfer_trains_only_its_gates(corpus, tmp_path):
+  """The mmMamba-style student: its transfer trains the beta and decay
+  projections and parameters, nothing of the teacher."""
+  c = _config(corpus, "stage=transfer,student=gdn_attention", steps=2)
+  run = loop.RunConfig.from_config(c)
+  mask = linearize.trainable_mask(run.linearize, run.model,
+                                  linearize.teacher_config(TEACHER))
+  names = sorted(k for k, t in _flat(mask).items() if t)
+  assert names == sorted(f"['blocks'][{i}]['mixer']{p}" for i in range(2) for p in (
+      "['A_log']", "['dt_bias']", "['a_proj']['kernel']", "['b_proj']['kernel']"))
+  history = loop.train(c, tmp_path)
+  assert np.isfinite(history[2]["loss"]) and history[2]["loss"] > 0

@@ -53,6 +53,8 @@ FLOAT32 = {
     "lolcats": ("fq_b", "fk_b", "window_factor"),
     # Liger: the attention's projections, nothing new.
     "liger": (),
+    # Gated DeltaNet on attention's projections: its decay's A_log, dt_bias.
+    "gdn_attention": ("A_log", "dt_bias"),
     # Fixed decays lambda_h (not parameters); SRMSNorm has no scale.
     "lightning": (),
     # Fixed gamma_h; GroupNorm's per-channel scale and bias.
