@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from lsm.layers.liger import GATE_NORMALIZER, LigerAttention
+from tests.layers.decoding import prefill_then_decode
 
 D, H, HKV, K, W = 32, 4, 2, 8, 5
 
@@ -51,13 +52,8 @@ def test_parallel_and_decode_equal_the_equations(T):
   x = jax.random.normal(jax.random.key(1), (2, T, D))
   want = reference(layer, x)
   np.testing.assert_allclose(layer(x)[0], want, rtol=0, atol=2e-5)
-  cache = layer.init_cache(2, T)
-  y, cache = layer(x[:, :2], cache)
-  outs = [y]
-  for i in range(2, T):
-    y_t, cache = layer.step(x[:, i], cache)
-    outs.append(y_t[:, None])
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=0, atol=2e-5)
+  decoded, _, _ = prefill_then_decode(layer, x, 2)
+  np.testing.assert_allclose(decoded, want, rtol=0, atol=2e-5)
 
 
 def test_liger_adds_no_parameters_to_the_attention_it_replaces():

@@ -10,6 +10,7 @@ from flax import nnx
 
 from lsm.layers.hedgehog import hedgehog_feature_map
 from lsm.layers.lolcats import LolcatsAttention
+from tests.layers.decoding import prefill_then_decode
 
 D, H, HKV, K, W = 32, 4, 2, 8, 5
 
@@ -94,13 +95,8 @@ def test_prefill_and_decode_equal_the_parallel_form():
   layer = _layer()
   x = _x(19)
   want = layer(x)[0]
-  cache = layer.init_cache(2, 19)
-  y, cache = layer(x[:, :7], cache)
-  outs = [y]
-  for t in range(7, 19):
-    y_t, cache = layer.step(x[:, t], cache)
-    outs.append(y_t[:, None])
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=0, atol=2e-5)
+  decoded, cache, _ = prefill_then_decode(layer, x, 7)
+  np.testing.assert_allclose(decoded, want, rtol=0, atol=2e-5)
   assert cache["k"].shape == (2, W, HKV, K)  # O(W), whatever the length
 
 
