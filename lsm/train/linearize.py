@@ -210,10 +210,16 @@ def objective_kind(lin: LinearizeConfig) -> str:
   return "lm_kl" if lin.kl_weight else "lm"
 
 
-def _teacher_params(lin: LinearizeConfig, teacher: LMConfig) -> dict:
+def _teacher_params(lin: LinearizeConfig, teacher: LMConfig,
+                    shardings: dict) -> dict:
+  """The teacher's parameters; a Hugging Face checkpoint is read straight
+  into the student's shardings, each device reading its own slices."""
   raw = json.loads(Path(lin.teacher, "config.json").read_text())
   if "model_type" in raw:
-    return hf.load_params(lin.teacher, teacher)
+    flat = _paths(shardings)
+    mine = jax.tree_util.tree_map_with_path(
+        lambda p, _: flat[jax.tree_util.keystr(p)], _abstract(teacher))
+    return hf.load_params(lin.teacher, teacher, shardings=mine)
   from lsm.train import restore  # pylint: disable=g-import-not-at-top
   run = restore.open_run(lin.teacher)
   return _model_params(run.model)
@@ -235,7 +241,7 @@ def initial_params(lin: LinearizeConfig, teacher: LMConfig, params: dict,
     source = _model_params(restore.open_run(lin.init).model)
     what = f"linearize.init={lin.init!r}"
   else:
-    source = _teacher_params(lin, teacher)
+    source = _teacher_params(lin, teacher, shardings)
     what = f"linearize.teacher={lin.teacher!r}"
   have = _paths(source)
   want = _paths(params)
@@ -252,6 +258,8 @@ def initial_params(lin: LinearizeConfig, teacher: LMConfig, params: dict,
     x = have.get(jax.tree_util.keystr(path))
     if x is None:
       return fresh
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x.astype(fresh.dtype)  # read into place
     return jax.device_put(np.asarray(jax.device_get(x)).astype(fresh.dtype),
                           sharding)
 

@@ -339,12 +339,18 @@ def test_lm_eval_harness_local_task(smoke):
       [str(BIN / "lsm-eval"), f"--workdir={smoke['gla']}", "--lengths=32",
        "--eval_tokens=64", "--harness_tasks=lsm_counting",
        f"--harness_include={root / 'tasks'}", f"--out={root / 'out'}",
+       # The run as its own teacher: the side-by-side path must give the
+       # same numbers for the same model.
+       f"--teacher={smoke['gla']}", "--decode_tokens=0",
        "--progress=False"], cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={"JAX_PLATFORMS": "cpu", "PATH": str(BIN) + ":/usr/bin:/bin",
            "HOME": str(root), "HF_HOME": str(root / "hf"),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
   assert out.returncode == 0, out.stderr[-3000:]
-  harness = json.loads((root / "out" / "eval.json").read_text())["harness"]
+  report = json.loads((root / "out" / "eval.json").read_text())
+  harness = report["harness"]
+  assert report["teacher"]["harness"] == harness
+  assert report["teacher"]["results"] == report["results"]
   _, model = _model(smoke["gla"])
   acc, acc_norm = [], []
   # lm_eval joins question and choice with its default target delimiter " ".
