@@ -21,8 +21,8 @@ shifts only the window terms (as LoLCATs' reference does); gamma starts at 0.1
 Computation: the linear sum over s <= t - W is the causal linear attention
 over all s <= t (lsm.ops.gla, ungated, on [v, 1]) minus its window part,
 which the banded window computation has at hand; the window is computed in
-blocks of W queries against the 2W keys that can reach them, so memory is
-O(T W) per head. Decoding keeps a ring of the last W (rotated) keys and values
+blocks of C = min(W, T) queries against the C + W keys that can reach them,
+so memory is O(T W) per head, and a decoding step reads W + 1 keys. Decoding keeps a ring of the last W (rotated) keys and values
 and the state of every key so far.
 
 The layer subclasses ``Attention``: it takes the teacher's constructor options
@@ -144,8 +144,9 @@ class LolcatsAttention(Attention):
     B, T, H, K = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     W, G = self.local_window, H // Hkv
-    n = -(-T // W)
-    pad = n * W - T
+    C = min(W, T)  # queries per block (1 when decoding)
+    n = -(-T // C)
+    pad = n * C - T
     f32 = jnp.float32
 
     def pad_t(x, axis=1, value=0):
@@ -155,41 +156,42 @@ class LolcatsAttention(Attention):
 
     q_pos = jnp.broadcast_to(q_pos, (B, T))
     k_pos = jnp.broadcast_to(k_pos, (B, S))
-    # Query block b (W queries) sees keys [b W, b W + 2W) of the S + pad keys.
-    qb = pad_t(q).reshape(B, n, W, Hkv, G, K)
-    qpb = pad_t(q_pos, value=-1).reshape(B, n, W)
+    # Query block b (C queries) sees keys [b C, b C + C + W) of the S + pad
+    # keys: the window of its first query through its last.
+    qb = pad_t(q).reshape(B, n, C, Hkv, G, K)
+    qpb = pad_t(q_pos, value=-1).reshape(B, n, C)
     kp, vp = pad_t(k), pad_t(v)
     kpos = pad_t(k_pos, value=jnp.iinfo(jnp.int32).max)
-    idx = (jnp.arange(n)[:, None] * W + jnp.arange(2 * W)[None, :])  # [n, 2W]
-    kb, vb, kposb = kp[:, idx], vp[:, idx], kpos[:, idx]  # [B, n, 2W, ...]
+    idx = (jnp.arange(n)[:, None] * C + jnp.arange(C + W)[None, :])  # [n, C + W]
+    kb, vb, kposb = kp[:, idx], vp[:, idx], kpos[:, idx]  # [B, n, C + W, ...]
     allowed = ((kposb[:, :, None, :] <= qpb[..., None])
                & (kposb[:, :, None, :] > qpb[..., None] - W)
-               & (kposb[:, :, None, :] >= 0))  # [B, n, W, 2W]
+               & (kposb[:, :, None, :] >= 0))  # [B, n, C, C + W]
     if q_doc is not None:
-      qdb = pad_t(q_doc, value=-2).reshape(B, n, W)
+      qdb = pad_t(q_doc, value=-2).reshape(B, n, C)
       kdb = pad_t(k_doc, value=-3)[:, idx]
       allowed &= kdb[:, :, None, :] == qdb[..., None]
     hi = jax.lax.Precision.HIGHEST
     scores = jnp.einsum("bnqhgk,bnshk->bnhgqs", qb.astype(f32), kb.astype(f32),
                         precision=hi) / math.sqrt(K)
-    mask = allowed[:, :, None, None]  # [B, n, 1, 1, W, 2W]
+    mask = allowed[:, :, None, None]  # [B, n, 1, 1, C, C + W]
     scores = jnp.where(mask, scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     gamma = jax.nn.sigmoid(self.window_factor[...]).reshape(Hkv, G)
     a_sm = gamma[:, :, None, None] * jnp.where(mask, jnp.exp(scores - m), 0.0)
     # The window's linear weights phi_q . phi_k (to subtract).
-    phi_q = hedgehog_feature_map(qb.reshape(B, n, W, H, K), self.fq_w[...],
-                                 self.fq_b[...]).reshape(B, n, W, Hkv, G, -1)
+    phi_q = hedgehog_feature_map(qb.reshape(B, n, C, H, K), self.fq_w[...],
+                                 self.fq_b[...]).reshape(B, n, C, Hkv, G, -1)
     phi_k = hedgehog_feature_map(jnp.repeat(kb, G, axis=-2), self.fk_w[...],
-                                 self.fk_b[...]).reshape(B, n, 2 * W, Hkv, G, -1)
+                                 self.fk_b[...]).reshape(B, n, C + W, Hkv, G, -1)
     a_ln = jnp.einsum("bnqhgf,bnshgf->bnhgqs", phi_q, phi_k, precision=hi)
     a_ln = jnp.where(mask, a_ln, 0.0) * (1.0 - gamma)[:, :, None, None]
     a = a_sm - a_ln
     num = jnp.einsum("bnhgqs,bnshv->bnqhgv", a, vb.astype(f32), precision=hi)
     den = jnp.sum(a, axis=-1)  # [B, n, Hkv, G, W]
-    num = num.reshape(B, n * W, H, -1)[:, :T]
-    den = jnp.moveaxis(den, -1, 2).reshape(B, n * W, H)[:, :T]
+    num = num.reshape(B, n * C, H, -1)[:, :T]
+    den = jnp.moveaxis(den, -1, 2).reshape(B, n * C, H)[:, :T]
     return num, den
 
   def _mix(self, q, k, v, h0, *, q_pos, k_pos, ring_k, ring_v, segment_ids=None):
