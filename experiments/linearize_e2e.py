@@ -11,8 +11,9 @@ python experiments/linearize_e2e.py --out=runs/linearize_e2e \
 Every stage is the command a user would run (lsm-train, lsm-linearize,
 lsm-eval) in a subprocess; each is printed before it runs. A stage whose
 workdir already holds a finished run resumes (so the script can be rerun
-after an interruption). The from-scratch students train for the teacher's
-steps plus both stages' (the whole budget behind a linearised student).
+after an interruption). The from-scratch students train twice: for the
+teacher's steps plus both stages' (the whole budget behind a linearised
+student) and for the stages' steps alone (the conversion's budget, "short").
 Writes ``<out>/table.md`` and ``<out>/results.json``. ``--dry-run`` prints the
 commands only.
 """
@@ -76,6 +77,11 @@ def plan(args) -> list[tuple[str, list[str]]]:
       ("liger_scratch", train("liger", out / "liger_scratch", total, args.lr)),
       ("gdn_scratch", train("gdn_attention", out / "gdn_scratch", total, args.lr)),
   ]
+  # The same students from scratch for the conversion's steps alone.
+  convert = args.transfer_steps + args.finetune_steps
+  stages += [(f"{m}_scratch_short", train(m, out / f"{m}_scratch_short", convert,
+                                           args.lr))
+             for m in ("lolcats", "liger", "gdn_attention")]
   lengths = ",".join(str(args.seq_len * k) for k in (1, 2, 4, 8))
   evals = {"teacher": teacher, "lolcats (after stage 1)": out / "lolcats_1",
            "lolcats (after stage 2)": out / "lolcats_2" / "merged",
@@ -84,7 +90,10 @@ def plan(args) -> list[tuple[str, list[str]]]:
            "gdn (after stage 2)": out / "gdn_2" / "merged",
            "lolcats from scratch": out / "lolcats_scratch",
            "liger from scratch": out / "liger_scratch",
-           "gdn from scratch": out / "gdn_scratch"}
+           "gdn from scratch": out / "gdn_scratch",
+           "lolcats from scratch short": out / "lolcats_scratch_short",
+           "liger from scratch short": out / "liger_scratch_short",
+           "gdn from scratch short": out / "gdn_attention_scratch_short"}
   for name, workdir in evals.items():
     stages.append((f"eval: {name}", [
         str(BIN / "lsm-eval"), f"--workdir={workdir}", f"--lengths={lengths}",
@@ -102,7 +111,9 @@ def table(args) -> str:
     results[d.name] = report
   order = ["teacher", "lolcats_after_stage_1", "lolcats_after_stage_2",
            "liger_LoRA", "gdn_after_stage_1", "gdn_after_stage_2",
-           "lolcats_from_scratch", "liger_from_scratch", "gdn_from_scratch"]
+           "lolcats_from_scratch", "liger_from_scratch", "gdn_from_scratch",
+           "lolcats_from_scratch_short", "liger_from_scratch_short",
+           "gdn_from_scratch_short"]
   head = ("| model | " + " | ".join(f"loss @{n}" for n in lengths)
           + " | cache bytes / token | cache bytes @1024 | decode tok/s |")
   rows = [head, "|" + "---|" * (len(lengths) + 4)]
