@@ -163,19 +163,14 @@ def hf_config(cfg: LMConfig, base: Mapping | None = None) -> dict:
        "o_bias": False, "qk_norm": False, "norm_eps": 1e-6, "window": None,
        **cfg.mixer_kwargs.get("attention", {})}
   a["n_heads"] = a.get("n_heads", cfg.n_heads)
-  if a["qk_norm"]:
-    if a["qkv_bias"] != a["o_bias"]:
-      raise ValueError("hf_config: qk_norm with qkv_bias != o_bias; Qwen3 has "
-                       "biases on all four projections or none")
-    family = "qwen3"
-  elif a["qkv_bias"] and not a["o_bias"]:
-    family = "qwen2"
-  elif a["qkv_bias"] != a["o_bias"]:
-    raise ValueError("hf_config: o_bias without qkv_bias; no family has that")
-  elif a["window"] is not None:
-    family = "mistral"
-  else:
-    family = "llama"
+  fits = [f for f in FAMILIES if _fits(f, a)]
+  if not fits:
+    raise ValueError(f"hf_config: attention options {a} fit no family of "
+                     f"{sorted(FAMILIES)} (e.g. o_bias without qkv_bias)")
+  # The base checkpoint's family where the model still fits it.
+  family = (base or {}).get("model_type")
+  if family not in fits:
+    family = fits[0]
   if a["norm_eps"] != cfg.norm_eps:
     raise ValueError(f"hf_config: attention norm_eps={a['norm_eps']} != the "
                      f"model's norm_eps={cfg.norm_eps}; the families share one "
@@ -206,7 +201,21 @@ def hf_config(cfg: LMConfig, base: Mapping | None = None) -> dict:
     out["mlp_bias"] = False
   if family == "mistral":
     out["sliding_window"] = a["window"]
+  if family in ("qwen2", "qwen3"):
+    kind = "full_attention" if a["window"] is None else "sliding_attention"
+    out.update(use_sliding_window=a["window"] is not None,
+               sliding_window=a["window"], max_window_layers=0,
+               layer_types=[kind] * cfg.n_layers)
   return out
+
+
+def _fits(family: str, a: Mapping) -> bool:
+  """Whether attention options ``a`` are expressible in ``family``'s config."""
+  same_bias = a["qkv_bias"] == a["o_bias"]
+  return {"llama": same_bias and not a["qk_norm"] and a["window"] is None,
+          "mistral": not a["qkv_bias"] and not a["o_bias"] and not a["qk_norm"],
+          "qwen2": a["qkv_bias"] and not a["o_bias"] and not a["qk_norm"],
+          "qwen3": same_bias and a["qk_norm"]}[family]
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:

@@ -235,3 +235,23 @@ def test_sharded_load_reads_each_device_its_slice():
   assert out.returncode == 0, out.stderr[-3000:]
   # Embedding, projections and MLP kernels are split over fsdp and tensor.
   assert int(out.stdout.split("split")[-1]) >= 10
+
+
+@pytest.mark.parametrize("family,changes,want", [
+    ("mistral", {"window": None}, "mistral"),   # still a Mistral without a window
+    ("llama", {"window": 7}, "mistral"),        # a window: Llama has none
+    ("qwen2", {"window": 7}, "qwen2"),           # per layer_types
+])
+def test_export_keeps_the_family_where_the_model_fits_it(family, changes, want,
+                                                         tmp_path):
+  model, config = hf.load(_dir(family))
+  attention = {**model.cfg.mixer_kwargs["attention"], **changes}
+  if family == "llama":
+    attention.update(qkv_bias=False, o_bias=False)
+  cfg = dataclasses.replace(model.cfg, mixer_kwargs={"attention": attention})
+  fresh = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  hf.save(tmp_path / "m", cfg, fresh, base_config=config)
+  again, exported = hf.load(tmp_path / "m")
+  assert exported["model_type"] == want
+  assert again.cfg.mixer_kwargs["attention"]["window"] == changes["window"]
+  _assert_bit_identical(_params(again), _params(fresh))
