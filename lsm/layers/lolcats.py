@@ -45,6 +45,7 @@ from flax import nnx
 from lsm.layers.attention import Attention
 from lsm.layers.hedgehog import hedgehog_feature_map
 from lsm.layers.sharding import param
+from lsm.ops.gla import gla_step
 from lsm.parallel import axes, sequence
 
 # logit(0.1): LoLCATs' initial window factor.
@@ -202,10 +203,15 @@ class LolcatsAttention(Attention):
     phi_q = hedgehog_feature_map(q, self.fq_w[...], self.fq_b[...])
     vr = self._repeat(v)
     ones = jnp.ones((*vr.shape[:-1], 1), vr.dtype)
-    lin, h_t = sequence.gla(phi_q.astype(v.dtype), self._phi_k(k).astype(v.dtype),
-                            jnp.concatenate([vr, ones], -1), None, h0=h0,
-                            scale=1.0, chunk_size=self.chunk_size, impl=self.impl,
-                            segment_ids=segment_ids)
+    args = (phi_q.astype(v.dtype), self._phi_k(k).astype(v.dtype),
+            jnp.concatenate([vr, ones], -1))
+    if T == 1 and h0 is not None:  # decoding: the op's one-token form
+      lin, h_t = gla_step(*(a[:, 0] for a in args), None, h0, scale=1.0)
+      lin = lin[:, None]
+    else:
+      lin, h_t = sequence.gla(*args, None, h0=h0, scale=1.0,
+                              chunk_size=self.chunk_size, impl=self.impl,
+                              segment_ids=segment_ids)
     lin = lin.astype(jnp.float32) * (1.0 - jax.nn.sigmoid(
         self.window_factor[...]))[:, None]
     k_all = jnp.concatenate([ring_k.astype(k.dtype), k], axis=1)
