@@ -78,7 +78,7 @@ def _check_same_run(config, workdir: pathlib.Path):
   now = loop.run_record(config, workdir, {"config": stored})
   diffs = []
   for section in sorted(set(stored) | set(now)):
-    a, b = stored.get(section, {}), now.get(section, {})
+    a, b = stored.get(section) or {}, now.get(section) or {}
     for key in sorted(set(a) | set(b)):
       if a.get(key) != b.get(key) and not (section == "train"
                                            and key in _REPORTING):
