@@ -434,12 +434,11 @@ def main(argv):
                          "one trains a synthetic task")
   teacher_label, teacher = (load_teacher(_TEACHER.value, config)
                             if _TEACHER.value else (None, None))
-  if teacher is not None and teacher.model.cfg.vocab_size != (
-      restore.open_run(workdir, step).model.cfg.vocab_size):
+  run = restore.open_run(workdir, step)
+  if teacher is not None and teacher.model.cfg.vocab_size != run.model.cfg.vocab_size:
     raise cli.UsageError(f"--teacher={_TEACHER.value}: its vocabulary differs "
                          "from the run's; expected the model it was linearised "
                          "from")
-  run = restore.open_run(workdir, step)
   report = {"workdir": str(workdir), "step": run.step,
             "kind": "task" if is_task else "lm",
             "train_length": config.data.seq_len}

@@ -215,6 +215,14 @@ class Attention(nnx.Module):
           f"Attention: cache pos={pos} plus T={T} exceeds max_len={max_len}; "
           f"expected pos + T <= max_len")
 
+  def _check_no_documents(self, segment_ids, positions):
+    """Raises when packed-row inputs come with a cache (this class and the
+    linearised mixers built on it)."""
+    if segment_ids is not None or positions is not None:
+      raise ValueError(f"{type(self).__name__}: segment_ids / positions are "
+                       "given with a cache; expected them only for a cacheless "
+                       "forward pass (decoding continues one sequence)")
+
   def __call__(self, x, cache=None, *, segment_ids=None, positions=None):
     """Causal attention over x, or over the cache followed by x.
 
@@ -243,10 +251,7 @@ class Attention(nnx.Module):
     """
     B, T, _ = x.shape
     if cache is not None:
-      if segment_ids is not None or positions is not None:
-        raise ValueError("Attention: segment_ids / positions are given with a "
-                         "cache; expected them only for a cacheless forward "
-                         "pass (decoding continues one sequence)")
+      self._check_no_documents(segment_ids, positions)
       self._check_room(cache, T)
     v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
 

@@ -106,10 +106,7 @@ class LigerAttention(Attention):
     document, ``positions`` place RoPE."""
     B, T, _ = x.shape
     if cache is not None:
-      if segment_ids is not None or positions is not None:
-        raise ValueError("LigerAttention: segment_ids / positions are given "
-                         "with a cache; expected them only for a cacheless "
-                         "forward pass")
+      self._check_no_documents(segment_ids, positions)
       positions = cache["window"]["pos"] + jnp.arange(T, dtype=jnp.int32)
     elif positions is None:
       positions = jnp.arange(T, dtype=jnp.int32)

@@ -256,10 +256,7 @@ class LolcatsAttention(Attention):
       ring_k = ring_v = jnp.zeros(ring_shape, x.dtype)
       h0 = None
     else:
-      if segment_ids is not None or positions is not None:
-        raise ValueError("LolcatsAttention: segment_ids / positions are given "
-                         "with a cache; expected them only for a cacheless "
-                         "forward pass")
+      self._check_no_documents(segment_ids, positions)
       pos = cache["pos"]
       q_pos = pos + jnp.arange(T, dtype=jnp.int32)
       ring_k, ring_v, h0 = cache["k"], cache["v"], cache["h"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lsm import layers
 from lsm.layers import lora as lora_lib
@@ -226,7 +227,6 @@ def _teacher_params(lin: LinearizeConfig, teacher: LMConfig,
 
 
 def _model_params(model) -> dict:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
