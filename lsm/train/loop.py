@@ -519,9 +519,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     writer.close()
   if stopping:
     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+  # Once per final step: a resumed finished run leaves its merged run as it
+  # is; a run extended to more steps replaces it with the newer one.
   if (lin is not None and run.model.lora is not None
       and step == run.train.num_steps
-      and not (workdir / linearize_lib.MERGED / "config.json").exists()):
+      and not (workdir / linearize_lib.MERGED / "checkpoints" / str(step)).exists()):
     _write_merged(run, workdir, state, data_iter, mesh)
   return history
 

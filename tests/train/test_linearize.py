@@ -116,6 +116,12 @@ def test_finetune_writes_the_merged_student(corpus, transfer_run, tmp_path):
     np.testing.assert_array_equal(after[name], x, err_msg=name)
   lora_b = [x for n, x in after.items() if n.endswith("['lora_b']")]
   assert len(lora_b) == 8 and all(np.abs(x).max() > 0 for x in lora_b)
+  # Extended to more steps, the run replaces its merged student.
+  assert merged.step == 4
+  loop.train(_config(corpus, f"stage=finetune,init={workdir},lora_rank=4,"
+                             "kl_weight=0.5", steps=6), tmp_path / "ft")
+  assert restore.open_run(tmp_path / "ft" / linearize.MERGED).step == 6
+  assert restore.checkpoint_steps(tmp_path / "ft" / linearize.MERGED) == [6]
 
 
 def test_resume_mid_stage_replays_exactly(corpus, transfer_run, tmp_path):
