@@ -33,6 +33,7 @@ s_t (q_t sum_s ... k_s^T (s_s v_s)); exact, no new kernel; the parity is a
 cumulative sum over the whole row, taken before LASP-2 splits it).
 """
 
+import functools
 import math
 
 import jax
@@ -46,6 +47,17 @@ from lsm.ops.gla import gla_step, signed
 from lsm.parallel import axes, sequence
 
 EIGENVALUE_RANGES = ("positive", "signed")
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5,))
+def _skip_gate_norm(o, x, z, D, scale, eps: float):
+  """RMSNorm((o + D x) silu(z)) per head in float32 (Mamba-2's order: gate,
+  then normalise): o, x, z [..., H, P], D [H], scale [P]. Rematerialised in
+  the backward pass from o, x and z, which are kept anyway, instead of
+  storing its six float32 [..., E] intermediates per layer."""
+  y = o.astype(jnp.float32) + D[:, None] * x.astype(jnp.float32)
+  y = y * jax.nn.silu(z.astype(jnp.float32))
+  return y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + eps) * scale
 
 
 class Mamba2(nnx.Module):
@@ -139,10 +151,9 @@ class Mamba2(nnx.Module):
 
   def _output(self, o, v, z, dtype):
     """o, v [..., H, P], z [..., E] -> [..., D]: D skip, gate, norm, out_proj."""
-    h = self.n_heads
-    y = o.astype(jnp.float32) + self.D[...][:, None] * v.astype(jnp.float32)
-    z = z.reshape(*z.shape[:-1], h, -1).astype(jnp.float32)
-    y = self.norm(y * jax.nn.silu(z))  # gate, then normalise (Mamba-2's order)
+    z = z.reshape(*z.shape[:-1], self.n_heads, -1)
+    y = _skip_gate_norm(o, v, z, self.D[...], self.norm.scale[...],
+                        self.norm.eps).astype(o.dtype)
     return self.out_proj(y.reshape(*y.shape[:-2], self.inner)).astype(dtype)
 
   def init_cache(self, batch: int, max_len: int | None = None):

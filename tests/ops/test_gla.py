@@ -270,6 +270,35 @@ def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
   _assert_against_float32(dtype, grouped, repeated, x, cts)
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "documents"])
+@pytest.mark.parametrize("dtype,log_g_value", [(jnp.float32, None),
+                                               (jnp.bfloat16, -5.0)],
+                         ids=["fp32_mild", "bf16_strong"])
+def test_head_gates_across_rematerialised_groups(dtype, log_g_value, documents,
+                                                 monkeypatch):
+  """The scalar-decay form's groups of chunks (chunked_scalar.GROUP_TOKENS)
+  cut to 2 chunks of 16: T = 37 is 3 chunks, so two groups, the state
+  carried between them and the last padded with an empty chunk (documents:
+  one ends in the padded group, one starts in the second). Against the
+  float32 reference: outputs, h_T and every gradient."""
+  from lsm.ops.gla import chunked_scalar
+  monkeypatch.setattr(chunked_scalar, "GROUP_TOKENS", 32)
+  x = _grouped_inputs(23, dtype, log_g_value)
+  ids = (jnp.asarray([[1] * 10 + [2] * 27, [1] * 33 + [2] * 4], jnp.int32)
+         if documents else None)
+
+  def grouped(x):
+    return gla(**x, impl="chunked", chunk_size=16, segment_ids=ids)
+
+  def repeated(x):
+    return gla(**_repeat_groups(x), impl="reference", segment_ids=ids)
+
+  k1, k2 = jax.random.split(jax.random.key(24))
+  cts = (jax.random.normal(k1, (2, 37, _G * _R, 5)).astype(dtype),
+         jax.random.normal(k2, (2, _G * _R, 8, 5)))
+  _assert_against_float32(dtype, grouped, repeated, x, cts)
+
+
 def test_key_groups_are_never_copied_per_head():
   """The chunked fwd+bwd on key groups has no array with a per-head key axis
   (H, or G and R side by side, ahead of a last axis of K): q k^T is formed per

@@ -30,11 +30,23 @@ does: the [C, C] weights keep pairs in one document, the incoming state reaches
 tokens before the chunk's first reset, only the last document's tokens write
 the outgoing state, which keeps the incoming one only if the chunk has no reset.
 
-The chunk-to-chunk state pass is a ``lax.scan`` over N chunks (one [K, V]
-state per chunk is kept for the backward pass); everything else is batched
-matmuls. Gradients come from autodiff: the residuals are [C, C] and [C]-sized
-per chunk besides the inputs, no [B, T, H, K] gate tensor. All arithmetic is
-float32 with HIGHEST-precision matmuls; outputs are cast back to q's dtype.
+Memory. The chunks run in groups of GROUP_TOKENS tokens, as the dplr op's
+chunked form does: a ``lax.scan`` over groups carries the state, and each
+group (its [C, C] weights, its states, an inner scan over its chunks and its
+outputs) is a ``jax.checkpoint``ed body, rematerialised in the backward pass.
+The residuals are the inputs and one [K, V] state per group, not the [C, C]
+weights and one state per chunk. Measured on XLA:CPU (fwd+bwd of the op at
+T = 8192, B = 1, 2026-12-06; ``experiments/bench_ops.py`` has no row for it,
+the model rows in BENCHMARKS.md do): Mamba-2's call at the 20m preset (12
+heads, one B/C group, K = 128, V = 64) 437 -> 85 MiB temp and 0.74x the time
+of keeping every chunk's terms; RetNet's (8 heads, K 48, V 96) 343 -> 88 MiB,
+0.78x; Lightning's (3 heads of 128) 210 -> 63 MiB, 0.82x. Recomputing a
+group's terms costs less than writing and reading back every chunk's.
+
+Everything else is batched matmuls. Gradients come from autodiff through the
+rematerialised groups; no [B, T, H, K] gate tensor exists in either pass. All
+arithmetic is float32 with HIGHEST-precision matmuls; outputs are cast back to
+q's dtype.
 """
 
 import jax
@@ -44,6 +56,8 @@ from lsm.ops.common import segments
 from lsm.ops.common.chunking import from_chunks, pad_time, to_chunks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Tokens per rematerialised group of chunks (module docstring, Memory).
+GROUP_TOKENS = 256
 
 
 def _einsum(spec, *xs):
@@ -60,7 +74,7 @@ def segment_sums(g):
   return jnp.cumsum(jnp.where(below, g[..., :, None], 0.0), axis=-2)
 
 
-def _forward(q, k, v, g, h0, masks, *, scale: float):
+def _chunks(q, k, v, g, h0, masks, *, scale: float):
   """On chunks, heads split into G key groups of R: q, k [B, G, N, C, K],
   v [B, G, R, N, C, V], g [B, G, R, N, C] float32, h0 [B, G, R, K, V];
   ``masks`` ``segments.chunk_masks`` broadcast over (G, R), or None. Returns o
@@ -96,6 +110,36 @@ def _forward(q, k, v, g, h0, masks, *, scale: float):
   o = (_einsum("bgrnts,bgrnsv->bgrntv", a, v)
        + gate_in[..., None] * _einsum("bgnck,bgrnkv->bgrncv", q, h_in))
   return scale * o, h_t
+
+
+def _forward(q, k, v, g, h0, masks, *, scale: float):
+  """``_chunks`` over groups of n = GROUP_TOKENS / C chunks, each group a
+  rematerialised ``lax.scan`` step that carries the state (module docstring,
+  Memory). The last group is padded with empty chunks: zero inputs and gates,
+  and document masks of True, so the state passes through them unchanged
+  (decay exp(0), no reset, nothing written). Arguments and results as
+  ``_chunks``'."""
+  N, C = g.shape[-2:]
+  n = max(1, min(N, GROUP_TOKENS // C))
+  n_groups = -(-N // n)
+
+  def split(x, axis):  # the chunk axis ``axis`` -> [n_groups, ..., n, ...]
+    x = jnp.pad(x, [(0, n_groups * n - N) if i == axis else (0, 0)
+                    for i in range(x.ndim)],
+                constant_values=True if x.dtype == jnp.bool_ else 0)
+    x = x.reshape(*x.shape[:axis], n_groups, n, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  def group(h, x):
+    q, k, v, g, masks = x
+    o, h = _chunks(q, k, v, g, h, masks, scale=scale)
+    return h, o
+
+  xs = (split(q, 2), split(k, 2), split(v, 3), split(g, 3),
+        None if masks is None else tuple(split(m, 3) for m in masks))
+  h_t, o = jax.lax.scan(jax.checkpoint(group, prevent_cse=False), h0, xs)
+  o = jnp.moveaxis(o, 0, 3)  # [B, G, R, n_groups, n, C, V]
+  return o.reshape(*o.shape[:3], n_groups * n, *o.shape[5:])[:, :, :, :N], h_t
 
 
 def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64, resets=None):
