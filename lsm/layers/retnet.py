@@ -40,6 +40,16 @@ def retention_log_decays(n_heads: int):
   return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(n_heads, dtype=jnp.float32))))
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _norm_gate(o, gate, scale, bias, eps: float):
+  """silu(gate) * (GroupNorm(o) * scale + bias), float32 [..., H * V]: o
+  [..., H, V], gate [..., H * V]. Rematerialised in the backward pass from o
+  and gate, which are kept anyway, instead of storing its float32 [..., H * V]
+  intermediates (six per layer)."""
+  o = standardize_heads(o, eps) * scale + bias
+  return jax.nn.silu(gate.astype(jnp.float32)) * o
+
+
 class RetNet(nnx.Module):
   """Multi-scale retention mixer: [B, T, D] -> [B, T, D] (protocol in
   lsm/layers/__init__.py). The cache carries the state and the position.
@@ -105,8 +115,8 @@ class RetNet(nnx.Module):
     return q, k, self._split(self.v_proj(x), x), log_g
 
   def _output(self, o, x):
-    o = standardize_heads(o, self.eps) * self.gn_scale[...] + self.gn_bias[...]
-    o = jax.nn.silu(self.g_proj(x).astype(jnp.float32)) * o
+    o = _norm_gate(o, self.g_proj(x), self.gn_scale[...], self.gn_bias[...],
+                   self.eps)
     return self.o_proj(o.astype(x.dtype)).astype(x.dtype)
 
   def init_cache(self, batch: int, max_len: int | None = None):
