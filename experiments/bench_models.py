@@ -5,7 +5,9 @@ Run from the repo root. Benchmarks whole language models, one per mixer in
 as pasted into BENCHMARKS.md). Options: --T 512 2048 8192, --tokens 8192,
 --mixers gla ..., --contexts 128 512 2048, --repeats N, --markdown,
 --broadcast-head-gates (a baseline row per mixer: the old per-head gate path,
-``head_gates_broadcast``); an empty --T or --contexts skips that part.
+``head_gates_broadcast``), --memory-only (compile the training steps and
+report their temp memory, run nothing); an empty --T or --contexts skips that
+part.
 
 Every model is the "20m" preset of configs/common.py (d_model 384, 8 layers,
 each mixer's paper head shapes from its ``preset``, SwiGLU MLPs, tied
@@ -161,13 +163,15 @@ def predict_step_s(history: list[tuple[int, float]], T: int) -> float | None:
 
 
 def bench_train(mixer: str, T: int, n_tokens: int, repeats: int,
-                history: list[tuple[int, float]]) -> dict:
+                history: list[tuple[int, float]], memory_only: bool = False
+                ) -> dict:
   """Times one training step of ``mixer`` at length T, B = n_tokens // T (or
-  records a skip).
+  records a skip). ``memory_only``: compile it and stop (no step runs).
 
   Returns:
-    dict with params, compile_s, step_ms, tok_s, temp_mib; or with skip (a
-    reason) instead of the timings.
+    dict with params, compile_s, step_ms, tok_s, temp_mib (without step_ms
+    and tok_s when ``memory_only``); or with skip (a reason) instead of the
+    timings.
   """
   model = build_model(mixer)
   out = dict(params=count_params(model))
@@ -188,6 +192,8 @@ def bench_train(mixer: str, T: int, n_tokens: int, repeats: int,
     out["skip"] = (f"compiled temp memory {out['temp_mib'] / 1024:.1f} GiB, over "
                    f"the {MAX_TEMP_GIB:.0f} GiB limit")
     return out
+  if memory_only:
+    return out
   out["step_ms"] = median_ms(compiled, repeats, TRAIN_BUDGET_S, TRAIN_MIN_REPEATS,
                              TRAIN_MAX_REPEATS, prepare=lambda: args)
   out["tok_s"] = n_tokens / (out["step_ms"] / 1e3)
@@ -205,6 +211,8 @@ def train_row(mixer: str, T: int, n_tokens: int, res: dict) -> list[str]:
   if "skip" in res:
     return head + ["skipped"] * 4
   mib = "n/a" if res["temp_mib"] is None else f"{res['temp_mib']:.0f}"
+  if "step_ms" not in res:  # --memory-only
+    return head + [f"{res['compile_s']:.1f}", "-", "-", mib]
   return head + [f"{res['compile_s']:.1f}", f"{res['step_ms']:.0f}",
                  f"{res['tok_s']:.0f}", mib]
 
@@ -284,6 +292,10 @@ def main():
                       "per-head gates broadcast to [B, T, H, K] (the gla path "
                       "before 2026-12-06; ``head_gates_broadcast``), a row "
                       "'<mixer> [broadcast]' after each of its rows")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="training part: compile each step and report its "
+                      "temp memory without running it (no timings; "
+                      "independent of the machine's load)")
   parser.add_argument("--markdown", action="store_true",
                       help="print Markdown tables (for BENCHMARKS.md)")
   args = parser.parse_args()
@@ -312,7 +324,7 @@ def main():
         for tag, context in variants:
           with context():
             res = bench_train(mixer, T, args.tokens, args.repeats,
-                              histories[tag])
+                              histories[tag], args.memory_only)
           name = mixer + tag
           if "skip" in res:
             notes.append(f"skipped {name} T={T}: {res['skip']}")
