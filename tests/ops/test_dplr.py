@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from lsm.ops import _dispatch
 from lsm.ops.delta_rule import delta_rule
 from lsm.ops.dplr import api, dplr, dplr_step
-from lsm.ops.dplr import delta_product
+from lsm.ops.dplr import chunked, delta_product
 from lsm.ops.gla import gla
 from tests import numerics
 from tests.ops import harness
@@ -22,9 +22,11 @@ INVARIANT = numerics.TOLERANCES[("invariant", "float32")]
 
 # (B, T, H, K, V, chunk): awkward on purpose.
 SHAPES = {
-    # T not a multiple of the chunk, K != V, several chunks in each of two
-    # rematerialised groups (chunked.GROUP_TOKENS = 128), and chunk 32: the
-    # per-channel pairs use their batched levels and one level above them.
+    # T not a multiple of the chunk, K != V, several chunks in each of
+    # several rematerialised groups (chunked.GROUP_TOKENS = 128 per channel:
+    # two groups; HEAD_GROUP_TOKENS cut to 64 below for per-head and no
+    # gates: three, the last padded), and chunk 32: the per-channel pairs use
+    # their batched levels and one level above them.
     "T150_KneV": (1, 150, 2, 16, 24, 32),
     "TltC": (1, 40, 1, 16, 8, 64),  # T shorter than one chunk (levels to 64)
 }
@@ -35,6 +37,15 @@ DOCS = (2, 63, 2, 16, 24, 16)
 # The gradients of a, b, u are named with the op: tests/numerics.py's "da" and
 # "db" rows are ssm_scan's (its A and B), measured on other arithmetic.
 _QUALIFIED = {"da": "dplr:da", "db": "dplr:db", "du": "dplr:du"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _head_gate_groups():
+  """Per-head and no gates run in groups of 64 tokens here (256 by default),
+  so MAIN's 150 tokens cross group boundaries with every gate form."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(chunked, "HEAD_GROUP_TOKENS", 64)
+    yield
 
 
 def _unit(x):

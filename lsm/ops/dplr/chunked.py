@@ -69,8 +69,13 @@ state per group; the temporaries live for one group at a time. Measured on
 XLA:CPU (fwd+bwd, B=2, T=2048, H=4, K=V=64, per-channel gates, temp bytes of
 the compiled program): 46 / 59 / 86 / 143 / 421 MiB for groups of 64 / 128 /
 256 / 512 / 2048 tokens, against 88 MiB for the delta rule's chunked form;
-64 and 128 were also the fastest there (cache-sized working sets). Not yet
-measured on GPU, where larger groups would batch more chunks per kernel.
+64 and 128 were also the fastest there (cache-sized working sets). With one
+gate per head (no per-channel pivots) the working set per chunk is smaller
+and larger groups batch more chunks per matmul: HEAD_GROUP_TOKENS = 256 ran
+fwd+bwd at 0.92x the time of 128 (B=2, T=8192, H=4, K=V=64, paired runs in one
+process, 2026-12-06; 512 and 1024 no faster), while per-channel gates took
+1.3x longer at 256. Not yet measured on GPU, where larger groups would batch
+more chunks per kernel.
 
 Gradients come from autodiff through the rematerialised groups. All
 arithmetic is float32 with HIGHEST-precision matmuls; outputs are cast back to
@@ -95,6 +100,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Tokens per rematerialised group of chunks (module docstring, Memory): bounds
 # the temporaries of the backward pass.
 GROUP_TOKENS = 128
+# The same for one gate per head, or none (module docstring, Memory).
+HEAD_GROUP_TOKENS = 256
 # Per-channel gates: block of the batched lower levels of ``_pairs_channel``.
 BASE = 16
 
@@ -318,7 +325,9 @@ def dplr(q, a, b, u, v, log_g, *, h0, scale: float, chunk_size: int = 64,
   dtype, f32 = q.dtype, jnp.float32
   C = chunk_size
   n_chunks = -(-T // C)
-  G = max(1, min(n_chunks, GROUP_TOKENS // C))
+  per_channel = log_g is not None and log_g.ndim == q.ndim
+  G = max(1, min(n_chunks,
+                 (GROUP_TOKENS if per_channel else HEAD_GROUP_TOKENS) // C))
   xs = tuple(pad_time(x.astype(f32), C * G) for x in (q, a, b, u, v))
   Tp = xs[0].shape[1]
   g = None if log_g is None else pad_time(log_g.astype(f32), C * G)
