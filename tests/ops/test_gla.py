@@ -389,10 +389,9 @@ def test_head_gates_packed_row_equals_documents_run_alone(log_g_value, dtype):
 
 
 def test_head_gates_reach_the_impls_as_they_are(monkeypatch):
-  """[B, T, H] gates reach the impls in ``api._HEAD_GATES`` (reference,
-  chunked, and the Triton and TPU kernels) as float32 [B, T, H]; the others
-  (Mosaic GPU until its kernels read one gate per head) get them broadcast to
-  [B, T, H, K]."""
+  """[B, T, H] gates reach every impl (``api._HEAD_GATES``: reference,
+  chunked, and the Triton, TPU and Mosaic GPU kernels) as float32 [B, T, H],
+  never broadcast to [B, T, H, K]."""
   from lsm.ops.gla import api
   seen = {}
 
@@ -409,10 +408,8 @@ def test_head_gates_reach_the_impls_as_they_are(monkeypatch):
   for name in api._IMPLS:
     gla(**x, impl=name, chunk_size=64 if name == "pallas_mosaic_gpu" else 16)
   for name, got in seen.items():
-    want = (1, 16, 2) if name in api._HEAD_GATES else (1, 16, 2, 8)
-    assert got == (want, jnp.float32), (name, got)
-  assert {"reference", "chunked"} <= set(api._HEAD_GATES)
-  assert set(seen) == set(api._IMPLS)
+    assert got == ((1, 16, 2), jnp.float32), (name, got)
+  assert set(api._HEAD_GATES) == set(seen) == set(api._IMPLS)
 
 
 def gate_broadcasts(jaxpr, lead_shapes, K: int):

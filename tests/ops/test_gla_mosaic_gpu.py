@@ -3,6 +3,8 @@ reference in the Mosaic GPU interpreter on CPU (outputs, h_T, gradients of every
 input and h0), a race-detecting run of every kernel, lowering for CUDA without a
 GPU (forward and backward, both dtypes, both head dims) with each kernel's SMEM
 checked against the H100 limit, input limits, and real-device runs marked gpu.
+Both gate forms: per key channel [B, T, H, K], and one per head [B, T, H], which
+the kernels' head-gate forms read as it is (never broadcast over K).
 
 Kept small: the interpreter runs each grid point of each kernel in turn, so
 shapes have one or two heads and a few chunks.
@@ -24,7 +26,8 @@ from lsm.ops.gla import api as gla_api
 from lsm.ops.gla import pallas_mosaic_gpu as mgpu_gla
 from tests import numerics
 from tests.ops import harness
-from tests.ops.test_gla import make_inputs
+from tests.ops.test_gla import gate_broadcasts, make_inputs
+from tests.ops.test_gla_pallas import _gate_sized_f32
 
 IMPL = "pallas_mosaic_gpu"
 INTERPRET = plgpu.InterpretGPUParams()  # uninitialised SMEM reads as NaN
@@ -38,8 +41,12 @@ def _op(q, k, v, log_g=None, h0=None, *, impl, chunk_size=64, interpret=False):
 
 
 def _check(B, T, H, K, V, *, dtype=jnp.bfloat16, interpret=INTERPRET, seed=0,
-           **kwargs):
+           gate_scale=1.0, **kwargs):
+  """``gate_scale`` multiplies the log gates (below 1: weak decay, so the
+  terms through the chunk states are as large as the ones inside a chunk)."""
   primals = make_inputs(seed, B, T, H, K, V, dtype=dtype, **kwargs)
+  if gate_scale != 1.0:
+    primals["log_g"] = (primals["log_g"] * gate_scale).astype(dtype)
   harness.check_against_reference(
       _op, IMPL, 64, primals, jax.random.key(seed + 1), interpret=interpret)
 
@@ -87,9 +94,105 @@ def test_interpret_documents_wide_values():
 
 @pytest.mark.parametrize("gate", ["head", "none"])
 def test_interpret_gate_forms(gate):
-  """Per-head gates and no gate reach the kernels as the api's broadcast
-  per-channel gates."""
+  """Per-head gates, and no gate (zeros [B, T, H] from the api), reach the
+  kernels' head-gate forms as [B, T, H] arrays."""
   _check(1, 80, 2, 64, 64, gate=gate, seed=5)
+
+
+# ----------------------------------------------------------- head gates ---
+# One gate per head [B, T, H] (Mamba-2, RetNet, Lightning): each kernel's
+# head-gate form reads a [1, C] row of gate sums per chunk, forms A as
+# (q k^T) exp(b_t - b_s), and sums d log_g over the key columns inside the
+# kernel (over the key blocks outside). Outputs, h_T and the gradients of q,
+# k, v, the [B, T, H] gates and h0 against the float32 reference.
+
+
+@pytest.mark.parametrize("B, T, H, K, V, log_g_value, gate_scale", [
+    # T % 64 != 0, K != V, K = 128: two key blocks whose d log_g shares add up
+    (1, 150, 2, 128, 64, None, 1.0),
+    # V = 256: two V blocks, T % 64 != 0; weak decay (about -1 a chunk), so
+    # the state terms (d log_g's exp(b_C) sum S dS among them) count
+    (1, 100, 1, 64, 256, None, 0.125),
+    # -5 per token overflows any exp(-b) within a chunk, -50 also every
+    # cross-chunk term: A's exponents must all be <= 0, d log_g must not be
+    # the rounding noise of cancelling O(1) terms
+    (1, 140, 1, 64, 128, -5.0, 1.0),
+    (1, 140, 1, 64, 128, -50.0, 1.0),
+], ids=["T150-K128-V64", "T100-V256-weak", "decay5", "decay50"])
+def test_interpret_head_gates(B, T, H, K, V, log_g_value, gate_scale):
+  _check(B, T, H, K, V, gate="head", log_g_value=log_g_value,
+         gate_scale=gate_scale, seed=11)
+
+
+def test_interpret_head_gates_fp16():
+  _check(1, 90, 1, 64, 64, gate="head", dtype=jnp.float16, seed=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T, K, V", [
+    (128, 64, 512),  # four V blocks, two chunks
+    (70, 40, 200),  # K padded to 64, V to 256
+])
+def test_interpret_head_gates_wide_values_slow(T, K, V):
+  _check(1, T, 1, K, V, gate="head", seed=13)
+
+
+def test_interpret_head_gates_documents():
+  """Packed documents with head gates, K = 128 (two key blocks), weak decay
+  (a term a mask should cut is as large as the kept ones): every mask of
+  the head-gate forms, against each document run alone."""
+  _check_documents(128, 64, gate="head", gate_scale=0.125, seed=5)
+
+
+@pytest.mark.parametrize("log_g_value", [
+    -5.0, pytest.param(-50.0, marks=pytest.mark.slow)])
+def test_interpret_head_gates_documents_strong_decay(log_g_value):
+  _check_documents(64, 64, gate="head", log_g_value=log_g_value, seed=6)
+
+
+@pytest.mark.slow
+def test_interpret_head_gates_documents_wide_values():
+  _check_documents(64, 256, gate="head", gate_scale=0.125, seed=7)
+
+
+def test_interpret_head_gates_documents_through_api():
+  """segment_ids with head gates through the public op, against the
+  reference with the same segment_ids."""
+  x = make_inputs(8, 2, 100, 1, 64, 64, gate="head", dtype=jnp.bfloat16)
+  ids = jnp.asarray(np.stack([np.repeat([1, 2, 3], [30, 5, 65]),
+                              np.repeat([4, 5], [64, 36])]).astype(np.int32))
+  harness.check_against_reference(
+      functools.partial(gla, segment_ids=ids), IMPL, 64, x,
+      jax.random.key(9), interpret=INTERPRET)
+
+
+def test_head_gates_are_never_widened_to_K():
+  """Forward and backward through the public op with [B, T, H] gates and
+  documents, bf16: the jaxpr has no broadcast of a [B, T, H] array to float32
+  [B, T, H, K] (``test_gla.gate_broadcasts``) and the module lowered for
+  CUDA no float32 [B, T', H, K'] or [B, H, T', K'] tensor at all (T' in T,
+  Tp; K' in K, Kp), for the gates or their gradient; with per-channel gates
+  it has them, which shows the check sees one."""
+  B, T, Tp, H, K, Kp, V = 1, 130, 192, 2, 96, 128, 64  # distinct sizes
+  ids = jnp.broadcast_to(jnp.arange(T) * 3 // T, (B, T)).astype(jnp.int32)
+
+  def vjp(q, k, v, log_g, h0, do, dh):
+    (o, h_t), pullback = jax.vjp(
+        lambda *a: gla(*a[:4], h0=a[4], impl=IMPL, segment_ids=ids),
+        q, k, v, log_g, h0)
+    return o, h_t, pullback((do, dh))
+
+  def lowered_text(gate):
+    return cuda_targets.lower_for_cuda(
+        vjp, *_structs(K, jnp.bfloat16, B=B, T=T, H=H, V=V, gate=gate)
+    ).as_text()
+
+  jaxpr = jax.make_jaxpr(vjp)(
+      *_structs(K, jnp.bfloat16, B=B, T=T, H=H, V=V, gate="head")).jaxpr
+  for width in (K, Kp):
+    assert not gate_broadcasts(jaxpr, [(B, T, H), (B, Tp, H)], width)
+  assert _gate_sized_f32(lowered_text("head"), B, T, Tp, H, K, Kp) == []
+  assert _gate_sized_f32(lowered_text("channel"), B, T, Tp, H, K, Kp)
 
 
 def test_documents_through_api_and_auto_takes_mosaic_gpu(monkeypatch):
@@ -164,13 +267,14 @@ def _alone(x, scale, lengths=DOC_LENGTHS):
 
 
 def _check_documents(K, V, *, log_g_value=None, gate_scale=1.0, seed=0,
-                     interpret=INTERPRET):
+                     interpret=INTERPRET, gate="channel"):
   """A packed bf16 batch (``DOC_LENGTHS``) through the kernels equals each
   document run alone with the float32 reference: o, h_T and the gradients
-  of q, k, v, log_g and h0. ``gate_scale`` multiplies the log gates."""
+  of q, k, v, log_g and h0. ``gate_scale`` multiplies the log gates;
+  ``gate``: "channel" [B, T, H, K] or "head" [B, T, H] gates."""
   B = len(DOC_LENGTHS)
   x = make_inputs(seed, B, DOC_T, 1, K, V, dtype=jnp.bfloat16,
-                  log_g_value=log_g_value)
+                  log_g_value=log_g_value, gate=gate)
   x["log_g"] = x["log_g"].astype(jnp.float32) * gate_scale
   scale = K ** -0.5
   resets = segments.resets(_doc_ids())
@@ -243,10 +347,14 @@ def test_property_forward_matches_reference(T, K, V, seed):
 
 
 def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16,
-                  docs=False):
+                  docs=False, gate="channel"):
   """Each kernel's launch on consistent inputs, as zero-argument callables;
-  ``docs``: in the packed-documents form (starts at 63, 64 and 164)."""
-  x = make_inputs(4, B, T, H, K, V, dtype=dtype)
+  ``docs``: in the packed-documents form (starts at 63, 64 and 164);
+  ``gate="head"``: the head-gate forms ([B, Tp, H, 1] gates, as
+  ``pallas_vjp`` views [B, T, H] ones)."""
+  x = make_inputs(4, B, T, H, K, V, dtype=dtype, gate=gate)
+  if gate == "head":
+    x["log_g"] = x["log_g"][..., None]
   Tp = 64 * -(-T // 64)
   pad = lambda a: jnp.pad(a, [(0, 0), (0, Tp - T)] + [(0, 0)] * 2)  # noqa: E731
   if docs:
@@ -279,20 +387,25 @@ def _kernel_calls(B=1, T=200, H=1, K=64, V=128, dtype=jnp.bfloat16,
   }
 
 
-@pytest.mark.parametrize("docs, V", [
-    (False, 128), (True, 128),
-    pytest.param(False, 256, marks=pytest.mark.slow)],
-    ids=["plain", "documents", "plain-V256"])
-def test_interpret_finds_no_races(docs, V):
+@pytest.mark.parametrize("docs, V, gate", [
+    (False, 128, "channel"), (True, 128, "channel"),
+    pytest.param(False, 256, "channel", marks=pytest.mark.slow),
+    (False, 128, "head"), (True, 128, "head"),
+    pytest.param(False, 256, "head", marks=pytest.mark.slow)],
+    ids=["plain", "documents", "plain-V256", "head", "head-documents",
+         "head-V256"])
+def test_interpret_finds_no_races(docs, V, gate):
   """Each kernel once under the interpreter's happens-before race detector
   (SMEM reads and writes by the warpgroup, TMA and wgmma), with four chunks so
   the state passes cycle both buffers (and, with documents, both doc
   tiles); V = 256: the chunk kernels' V-block loops (refetch into tiles just
-  read, result tiles rewritten after their TMA). Its state covers the last
+  read, result tiles rewritten after their TMA); head: the head-gate forms
+  (operand tiles rewritten once A is formed, the gate row copied within its
+  tile, the d log_g sums written and read back). Its state covers the last
   kernel run, hence one kernel at a time."""
   # pylint: disable-next=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-  calls = _kernel_calls(V=V, docs=docs)
+  calls = _kernel_calls(V=V, docs=docs, gate=gate)
   assert set(calls) == set(mgpu_gla.KERNELS)
   for name, call in calls.items():
     jax.block_until_ready(call())
@@ -309,13 +422,15 @@ def _vjp_fn(q, k, v, log_g, h0, do, dh, resets=None):
   return o, h_t, pullback((do, dh))
 
 
-def _structs(D, dtype, B=1, T=130, H=2, docs=False, V=None):
-  """T pads to 3 chunks; K = D, V = D unless given."""
+def _structs(D, dtype, B=1, T=130, H=2, docs=False, V=None, gate="channel"):
+  """T pads to 3 chunks; K = D, V = D unless given; log_g [B, T, H, K]
+  (``gate="channel"``) or [B, T, H] ("head")."""
   s = jax.ShapeDtypeStruct
   V = V or D
   kx, vx = s((B, T, H, D), dtype), s((B, T, H, V), dtype)
   state = s((B, H, D, V), jnp.float32)
-  return ([kx, kx, vx, s((B, T, H, D), jnp.float32), state, vx, state]
+  g = (B, T, H, D) if gate == "channel" else (B, T, H)
+  return ([kx, kx, vx, s(g, jnp.float32), state, vx, state]
           + [s((B, T), jnp.bool_)] * docs)
 
 
@@ -334,17 +449,36 @@ def test_lowers_for_cuda(D, dtype, docs, V):
   lowering allocates it, is ``smem_bytes``'s count and fits an H100 block.
   ``docs``: with segment_ids (the kernels' document forms); V: the value head
   dim (D unless given; 512 is four V blocks)."""
-  V = V or D
-  lowered = cuda_targets.lower_for_cuda(
-      _vjp_fn, *_structs(D, dtype, docs=docs, V=V))  # an abstract H100
+  _check_lowering(D, V or D, dtype, docs, "channel")
+
+
+def _check_lowering(K, V, dtype, docs, gate):
+  lowered = cuda_targets.lower_for_cuda(  # an abstract H100
+      _vjp_fn, *_structs(K, dtype, docs=docs, V=V, gate=gate))
   assert lowered.as_text().count("stablehlo.custom_call @mosaic_gpu_v2") == 6
   kernels = _kernels(lowered)
   assert sorted(n for n, _ in kernels) == sorted(
       ["gla_states_mgpu", "gla_output_mgpu", "gla_states_mgpu",
        "gla_dstates_mgpu", "gla_dv_mgpu", "gla_dqkg_mgpu"])
+  head = gate == "head"
   for name, size in kernels:
-    assert size == mgpu_gla.smem_bytes(name, D, V, dtype, docs=docs), name
+    assert size == mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs,
+                                       head=head), name
     assert size <= H100_SMEM, (name, size)
+    if head:  # the head-gate forms hold no [C, K] gate tiles
+      assert size < mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs), name
+
+
+@pytest.mark.parametrize("K, V, dtype, docs", [
+    (64, 64, jnp.bfloat16, False), (128, 128, jnp.bfloat16, True),
+    (128, 512, jnp.float16, False), (128, 512, jnp.bfloat16, True)])
+def test_lowers_for_cuda_with_head_gates(K, V, dtype, docs):
+  """The head-gate forms ([B, T, H] gates: a [1, C] gate row per chunk, the
+  d log_g shares as [1, C] rows) lower to the same six Mosaic GPU custom
+  calls, forward and backward, and each kernel's SMEM, as the lowering
+  allocates it, is ``smem_bytes(..., head=True)``'s count, below the
+  per-channel form's."""
+  _check_lowering(K, V, dtype, docs, "head")
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -354,13 +488,18 @@ def test_smem_fits_h100(K, V, dtype):
   """Every kernel's SMEM footprint, summed from its scratch shapes (each
   allocation rounded to 1 KiB, barriers, reduction scratch), fits the H100's
   per-block limit at every padded head-dim pair, V blocks included (past
-  V = 128 the chunk kernels' tiles stay at 128 value columns)."""
+  V = 128 the chunk kernels' tiles stay at 128 value columns); the head-gate
+  forms below their per-channel forms."""
   for name in mgpu_gla.KERNELS:
     for docs in (False, True):
-      size = mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs)
-      assert 0 < size <= H100_SMEM, (name, K, V, docs, size)
-      if V > 128:
-        assert size == mgpu_gla.smem_bytes(name, K, 128, dtype, docs=docs)
+      for head in (False, True):
+        size = mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs, head=head)
+        assert 0 < size <= H100_SMEM, (name, K, V, docs, head, size)
+        if V > 128:
+          assert size == mgpu_gla.smem_bytes(name, K, 128, dtype, docs=docs,
+                                             head=head)
+      assert (mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs, head=True)
+              < mgpu_gla.smem_bytes(name, K, V, dtype, docs=docs))
 
 
 # --------------------------------------------------------------- limits ---
@@ -402,3 +541,21 @@ def test_gpu_documents(D):
 @pytest.mark.gpu
 def test_gpu_long_sequence_k_ne_v():
   _check(1, 1000, 2, 128, 64, interpret=False, seed=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_head_gates(D):
+  _check(2, 200, 4, D, D, gate="head", interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("log_g_value", [-5.0, -50.0])
+def test_gpu_head_gates_strong_decay(log_g_value):
+  _check(1, 500, 2, 64, 128, gate="head", log_g_value=log_g_value,
+         interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_head_gates_documents():
+  _check_documents(128, 64, gate="head", gate_scale=0.125, interpret=False)

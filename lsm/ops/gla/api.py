@@ -21,9 +21,11 @@ _UNGATED = ("chunked",)
 # Impls that read one gate per head, [B, T, H], as it is (chunked: its
 # scalar-decay form, lsm/ops/gla/chunked_scalar.py; pallas_triton and
 # pallas_tpu: kernels that load a [C] gate column per chunk, see
-# lsm/ops/gla/chunk_tiles.py); the others are given the gates broadcast over K
-# (``_for_impl``).
-_HEAD_GATES = ("reference", "chunked", "pallas_triton", "pallas_tpu")
+# lsm/ops/gla/chunk_tiles.py; pallas_mosaic_gpu: kernels that load a [C] row
+# of gate sums per chunk, see lsm/ops/gla/pallas_mosaic_gpu.py). That is every
+# impl: no gate is ever broadcast over K.
+_HEAD_GATES = ("reference", "chunked", "pallas_triton", "pallas_tpu",
+               "pallas_mosaic_gpu")
 # Key groups (q, k with G heads for v's H, G < H: Mamba-2's B and C, shared by
 # all heads as in the paper) reach "chunked" with per-head gates as they are:
 # its scalar-decay form forms one [C, C] q k^T per group and applies each
@@ -56,16 +58,6 @@ def _gate(log_g, shape, op: str, name: str):
   return log_g.astype(jnp.float32)
 
 
-def _for_impl(name: str, log_g, K: int):
-  """The gates as impl ``name`` reads them: [B, T, H] as they are for the
-  impls in ``_HEAD_GATES``; broadcast to [B, T, H, K] for the others
-  ("pallas_mosaic_gpu", until its kernels read [B, T, H] gates: then it joins
-  ``_HEAD_GATES`` and this broadcast goes)."""
-  if log_g is None or log_g.ndim == 4 or name in _HEAD_GATES:
-    return log_g
-  return jnp.broadcast_to(log_g[..., None], (*log_g.shape, K))
-
-
 def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
         interpret=False, segment_ids=None):
   """Gated linear attention. Matches ``reference.gla``; the math is there.
@@ -79,17 +71,15 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     k: keys, q's shape and dtype.
     v: [B, T, H, V] values, q's dtype.
     log_g: log forget gates, <= 0: [B, T, H, K] per channel, [B, T, H] one per
-      head (used as it is by "reference", "chunked", "pallas_triton" and
-      "pallas_tpu", which have a scalar-decay form; "pallas_mosaic_gpu" gets it
-      broadcast over K), or None for no decay. Any
-      float dtype; used in float32.
+      head (used as it is by every impl: each has a scalar-decay form), or
+      None for no decay. Any float dtype; used in float32.
     h0: optional [B, H, K, V] float32 initial state; zeros when None.
     scale: query scale; K ** -0.5 when None.
     chunk_size: chunk length C: for "chunked" at most 16 or a multiple of 16,
       for "pallas_triton" and "pallas_tpu" 16, 32, 64 or 128, for
       "pallas_mosaic_gpu" 64. T need not be a multiple of it.
     impl: "auto" | "reference" | "chunked" | "pallas_mosaic_gpu" (Hopper and
-      newer; bfloat16 / float16 inputs, K and V up to 128) |
+      newer; bfloat16 / float16 inputs, K up to 128, V up to 512) |
       "pallas_triton" | "pallas_tpu" (K up to 256, V up to 512). Each impl's
       ``ACCEPTS`` states what it takes: "auto" takes the first in the
       platform's order that accepts the call (``_dispatch.resolve``), an
@@ -127,7 +117,7 @@ def gla(q, k, v, log_g=None, *, h0=None, scale=None, chunk_size=64, impl="auto",
     log_g = jnp.zeros((B, T, H), jnp.float32)
   form = None if log_g is None else ("head" if log_g.ndim == 3 else "channel")
   q, k = _expand_groups(name, form, q, k, H)
-  return _IMPLS[name](q, k, v, _for_impl(name, log_g, K), h0=h0, scale=scale,
+  return _IMPLS[name](q, k, v, log_g, h0=h0, scale=scale,
                       chunk_size=chunk_size, **kwargs)
 
 

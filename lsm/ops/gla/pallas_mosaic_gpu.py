@@ -75,6 +75,31 @@ double-buffered [2, C] tile, two barriers, and the 2 KiB reduction scratch of
 ``_DocMasks``' row sums: +3 KiB); the largest, gla_dqkg_mgpu at V >= 128, is
 199,744 B of the 232,448 B per block (``smem_bytes(..., docs=True)``).
 
+Gate forms. Per-channel gates [B, T, H, K] are read as above: b in [C, K]
+tiles (plain padded float32 in the chunk kernels, read at row offsets by the
+sub-chunk pivots and the log-space diagonal loops). One gate per head
+[B, T, H] (Mamba-2, RetNet, Lightning) is read as it is, never broadcast over
+K: each kernel has a head-gate form, a static choice by the shape of b. The
+launchers give it the chunk's [1, C] row of b (``_gate_prefix``: [B, H, N, 1,
+C], [B, T, H] sized), a TMA box into a float32 row tile, loaded as a
+per-token vector (``_COL``) that stands where the per-channel form has a
+[C, K] tile: exp(b_t) and exp(b_C - b_t) are one factor per row, exp(b_C) a
+scalar (loaded from SMEM), and
+
+    A_ts = (q_t . k_s) exp(b_t - b_s)   (s <= t)
+
+is one [C, K] x [K, C] wgmma of q and k as they come (swizzled tiles, by
+TMA) times a [C, C] decay tile (``_head_weights``): every exponent kept is
+<= 0 at any decay, so there are no sub-chunk pivots, no log-space diagonal
+loops and no padded plain tiles. dq and dk below the diagonal are two wgmmas
+of one dA o W tile, and d log_g is the per-channel gradient summed over K
+(the chain rule through a broadcast): per token inside each dqkg program,
+then over the K / 64 programs' [1, C] rows in XLA, as the Triton kernels do
+(``_head_dqkg``). Documents cut the same terms with the same masks. The head
+forms take less SMEM (``smem_bytes(..., head=True)``; K = 128, V >= 128, no
+documents: state passes 115,768 B against 180,280, output and dv 107,560
+against 198,696, dqkg 127,032 against 198,712).
+
 Each launcher's docstring gives its tiles, SMEM bytes (``smem_bytes``; the
 lowering's own count is checked against it in the tests) and register plan
 (registers per thread of the 128-thread warpgroup; a float32 [64, 64] tile in
@@ -82,9 +107,10 @@ the WGMMA layout is 32). Registers and spills are only visible where ptxas
 runs, on a GPU; the plans are estimates, not measurements.
 
 Numerics.
-- Gate prefix sums b are formed in XLA before the kernels (``_gate_prefix``),
-  in float32: Mosaic GPU has no cumsum, and a prefix sum by wgmma would round
-  the gates to bf16 / TF32. Inside the kernels every exponent is <= 0: q
+- Gate prefix sums b are formed in XLA before the kernels (``_gate_prefix``;
+  one [C] row a chunk for head gates), in float32: Mosaic GPU has no cumsum,
+  and a prefix sum by wgmma would round the gates to bf16 / TF32. Inside the
+  kernels every exponent is <= 0 (head gates: see Gate forms above): q
   exp(b), k exp(b_C - b), and the intra-chunk blocks below the sub-chunk
   diagonal pivot on r_i, the gate sum before sub-chunk i (q exp(b_t - r_i),
   k exp(r_i - b_s)). The 16 x 16 diagonal blocks are formed in log space, one
@@ -124,7 +150,15 @@ semantics, pinned in ``_PARAMS``; checked by lowering for CUDA and in
 - A kernel with a reduction gets the 2 KiB reduction scratch
   (``_PARAMS.reduction_scratch_bytes``) from the lowering: the state passes,
   whose only reductions are ``_DocMasks``' [C, C] row sums (axis 1), have it
-  in their document form and not without (``smem_bytes``).
+  in their document form and not without (``smem_bytes``); so have the
+  head-gate forms of output and dv.
+- A [C] float32 row of a plain ref loads as a per-token vector too
+  (``Layout.WGMMA.reduce(1)``, ``_COL``; C = 64, one value per row of the
+  64-row tile) and broadcasts with ``lax.broadcast_in_dim(r, shape, [0])``;
+  such a vector stores back to a row (the d log_g row sums); a scalar loads
+  as ``ref[i, j]``. Loading one SMEM view in both vector layouts (``_COL``
+  and ``_ROW``) fails layout inference (the two identical loads become one
+  value with two layouts), so ``_head_decay`` copies the row within its tile.
 - Hazards reported for jax 0.11.2 are avoided: no warpgroup exits early (one
   warpgroup per kernel, no early returns) and no accumulator is negated
   (``-acc * x`` gave zeros): gradients use differences, never negations.
@@ -153,6 +187,9 @@ BK = 64  # key columns per program of the dq / dk / d log_g kernel
 PAD = SUB  # rows above and below the chunk in the plain tiles read at offsets
 MAX_HEAD_DIM, DTYPES = mosaic_gpu.MAX_HEAD_DIM, mosaic_gpu.DTYPES
 _WGMMA, _ROW = mosaic_gpu.WGMMA, mosaic_gpu.ROW
+# A [C] vector laid out like a tile column (one value per row of a 64-row
+# WGMMA tile): per-token values of one chunk, e.g. a head gate's sums.
+_COL = plgpu.Layout.WGMMA.reduce(1)
 _PARAMS = mosaic_gpu.PARAMS
 _swizzled, _plain, _load, _load_row, _iota, _mm = (
     mosaic_gpu.swizzled, mosaic_gpu.plain, mosaic_gpu.load, mosaic_gpu.load_row,
@@ -161,11 +198,38 @@ _interpret_params, _padded, _v_block = (
     mosaic_gpu.interpret_params, mosaic_gpu.padded, mosaic_gpu.v_block)
 
 
+def _is_head(g) -> bool:
+  """Whether gates ``g`` [B, Tp, H, 1] hold one gate per head (the
+  ``pallas_vjp`` view of [B, T, H] gates; per-channel gates have K >= 64)."""
+  return g.shape[-1] == 1
+
+
 def _gate_prefix(g):
   """b: inclusive prefix sums of the gates inside each chunk of C tokens,
-  float32 [B, Tp, H, K]."""
+  float32: [B, Tp, H, K] for per-channel gates; for one gate per head ([B,
+  Tp, H, 1]) [B, H, N, 1, C], chunk n of head h as one row, the [1, C] TMA
+  box of the head-gate kernels (a [C, 1] column of the op's layout is no TMA
+  box: its 4-byte rows are below TMA's 16-byte minimum). Either is [B, T, H]
+  or [B, T, H, K] sized as the op got the gates: no K-wide copy of a head
+  gate."""
   B, Tp, H, K = g.shape
+  if _is_head(g):
+    rows = jnp.swapaxes(g[..., 0], 1, 2).reshape(B, H, Tp // C, 1, C)
+    return jnp.cumsum(rows, axis=-1)
   return jnp.cumsum(g.reshape(B, Tp // C, C, H, K), axis=2).reshape(g.shape)
+
+
+def _load_col(ref):
+  """A plain [C] float32 row ref (gate sums of one chunk, one per token) as a
+  per-token vector: laid out like a tile column (``_COL``), so it broadcasts
+  across the columns of a [C, D] tile with ``_down``."""
+  return plgpu.load(ref, layout=_COL, optimized=False).astype(_F32)
+
+
+def _down(vec, shape):
+  """A per-token [C] vector (``_COL`` layout) broadcast across the columns of
+  ``shape`` [C, D]: row t holds vec[t] in every entry."""
+  return lax.broadcast_in_dim(vec, shape, [0])
 
 
 # ------------------------------------------------------------ documents ---
@@ -261,15 +325,21 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
   N = hs_ref.shape[2]
   K = x_ref.shape[-1]
   vcols = pl.ds(iv * BV, BV)
+  head = b_s.ndim == 2  # one gate per head: [2, C], a gate-sum row a buffer
 
   def fetch(i, slot):  # chunk i of the loop's order into buffer ``slot``
-    rows = pl.ds((N - 1 - i if reverse else i) * C, C)
+    n = N - 1 - i if reverse else i
+    rows = pl.ds(n * C, C)
     plgpu.copy_gmem_to_smem(x_ref.at[ib, rows, ih], x_s.at[slot],
                             bars.at[3 * slot])
     plgpu.copy_gmem_to_smem(y_ref.at[ib, rows, ih, vcols], y_s.at[slot],
                             bars.at[3 * slot + 1])
-    plgpu.copy_gmem_to_smem(b_ref.at[ib, rows, ih], b_s.at[slot],
-                            bars.at[3 * slot + 2])
+    if head:  # the chunk's [1, C] row of b
+      plgpu.copy_gmem_to_smem(b_ref.at[ib, ih, n], b_s.at[pl.ds(slot, 1)],
+                              bars.at[3 * slot + 2])
+    else:
+      plgpu.copy_gmem_to_smem(b_ref.at[ib, rows, ih], b_s.at[slot],
+                              bars.at[3 * slot + 2])
     if docs:
       d_ref, d_s, d_bars = docs
       plgpu.copy_gmem_to_smem(d_ref.at[ib, N - 1 - i if reverse else i],
@@ -303,6 +373,9 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
     # (forward: tail), and the incoming state leaves only a reset-free chunk.
     rows_in = None if masks is None else (
         masks.carry((C, 64)) if reverse else masks.tail((C, 64)))
+    if head:
+      return _head_state_step(st, x_t, y_s.at[slot], b_t, xe_s, rows_in, masks,
+                              reverse=reverse, scale=scale)
     for kc in range(K // 64):  # 64 key columns at a time: fewer live registers
       cols = pl.ds(kc * 64, 64)
       b = _load(b_t.at[:, cols])  # [C, 64]
@@ -326,11 +399,38 @@ def _state_pass_kernel(x_ref, y_ref, b_ref, h_ref, hs_ref, hlast_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _state_pass_scratch(K, V, dtype):
+def _head_state_step(st, x_t, y_t, b_t, xe_s, rows_in, masks, *, reverse,
+                     scale):
+  """One chunk of ``_state_pass_kernel`` with one gate per head: ``b_t`` the
+  chunk's [C] row of gate sums, so every factor is one number per token
+  (exp(b_t) or exp(b_C - b_t), a ``_COL`` vector down the rows of x) and the
+  decay exp(b_C) one scalar over the [BV, K] carry."""
+  K = x_t.shape[-1]
+  b = _load_col(b_t)  # [C]
+  b_end = b_t[C - 1]  # b_C, a scalar
+  e = jnp.exp(b) if reverse else jnp.exp(b_end - b)  # [C]
+  for kc in range(K // 64):  # 64 key columns at a time, as per channel
+    cols = pl.ds(kc * 64, 64)
+    xe_s[:, cols] = _cut(rows_in, _load(x_t.at[:, cols]) * _down(
+        e, (C, 64))).astype(xe_s.dtype)
+  plgpu.commit_smem()
+  upd = _mm(y_t.T, xe_s, (BV, K))  # [BV, C] x [C, K]
+  decay = jnp.exp(b_end)
+  if masks is not None:
+    decay = _cut(masks.carry_out((BV, K)), decay)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is written next step
+  return st * decay + scale * upd
+
+
+def _state_pass_scratch(K, V, dtype, head=False):
+  """Plain x [2, C, K], swizzled y [2, C, BV], plain float32 b [2, C, K]
+  (one gate per head: [2, C], a row per buffer), swizzled x exp(.) [C, K],
+  the carry's input-dtype copy [BV, K], float32 [BV, K] for h in and out."""
   del V
-  return [_plain((2, C, K), dtype), _swizzled((2, C, BV), dtype),
-          _plain((2, C, K), _F32), _swizzled((C, K), dtype),
-          _swizzled((BV, K), dtype), _swizzled((BV, K), _F32)]
+  b = _plain((2, C), _F32) if head else _plain((2, C, K), _F32)
+  return [_plain((2, C, K), dtype), _swizzled((2, C, BV), dtype), b,
+          _swizzled((C, K), dtype), _swizzled((BV, K), dtype),
+          _swizzled((BV, K), _F32)]
 
 
 def _state_pass(x, y, b, h, *, reverse, scale, interpret, docs=None):
@@ -363,6 +463,12 @@ def _state_pass(x, y, b, h, *, reverse, scale, interpret, docs=None):
   cuts the rows of x exp(.) (forward: tail, reverse: carry) and the decay
   exp(b_C) (carry_out).
 
+  One gate per head (``b`` [B, H, N, 1, C], ``_gate_prefix``): the chunk's
+  [1, C] row of b comes in by TMA instead of the [C, K] tile
+  (``_head_state_step``; b [2, C] in SMEM, 1 KiB for both buffers: 113 KiB at
+  K = 128, 65 KiB at K = 64; with documents 116 / 68 KiB); x is scaled by
+  one factor per token, the carry decays by one scalar.
+
   Returns the per-chunk values [B, H, N, V, K] in the input dtype (the
   gradient kernels read them as wgmma operands) and the float32 carry after
   the last chunk [B, H, V, K].
@@ -371,12 +477,13 @@ def _state_pass(x, y, b, h, *, reverse, scale, interpret, docs=None):
   V = y.shape[-1]
   N = Tp // C
   name = "gla_dstates_mgpu" if reverse else "gla_states_mgpu"
+  head = b.ndim == 5
   return plgpu.kernel(
       _with_docs(functools.partial(_state_pass_kernel, reverse=reverse,
                                    scale=scale), 4, 2, docs),
       out_type=(jax.ShapeDtypeStruct((B, H, N, V, K), x.dtype),
                 jax.ShapeDtypeStruct((B, H, V, K), _F32)),
-      scratch_types=[*_state_pass_scratch(K, V, x.dtype),
+      scratch_types=[*_state_pass_scratch(K, V, x.dtype, head),
                      plgpu.Barrier(num_barriers=KERNELS[name][1]),
                      *_DOC_SCRATCH[name](docs)],
       grid=(B, H, V // BV), grid_names=("b", "h", "v"),
@@ -497,11 +604,53 @@ def _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n):
     plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
 
 
-def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
-                   q_c, k_p, b_p, v_s, st_s, qp_s, kb_s, a_s, o_s, bars, *,
-                   scale, docs):
+def _fetch_head_chunk(q_ref, k_ref, b_ref, q_s, k_s, b_s, bars, ib, ih, n,
+                      kcols=slice(None)):
+  """One gate per head: TMA the chunk's q and k [C, K] (or the key columns
+  ``kcols``) straight into swizzled wgmma operand tiles (no offset reads, so
+  no plain padded tiles) and its [1, C] row of b into row 0 of the [2, C]
+  gate tile (``_head_decay`` uses row 1), on barriers 0 .. 2."""
+  rows = pl.ds(n * C, C)
+  for i, (src, dst) in enumerate([(q_ref.at[ib, rows, ih, kcols], q_s),
+                                  (k_ref.at[ib, rows, ih, kcols], k_s),
+                                  (b_ref.at[ib, ih, n], b_s.at[pl.ds(0, 1)])]):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+
+def _head_decay(b_s, *, strict):
+  """exp(b_t - b_s) [C, C] float32 for s < t (``strict``) or s <= t, zero
+  elsewhere, from the chunk's row of b (one gate per head, row 0 of the
+  [2, C] tile ``b_s``): b_t down the rows, b_s along the columns. Every
+  exponent kept is <= 0, so no pivot is needed at any decay; the others are
+  zeroed before the exp (an exponent > 0 there could overflow).
+
+  The row is read along the columns from a copy in row 1, written here from
+  the per-token vector: Mosaic GPU's layout inference (jax 0.11.2) finds no
+  solution when one SMEM view is loaded in both vector layouts (``_COL`` and
+  ``_ROW``; the two identical loads become one value with two layouts)."""
+  r, c = _iota((C, C), 0), _iota((C, C), 1)
+  keep = (c < r) if strict else (c <= r)
+  b = _load_col(b_s.at[0])  # [C]: b_t
+  b_s[1, :] = b
+  expo = _down(b, (C, C)) - _load_row(b_s, 1, (C, C))
+  return jnp.where(keep, jnp.exp(jnp.where(keep, expo, 0.0)), 0.0)
+
+
+def _head_weights(q_s, k_s, b_s):
+  """A [C, C] float32 for one gate per head: A_ts = (q_t . k_s) exp(b_t - b_s)
+  for s <= t, zero above the diagonal: one [C, K] x [K, C] wgmma of the
+  chunk's own q and k (swizzled tiles), then the decay (``_head_decay``)."""
+  return _mm(q_s, k_s.T, (C, C)) * _head_decay(b_s, strict=False)
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref, *scratch, scale,
+                   docs, head=False):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  if head:
+    q_s, k_s, b_s, v_s, st_s, a_s, o_s, bars = scratch
+  else:
+    q_c, k_p, b_p, v_s, st_s, qp_s, kb_s, a_s, o_s, bars = scratch
   BVC = v_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
 
@@ -510,16 +659,29 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
     plgpu.copy_gmem_to_smem(v_ref.at[ib, rows, ih, cols], v_s, bars.at[3])
     plgpu.copy_gmem_to_smem(hin_ref.at[ib, ih, n, cols], st_s, bars.at[4])
 
-  _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
+  if head:
+    _fetch_head_chunk(q_ref, k_ref, b_ref, q_s, k_s, b_s, bars, ib, ih, n)
+  else:
+    _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
   fetch_block(0)
   for i in range(3):
     plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
-  K = q_c.shape[-1]
-  a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
-  a_s[...] = _cut(masks and masks.same, a).astype(a_s.dtype)
-  kb_s[...] = _cut(masks and masks.carry((C, K)), _load(q_c) * jnp.exp(
-      _load(b_p.at[mid]))).astype(kb_s.dtype)  # q exp(b), carry rows
+  if head:  # one gate per head: A by one wgmma; q exp(b) into k's tile
+    K = q_s.shape[-1]
+    a = _head_weights(q_s, k_s, b_s)
+    a_s[...] = _cut(masks and masks.same, a).astype(a_s.dtype)
+    e = _down(jnp.exp(_load_col(b_s.at[0])), (C, K))  # exp(b_t)
+    # k_s's one reader, the wgmma of A, is done (``_mm`` waits for it)
+    kb_s = k_s
+    kb_s[...] = _cut(masks and masks.carry((C, K)), q_s[...].astype(_F32)
+                     * e).astype(kb_s.dtype)  # q exp(b), carry rows
+  else:
+    K = q_c.shape[-1]
+    a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
+    a_s[...] = _cut(masks and masks.same, a).astype(a_s.dtype)
+    kb_s[...] = _cut(masks and masks.carry((C, K)), _load(q_c) * jnp.exp(
+        _load(b_p.at[mid]))).astype(kb_s.dtype)  # q exp(b), carry rows
   plgpu.commit_smem()
 
   def body(acc_ref):
@@ -545,13 +707,23 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, hin_ref, o_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _chunk_scratch(K, V, dtype):
+def _chunk_scratch(K, V, dtype, head=False):
   """SMEM of the output and dv kernels (same shapes): plain q [C, K], plain
   padded k (input dtype) and b (float32) [PAD + C + PAD, K], swizzled v or do
   [C, BVC], the V block of the chunk's state or state gradient [BVC, K], Q'
   and key-factor tiles [C, K], A [C, C], the result [C, BVC]; BVC =
-  ``v_block(V)`` (V itself up to 128), so nothing grows past V = 128."""
+  ``v_block(V)`` (V itself up to 128), so nothing grows past V = 128.
+
+  One gate per head (``head``): swizzled q and k [C, K] (wgmma operands as
+  they come, the key-factor tile afterwards: see the kernels), b a float32
+  [2, C] tile (the chunk's row, and its copy for ``_head_decay``), v or do,
+  the state block, A and the result as above."""
   bv = _v_block(V)
+  if head:
+    return [_swizzled((C, K), dtype), _swizzled((C, K), dtype),
+            _plain((2, C), _F32), _swizzled((C, bv), dtype),
+            _swizzled((bv, K), dtype), _swizzled((C, C), dtype),
+            _swizzled((C, bv), dtype)]
   return [_plain((C, K), dtype), _plain((PAD + C + PAD, K), dtype),
           _plain((PAD + C + PAD, K), _F32), _swizzled((C, bv), dtype),
           _swizzled((bv, K), dtype), _swizzled((C, K), dtype),
@@ -577,14 +749,27 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret, docs=None):
   Registers: the log-space loop holds A [C, C] (32),
   q and b [C, 64] (64), the two shifted tiles and their product (~96); the
   pivot part b, k and one [C, C] product (~160 at K = 128).
+
+  One gate per head (``b`` [B, H, N, 1, C]): q and k come by TMA into
+  swizzled tiles and A = (q k^T) exp(b_t - b_s), s <= t, is one [C, K] x
+  [K, C] wgmma and a [C, C] decay (``_head_weights``): no pivots, no
+  log-space loop, every exponent <= 0 at any decay. q exp(b_t) goes to k's
+  tile once A is formed. SMEM (``_chunk_scratch(..., head=True)``, no
+  reduction scratch: nothing is reduced): 105 KiB at K = 128, V >= 128, 73
+  KiB at K = 64, V >= 128, 49 KiB at K = V = 64; documents +1 KiB and the
+  2 KiB reduction scratch of ``_DocMasks`` (108 KiB at K = V = 128).
+  Registers: A and its decay (64), then one [C, K] factor tile (64 at
+  K = 128).
   """
   B, Tp, H, K = q.shape
   V = v.shape[-1]
   name = "gla_output_mgpu"
+  head = b.ndim == 5
   return plgpu.kernel(
-      _with_docs(functools.partial(_output_kernel, scale=scale), 5, 1, docs),
+      _with_docs(functools.partial(_output_kernel, scale=scale, head=head), 5,
+                 1, docs),
       out_type=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
-      scratch_types=[*_chunk_scratch(K, V, q.dtype),
+      scratch_types=[*_chunk_scratch(K, V, q.dtype, head),
                      plgpu.Barrier(num_barriers=KERNELS[name][1]),
                      *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
@@ -594,7 +779,7 @@ def _outputs(q, k, v, b, h_in, *, scale, interpret, docs=None):
 
 def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
   del chunk_size
-  b = _gate_prefix(g)
+  b = _gate_prefix(g)  # per channel, or one row a chunk for head gates
   h_in, h_tt = _state_pass(k, v, b, h0t, reverse=False, scale=1.0,
                            interpret=interpret, docs=docs)
   return _outputs(q, k, v, b, h_in, scale=scale, interpret=interpret,
@@ -604,11 +789,14 @@ def forward(q, k, v, g, h0t, *, docs, scale, chunk_size, interpret):
 # ------------------------------------------------------------- gradients ---
 
 
-def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
-               q_c, k_p, b_p, do_s, dst_s, qp_s, kb_s, a_s, dv_s, bars, *,
-               scale, docs):
+def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref, *scratch, scale,
+               docs, head=False):
   ib, ih, n = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n")
   rows, mid = pl.ds(n * C, C), pl.ds(PAD, C)
+  if head:
+    q_s, k_s, b_s, do_s, dst_s, a_s, dv_s, bars = scratch
+  else:
+    q_c, k_p, b_p, do_s, dst_s, qp_s, kb_s, a_s, dv_s, bars = scratch
   BVC = do_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
 
@@ -617,17 +805,31 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
     plgpu.copy_gmem_to_smem(do_ref.at[ib, rows, ih, cols], do_s, bars.at[3])
     plgpu.copy_gmem_to_smem(dout_ref.at[ib, ih, n, cols], dst_s, bars.at[4])
 
-  _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
+  if head:
+    _fetch_head_chunk(q_ref, k_ref, b_ref, q_s, k_s, b_s, bars, ib, ih, n)
+  else:
+    _fetch_chunk(q_ref, k_ref, b_ref, q_c, k_p, b_p, bars, ib, ih, n)
   fetch_block(0)
   for i in range(3):
     plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
-  a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
-  a_s[...] = _cut(masks and masks.same, scale * a).astype(a_s.dtype)
-  K = q_c.shape[-1]
-  b_end = _load_row(b_p, PAD + C - 1, (C, K))
-  kb_s[...] = _cut(masks and masks.tail((C, K)), _load(k_p.at[mid]) * jnp.exp(
-      b_end - _load(b_p.at[mid]))).astype(kb_s.dtype)  # k exp(b_C - b), tail
+  if head:  # one gate per head: A by one wgmma; k exp(b_C - b) into q's tile
+    K = q_s.shape[-1]
+    a = _head_weights(q_s, k_s, b_s)
+    a_s[...] = _cut(masks and masks.same, scale * a).astype(a_s.dtype)
+    b = _load_col(b_s.at[0])  # [C]
+    e = _down(jnp.exp(b_s[0, C - 1] - b), (C, K))  # exp(b_C - b_t)
+    # q_s's one reader, the wgmma of A, is done (``_mm`` waits for it)
+    kb_s = q_s
+    kb_s[...] = _cut(masks and masks.tail((C, K)), k_s[...].astype(_F32)
+                     * e).astype(kb_s.dtype)  # k exp(b_C - b), tail rows
+  else:
+    a = _intra_weights(q_c, k_p, b_p, qp_s, kb_s)
+    a_s[...] = _cut(masks and masks.same, scale * a).astype(a_s.dtype)
+    K = q_c.shape[-1]
+    b_end = _load_row(b_p, PAD + C - 1, (C, K))
+    kb_s[...] = _cut(masks and masks.tail((C, K)), _load(k_p.at[mid]) * jnp.exp(
+        b_end - _load(b_p.at[mid]))).astype(kb_s.dtype)  # k exp(b_C - b), tail
   plgpu.commit_smem()
 
   def body(acc_ref):
@@ -653,11 +855,14 @@ def _dv_kernel(q_ref, k_ref, b_ref, do_ref, dout_ref, dv_ref,
 
 
 def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
-                 dq_ref, dk_ref, dg_ref,
-                 q_p, k_p, b_p, v_s, do_s, st_s, dst_s, qp_s, kb_s, da_s,
-                 dat_s, tri_s, parts_s, bars, *, scale, docs):
+                 dq_ref, dk_ref, dg_ref, *scratch, scale, docs, head=False):
   ib, ih, n, ik = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
   rows, kcols, mid = pl.ds(n * C, C), pl.ds(ik * BK, BK), pl.ds(PAD, C)
+  if head:
+    q_s, k_s, b_s, v_s, do_s, st_s, dst_s, da_s, parts_s, sum_s, bars = scratch
+  else:
+    (q_p, k_p, b_p, v_s, do_s, st_s, dst_s, qp_s, kb_s, da_s, dat_s, tri_s,
+     parts_s, bars) = scratch
   BVC = v_s.shape[-1]  # value columns per V block
   wait_docs = _fetch_docs(docs, ib, n)
 
@@ -670,16 +875,21 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
         (dout_ref.at[ib, ih, n, cols, kcols], dst_s)], start=3):
       plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
 
-  for i, (src, dst) in enumerate([
-      (q_ref.at[ib, rows, ih, kcols], q_p.at[mid]),
-      (k_ref.at[ib, rows, ih, kcols], k_p.at[mid]),
-      (b_ref.at[ib, rows, ih, kcols], b_p.at[mid])]):
-    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  if head:
+    _fetch_head_chunk(q_ref, k_ref, b_ref, q_s, k_s, b_s, bars, ib, ih, n,
+                      kcols)
+  else:
+    for i, (src, dst) in enumerate([
+        (q_ref.at[ib, rows, ih, kcols], q_p.at[mid]),
+        (k_ref.at[ib, rows, ih, kcols], k_p.at[mid]),
+        (b_ref.at[ib, rows, ih, kcols], b_p.at[mid])]):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
   fetch_block(0)
   r, c = _iota((C, C), 0), _iota((C, C), 1)
-  # While the tiles arrive: the 0/1 matrices of the gate-gradient row sums.
-  tri_s[0] = jnp.where(c >= r, 1.0, 0.0).astype(tri_s.dtype)  # u >= t
-  tri_s[1] = jnp.where(c < r, 1.0, 0.0).astype(tri_s.dtype)  # s < t
+  if not head:
+    # While the tiles arrive: the 0/1 matrices of the gate-gradient row sums.
+    tri_s[0] = jnp.where(c >= r, 1.0, 0.0).astype(tri_s.dtype)  # u >= t
+    tri_s[1] = jnp.where(c < r, 1.0, 0.0).astype(tri_s.dtype)  # s < t
   for i in range(3):
     plgpu.barrier_wait(bars.at[i])
   masks = wait_docs and wait_docs()
@@ -691,7 +901,8 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   # do S [C, BK] (dq's S-in term) and v dS [C, BK] (dk_state's) in SMEM as
   # bf16 hi / lo pairs in parts_s (16 significant bits, as the gate-gradient
   # sums below, which reuse the tile after these are read), and the
-  # ``leaving`` column sums of S o dS [BK].
+  # ``leaving`` column sums of S o dS [BK]. (One gate per head: no dA^T, the
+  # wgmma for dk reads dA's tile transposed.)
   nvb = v_ref.shape[-1] // BVC
   da = dat = leaving = None
   for j in range(nvb):
@@ -707,7 +918,8 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
     leaving = _plus(leaving, jnp.sum(
         st_s[...].astype(_F32) * dst_s[...].astype(_F32), axis=0))
     da = _plus(da, _mm(do_s, v_s.T, (C, C)))  # [C, BVC] x [BVC, C]
-    dat = _plus(dat, _mm(v_s, do_s.T, (C, C)))
+    if not head:
+      dat = _plus(dat, _mm(v_s, do_s.T, (C, C)))
     if j + 1 < nvb:
       plgpu.commit_smem()  # this block's reads come before the next TMA
       fetch_block(j + 1)
@@ -716,8 +928,23 @@ def _dqkg_kernel(q_ref, k_ref, b_ref, v_ref, do_ref, hin_ref, dout_ref,
   # documents only within one (same is symmetric), which carries through
   # every dA term below (the t = s terms are always kept).
   da = _cut(masks and masks.same, scale * da)
-  dat = _cut(masks and masks.same, scale * dat)
+  if not head:
+    dat = _cut(masks and masks.same, scale * dat)
   da_tt = jnp.sum(jnp.where(r == c, da, 0.0), axis=1)  # [C]: the t = s terms
+  if head:
+    dq, dk, dg = _head_dqkg(q_s, k_s, b_s, da_s, parts_s, sum_s, da, da_tt,
+                            leaving, masks, scale=scale)
+    # Out through tiles no longer read: dq and dk by q's and k's tiles,
+    # d log_g by the last row of the sums' tile.
+    q_s[...] = dq.astype(q_s.dtype)
+    k_s[...] = dk.astype(k_s.dtype)
+    sum_s[2, :] = dg
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_s, dq_ref.at[ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(k_s, dk_ref.at[ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(sum_s.at[pl.ds(2, 1)], dg_ref.at[ib, ih, ik, n])
+    plgpu.wait_smem_to_gmem(0)
+    return  # at trace time: the head form ends here (no early exit on device)
 
   # Below the sub-chunk diagonal, by the pivots of ``_intra_weights``:
   # dq_t = exp(b_t - r_i) sum_{s < 16 i} dA_ts K_i[s]       (t in sub-chunk i)
@@ -790,6 +1017,59 @@ def _plus(acc, x):
   return x if acc is None else acc + x
 
 
+def _head_dqkg(q_s, k_s, b_s, da_s, parts_s, sum_s, da, da_tt, leaving, masks,
+               *, scale):
+  """dq, dk [C, BK] and this key block's share of d log_g [C] (a ``_COL``
+  vector) for one gate per head, after ``_dqkg_kernel``'s V sums: ``da``
+  [C, C] (scaled, cut), ``da_tt`` its diagonal, ``leaving`` [BK] the column
+  sums of S o dS, the state terms do S and v dS in ``parts_s`` (hi / lo).
+
+  With W_ts = exp(b_t - b_s) for s < t (``_head_decay``, a [C, C] tile: no
+  pivots, every exponent <= 0), the s < t parts are two wgmmas of one tile
+  dA o W (rounded to the input dtype, as the per-channel pivot products
+  round dA):
+    dq_t = sum_{s < t} dA_ts W_ts k_s          ([C, C] x [C, BK])
+    dk_s = sum_{t > s} dA_ts W_ts q_t          ((dA o W)^T by wgmma's
+                                                transposed operand)
+  then the state terms with exp(b_t) and exp(b_C - b_t) one factor per token.
+  d log_g is ``chunk_tiles.finish_grads``' per-channel sum, summed over the
+  key columns (the chain rule through a broadcast over K) before its sums
+  over tokens:
+    d log_g_t = sum_{u >= t} y_u + sum_{s < t} z_s + exp(b_C) sum_k leaving_k
+    y = sum_k (q dq - k dk) (t = s terms excluded; they cancel exactly),
+    z = sum_k k dk_state,
+  y and z by float32 row sums, stored as rows of ``sum_s`` and read back
+  along the columns of a [C, C] tile for the sums over tokens (float32, no
+  bf16 split: the sums are of [C] vectors, not [C, BK] tiles).
+  """
+  shape = (C, BK)
+  r, c = _iota((C, C), 0), _iota((C, C), 1)
+  da_s[...] = (da * _head_decay(b_s, strict=True)).astype(da_s.dtype)
+  plgpu.commit_smem()
+  dq = _mm(da_s, k_s, shape)  # [C, C] x [C, BK]
+  dk = _mm(da_s.T, q_s, shape)  # [C, C]^T x [C, BK]
+  q, k = q_s[...].astype(_F32), k_s[...].astype(_F32)  # [C, BK]
+  b = _load_col(b_s.at[0])  # [C]
+  b_end = b_s[0, C - 1]  # b_C, a scalar
+  do_st, v_dst = (parts_s[2 * i].astype(_F32) + parts_s[2 * i + 1].astype(_F32)
+                  for i in range(2))
+  dq = dq + _cut(masks and masks.carry(shape),
+                 scale * do_st * _down(jnp.exp(b), shape))
+  dk_state = _cut(masks and masks.tail(shape),
+                  v_dst * _down(jnp.exp(b_end - b), shape))
+  sum_s[0, :] = jnp.sum(q * dq - k * dk, axis=1)  # y [C]
+  sum_s[1, :] = jnp.sum(k * dk_state, axis=1)  # z [C]
+  # [t, u]: y_u for u >= t, z_u for u < t; plus (BK = C columns) the leaving
+  # term exp(b_C) leaving_k, the same in every row: one row sum for all three.
+  tile = jnp.where(c >= r, _load_row(sum_s, 0, (C, C)),
+                   _load_row(sum_s, 1, (C, C)))
+  tile = tile + _cut(masks and masks.carry_out((C, C)), jnp.exp(b_end)
+                     * lax.broadcast_in_dim(leaving, (C, C), [1]))
+  dg = jnp.sum(tile, axis=1)  # [C]
+  tt = _down(da_tt, shape)
+  return dq + tt * k, dk + dk_state + tt * q, dg
+
+
 def _diag_grad(w, x_p, b_p, b, *, down):
   """The diagonal 16 x 16 blocks' part of dq (``down``) or of dk, offset by
   offset in log space as in ``_diag_blocks``, for pairs inside one sub-chunk:
@@ -821,16 +1101,29 @@ def _diag_grad(w, x_p, b_p, b, *, down):
   return lax.fori_loop(1, SUB, offset, jnp.zeros(shape, _F32))
 
 
-def _dqkg_scratch(K, V, dtype):
+def _dqkg_scratch(K, V, dtype, head=False):
   """Plain padded q, k (input dtype) and b (float32) [PAD + C + PAD, BK],
   swizzled v and do [C, BVC], the V block of the chunk's state and state
   gradient [BVC, BK] (BVC = ``v_block(V)``), Q' and key-factor tiles [C, BK]
   (reused for dq and dk out), dA and dA^T operand tiles [C, C], the two bf16
   0/1 matrices [2, C, C], the bf16 hi / lo parts of the two state terms' V
-  sums, then of the two gate-gradient summands [4, C, BK]."""
+  sums, then of the two gate-gradient summands [4, C, BK].
+
+  One gate per head (``head``): swizzled q and k [C, BK] (wgmma operands,
+  then dq and dk out), b a float32 [2, C] tile (as ``_chunk_scratch``'s),
+  v, do and the state blocks as above, one dA o W operand tile [C, C], the
+  hi / lo parts of the two state terms [4, C, BK], and a float32 [3, C]
+  tile for the two per-token sums of d log_g and its row out
+  (``_head_dqkg``)."""
   del K
   padded = (PAD + C + PAD, BK)
   bv = _v_block(V)
+  if head:
+    return [_swizzled((C, BK), dtype), _swizzled((C, BK), dtype),
+            _plain((2, C), _F32), _swizzled((C, bv), dtype),
+            _swizzled((C, bv), dtype), _swizzled((bv, BK), dtype),
+            _swizzled((bv, BK), dtype), _swizzled((C, C), dtype),
+            _swizzled((4, C, BK), jnp.bfloat16), _plain((3, C), _F32)]
   return [_plain(padded, dtype), _plain(padded, dtype), _plain(padded, _F32),
           _swizzled((C, bv), dtype), _swizzled((C, bv), dtype),
           _swizzled((bv, BK), dtype), _swizzled((bv, BK), dtype),
@@ -844,10 +1137,12 @@ def _dv(q, k, b, do, dh_out, *, scale, interpret, docs=None):
   B, Tp, H, K = q.shape
   V = do.shape[-1]
   name = "gla_dv_mgpu"
+  head = b.ndim == 5
   return plgpu.kernel(
-      _with_docs(functools.partial(_dv_kernel, scale=scale), 5, 1, docs),
+      _with_docs(functools.partial(_dv_kernel, scale=scale, head=head), 5, 1,
+                 docs),
       out_type=jax.ShapeDtypeStruct(do.shape, do.dtype),
-      scratch_types=[*_chunk_scratch(K, V, q.dtype),
+      scratch_types=[*_chunk_scratch(K, V, q.dtype, head),
                      plgpu.Barrier(num_barriers=KERNELS[name][1]),
                      *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C), grid_names=("b", "h", "n"),
@@ -856,15 +1151,21 @@ def _dv(q, k, b, do, dh_out, *, scale, interpret, docs=None):
 
 
 def _dqkg(q, k, b, v, do, h_in, dh_out, *, scale, interpret, docs=None):
+  """dq, dk [B, Tp, H, K] and d log_g: per channel float32 [B, Tp, H, K]; for
+  one gate per head (``b`` [B, H, N, 1, C]) each key block's share, float32
+  [B, H, K / BK, N, 1, C] (a [1, C] row per program), summed by ``grads``."""
   B, Tp, H, K = q.shape
   V = v.shape[-1]
   name = "gla_dqkg_mgpu"
+  head = b.ndim == 5
+  dg_shape = (B, H, K // BK, *b.shape[2:]) if head else q.shape
   return plgpu.kernel(
-      _with_docs(functools.partial(_dqkg_kernel, scale=scale), 7, 3, docs),
+      _with_docs(functools.partial(_dqkg_kernel, scale=scale, head=head), 7,
+                 3, docs),
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct(k.shape, k.dtype),
-                jax.ShapeDtypeStruct(q.shape, _F32)),
-      scratch_types=[*_dqkg_scratch(K, V, q.dtype),
+                jax.ShapeDtypeStruct(dg_shape, _F32)),
+      scratch_types=[*_dqkg_scratch(K, V, q.dtype, head),
                      plgpu.Barrier(num_barriers=KERNELS[name][1]),
                      *_DOC_SCRATCH[name](docs)],
       grid=(B, H, Tp // C, K // BK), grid_names=("b", "h", "n", "k"),
@@ -905,24 +1206,44 @@ def grads(q, k, v, g, do, h_in, dh_out, *, docs, scale, chunk_size, interpret):
   term by carry, dk_state by tail and the ``leaving`` term by carry_out
   (``_DocMasks``; each mask's registers, a [C, C] or [C, 64] bool tile, live
   only where it is applied).
+
+  One gate per head (g [B, Tp, H, 1]; b one [1, C] row a chunk): gla_dv_mgpu
+  as ``_outputs``' head form (A by ``_head_weights``, k exp(b_C - b) into
+  q's tile): 105 KiB at K = 128, V >= 128 (108 KiB with documents).
+  gla_dqkg_mgpu reads q and k straight into swizzled tiles and forms dq and
+  dk below the diagonal by two wgmmas of one dA o W tile, no dA^T, no pivots
+  and no log-space loops; its d log_g is the per-token sum over the
+  program's key columns (``_head_dqkg``), one [1, C] row per program, and
+  the K / BK rows of a chunk add up here ([B, Tp, H] sized, as Triton's).
+  SMEM (``_dqkg_scratch(..., head=True)``, with the reduction scratch):
+  124 KiB at V >= 128, 92 KiB at V = 64; documents +1 KiB. Registers: dA
+  (32) through the V loop with one [C, BK] product; then dA o W, q, k, dq,
+  dk and the state terms [C, 64] (~200 at the peak, below the per-channel
+  form's ~250).
   """
   del chunk_size
-  b = _gate_prefix(g)
+  b = _gate_prefix(g)  # per channel, or one row a chunk for head gates
   dv = _dv(q, k, b, do, dh_out, scale=scale, interpret=interpret, docs=docs)
   dq, dk, dg = _dqkg(q, k, b, v, do, h_in, dh_out, scale=scale,
                      interpret=interpret, docs=docs)
+  if _is_head(g):  # [B, H, K / BK, N, 1, C] shares -> [B, Tp, H, 1]
+    B, Tp, H, _ = g.shape
+    dg = jnp.swapaxes(jnp.sum(dg, axis=2).reshape(B, H, Tp), 1, 2)[..., None]
   return dq, dk, dv, dg
 
 
 # ------------------------------------------------------------ SMEM sizes ---
 
-# name -> (scratch shapes fn(K, V, dtype), barriers, has cross-warp reductions)
+# name -> (scratch shapes fn(K, V, dtype, head), barriers, has cross-warp
+# reductions (per-channel form, head-gate form)): the head forms of output
+# and dv reduce nothing (their A needs no log-space loop), dqkg's does (its
+# row sums), the state passes neither form.
 KERNELS = {
-    "gla_states_mgpu": (_state_pass_scratch, 7, False),
-    "gla_dstates_mgpu": (_state_pass_scratch, 7, False),
-    "gla_output_mgpu": (_chunk_scratch, 5, True),
-    "gla_dv_mgpu": (_chunk_scratch, 5, True),
-    "gla_dqkg_mgpu": (_dqkg_scratch, 7, True),
+    "gla_states_mgpu": (_state_pass_scratch, 7, (False, False)),
+    "gla_dstates_mgpu": (_state_pass_scratch, 7, (False, False)),
+    "gla_output_mgpu": (_chunk_scratch, 5, (True, False)),
+    "gla_dv_mgpu": (_chunk_scratch, 5, (True, False)),
+    "gla_dqkg_mgpu": (_dqkg_scratch, 7, (True, True)),
 }
 
 
@@ -936,16 +1257,20 @@ _DOC_SCRATCH = {
     for name in KERNELS}
 
 
-def smem_bytes(name: str, K: int, V: int, dtype, docs: bool = False) -> int:
+def smem_bytes(name: str, K: int, V: int, dtype, docs: bool = False,
+               head: bool = False) -> int:
   """Dynamic SMEM of kernel ``name`` at padded head dims K, V: its scratch
   tiles, each aligned to 1 KiB as Pallas allocates them, its barriers, and the
   reduction scratch of ``_PARAMS`` for kernels that reduce across warps;
   ``docs``: in its packed-documents form (``_DOC_SCRATCH``: +1 KiB and a
   barrier for the chunk kernels; +1 KiB, two barriers and, as ``_DocMasks``
-  reduces, the 2 KiB reduction scratch for the state passes)."""
+  reduces, the 2 KiB reduction scratch for the state passes, and for the
+  head-gate forms of output and dv); ``head``: in its head-gate form (one
+  gate per head, a [1, C] gate row a chunk)."""
   scratch, barriers, reduces = KERNELS[name]
   extra = _DOC_SCRATCH[name](() if docs else None)
-  shapes = [*scratch(K, V, dtype),
+  reduces = reduces[head]
+  shapes = [*scratch(K, V, dtype, head),
             *(s for s in extra if not isinstance(s, plgpu.Barrier))]
   barriers += sum(math.prod(s.num_barriers) for s in extra
                   if isinstance(s, plgpu.Barrier))
@@ -962,12 +1287,14 @@ _core = pallas_vjp.make_gla(forward=forward, states=states, dstates=dstates,
 def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
         interpret=False, resets=None):
   """Mosaic GPU GLA. Arguments as in ``lsm.ops.gla.gla``, with ``log_g``
-  float32 [B, T, H, K] and ``h0`` float32 [B, H, K, V].
+  float32 [B, T, H, K] or [B, T, H] and ``h0`` float32 [B, H, K, V].
 
   Args:
     q, k: [B, T, H, K], bfloat16 or float16.
     v: [B, T, H, V], q's dtype.
-    log_g: float32 [B, T, H, K] log forget gates.
+    log_g: float32 log forget gates, [B, T, H, K] per key channel or
+      [B, T, H] one per head (read as they are: the kernels' head-gate forms
+      take a [1, C] row of gate sums per chunk, never a K-wide copy).
     h0: float32 [B, H, K, V] initial state.
     scale: query scale.
     chunk_size: must be 64 (one wgmma tile of tokens).
@@ -989,7 +1316,8 @@ def gla(q, k, v, log_g, *, h0, scale: float, chunk_size: int = 64,
   Kp, Vp = _padded(K), _padded(V)
   pad = functools.partial(kernel_shapes.pad_axis, axis=3)
   h0 = kernel_shapes.pad_axis(kernel_shapes.pad_axis(h0, 2, Kp), 3, Vp)
+  g = log_g if log_g.ndim == 3 else pad(log_g, size=Kp)
   o, h_t = _core(pad(q, size=Kp), pad(k, size=Kp), pad(v, size=Vp),
-                 pad(log_g, size=Kp), h0=h0, scale=scale, chunk_size=C,
+                 g, h0=h0, scale=scale, chunk_size=C,
                  interpret=_interpret_params(interpret), resets=resets)
   return o[..., :V], h_t[:, :, :K, :V]

@@ -1,12 +1,14 @@
-r"""The custom VJP both GLA Pallas backends share: padding, kernel order, and the
+r"""The custom VJP the GLA Pallas backends share: padding, kernel order, and the
 gate gradient's sequence-long suffix sum.
 
-A backend (``pallas_triton``, ``pallas_tpu``) supplies four launchers on padded
-[B, T, H, D] arrays (T a multiple of the chunk, K and V powers of two >= 16;
-the gates g either [B, T, H, K] per channel or [B, T, H, 1], one per head as
-the op received them, reshaped: the kernels tell the two apart by g's last dim
-and read a [C, 1] gate column per chunk for the latter, and dg comes back in
-g's shape;
+A backend (``pallas_triton``, ``pallas_tpu``, ``pallas_mosaic_gpu``) supplies
+four launchers on padded [B, T, H, D] arrays (T a multiple of the chunk, K and
+V powers of two >= 16; the gates g either [B, T, H, K] per channel or
+[B, T, H, 1], one per head as the op received them, reshaped: the kernels tell
+the two apart by g's last dim and read one gate per token for the latter (a
+[C, 1] column per chunk in Triton and TPU, a [1, C] row of prefix sums in
+Mosaic GPU, whose TMA boxes need 16-byte rows), and dg comes back in g's
+shape;
 states transposed to [B, H, V, K], see ``chunk_tiles``), each also taking
 ``docs``: None, or the (cols, rows) document index of packed rows from
 ``segments.kernel_docs``, which every kernel turns into the masks of

@@ -16,8 +16,8 @@ t starts a document (t > 0), S_{t-1} is replaced by 0 in the update, so no
 document sees another's tokens; h0 enters the row's first document only, and
 the final state is the state after token T-1. The public
 ``gla`` takes per-channel gates ``[B, T, H, K]``, no gate (plain linear
-attention), and one gate per head ``[B, T, H]``, which this module and
-``chunked`` read as it is (the Pallas impls are given it broadcast over K).
+attention), and one gate per head ``[B, T, H]``, which every impl, this
+module included, reads as it is (never broadcast over K).
 
 This module is token-by-token ``lax.scan`` in float32 with ``precision=HIGHEST``
 matmuls, so no TF32 or bf16 pass leaks into the definition. It is the ground truth
