@@ -28,9 +28,14 @@ closed-form VJP; a batched ``triangular_solve`` gradient deadlocks on some CPUs)
 
 One pair form. M_ab[t, s] with pivot G_{t-1} is the inclusive form of the
 queries with the rows shifted: M'_ab[t', s] = sum_k a_{t'+1}[k] exp(G_t'[k] -
-G_s[k]) b_s[k] for s <= t', and M_ab[t, s] = M'_ab[t - 1, s]. So all four
-matrices come from one function of x in {q, a shifted up one token} and y in
-{b, u}: P_xy[t, s] = sum_k x_t[k] y_s[k] exp(G_t[k] - G_s[k]) for s <= t.
+G_s[k]) b_s[k] for s <= t', and M_ab[t, s] = M'_ab[t - 1, s]. So with
+per-channel gates all four matrices come from one function of x in {q, a
+shifted up one token} and y in {b, u}: P_xy[t, s] = sum_k x_t[k] y_s[k]
+exp(G_t[k] - G_s[k]) for s <= t. With one gate per head the weight leaves the
+sum over k, so each matrix is a plain product times a [C, C] weight: W for
+M_qb and M_qu, W one row down for M_ab and M_au (four matmuls of [C, K] by
+[K, C]; on XLA:CPU 0.95x the fwd+bwd time of one stacked [2C, K] by [K, 2C]
+product, whose slices and shifts are copies).
 
 Exactness at any decay (-5 or -50 per token): every exponent is <= 0 and is a
 sum of gates, never exp(-G_s) alone (which overflows float32 once -G_s > 88).
@@ -228,17 +233,21 @@ def _pairs_channel(xs, ys, g):
   return pairs.reshape(X, Y, *lead, P, P)[..., :C, :C]
 
 
-def _pairs_head(xs, ys, g):
-  """As ``_pairs_channel`` for one gate per head, g: [..., C]: the weights are
-  one [C, C] matrix exp(L_ts), L_ts = sum_{s < u <= t} g_u a masked cumsum
-  (the diagonal's exponent is 0 with no gradient path). g None: no decay."""
-  C = xs.shape[-2]
+def _head_weights(g, C: int):
+  """The pair weights of one gate per head, g: [..., C] (or None: no decay):
+  (w [..., C, C] for s <= t: exp(L_ts), L_ts = sum_{s < u <= t} g_u;
+  w_ab = w one row down, the weights of the pairs (t, s < t) read with
+  pivot G_{t-1}). Each L_ts is one matmul of the gates against the constant
+  0/1 tensor [u, t, s] of (s < u <= t): a sum of same-signed gates, never a
+  difference of cumsums (exact at any decay), formed without a [C, C] copy
+  of g; the diagonal's exponent is 0 with no gradient path."""
   if g is None:
-    w = _tril(C, False).astype(xs.dtype)
-  else:
-    seg = _cumsum(jnp.where(_tril(C, True), g[..., :, None], 0.0), -2)
-    w = jnp.where(_tril(C, False), jnp.exp(seg), 0.0)
-  return w * _einsum("x...tk,y...sk->xy...ts", xs, ys)
+    return _tril(C, False).astype(jnp.float32), _tril(C, True).astype(jnp.float32)
+  idx = jnp.arange(C)
+  u, t, s = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+  seg = _einsum("...u,uts->...ts", g, ((s < u) & (u <= t)).astype(g.dtype))
+  w = jnp.where(_tril(C, False), jnp.exp(seg), 0.0)
+  return w, _shift_down(w, -2)
 
 
 def _group(h0, x, *, scale: float):
@@ -247,11 +256,16 @@ def _group(h0, x, *, scale: float):
   (None, or same [G, B, 1, C, C], carry and tail [G, B, 1, C]). Returns the
   state after the group and o [G, B, H, C, V] (scaled)."""
   q, a, b, u, v, g, masks = x
-  a_up = _shift_up(a, -2)  # a_{t+1}: the rank-one read of the next token
-  pairs = _pairs_channel if g is not None and g.ndim == q.ndim else _pairs_head
-  p = pairs(jnp.stack([q, a_up]), jnp.stack([b, u]), g)
-  m_qb, m_qu = p[0, 0], p[0, 1]  # [G, B, H, C, C], s <= t
-  m_ab, m_au = _shift_down(p[1, 0], -2), _shift_down(p[1, 1], -2)  # s < t
+  if g is not None and g.ndim == q.ndim:  # per channel: pivoted pairs
+    a_up = _shift_up(a, -2)  # a_{t+1}: the rank-one read of the next token
+    p = _pairs_channel(jnp.stack([q, a_up]), jnp.stack([b, u]), g)
+    m_qb, m_qu = p[0, 0], p[0, 1]  # [G, B, H, C, C], s <= t
+    m_ab, m_au = _shift_down(p[1, 0], -2), _shift_down(p[1, 1], -2)  # s < t
+  else:  # per head: one [C, C] weight matrix, four plain products
+    w, w_ab = _head_weights(g, q.shape[-2])
+    mm = lambda x, y: _einsum("nbhtk,nbhsk->nbhts", x, y)  # noqa: E731
+    m_qb, m_qu = w * mm(q, b), w * mm(q, u)
+    m_ab, m_au = w_ab * mm(a, b), w_ab * mm(a, u)
   t_axis = 3
   if g is None:
     a_in, q_in, b_out, u_out, decay = a, q, b, u, None
@@ -288,11 +302,10 @@ def _group(h0, x, *, scale: float):
     r = w_v_n + _einsum("bhck,bhkv->bhcv", w_s_n, h)
     h_next = _einsum("bhck,bhcv->bhkv", b_n, r) + uv_n
     h_next = h_next + (h if not d_n else d_n[0] * h)
-    return h_next, h
+    return h_next, (h, r)
 
   xs = (w_s, w_v, b_out, uv) + (() if decay is None else (decay,))
-  h_t, h_in = jax.lax.scan(step, h0, xs)
-  r = w_v + _einsum("nbhck,nbhkv->nbhcv", w_s, h_in)
+  h_t, (h_in, r) = jax.lax.scan(step, h0, xs)
   o = (_einsum("nbhck,nbhkv->nbhcv", q_in, h_in)
        + _einsum("nbhts,nbhsv->nbhtv", m_qb, r)
        + _einsum("nbhts,nbhsv->nbhtv", m_qu, v))
