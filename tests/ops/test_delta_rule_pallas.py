@@ -27,6 +27,9 @@ SHAPES = {
     "K80": (1, 70, 1, 80, 72, 32),
     # the widest V the kernels take, K != V, T % C != 0
     "Vwide": (1, 40, 1, 32, 512, 32),
+    # the widest heads (K 256, V 512), two chunks of 64 (T % C != 0): four
+    # key blocks and four 16-token blocks in the float32 kernels
+    "K256_V512": (1, 120, 1, 256, 512, 64),
 }
 
 
@@ -66,6 +69,17 @@ def test_gpu_interpret_wide_values(dtype):
   """V = 512 (the widest accepted) with K = 32: bf16 operands enter every
   matmul in bf16 and still meet the bf16 rows; float32 stays exact."""
   _check("pallas_triton", "Vwide", beta_max=2.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(beta_max=2.0),  # gated, negative eigenvalues
+    dict(beta_max=2.0, log_g_value=0.0),  # ungated: every token reaches h0
+], ids=["gated-beta02", "ungated-beta02"])
+def test_gpu_interpret_widest_heads_fp32(kwargs):
+  """K 256, V 512 in float32: the float32 paths of _output and _state_grads
+  (16-key and 16-token products, key blocks picked in loops) against the
+  float32 reference on o, h_T and every gradient."""
+  _check("pallas_triton", "K256_V512", **kwargs)
 
 
 @pytest.mark.slow

@@ -19,14 +19,15 @@ blocks of BK = 64; warps per kernel in ``NUM_WARPS``, 8 but _wy_scalars' 4):
                  key and state block where it is used (``_chunk_output``
                  takes loaders: at K = 256 float32 all of q's and k's [C, BK]
                  blocks live at once took 180 KiB of shared memory, over an
-                 A100's 163 KiB).
+                 A100's 163 KiB); float32 inputs: ``_output_f32``, below.
   The backward's ``state_grads`` is two kernels:
   _intra         grid (BH, N, NV): P = (M o Q K^T)^T (scale dO) [BH, NC, Vp]
                  float32, the part of dU that does not depend on the carry.
   _state_grads   grid (BH, NV); the reverse loop: stores the cotangent of the
                  state leaving each chunk (dh_out) and returns dh0. It loads
                  P, T, K, Q and dO where each is used (``_state_grad`` takes
-                 loaders), so no [C, C] product and few tiles are live at once.
+                 loaders), so no [C, C] product and few tiles are live at once;
+                 float32 inputs: ``_state_grad_f32``, below.
   The backward's ``input_grads`` is four chunk-parallel kernels:
   _value_grads   grid (BH, N, NV): recomputes U = T X and its cotangent dU,
                  stores U and T^T dU (float32 [BH, NC, Vp]) with dv, and this
@@ -81,8 +82,17 @@ Their float32 path contracts F32_DOT = 16 columns per dot and sums the
 products: Q K^T and K K^T over 16-wide key blocks (``_qk_from``; _prepare's
 Gram blocks in a loop over the key columns), and _wy_grads over 16-token blocks
 of dL and d(M o Q K^T), with M's blocks formed per use (``_gate_block``).
-_wy_scalars runs 8 warps in float32 (``NUM_WARPS_F32``). 16-bit inputs keep
-the paths above unchanged.
+_output and _state_grads have float32 bodies (``_output_f32``,
+``_state_grad_f32``) in which every product contracts 16 keys or SUB = 16
+tokens: the [C, BV] intermediates X, U, dU and T^T dU (and M o Q K^T's column
+blocks) are cut into 16-token blocks with ``jnp.split``, the carried [BK, BV]
+state blocks into 16-row pieces, and _state_grads' key-block loops pick their
+carried block by selects (``_pick``), so each block's keys and queries load
+inside a loop (unrolled, ptxas fell back to 32 registers on sm_90a). At K = 256
+that took _output from about 4 KB of spills (at 128 registers) to none and
+_state_grads from 1.4-1.9 KB to none, on sm_80 and sm_90a. _wy_scalars runs 8
+warps in float32 (``NUM_WARPS_F32``). 16-bit inputs keep the paths above
+unchanged.
 
 Cost of the split, per token and head at K = V = 128 (float32 intermediates):
 U, T^T dU and the state parts of dq and dk go through memory (4 (2 V + 2 K) =
@@ -220,6 +230,17 @@ def _total(x):
   return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
+def _split_rows(x, n):
+  """x [R, *] as n blocks of R / n rows (n a power of two)."""
+  return jnp.split(x, n, axis=0) if n > 1 else [x]
+
+
+def _pick(blocks, i):
+  """blocks[i] for a traced i, by selects (exact): a loop over key blocks can
+  then load each block's keys inside the loop (see ``_state_grad_f32``)."""
+  return sum(jnp.where(i == m, b, 0.0) for m, b in enumerate(blocks))
+
+
 # ----------------------------------------------------- key-blocked tile math ---
 # ``chunk_tiles``'s functions with K split into blocks: b_q, b_k are sequences
 # (lists, or lazy ``map``s of loaders) of [C, BK] tiles, b_s, b_ds of [BK, BV]
@@ -232,21 +253,19 @@ def _qk(b_q, b_k, precision):
   return sum(tiles.mm_nt(q_i, k_i, precision) for q_i, k_i in zip(b_q, b_k))
 
 
-def _qk_from(q_ref, k_ref, rows=slice(None), precision=None, loop=True):
+def _qk_from(q_ref, k_ref, rows=slice(None), precision=None):
   """Q K^T [C, C] of rows ``rows`` of two [*, Kp] refs, from input-dtype
   blocks (see ``_qk``)."""
   # Each block pair is loaded where its product is taken (``map`` of
   # loaders), so the NK blocks of both are not live at once (at K = 256 that
   # held _wy_scalars at 1104 B of sm_80 spills).
   if _is_f32(precision):
-    # float32: F32_DOT-wide blocks (see F32_DOT), with ``loop`` in a loop,
-    # which loads each pair where it is used (unrolled, the 16 pairs at K = 256
-    # made ptxas fall back to 32 registers in _value_grads on sm_80; _output
-    # passes loop=False: with the loop it spilled 2 KB at K = 128 on sm_80).
+    # float32: F32_DOT-wide blocks (see F32_DOT) in a loop, which loads each
+    # pair where it is used (unrolled, the 16 pairs at K = 256 made ptxas fall
+    # back to 32 registers in _value_grads on sm_80). _output's float32 body
+    # forms Q K^T in its own key loop (``_output_f32``).
     q, nk = _key_block(q_ref, rows, width=F32_DOT)
     k, _ = _key_block(k_ref, rows, width=F32_DOT)
-    if not loop:
-      return _qk(map(q, range(nk)), map(k, range(nk)), precision)
     C = q_ref.shape[0] if isinstance(rows, slice) else rows.size
     return jax.lax.fori_loop(
         0, nk, lambda i, acc: acc + tiles.mm_nt(q(i), k(i), precision),
@@ -466,16 +485,54 @@ def _states_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, h0_ref, h_in_ref,
     ht_ref[pl.ds(i * bk, bk), :] = s_i
 
 
+def _output_f32(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
+                scale, precision, doc_ref, row_ref):
+  """_output_kernel for float32 inputs: every product contracts F32_DOT keys
+  or SUB tokens (see F32_DOT). A loop over F32_DOT-wide key blocks forms K S,
+  diag(exp(gamma)) Q S and Q K^T; U = T X and (M o Q K^T) U then contract
+  SUB-token blocks of X and U (``jnp.split``) with column blocks of T and of
+  M o Q K^T."""
+  C, Kp = q_ref.shape
+  bv = v_ref.shape[-1]
+  gt = chunk_tiles.gates(g_ref[...], _masks(doc_ref, C, row_ref=row_ref))
+
+  def body(i, acc):
+    ks, qs, qk = acc
+    cols = pl.ds(i * F32_DOT, F32_DOT)
+    b_q, b_k = q_ref[:, cols], k_ref[:, cols]  # [C, F32_DOT]
+    b_s = h_ref[cols, :]  # [F32_DOT, BV]
+    return (ks + tiles.mm(b_k, b_s, precision),
+            qs + tiles.mm(gt.decay_in * b_q, b_s, precision),
+            qk + tiles.mm_nt(b_q, b_k, precision))
+
+  zv = jnp.zeros((C, bv), _F32)
+  ks, qs, qk = jax.lax.fori_loop(0, Kp // F32_DOT, body,
+                                 (zv, zv, jnp.zeros((C, C), _F32)))
+  nb = C // SUB
+  x = _wy_input(ks, v_ref[...], beta_ref[...], gt)  # [C, BV]
+  # U = T X [C, BV] from T's [C, SUB] column blocks and X's [SUB, BV] blocks
+  u = sum(tiles.mm(t_ref[:, pl.ds(m * SUB, SUB)], x_m, precision)
+          for m, x_m in enumerate(_split_rows(x, nb)))
+  a = gt.m * qk  # [C, C]: M o Q K^T
+  a_blocks = jnp.split(a, nb, axis=1) if nb > 1 else [a]  # [C, SUB] each
+  inter = sum(tiles.mm(a_j, u_j, precision)
+              for a_j, u_j in zip(a_blocks, _split_rows(u, nb)))
+  o_ref[...] = (scale * (qs + inter)).astype(o_ref.dtype)
+
+
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, o_ref, *,
                    scale, precision, doc_ref, row_ref=None):
+  if _is_f32(precision):
+    return _output_f32(q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref,
+                       o_ref, scale=scale, precision=precision,
+                       doc_ref=doc_ref, row_ref=row_ref)
   q, nk = _key_block(q_ref)  # [C, BK] each
   k, _ = _key_block(k_ref)
   b_o = _chunk_output(
       lambda: t_ref[...],  # [C, C]
       _state_block(h_ref),  # [BK, BV] each
       q, k, nk,
-      lambda: _qk_from(q_ref, k_ref, precision=precision,  # [C, C]
-                       loop=False),
+      lambda: _qk_from(q_ref, k_ref, precision=precision),  # [C, C]
       v_ref[...],  # [C, BV]
       beta_ref[...], g_ref[...],  # [C, 1]
       scale=scale, precision=precision,
@@ -491,6 +548,50 @@ def _intra_kernel(q_ref, k_ref, g_ref, do_ref, p_ref, *, scale, precision,
   p_ref[...] = scale * tiles.mm_tn(a, do_ref[...], precision)
 
 
+def _state_grad_f32(n, b_ds, q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref,
+                    do_ref, *, C, scale, precision, masks):
+  """``_state_grad`` of chunk n for float32 inputs: every product contracts
+  F32_DOT keys or SUB tokens (see F32_DOT); dU and T^T dU are split into
+  SUB-token blocks (``jnp.split``) for the products over tokens. Both
+  key-block passes are loops that pick the carried block by selects
+  (``_pick``), so each block's keys and queries are loaded inside the loop:
+  unrolled (the step's q and k loads, about 200 floats per thread at K = 256,
+  outside any loop) ptxas fell back to 32 registers on sm_90a (15 KB of
+  spills)."""
+  bk = b_ds[0].shape[0]
+  nk, nb = len(b_ds), C // SUB
+  rows = pl.ds(n * C, C)
+  gt = chunk_tiles.gates(_rows(g_ref, rows), masks)
+
+  # dU = (M o Q K^T)^T dO_s + (exp(gamma_C - gamma) o K) dS'
+  def du_step(i, du):
+    for f, ds_f in enumerate(_split_rows(_pick(b_ds, i), bk // F32_DOT)):
+      k_f = k_ref[rows, pl.ds(i * bk + f * F32_DOT, F32_DOT)].astype(_F32)
+      du = du + tiles.mm(gt.decay_to_end * k_f, ds_f, precision)  # [C, BV]
+    return du
+
+  du = jax.lax.fori_loop(0, nk, du_step, p_ref[rows, :])  # [C, BV]
+  # T^T dU [C, BV]
+  tdu = sum(tiles.mm_tn(t_ref[pl.ds(n * C + m * SUB, SUB), :], du_m, precision)
+            for m, du_m in enumerate(_split_rows(du, nb)))
+  c = _rows(beta_ref, rows) * gt.decay_in  # [C, 1], c = beta exp(gamma)
+  d_in_j, c_j, tdu_j = (_split_rows(x, nb) for x in (gt.decay_in, c, tdu))
+
+  def ds_step(i, out):
+    cols = pl.ds(i * bk, bk)
+    qdo = wk = 0.0
+    for j in range(nb):
+      blk = pl.ds(n * C + j * SUB, SUB)
+      qdo = qdo + tiles.mm_tn(d_in_j[j] * q_ref[blk, cols].astype(_F32),
+                              do_ref[blk, :], precision)  # [BK, BV]
+      wk = wk + tiles.mm_tn(c_j[j] * k_ref[blk, cols].astype(_F32),
+                            tdu_j[j], precision)  # [BK, BV]
+    new = scale * qdo + gt.decay_out * _pick(b_ds, i) - wk
+    return [jnp.where(i == m, new, o) for m, o in enumerate(out)]
+
+  return jax.lax.fori_loop(0, nk, ds_step, list(b_ds))
+
+
 def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
                         dht_ref, dh_out_ref, dh0_ref, *, C, N, scale,
                         precision, doc_ref):
@@ -503,6 +604,10 @@ def _state_grads_kernel(q_ref, k_ref, beta_ref, g_ref, t_ref, p_ref, do_ref,
     for m, ds_m in enumerate(b_ds):
       dh_out_ref[pl.ds(n * Kp + m * bk, bk), :] = ds_m
     masks = _masks(doc_ref, C, n * C)
+    if _is_f32(precision):
+      return _state_grad_f32(n, b_ds, q_ref, k_ref, beta_ref, g_ref, t_ref,
+                             p_ref, do_ref, C=C, scale=scale,
+                             precision=precision, masks=masks)
     return _state_grad(
         lambda: t_ref[rows, :],  # [C, C]
         b_ds,
