@@ -254,9 +254,15 @@ def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
   of the chunk 16, K != V) against the float32 reference on q, k repeated to
   the H heads: outputs, h_T and the gradients of every input (q's and k's
   summed over each group's heads by the repeat)."""
-  x = _grouped_inputs(21, dtype, log_g_value)
   ids = (jnp.asarray([[1] * 10 + [2] * 20 + [3] * 7, [1] * 16 + [2] * 21],
                      jnp.int32) if documents else None)
+  _check_key_groups(21, dtype, log_g_value, ids)
+
+
+def _check_key_groups(seed, dtype, log_g_value, ids):
+  """Chunked (chunk 16) on ``_grouped_inputs(seed, ...)`` against the float32
+  reference on the keys repeated per head, with segment_ids ``ids``."""
+  x = _grouped_inputs(seed, dtype, log_g_value)
 
   def grouped(x):
     return gla(**x, impl="chunked", chunk_size=16, segment_ids=ids)
@@ -264,7 +270,7 @@ def test_key_groups_equal_keys_repeated_per_head(log_g_value, dtype, documents):
   def repeated(x):
     return gla(**_repeat_groups(x), impl="reference", segment_ids=ids)
 
-  k1, k2 = jax.random.split(jax.random.key(22))
+  k1, k2 = jax.random.split(jax.random.key(seed + 1))
   cts = (jax.random.normal(k1, (2, 37, _G * _R, 5)).astype(dtype),
          jax.random.normal(k2, (2, _G * _R, 8, 5)))
   _assert_against_float32(dtype, grouped, repeated, x, cts)
@@ -283,20 +289,9 @@ def test_head_gates_across_rematerialised_groups(dtype, log_g_value, documents,
   float32 reference: outputs, h_T and every gradient."""
   from lsm.ops.gla import chunked_scalar
   monkeypatch.setattr(chunked_scalar, "GROUP_TOKENS", 32)
-  x = _grouped_inputs(23, dtype, log_g_value)
   ids = (jnp.asarray([[1] * 10 + [2] * 27, [1] * 33 + [2] * 4], jnp.int32)
          if documents else None)
-
-  def grouped(x):
-    return gla(**x, impl="chunked", chunk_size=16, segment_ids=ids)
-
-  def repeated(x):
-    return gla(**_repeat_groups(x), impl="reference", segment_ids=ids)
-
-  k1, k2 = jax.random.split(jax.random.key(24))
-  cts = (jax.random.normal(k1, (2, 37, _G * _R, 5)).astype(dtype),
-         jax.random.normal(k2, (2, _G * _R, 8, 5)))
-  _assert_against_float32(dtype, grouped, repeated, x, cts)
+  _check_key_groups(23, dtype, log_g_value, ids)
 
 
 def test_key_groups_are_never_copied_per_head():
