@@ -153,7 +153,7 @@ class Mamba2(nnx.Module):
     """o, v [..., H, P], z [..., E] -> [..., D]: D skip, gate, norm, out_proj."""
     z = z.reshape(*z.shape[:-1], self.n_heads, -1)
     y = _skip_gate_norm(o, v, z, self.D[...], self.norm.scale[...],
-                        self.norm.eps).astype(o.dtype)
+                        self.norm.eps)  # float32, as before into out_proj
     return self.out_proj(y.reshape(*y.shape[:-2], self.inner)).astype(dtype)
 
   def init_cache(self, batch: int, max_len: int | None = None):
